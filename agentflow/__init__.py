@@ -1,0 +1,89 @@
+"""agentflow: asynchronous reinforcement learning for LLM agents.
+
+The public API is exactly ``__all__`` (a test checks it). Importing this package is light: it
+does not import torch, transformers, sglang or the sandbox; names that need heavy dependencies
+are imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from agentflow._buffer import BufferStats, Group, ReplayBuffer
+from agentflow._config import RolloutConfig, StalePolicy
+from agentflow._engine_api import (
+    FinetuneSpec,
+    InferenceEngine,
+    MicroBatchSpec,
+    RolloutWorkflow,
+    SaveLoadMeta,
+    Scheduling,
+    TrainEngine,
+    WeightUpdateMeta,
+)
+from agentflow._executor import WorkflowExecutor
+from agentflow._staleness import StalenessManager, StalenessStats, staleness_capacity
+from agentflow._types import GenerationConfig, ModelRequest, ModelResponse, StopReason, Trajectory
+from agentflow.errors import (
+    AgentflowError,
+    CheckpointError,
+    ConfigError,
+    EngineError,
+    EngineTimeout,
+    EnvError,
+    SandboxError,
+    ServerError,
+    TrajectoryError,
+    WorkflowError,
+)
+
+if TYPE_CHECKING:
+    from agentflow.client import OpenAIClient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentflowError",
+    "BufferStats",
+    "CheckpointError",
+    "ConfigError",
+    "EngineError",
+    "EngineTimeout",
+    "EnvError",
+    "FinetuneSpec",
+    "GenerationConfig",
+    "Group",
+    "InferenceEngine",
+    "MicroBatchSpec",
+    "ModelRequest",
+    "ModelResponse",
+    "OpenAIClient",
+    "ReplayBuffer",
+    "RolloutConfig",
+    "RolloutWorkflow",
+    "SandboxError",
+    "SaveLoadMeta",
+    "Scheduling",
+    "ServerError",
+    "StalePolicy",
+    "StalenessManager",
+    "StalenessStats",
+    "StopReason",
+    "TrainEngine",
+    "Trajectory",
+    "TrajectoryError",
+    "WeightUpdateMeta",
+    "WorkflowError",
+    "WorkflowExecutor",
+    "staleness_capacity",
+]
+
+_LAZY = {"OpenAIClient": "agentflow.client"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'agentflow' has no attribute {name!r}")

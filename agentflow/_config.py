@@ -1,0 +1,66 @@
+"""Rollout configuration: how many episodes run at once and how stale their data may be."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from agentflow.errors import ConfigError
+
+__all__ = ["RolloutConfig", "StalePolicy"]
+
+StalePolicy = Literal["drop", "requeue", "keep"]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    """Rollout settings shared by every inference engine.
+
+    Attributes:
+        max_staleness: eta. A trajectory whose oldest token came from version ``v0`` is trained on
+            by version ``v0 + eta`` at the latest. 0 = synchronous RL.
+        max_concurrent: episodes (submitted items) running at once.
+        consumer_batch_size: B, items (prompts) the trainer consumes per step.
+        stale_policy: what the buffer does with an item found too stale at consume time:
+            ``drop`` it, ``requeue`` its prompt (run it again), or ``keep`` it (trained with the
+            decoupled-PPO importance weight).
+        episode_timeout_s: deadline of one ``arun_episode`` call; ``None`` = no deadline (spell it out).
+        n_samples: ``arun_episode`` calls per submitted item; their trajectories share a group id.
+            Leave at 1 for workflows that sample a whole group themselves.
+        buffer_size: items the replay buffer holds before ``put`` applies back-pressure.
+        max_requeues: how often one prompt may be requeued before it is dropped for good.
+    """
+
+    max_staleness: int = 1
+    max_concurrent: int = 64
+    consumer_batch_size: int = 8
+    stale_policy: StalePolicy = "drop"
+    episode_timeout_s: float | None = 600.0
+    n_samples: int = 1
+    buffer_size: int = 4096
+    max_requeues: int = 3
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        """Every invalid field, one line each (empty when valid)."""
+        out = []
+        for name, lo in (("max_staleness", 0), ("max_concurrent", 1), ("consumer_batch_size", 1),
+                         ("n_samples", 1), ("buffer_size", 1), ("max_requeues", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                out.append(f"rollout.{name} must be an integer >= {lo}, got {v!r}")
+        if self.stale_policy not in ("drop", "requeue", "keep"):
+            out.append(f"rollout.stale_policy must be 'drop', 'requeue' or 'keep', got {self.stale_policy!r}")
+        t = self.episode_timeout_s
+        if t is not None and not (isinstance(t, int | float) and t > 0 and math.isfinite(t)):
+            out.append(f"rollout.episode_timeout_s must be a positive number of seconds or null, got {t!r}")
+        return out
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

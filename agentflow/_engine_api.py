@@ -1,0 +1,301 @@
+"""The engine contracts: what an inference engine and a train engine must do.
+
+The names and meanings follow AReaL's lite API (``engine_api.py``). Differences, all made for an
+asyncio-first design: ``wait``, ``rollout``, ``pause`` and ``resume`` are coroutines run on the
+event loop; ``update_weights`` returns a ``concurrent.futures.Future`` so the trainer thread can
+block on it; engines are async context managers (``async with engine:`` = initialise, destroy).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from agentflow._buffer import ReplayBuffer
+from agentflow._config import RolloutConfig
+from agentflow._executor import WorkflowExecutor
+from agentflow._types import ModelRequest, ModelResponse, Trajectory
+from agentflow.errors import ConfigError, EngineError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "FinetuneSpec",
+    "InferenceEngine",
+    "MicroBatchSpec",
+    "RolloutWorkflow",
+    "SaveLoadMeta",
+    "Scheduling",
+    "TrainEngine",
+    "WeightUpdateMeta",
+]
+
+
+@runtime_checkable
+class RolloutWorkflow(Protocol):
+    """Anything with this method is a workflow; no base class needed."""
+
+    async def arun_episode(
+        self, engine: InferenceEngine, data: Any
+    ) -> Trajectory | list[Trajectory] | None:  # None = rejected
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatchSpec:
+    """How ``train_batch``/``forward`` split a batch: at least ``n_mbs`` micro-batches, each with
+    at most ``max_tokens_per_mb`` tokens (None = no token cap)."""
+
+    n_mbs: int = 1
+    max_tokens_per_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_mbs < 1:
+            problems.append(f"n_mbs must be >= 1, got {self.n_mbs}")
+        if self.max_tokens_per_mb is not None and self.max_tokens_per_mb < 1:
+            problems.append(f"max_tokens_per_mb must be >= 1 or None, got {self.max_tokens_per_mb}")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(frozen=True, slots=True)
+class FinetuneSpec:
+    """Run length, for learning-rate schedules."""
+
+    total_train_epochs: int
+    dataset_size: int
+    train_batch_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.dataset_size // self.train_batch_size)
+
+    @property
+    def total_train_steps(self) -> int:
+        return self.total_train_epochs * self.steps_per_epoch
+
+
+@dataclass(frozen=True, slots=True)
+class WeightUpdateMeta:
+    """How new weights travel from the train engine to an inference engine.
+
+    ``type``: ``"mem"`` (a state dict in this process, no copy to disk), ``"disk"`` (an HF
+    checkpoint directory at ``path``) or ``"nccl"`` (broadcast from train rank 0 over a process
+    group at ``master_address:master_port``). ``version`` is the policy version the weights are.
+    """
+
+    type: Literal["mem", "disk", "nccl"]
+    path: str | None = None
+    state_dict: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
+    version: int | None = None
+    master_address: str = "127.0.0.1"
+    master_port: int = 0
+    group_name: str = "agentflow_weight_update"
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.type == "disk" and not self.path:
+            raise ConfigError("WeightUpdateMeta(type='disk') needs path=<checkpoint directory>, got none")
+
+
+@dataclass(frozen=True, slots=True)
+class SaveLoadMeta:
+    """Where and what ``TrainEngine.save``/``load`` write: HF weights, plus optimizer,
+    scheduler and RNG state when ``with_optim``."""
+
+    path: str
+    weight_format: Literal["hf"] = "hf"
+    with_optim: bool = True
+    tokenizer: Any = None
+    base_model_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduling:
+    """Resources an engine asks a launcher for."""
+
+    cpu: int = 1
+    gpu: int = 0
+    mem: int = 0  # MiB
+    nodelist: str | None = None
+    exclude: str | None = None
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+
+
+class InferenceEngine(abc.ABC):
+    """Generates tokens and runs workflows under the staleness bound.
+
+    Subclasses implement :meth:`agenerate` and :meth:`aupdate_weights`, and may override the
+    ``initialize``/``destroy`` and ``_interrupt``/``_continue`` hooks. This base class owns the
+    :class:`WorkflowExecutor` and its :class:`ReplayBuffer` and implements the submission API on
+    top of them (one level of inheritance, for wiring only).
+    """
+
+    def __init__(self, rollout: RolloutConfig | None = None) -> None:
+        self.rollout_config = rollout or RolloutConfig()
+        self.buffer = ReplayBuffer(self.rollout_config)
+        self.executor = WorkflowExecutor(self, self.rollout_config, self.buffer)
+        self._version = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resumed: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ lifetime
+    async def initialize(self) -> None:
+        """Acquire resources (load a model, connect to servers). Called by ``async with``."""
+
+    async def destroy(self) -> None:
+        """Release resources. Called by ``async with``, also after an error."""
+
+    async def __aenter__(self) -> InferenceEngine:
+        self._loop = asyncio.get_running_loop()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        await self.initialize()
+        try:
+            await self.executor.__aenter__()
+        except BaseException:
+            await self.destroy()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.executor.__aexit__(*exc)
+        finally:
+            await self.destroy()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise EngineError("engine not started: use `async with engine:` first")
+        return self._loop
+
+    # ------------------------------------------------------------------ generation
+    @abc.abstractmethod
+    async def agenerate(self, req: ModelRequest) -> ModelResponse:
+        """Generate for one request. Transparent to pauses: an interrupted generation resumes
+        after :meth:`resume` and the tokens after the interruption carry the new version."""
+
+    @abc.abstractmethod
+    async def aupdate_weights(self, meta: WeightUpdateMeta) -> None:
+        """Load new weights (on the loop). Usually called between ``pause`` and ``resume``."""
+
+    def update_weights(self, meta: WeightUpdateMeta) -> concurrent.futures.Future[None]:
+        """Thread-safe: schedule :meth:`aupdate_weights` on the engine's loop; wait on the future."""
+        return asyncio.run_coroutine_threadsafe(self.aupdate_weights(meta), self.loop)
+
+    # ------------------------------------------------------------------ pause / resume
+    async def pause(self) -> None:
+        """Stop admitting episodes and interrupt generation until :meth:`resume`."""
+        self.executor.pause()
+        if self._resumed is not None:
+            self._resumed.clear()
+        await self._interrupt()
+
+    async def resume(self) -> None:
+        await self._continue()
+        if self._resumed is not None:
+            self._resumed.set()
+        self.executor.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self._resumed is not None and not self._resumed.is_set()
+
+    async def wait_until_resumed(self) -> None:
+        """For engine implementations: return once the engine is not paused."""
+        if self._resumed is not None:
+            await self._resumed.wait()
+
+    async def _interrupt(self) -> None:
+        """Hook: stop in-flight generation (e.g. SGLang ``/pause_generation``)."""
+
+    async def _continue(self) -> None:
+        """Hook: let generation continue (e.g. SGLang ``/continue_generation``)."""
+
+    # ------------------------------------------------------------------ versions
+    def get_version(self) -> int:
+        return self._version
+
+    def set_version(self, version: int) -> None:
+        """Set the policy version (on the loop). Tokens generated from now on carry it."""
+        self._version = version
+        self.executor.set_version(version)
+
+    # ------------------------------------------------------------------ workflows (delegated)
+    def submit(self, data: Any, workflow: RolloutWorkflow) -> str:
+        return self.executor.submit(data, workflow)
+
+    async def wait(self, count: int, timeout: float | None = None) -> list[Trajectory]:  # noqa: ASYNC109
+        return await self.executor.wait(count, timeout)
+
+    async def rollout(self, data: Sequence[Any], workflow: RolloutWorkflow) -> list[Trajectory]:
+        return await self.executor.rollout(data, workflow)
+
+
+LossFn = Callable[..., "torch.Tensor"]
+
+
+class TrainEngine(abc.ABC):
+    """Trains a policy on batches of trajectories (the seed API, FSDP2 implementation in engines)."""
+
+    @abc.abstractmethod
+    def initialize(self, addr: str | None = None, ft_spec: FinetuneSpec | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def destroy(self) -> None: ...
+
+    def get_scheduling_config(self) -> Scheduling:
+        return Scheduling()
+
+    def train(self, mode: bool = True) -> TrainEngine:
+        return self
+
+    @abc.abstractmethod
+    def train_batch(
+        self,
+        input_: Sequence[Trajectory] | Mapping[str, Any],
+        mb_spec: MicroBatchSpec,
+        loss_fn: LossFn,
+        loss_weight_fn: Callable[[Mapping[str, Any]], float],
+    ) -> dict[str, float]:
+        """One optimiser step over ``input_``; the loss is a global token mean across micro-batches."""
+
+    @abc.abstractmethod
+    def eval_batch(
+        self,
+        input_: Sequence[Trajectory] | Mapping[str, Any],
+        mb_spec: MicroBatchSpec,
+        loss_fn: LossFn,
+        loss_weight_fn: Callable[[Mapping[str, Any]], float],
+    ) -> float: ...
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        input_: Sequence[Trajectory] | Mapping[str, Any],
+        mb_spec: MicroBatchSpec | None = None,
+        output_seqlens: Sequence[int] | None = None,
+        post_hook: Callable[..., Any] | None = None,
+        aggregate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> Any: ...
+
+    @abc.abstractmethod
+    def save(self, meta: SaveLoadMeta) -> None: ...
+
+    @abc.abstractmethod
+    def load(self, meta: SaveLoadMeta) -> None: ...
+
+    @abc.abstractmethod
+    def upload_weights(self, meta: WeightUpdateMeta) -> WeightUpdateMeta:
+        """Publish the current weights as ``meta`` asks; return the meta the inference engine's
+        ``update_weights`` takes (for ``"mem"``, with ``state_dict`` filled in)."""
+
+    @abc.abstractmethod
+    def step_lr_scheduler(self) -> None: ...

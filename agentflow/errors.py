@@ -1,0 +1,84 @@
+"""The one exception tree of agentflow.
+
+Every error agentflow raises on purpose derives from :class:`AgentflowError`::
+
+    AgentflowError
+    ├── ConfigError            bad configuration; lists every problem at once
+    ├── EngineError            an inference or train engine failed
+    │   ├── EngineTimeout      a call to an engine exceeded its deadline
+    │   └── ServerError        an SGLang(-protocol) server answered with an error
+    ├── WorkflowError          a workflow returned something that is not a trajectory
+    ├── TrajectoryError        a trajectory's fields are inconsistent
+    ├── EnvError               an environment failed (reward, tool, dataset)
+    │   └── SandboxError       the code sandbox could not run the code at all
+    └── CheckpointError        a checkpoint is missing, partial or from another run
+
+Messages say what was expected, what was received and how to fix it.
+
+Expected per-episode failures (a workflow raising, a reward timing out) never escape the executor:
+they become rejected episodes with a counted reason. These classes are for the caller's side.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentflowError",
+    "CheckpointError",
+    "ConfigError",
+    "EngineError",
+    "EngineTimeout",
+    "EnvError",
+    "SandboxError",
+    "ServerError",
+    "TrajectoryError",
+    "WorkflowError",
+]
+
+
+class AgentflowError(Exception):
+    """Base of every error agentflow raises on purpose."""
+
+
+class ConfigError(AgentflowError, ValueError):
+    """Invalid configuration. ``problems`` holds one line per bad field."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
+
+
+class EngineError(AgentflowError):
+    """An inference or train engine failed."""
+
+
+class EngineTimeout(EngineError, TimeoutError):
+    """A call to an engine exceeded its deadline."""
+
+
+class ServerError(EngineError):
+    """An SGLang-protocol server answered with an error status."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class WorkflowError(AgentflowError):
+    """A workflow broke its contract (e.g. returned a value that is not a Trajectory)."""
+
+
+class TrajectoryError(AgentflowError, ValueError):
+    """A trajectory's fields do not line up."""
+
+
+class EnvError(AgentflowError):
+    """An environment failed: a reward function, a tool or a dataset."""
+
+
+class SandboxError(EnvError):
+    """The sandbox could not run the code at all (not: the code failed)."""
+
+
+class CheckpointError(AgentflowError):
+    """A checkpoint is missing, partial, or does not match the run."""

@@ -1,0 +1,1 @@
+"""agentflow.workflows"""
