@@ -1,0 +1,588 @@
+"""An OpenAI-compatible chat client over an agentflow inference engine, recording what it samples.
+
+:class:`OpenAIClient` is an ``openai.AsyncOpenAI`` whose ``chat.completions.create`` never touches
+the network: it renders the messages with the tokenizer's chat template, calls
+``engine.agenerate`` and returns a real ``openai.types.chat.ChatCompletion`` (tool calls parsed by
+a pluggable :mod:`agentflow._toolcalls` parser). Agents written for the OpenAI SDK run unchanged.
+
+Every completion is recorded (:class:`CompletionRecord`: messages, prompt ids, sampled ids,
+log-probs, versions). Token-in, token-out: when a request's messages extend a recorded
+conversation (its messages, then the assistant reply this client produced, then new messages),
+the prompt is the recorded token ids (prompt + sampled output) followed by the tokens of the new
+messages only, computed as a text delta of the chat template; the history is never re-templated.
+A drift check compares the re-templated conversation with the decoded recorded tokens and counts
+mismatches in ``stats["template_drift"]``. Rewards are attached with :meth:`OpenAIClient.set_reward`
+and the records become :class:`agentflow.Trajectory` objects with
+:meth:`OpenAIClient.export_trajectories`.
+
+Not covered: streaming, ``n > 1`` (call ``create`` n times), forced tool choice, the Responses and
+legacy Completions APIs (they still point at the dummy base URL and fail to connect). Templating and
+tokenising run on the event loop (fast for chat-sized inputs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+import openai
+from openai.types.chat import ChatCompletion
+
+from agentflow._toolcalls import ParsedOutput, ToolParser, get_tool_parser
+from agentflow._types import GenerationConfig, ModelRequest, ModelResponse, Trajectory
+from agentflow.errors import ConfigError, EngineError, EngineTimeout, TrajectoryError
+
+if TYPE_CHECKING:
+    from agentflow._engine_api import InferenceEngine
+
+__all__ = ["CompletionRecord", "OpenAIClient"]
+
+ExportStyle = Literal["individual", "concat"]
+_NO_NETWORK_URL = "http://agentflow.invalid/v1"  # the parent client needs one; chat never uses it
+
+# Parameters accepted only at their default (None means "not given").
+_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "stream": (None, False),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "seed": (None,),
+    "stream_options": (None,),
+    "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "tool_choice": (None, "auto", "none"),
+    "function_call": (None,),
+    "functions": (None,),
+}
+# Accepted and ignored: informational, or transport options of the openai SDK.
+_IGNORED = frozenset(
+    {"model", "user", "metadata", "store", "parallel_tool_calls", "service_tier", "extra_headers",
+     "extra_query", "reasoning_effort", "prompt_cache_key", "safety_identifier"}
+)
+_HANDLED = frozenset(
+    {"messages", "tools", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stop",
+     "stop_token_ids", "logprobs", "chat_template_kwargs", "extra_body", "timeout"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRecord:
+    """One recorded completion.
+
+    ``prompt_ids`` is exactly what the engine saw; for a follow-up turn it equals
+    ``parent.prompt_ids + parent.output_ids + delta_ids`` (``delta_ids`` are the new messages'
+    tokens). For a first turn ``parent`` is None and ``delta_ids == prompt_ids``.
+    """
+
+    id: str
+    messages: tuple[dict[str, Any], ...]
+    reply: dict[str, Any]
+    prompt_ids: list[int]
+    delta_ids: list[int]
+    output_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str
+    parent: str | None
+    context: str = field(repr=False, default="")
+    key: tuple[str, ...] = field(repr=False, default=())
+
+
+# ---------------------------------------------------------------------------------------- messages
+def _plain(obj: Any) -> Any:
+    """Pydantic models (e.g. a returned ``ChatCompletionMessage``) and mappings -> plain JSON data."""
+    if hasattr(obj, "model_dump"):
+        return _plain(obj.model_dump(exclude_none=True, mode="json"))
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    raise ConfigError(
+        f"message content must be a string or a list of text parts, got {type(content).__name__}"
+    )
+
+
+def _canonical_args(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def _message_key(msg: Mapping[str, Any]) -> str:
+    """What identifies a message when matching conversations (tool-call ids and JSON spacing ignored)."""
+    calls = [
+        (tc.get("function", {}).get("name"), _canonical_args(tc.get("function", {}).get("arguments")))
+        for tc in msg.get("tool_calls") or ()
+    ]
+    fields = [msg.get("role"), _text_of(msg.get("content")), calls, msg.get("tool_call_id"), msg.get("name")]
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False)
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ConfigError(f"messages must be a non-empty list of chat messages, got {messages!r:.200}")
+    plain = [_plain(m) for m in messages]
+    for i, m in enumerate(plain):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise ConfigError(f"messages[{i}] must be a mapping with role in {_ROLES}, got {m!r:.200}")
+    return plain
+
+
+# ---------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True, slots=True)
+class _Params:
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    gconfig: GenerationConfig
+    template_kwargs: dict[str, Any]
+    parse_tools: bool
+    logprobs: bool
+    model: str
+    timeout: float | None
+
+
+def _given(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop the openai SDK's ``NOT_GIVEN`` / ``omit`` sentinels; flatten ``extra_body``."""
+    out = {k: v for k, v in kwargs.items() if not isinstance(v, openai.NotGiven | openai.Omit)}
+    extra = out.pop("extra_body", None) or {}
+    if not isinstance(extra, Mapping):
+        raise ConfigError(f"extra_body must be a mapping, got {type(extra).__name__}")
+    clash = sorted(set(extra) & set(out))
+    if clash:
+        raise ConfigError(f"parameters {clash} given both directly and in extra_body; give each once")
+    return {**out, **extra}
+
+
+def _check_params(kw: Mapping[str, Any]) -> None:
+    problems = []
+    for name, value in kw.items():
+        if name in _DEFAULT_ONLY and value not in _DEFAULT_ONLY[name]:
+            problems.append(
+                f"{name}={value!r} is not supported by agentflow's OpenAIClient; accepted values: "
+                f"{[v for v in _DEFAULT_ONLY[name] if v is not None]} (or leave it out)"
+            )
+        elif name not in _DEFAULT_ONLY and name not in _IGNORED and name not in _HANDLED:
+            problems.append(
+                f"unknown parameter {name!r}; supported: {sorted(_HANDLED - {'extra_body'})}, "
+                f"ignored: {sorted(_IGNORED)}, default-only: {sorted(_DEFAULT_ONLY)}"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _max_tokens(kw: Mapping[str, Any], default: int) -> int:
+    a, b = kw.get("max_tokens"), kw.get("max_completion_tokens")
+    if a is not None and b is not None and a != b:
+        raise ConfigError(f"max_tokens={a} and max_completion_tokens={b} disagree; give one of them")
+    return int(a if a is not None else b if b is not None else default)
+
+
+def _gconfig(kw: Mapping[str, Any], base: GenerationConfig) -> GenerationConfig:
+    stop = kw.get("stop")
+    stops = base.stop if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
+    extra_ids = tuple(kw.get("stop_token_ids") or ())
+    changes = {
+        "n_samples": 1,
+        "max_new_tokens": _max_tokens(kw, base.max_new_tokens),
+        "stop": stops,
+        "stop_token_ids": tuple(dict.fromkeys(base.stop_token_ids + extra_ids)),
+    }
+    for name in ("temperature", "top_p", "top_k"):
+        if kw.get(name) is not None:
+            changes[name] = kw[name]
+    return base.new(**changes)
+
+
+def _parse_params(
+    kwargs: Mapping[str, Any], base: GenerationConfig, template_kwargs: dict[str, Any]
+) -> _Params:
+    kw = _given(kwargs)
+    if "messages" not in kw:
+        raise ConfigError("create() needs messages=[...]; got none")
+    _check_params(kw)
+    tools = _plain(kw.get("tools")) or None
+    per_call = kw.get("chat_template_kwargs") or {}
+    timeout = kw.get("timeout")
+    return _Params(
+        messages=_check_messages(kw["messages"]),
+        tools=tools,
+        gconfig=_gconfig(kw, base),
+        template_kwargs={**template_kwargs, **per_call},
+        parse_tools=bool(tools) and kw.get("tool_choice") != "none",
+        logprobs=bool(kw.get("logprobs")),
+        model=str(kw.get("model") or "agentflow"),
+        timeout=float(timeout) if isinstance(timeout, int | float) else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------- client
+class _Completions:
+    def __init__(self, client: OpenAIClient) -> None:
+        self._client = client
+
+    async def create(self, **kwargs: Any) -> ChatCompletion:
+        """``chat.completions.create`` over the engine; see :class:`OpenAIClient`."""
+        return await self._client._create(kwargs)
+
+
+class _Chat:
+    def __init__(self, client: OpenAIClient) -> None:
+        self.completions = _Completions(client)
+
+
+class OpenAIClient(openai.AsyncOpenAI):
+    """``openai.AsyncOpenAI`` whose chat completions come from an agentflow engine (no network).
+
+    Args:
+        engine: any :class:`agentflow.InferenceEngine`.
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        gconfig: default sampling parameters; request parameters override them. Its
+            ``stop_token_ids`` default to the tokenizer's eos token.
+        chat_template_kwargs: extra variables for the chat template (e.g. ``enable_thinking``).
+        tool_parser: ``"qwen"`` / ``"hermes"`` / ``"none"`` or an object with
+            ``parse(text) -> ParsedOutput`` (see :mod:`agentflow._toolcalls`).
+
+    ``stats`` counts ``completions``, ``continued`` (turns appended to a recorded conversation),
+    ``tool_calls``, ``tool_parse_failures``, ``template_drift`` and ``template_not_prefix`` (the
+    template re-rendered the history differently, so the turn started a new chain).
+    """
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        tokenizer: Any,
+        *,
+        gconfig: GenerationConfig | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        tool_parser: str | ToolParser = "qwen",
+    ) -> None:
+        super().__init__(api_key="agentflow-in-process", base_url=_NO_NETWORK_URL, max_retries=0)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ConfigError(
+                "tokenizer has no chat_template; set tokenizer.chat_template to a Jinja chat template"
+            )
+        self.engine = engine
+        self.tokenizer = tokenizer
+        base = gconfig or GenerationConfig()
+        if not base.stop_token_ids and tokenizer.eos_token_id is not None:
+            base = base.new(stop_token_ids=(tokenizer.eos_token_id,))
+        self.gconfig = base
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.tool_parser = get_tool_parser(tool_parser)
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("completions", "continued", "tool_calls", "tool_parse_failures", "template_drift",
+             "template_not_prefix"), 0
+        )
+        self._records: dict[str, CompletionRecord] = {}
+        self._by_key: dict[tuple[str, ...], str] = {}
+        self._parents: set[str] = set()
+        self._rewards: dict[str, float] = {}
+        self._texts: dict[str, str] = {}
+
+    @cached_property
+    def chat(self) -> _Chat:  # type: ignore[override]  # same call shape, served in-process
+        return _Chat(self)
+
+    # ------------------------------------------------------------------ create
+    async def _create(self, kwargs: Mapping[str, Any]) -> ChatCompletion:
+        p = _parse_params(kwargs, self.gconfig, self.chat_template_kwargs)
+        context = json.dumps([p.tools, p.template_kwargs], sort_keys=True, ensure_ascii=False)
+        keys = tuple(_message_key(m) for m in p.messages)
+        prompt_ids, parent, delta_ids = self._prompt(p, context, keys)
+        resp = await self._generate(ModelRequest(input_ids=prompt_ids, gconfig=p.gconfig), p.timeout)
+        text = self._output_text(resp.output_tokens, p.gconfig, resp.stop_reason)
+        parsed = self.tool_parser.parse(text) if p.parse_tools else ParsedOutput(content=text or None)
+        finish = _finish_reason(resp, parsed)
+        reply = _reply_message(parsed)
+        rec = CompletionRecord(
+            id=f"chatcmpl-{uuid.uuid4().hex}", messages=tuple(p.messages), reply=reply,
+            prompt_ids=prompt_ids, delta_ids=delta_ids, output_ids=list(resp.output_tokens),
+            logprobs=list(resp.output_logprobs), versions=list(resp.output_versions), finish_reason=finish,
+            parent=parent.id if parent else None, context=context, key=(context, *keys, _message_key(reply)),
+        )
+        self._record(rec, parsed)
+        return self._completion(rec, parsed, p)
+
+    async def _generate(self, req: ModelRequest, limit_s: float | None) -> ModelResponse:
+        try:
+            async with asyncio.timeout(limit_s):
+                resp = await self.engine.agenerate(req)
+        except TimeoutError as e:
+            raise EngineTimeout(
+                f"chat completion took longer than timeout={limit_s}s; raise the timeout or leave it out"
+            ) from e
+        if resp.stop_reason == "abort":
+            raise EngineError(
+                "the engine aborted the generation (is it shutting down?); expected a finished generation"
+            )
+        return resp
+
+    def _record(self, rec: CompletionRecord, parsed: ParsedOutput) -> None:
+        self._records[rec.id] = rec
+        self._by_key[rec.key] = rec.id
+        if rec.parent is not None:
+            self._parents.add(rec.parent)
+            self.stats["continued"] += 1
+        self.stats["completions"] += 1
+        self.stats["tool_calls"] += len(parsed.tool_calls)
+        self.stats["tool_parse_failures"] += parsed.error is not None
+
+    # ------------------------------------------------------------------ prompts (token-in, token-out)
+    def _render(self, messages: list[dict[str, Any]], p: _Params, *, generation: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tools=p.tools, tokenize=False, add_generation_prompt=generation, **p.template_kwargs
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _find_parent(self, context: str, keys: tuple[str, ...]) -> CompletionRecord | None:
+        """The recorded completion whose messages + reply are the longest prefix of ``keys``."""
+        for k in range(len(keys), 1, -1):
+            rid = self._by_key.get((context, *keys[:k]))
+            if rid is not None:
+                return self._records[rid]
+        return None
+
+    def _recorded_text(self, rec: CompletionRecord) -> str:
+        if rec.id not in self._texts:
+            ids = rec.prompt_ids + rec.output_ids
+            self._texts[rec.id] = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self._texts[rec.id]
+
+    def _prompt(
+        self, p: _Params, context: str, keys: tuple[str, ...]
+    ) -> tuple[list[int], CompletionRecord | None, list[int]]:
+        """(prompt ids, parent record or None, ids appended to the parent's tokens)."""
+        full = self._render(p.messages, p, generation=True)
+        parent = self._find_parent(context, keys)
+        if parent is None:
+            ids = self._encode(full)
+            return ids, None, ids
+        delta = self._delta_text(p, parent, full)
+        if delta is None:
+            ids = self._encode(full)
+            return ids, None, ids
+        delta_ids = self._encode(delta)
+        return parent.prompt_ids + parent.output_ids + delta_ids, parent, delta_ids
+
+    def _delta_text(self, p: _Params, parent: CompletionRecord, full: str) -> str | None:
+        """Text of the messages after ``parent``'s reply, to append to its recorded tokens.
+
+        The template's rendering of the whole conversation should start with the decoded recorded
+        tokens; then the delta is the rest. Otherwise (drift: e.g. the model wrote a tool call with
+        other JSON spacing than the template renders) the delta is the template's text after the
+        history, preceded by what the template puts after the reply's end-of-turn token.
+        Returns None when the template does not render the history as a prefix at all.
+        """
+        recorded = self._recorded_text(parent)
+        if full.startswith(recorded):
+            return full[len(recorded):]
+        self.stats["template_drift"] += 1
+        history = self._render([*p.messages[: len(parent.messages) + 1]], p, generation=False)
+        if not full.startswith(history):
+            self.stats["template_not_prefix"] += 1
+            return None
+        return self._turn_glue(history, parent) + full[len(history):]
+
+    def _turn_glue(self, history: str, parent: CompletionRecord) -> str:
+        """What the template renders after the reply's sampled text (e.g. ``<|im_end|>`` + newline)."""
+        eos = self.tokenizer.eos_token
+        at = history.rfind(eos) if eos else -1
+        if at < 0:
+            return ""
+        ended = bool(parent.output_ids) and parent.output_ids[-1] == self.tokenizer.eos_token_id
+        return history[at + len(eos) if ended else at :]
+
+    # ------------------------------------------------------------------ responses
+    def _output_text(self, ids: list[int], g: GenerationConfig, stop_reason: str) -> str:
+        if ids and ids[-1] in set(g.stop_token_ids):
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if stop_reason != "length":
+            for s in g.stop:
+                if s and text.endswith(s):
+                    return text[: -len(s)]
+        return text
+
+    def _completion(self, rec: CompletionRecord, parsed: ParsedOutput, p: _Params) -> ChatCompletion:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": rec.finish_reason, "message": rec.reply}
+        if p.logprobs:
+            choice["logprobs"] = {"content": self._token_logprobs(rec)}
+        return ChatCompletion.model_validate({
+            "id": rec.id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": p.model,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": len(rec.prompt_ids),
+                "completion_tokens": len(rec.output_ids),
+                "total_tokens": len(rec.prompt_ids) + len(rec.output_ids),
+            },
+        })
+
+    def _token_logprobs(self, rec: CompletionRecord) -> list[dict[str, Any]]:
+        out = []
+        for tid, lp in zip(rec.output_ids, rec.logprobs, strict=True):
+            tok = self.tokenizer.decode([tid], skip_special_tokens=False)
+            out.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []})
+        return out
+
+    # ------------------------------------------------------------------ records and rewards
+    @property
+    def records(self) -> list[CompletionRecord]:
+        """Every recorded completion, oldest first."""
+        return list(self._records.values())
+
+    def get_completion(self, completion_id: str) -> CompletionRecord:
+        try:
+            return self._records[completion_id]
+        except KeyError:
+            raise TrajectoryError(
+                f"unknown completion id {completion_id!r}; expected one of the {len(self._records)} ids this "
+                "client returned (ChatCompletion.id)"
+            ) from None
+
+    def set_reward(self, completion_id: str, reward: float) -> None:
+        """Attach a reward to one completion (replaces an earlier one)."""
+        self.get_completion(completion_id)
+        self._rewards[completion_id] = _check_reward(reward)
+
+    def set_last_reward(self, reward: float) -> None:
+        """Attach a reward to the most recent completion."""
+        if not self._records:
+            raise TrajectoryError(
+                "set_last_reward: no completion recorded yet; call chat.completions.create first"
+            )
+        self.set_reward(next(reversed(self._records)), reward)
+
+    def get_reward(self, completion_id: str) -> float | None:
+        self.get_completion(completion_id)
+        return self._rewards.get(completion_id)
+
+    def export_trajectories(
+        self, discount: float = 1.0, style: ExportStyle = "individual"
+    ) -> list[Trajectory]:
+        """The recorded completions as trajectories (sampled token ids exactly; unset rewards count 0).
+
+        ``"individual"``: one trajectory per completion, oldest first: prompt (mask 0) + output
+        (mask 1); reward = its own reward, or with ``discount < 1`` the discounted return
+        ``r_i + discount * G_{i+1}`` over completions in creation order (as AReaL's ArealOpenAI).
+        ``"concat"``: one trajectory per conversation leaf (a completion no later turn extends):
+        first prompt (0), then per turn sampled tokens (1) and new-message tokens (0); reward =
+        the leaf's reward. ``discount`` must be 1 for this style.
+        """
+        if not 0.0 <= discount <= 1.0:
+            raise TrajectoryError(f"discount must be in [0, 1], got {discount}")
+        if style == "individual":
+            return self._export_individual(discount)
+        if style == "concat":
+            if discount != 1.0:
+                raise TrajectoryError(
+                    f"discount={discount} applies to style='individual' only; use discount=1.0 with concat"
+                )
+            return self._export_concat()
+        raise TrajectoryError(f"style must be 'individual' or 'concat', got {style!r}")
+
+    def _export_individual(self, discount: float) -> list[Trajectory]:
+        records = self.records
+        rewards = [self._rewards.get(r.id, 0.0) for r in records]
+        if discount < 1.0:
+            ret = 0.0
+            for i in range(len(rewards) - 1, -1, -1):
+                ret = rewards[i] + discount * ret
+                rewards[i] = ret
+        return [_individual(r, reward) for r, reward in zip(records, rewards, strict=True)]
+
+    def _export_concat(self) -> list[Trajectory]:
+        out = []
+        for leaf in self.records:
+            if leaf.id in self._parents:
+                continue
+            chain = [leaf]
+            while chain[-1].parent is not None:
+                chain.append(self._records[chain[-1].parent])
+            out.append(_concat(chain[::-1], self._rewards.get(leaf.id, 0.0)))
+        return out
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _check_reward(reward: float) -> float:
+    if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+        raise TrajectoryError(f"reward must be a finite number, got {reward!r}")
+    return float(reward)
+
+
+def _finish_reason(resp: ModelResponse, parsed: ParsedOutput) -> str:
+    if resp.stop_reason == "length":
+        return "length"
+    return "tool_calls" if parsed.tool_calls else "stop"
+
+
+def _reply_message(parsed: ParsedOutput) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if parsed.tool_calls:
+        msg["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in parsed.tool_calls
+        ]
+    return msg
+
+
+def _individual(rec: CompletionRecord, reward: float) -> Trajectory:
+    p, o = len(rec.prompt_ids), len(rec.output_ids)
+    return Trajectory(
+        input_ids=rec.prompt_ids + rec.output_ids,
+        loss_mask=[0] * p + [1] * o,
+        logprobs=[0.0] * p + rec.logprobs,
+        versions=[-1] * p + rec.versions,
+        reward=reward,
+        info={"completion_id": rec.id, "finish_reason": rec.finish_reason},
+    )
+
+
+def _concat(chain: list[CompletionRecord], reward: float) -> Trajectory:
+    ids: list[int] = []
+    mask: list[int] = []
+    lps: list[float] = []
+    vers: list[int] = []
+    for rec in chain:
+        ids += rec.delta_ids + rec.output_ids
+        mask += [0] * len(rec.delta_ids) + [1] * len(rec.output_ids)
+        lps += [0.0] * len(rec.delta_ids) + rec.logprobs
+        vers += [-1] * len(rec.delta_ids) + rec.versions
+    leaf = chain[-1]
+    if ids != leaf.prompt_ids + leaf.output_ids:  # invariant of token-in, token-out
+        raise TrajectoryError(
+            f"conversation chain ending at {leaf.id} does not reproduce its recorded tokens (internal bug)"
+        )
+    return Trajectory(
+        input_ids=ids, loss_mask=mask, logprobs=lps, versions=vers, reward=reward,
+        info={"completion_ids": [r.id for r in chain], "finish_reason": leaf.finish_reason},
+    )
