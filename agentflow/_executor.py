@@ -238,7 +238,12 @@ class WorkflowExecutor:
         trajs: list[Trajectory] = []
         reasons: list[str] = []
         for got, reason in results:
-            trajs.extend(t if t.group_id == item.group_id else t.with_(group_id=item.group_id) for t in got)
+            for t in got:
+                if t.group_id != item.group_id:
+                    # The executor owns group ids. Setting the field directly skips re-validating
+                    # a trajectory that was validated when the workflow built it.
+                    object.__setattr__(t, "group_id", item.group_id)
+                trajs.append(t)
             if reason:
                 reasons.append(reason)
         return trajs, reasons

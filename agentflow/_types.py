@@ -19,6 +19,15 @@ __all__ = ["GenerationConfig", "ModelRequest", "ModelResponse", "StopReason", "T
 
 StopReason = Literal["stop", "length", "tool_calls", "abort"]
 _STOP_REASONS = ("stop", "length", "tool_calls", "abort")
+_MINUS_ONE, _ZERO = -1, 0
+_RID_PREFIX = uuid.uuid4().hex[:12]
+_rid_counter = itertools.count()
+
+
+def new_rid() -> str:
+    """A process-unique request id. Fixed width, so no id is a prefix of another (SGLang's abort
+    matches rids by prefix)."""
+    return f"{_RID_PREFIX}-{next(_rid_counter):012x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +79,7 @@ class ModelRequest:
 
     input_ids: list[int]
     gconfig: GenerationConfig = field(default_factory=GenerationConfig)
-    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    rid: str = field(default_factory=new_rid)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -141,12 +150,19 @@ class Trajectory:
                 f"Trajectory fields disagree: input_ids {n}, loss_mask {lens[0]}, logprobs {lens[1]}, "
                 f"versions {lens[2]}; expected equal lengths"
             )
-        for i, (m, v) in enumerate(zip(self.loss_mask, self.versions, strict=True)):
-            if (m == 1 and v < 0) or (m == 0 and v != -1) or m not in (0, 1):
-                raise TrajectoryError(
-                    f"token {i}: loss_mask={m}, version={v}; expected loss_mask in {{0, 1}}, "
-                    "version >= 0 on policy tokens (mask 1) and -1 elsewhere"
-                )
+        mask, versions = self.loss_mask, self.versions
+        # C-speed checks (map/count); the slow loop below only runs to name the bad token.
+        if (
+            mask.count(0) + mask.count(1) != n
+            or (n and min(versions) < -1)
+            or list(map(_MINUS_ONE.__eq__, versions)) != list(map(_ZERO.__eq__, mask))
+        ):
+            for i, (m, v) in enumerate(zip(mask, versions, strict=True)):
+                if m not in (0, 1) or (m == 1) != (v >= 0) or v < -1:
+                    raise TrajectoryError(
+                        f"token {i}: loss_mask={m}, version={v}; expected loss_mask in {{0, 1}}, "
+                        "version >= 0 on policy tokens (mask 1) and -1 elsewhere"
+                    )
         if not math.isfinite(self.reward):
             raise TrajectoryError(f"reward must be finite, got {self.reward}")
 

@@ -1,0 +1,281 @@
+"""WorkflowExecutor: admission under the staleness bound, failures, groups, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import pytest
+
+from agentflow import GenerationConfig, ModelRequest, RolloutConfig, Trajectory
+from agentflow.testing import FakeEngine, random_latency
+
+G = GenerationConfig(max_new_tokens=6)
+
+
+class EchoWorkflow:
+    """One generation, reward 1. Optional hooks observe every episode start."""
+
+    def __init__(self, on_start=None):
+        self.on_start = on_start
+
+    async def arun_episode(self, engine, data):
+        if self.on_start is not None:
+            self.on_start(engine, data)
+        resp = await engine.agenerate(ModelRequest([1, 2, 3, data % 200 + 4], G))
+        return Trajectory.from_response(resp, reward=1.0, info={"data": data})
+
+
+async def _step(engine, version):
+    """What the trainer does after a step: pause, bump the version, resume."""
+    await engine.pause()
+    engine.set_version(version)
+    await engine.resume()
+
+
+def _check_books(engine):
+    """submitted == accepted + rejected + running + queued, at this moment (on the loop)."""
+    s = engine.executor.stats()
+    assert s["submitted"] == s["accepted"] + s["rejected"] + s["running"] + s["queued"], s
+
+
+def _run_trainer(engine, loop, n_steps, batch, on_batch=None, timeout=20.0):
+    for step in range(n_steps):
+        trajs = engine.buffer.get_batch(batch, timeout=timeout)
+        if on_batch is not None:
+            on_batch(step, trajs)
+        asyncio.run_coroutine_threadsafe(_step(engine, step + 1), loop).result(timeout)
+
+
+@pytest.mark.parametrize("policy", ["drop", "requeue", "keep"])
+async def test_staleness_invariant_under_random_latency(policy):
+    eta, batch, steps = 1, 4, 25
+    cfg = RolloutConfig(max_staleness=eta, consumer_batch_size=batch, max_concurrent=12, stale_policy=policy,
+                        max_requeues=100)
+    violations_kept = 0
+    consumed_ids: list[int] = []
+
+    async with FakeEngine(latency=random_latency(0.004, seed=1), rollout=cfg) as engine:
+        loop = asyncio.get_running_loop()
+        wf = EchoWorkflow(on_start=lambda eng, d: _check_books(eng))
+        for i in range(steps * batch + 60):
+            engine.submit(i, wf)
+
+        def on_batch(step, trajs):
+            nonlocal violations_kept
+            assert len({t.group_id for t in trajs}) == batch
+            for t in trajs:
+                lag = step - t.min_version
+                consumed_ids.append(t.info["data"])
+                if lag > eta:
+                    assert policy == "keep", f"{policy}: consumed a trajectory {lag} versions old"
+                    violations_kept += 1
+            asyncio.run_coroutine_threadsafe(asyncio.to_thread(lambda: None), loop)  # keep the loop busy
+            _check_books_threadsafe(engine, loop)
+
+        await asyncio.to_thread(_run_trainer, engine, loop, steps, batch, on_batch)
+        _check_books(engine)
+        stats = engine.executor.stats()
+        bstats = engine.buffer.stats
+
+    assert len(consumed_ids) == steps * batch
+    handled = {"drop": bstats.dropped, "requeue": bstats.requeued, "keep": bstats.kept_stale}[policy]
+    assert handled > 0, "the latency mix must produce stale items, or this test checks nothing"
+    assert bstats.kept_stale == violations_kept
+    if policy == "requeue":
+        assert stats["submitted"] == steps * batch + 60 + bstats.requeued
+        assert len(set(consumed_ids)) == len(consumed_ids), "a requeued prompt was consumed twice"
+    # Nothing lost: every consumed/dropped/requeued item was accepted once.
+    assert stats["accepted"] == bstats.consumed + bstats.dropped + bstats.requeued + stats["buffered"]
+
+
+def _check_books_threadsafe(engine, loop):
+    async def check():
+        _check_books(engine)
+
+    asyncio.run_coroutine_threadsafe(check(), loop).result(5)
+
+
+async def test_eta_zero_alternates_strictly():
+    batch, steps = 4, 8
+    cfg = RolloutConfig(max_staleness=0, consumer_batch_size=batch, max_concurrent=64)
+    training = threading.Event()
+    starts: list[int] = []
+
+    def on_start(engine, data):
+        assert not training.is_set(), "an episode started while the trainer was training"
+        starts.append(engine.get_version())
+
+    async with FakeEngine(latency=random_latency(0.003, seed=2), rollout=cfg) as engine:
+        loop = asyncio.get_running_loop()
+        for i in range(steps * batch + 20):
+            engine.submit(i, EchoWorkflow(on_start))
+
+        def trainer():
+            for step in range(steps):
+                trajs = engine.buffer.get_batch(batch, timeout=20)
+                training.set()
+                assert engine.executor.n_running == 0  # nothing generates while we train
+                assert all(t.versions[-1] == step and t.min_version == step for t in trajs)
+                training.clear()
+                asyncio.run_coroutine_threadsafe(_step(engine, step + 1), loop).result(10)
+
+        await asyncio.to_thread(trainer)
+    # Rollout and training alternate: batch k was generated entirely at version k.
+    assert starts[: steps * batch] == [v for v in range(steps) for _ in range(batch)]
+
+
+class FlakyWorkflow:
+    """10% raise, 5% hang forever, the rest succeed."""
+
+    def __init__(self, seed=0):
+        self.rng = random.Random(seed)
+
+    async def arun_episode(self, engine, data):
+        u = self.rng.random()
+        if u < 0.10:
+            raise RuntimeError("simulated workflow bug")
+        if u < 0.15:
+            await asyncio.Event().wait()  # hangs until the episode deadline
+        resp = await engine.agenerate(ModelRequest([5, 6], G))
+        return Trajectory.from_response(resp, reward=0.5)
+
+
+async def test_raising_and_hanging_episodes_do_not_stop_the_run():
+    batch, steps = 8, 10
+    cfg = RolloutConfig(max_staleness=2, consumer_batch_size=batch, max_concurrent=32, episode_timeout_s=0.2)
+    async with FakeEngine(latency=random_latency(0.002, seed=3), rollout=cfg) as engine:
+        loop = asyncio.get_running_loop()
+        wf = FlakyWorkflow()
+        for i in range(400):
+            engine.submit(i, wf)
+        await asyncio.to_thread(_run_trainer, engine, loop, steps, batch)
+        await asyncio.sleep(0.3)  # let the hanging episodes reach their deadline
+        stats = engine.executor.stats()
+        _check_books(engine)
+    reasons = stats["rejected_by_reason"]
+    assert reasons.get("RuntimeError", 0) > 0
+    assert reasons.get("timeout", 0) > 0
+    assert stats["consumed"] == steps * batch
+
+
+class OddWorkflow:
+    async def arun_episode(self, engine, data):
+        if data == "none":
+            return None
+        if data == "bad":
+            return {"not": "a trajectory"}
+        resp = await engine.agenerate(ModelRequest([1], G))
+        return [Trajectory.from_response(resp), Trajectory.from_response(resp)]
+
+
+async def test_none_and_wrong_types_are_counted_rejections():
+    async with FakeEngine(rollout=RolloutConfig(max_staleness=10)) as engine:
+        out = await engine.rollout(["none", "bad", "ok"], OddWorkflow())
+        stats = engine.executor.stats()
+    assert len(out) == 2 and out[0].group_id == out[1].group_id
+    assert stats["rejected_by_reason"] == {"none": 1, "WorkflowError": 1}
+
+
+async def test_n_samples_share_a_group_id():
+    cfg = RolloutConfig(n_samples=4, consumer_batch_size=2, max_staleness=4)
+    async with FakeEngine(rollout=cfg) as engine:
+        gids = [engine.submit(i, EchoWorkflow()) for i in range(2)]
+        trajs = await engine.wait(2, timeout=5)
+    assert len(trajs) == 8
+    assert sorted({t.group_id for t in trajs}) == sorted(gids)
+    assert all(sum(t.group_id == g for t in trajs) == 4 for g in gids)
+
+
+async def test_capacity_frees_the_moment_an_episode_ends():
+    """With max_concurrent=1, episodes run strictly one after another, with no idle gap."""
+    cfg = RolloutConfig(max_concurrent=1, max_staleness=100, consumer_batch_size=1)
+    async with FakeEngine(latency=0.001, rollout=cfg) as engine:
+        for i in range(20):
+            engine.submit(i, EchoWorkflow())
+        await engine.wait(20, timeout=5)
+        lat = list(engine.executor.admission_latencies)
+    assert len(lat) == 19
+    assert engine.executor.staleness.stats.started == 20
+
+
+async def test_pause_stops_admission_and_resume_restarts_it():
+    cfg = RolloutConfig(max_staleness=100, consumer_batch_size=1)
+    async with FakeEngine(latency=0.001, rollout=cfg) as engine:
+        await engine.pause()
+        for i in range(5):
+            engine.submit(i, EchoWorkflow())
+        await asyncio.sleep(0.02)
+        assert engine.executor.n_running == 0 and engine.executor.n_queued == 5
+        await engine.resume()
+        assert len(await engine.wait(5, timeout=5)) == 5
+
+
+async def test_interrupted_generation_carries_two_versions():
+    cfg = RolloutConfig(max_staleness=5)
+    async with FakeEngine(latency=0.2, rollout=cfg) as engine:
+        engine.submit(0, EchoWorkflow())
+        await asyncio.sleep(0.05)
+        await _step(engine, 1)
+        (traj,) = await engine.wait(1, timeout=5)
+    gen = [v for v in traj.versions if v >= 0]
+    assert gen[0] == 0 and gen[-1] == 1, gen
+    assert engine.n_interrupted == 1
+
+
+async def test_shutdown_cancels_running_episodes_and_leaves_no_task():
+    cfg = RolloutConfig(max_staleness=100, episode_timeout_s=None)
+    async with FakeEngine(latency=60.0, rollout=cfg) as engine:
+        for i in range(10):
+            engine.submit(i, EchoWorkflow())
+        await asyncio.sleep(0.01)
+        assert engine.executor.n_running == 10
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert engine.executor.n_running == 0
+    assert engine.executor.stats()["rejected_by_reason"] == {"cancelled": 10}
+
+
+async def test_cancelling_the_owner_cancels_everything():
+    cfg = RolloutConfig(max_staleness=100, episode_timeout_s=None)
+
+    async def owner():
+        async with FakeEngine(latency=60.0, rollout=cfg) as engine:
+            for i in range(5):
+                engine.submit(i, EchoWorkflow())
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(owner())
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_wait_times_out_without_losing_data():
+    async with FakeEngine(rollout=RolloutConfig(max_staleness=10)) as engine:
+        engine.submit(0, EchoWorkflow())
+        with pytest.raises(TimeoutError):
+            await engine.wait(2, timeout=0.05)
+        assert len(await engine.wait(1, timeout=1)) == 1
+
+
+async def test_requeue_resubmits_the_same_prompt():
+    cfg = RolloutConfig(max_staleness=0, consumer_batch_size=1, stale_policy="requeue")
+    async with FakeEngine(rollout=cfg) as engine:
+        engine.submit(7, EchoWorkflow())
+        await asyncio.sleep(0.01)
+        assert len(engine.buffer) == 1
+        engine.set_version(3)  # three steps passed: the buffered item is too stale
+        (traj,) = await engine.wait(1, timeout=5)
+    assert traj.info["data"] == 7 and traj.min_version == 3  # the prompt ran again, at version 3
+    assert engine.buffer.stats.requeued == 1
+
+
+def test_submit_rejects_objects_without_arun_episode():
+    from agentflow import WorkflowError
+
+    engine = FakeEngine()
+    with pytest.raises(WorkflowError, match="arun_episode"):
+        engine.submit(0, object())

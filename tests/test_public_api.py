@@ -1,0 +1,94 @@
+"""The public surface is exactly what __all__ lists; imports are light and flow one way."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import agentflow
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+EXPECTED = {
+    # contracts
+    "GenerationConfig", "ModelRequest", "ModelResponse", "StopReason", "Trajectory", "RolloutWorkflow",
+    "InferenceEngine", "TrainEngine", "MicroBatchSpec", "WeightUpdateMeta", "SaveLoadMeta", "FinetuneSpec",
+    "Scheduling", "RolloutConfig", "StalePolicy",
+    # core machinery
+    "StalenessManager", "StalenessStats", "staleness_capacity", "WorkflowExecutor", "ReplayBuffer", "Group",
+    "BufferStats", "OpenAIClient",
+    # errors
+    "AgentflowError", "ConfigError", "EngineError", "EngineTimeout", "ServerError", "WorkflowError",
+    "TrajectoryError", "EnvError", "SandboxError", "CheckpointError",
+}
+
+
+def test_all_is_the_public_api():
+    assert set(agentflow.__all__) == EXPECTED
+    assert sorted(agentflow.__all__) == list(agentflow.__all__)
+    for name in agentflow.__all__:
+        assert getattr(agentflow, name) is not None
+
+
+def test_errors_form_one_tree():
+    for name in EXPECTED:
+        obj = getattr(agentflow, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, agentflow.AgentflowError), name
+
+
+def test_import_agentflow_is_light():
+    code = (
+        "import sys, agentflow, agentflow.engines, agentflow.workflows, agentflow.envs\n"
+        "heavy = [m for m in ('torch', 'transformers', 'sglang', 'torch.distributed', 'openai', 'fastapi')"
+        " if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"`import agentflow` pulled in: {out.stdout.strip()}"
+
+
+# folder -> packages it may import (besides the stdlib and third-party libraries)
+ALLOWED = {
+    "agentflow": {"agentflow"},
+    "engines": {"agentflow", "agentflow.engines"},
+    "envs": {"agentflow", "agentflow.envs"},
+    "workflows": {"agentflow", "agentflow.envs", "agentflow.workflows"},
+}
+PLUGINS = ("agentflow.engines", "agentflow.envs", "agentflow.workflows")
+WIRING = {"cli.py", "_train.py", "_trainer.py", "_recipe.py"}  # the one place that wires plug-ins together
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mods.add(node.module)
+    return mods
+
+
+def _owner(module: str) -> str | None:
+    for plugin in PLUGINS:
+        if module == plugin or module.startswith(plugin + "."):
+            return plugin
+    if module == "agentflow" or module.startswith("agentflow."):
+        return "agentflow"
+    return None
+
+
+def test_imports_flow_one_way():
+    bad = []
+    for folder, allowed in ALLOWED.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            if folder == "agentflow" and path.name in WIRING:
+                continue
+            for mod in _imported_modules(path):
+                owner = _owner(mod)
+                if owner is not None and owner not in allowed:
+                    bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not bad, "imports against the layering (DESIGN.md):\n" + "\n".join(bad)
