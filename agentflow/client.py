@@ -315,7 +315,7 @@ class OpenAIClient(openai.AsyncOpenAI):
         keys = tuple(_message_key(m) for m in p.messages)
         prompt_ids, parent, delta_ids = self._prompt(p, context, keys)
         resp = await self._generate(ModelRequest(input_ids=prompt_ids, gconfig=p.gconfig), p.timeout)
-        text = self._output_text(resp.output_tokens, p.gconfig, resp.stop_reason)
+        text = self._output_text(resp.output_tokens, p.gconfig)
         parsed = self.tool_parser.parse(text) if p.parse_tools else ParsedOutput(content=text or None)
         finish = _finish_reason(resp, parsed)
         reply = _reply_message(parsed)
@@ -420,14 +420,14 @@ class OpenAIClient(openai.AsyncOpenAI):
         return history[at + len(eos) if ended else at :]
 
     # ------------------------------------------------------------------ responses
-    def _output_text(self, ids: list[int], g: GenerationConfig, stop_reason: str) -> str:
+    def _output_text(self, ids: list[int], g: GenerationConfig) -> str:
+        """The reply text: without the final stop token or a matched stop string (as OpenAI)."""
         if ids and ids[-1] in set(g.stop_token_ids):
             ids = ids[:-1]
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        if stop_reason != "length":
-            for s in g.stop:
-                if s and text.endswith(s):
-                    return text[: -len(s)]
+        for s in g.stop:
+            if s and text.endswith(s):
+                return text[: -len(s)]
         return text
 
     def _completion(self, rec: CompletionRecord, parsed: ParsedOutput, p: _Params) -> ChatCompletion:
