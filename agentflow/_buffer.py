@@ -103,6 +103,10 @@ class ReplayBuffer:
         Call from any thread but the event loop's (use :meth:`aget_batch` there). On timeout the
         groups taken so far go back to the front and ``TimeoutError`` is raised: nothing is lost.
         """
+        return [t for g in self.get_groups(n, timeout, version=version) for t in g.trajectories]
+
+    def get_groups(self, n: int, timeout: float | None = None, *, version: int | None = None) -> list[Group]:
+        """:meth:`get_batch`, returning the groups (with the data they were generated from)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         taken: list[Group] = []
         discarded: list[tuple[Group, str]] = []
@@ -122,7 +126,7 @@ class ReplayBuffer:
                     continue
                 self._take_one(taken, discarded, version)
         self._after_take(discarded)
-        return [t for g in taken for t in g.trajectories]
+        return taken
 
     async def aget_batch(self, n: int, *, version: int | None = None) -> list[Trajectory]:
         """:meth:`get_batch` for the event loop. Wrap it in ``asyncio.timeout`` for a deadline."""

@@ -77,6 +77,7 @@ class WorkflowExecutor:
         self._ids = itertools.count()
         self._run_prefix = uuid.uuid4().hex[:8]
         self.admission_latencies: deque[float] = deque(maxlen=10_000)  # seconds, slot freed -> started
+        self._room_waiters: list[asyncio.Future[None]] = []
 
     # ------------------------------------------------------------------ lifetime
     async def __aenter__(self) -> WorkflowExecutor:
@@ -129,6 +130,20 @@ class WorkflowExecutor:
             items.append(item)
         accepted = [await item.done for item in items if item.done is not None]
         return await self.buffer.aget_batch(sum(accepted), version=self.staleness.version)
+
+    async def wait_for_room(self, max_queued: int) -> None:
+        """Return once fewer than ``max_queued`` items wait in the queue (for data feeders).
+
+        Woken by admission, never by polling.
+        """
+        while len(self._queue) >= max_queued:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._room_waiters:
+                    self._room_waiters.remove(fut)
 
     def pause(self) -> None:
         """Stop admitting new items (running ones continue; engines interrupt generation)."""
@@ -186,11 +201,17 @@ class WorkflowExecutor:
     def _admit(self, freed_at: float | None = None) -> None:
         if self._tg is None or self._paused or not self._queue:
             return
-        for _ in range(min(self.staleness.capacity(), len(self._queue))):
+        n = min(self.staleness.capacity(), len(self._queue))
+        for _ in range(n):
             item = self._queue.popleft()
             self.staleness.on_start()
             task = self._tg.create_task(self._run_item(item, freed_at))
             self._running[task] = item
+        if n and self._room_waiters:
+            waiters, self._room_waiters = self._room_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     def _on_discard(self, group: Group, why: str) -> None:
         """The buffer dropped or requeued an accepted group at consume time."""
