@@ -162,9 +162,10 @@ class WorkflowExecutor:
         self.buffer.set_version(version)
         self._admit()
 
-    def recover(self, version: int) -> None:
-        """After loading a checkpoint at ``version``: ``accepted = version * B``."""
-        self.staleness.recover(version)
+    def recover(self, version: int, buffered: int = 0) -> None:
+        """After loading a checkpoint at ``version``: ``accepted = version * B + buffered``
+        (``buffered`` = groups restored into the buffer)."""
+        self.staleness.recover(version, buffered)
         self.buffer.set_version(version)
         self._admit()
 

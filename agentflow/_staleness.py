@@ -97,7 +97,8 @@ class StalenessManager:
     def set_version(self, version: int) -> None:
         self.version = version
 
-    def recover(self, version: int) -> None:
-        """Resume at ``version``: count ``version * B`` items as accepted, nothing running."""
+    def recover(self, version: int, buffered: int = 0) -> None:
+        """Resume at ``version``: count ``version * B + buffered`` items as accepted (``buffered``
+        = groups restored into the replay buffer from the checkpoint)."""
         self.version = version
-        self._offset = version * self.batch_size - (self.stats.accepted - self.stats.given_back)
+        self._offset = version * self.batch_size + buffered - (self.stats.accepted - self.stats.given_back)
