@@ -1,0 +1,383 @@
+"""An OpenAI-compatible HTTP proxy on the training event loop, one API key per episode.
+
+Agents in other processes (or written against a base URL) talk to :class:`ProxyServer` with the
+official ``openai`` client. Each episode gets a :class:`Session` (``proxy.new_session()``) with
+its own API key; behind it sits an :class:`agentflow.OpenAIClient` that records every completion,
+so the lead exports the episode's trajectories with ``session.export_trajectories(...)``.
+
+Endpoints (all need ``Authorization: Bearer <key>``):
+
+- ``POST /v1/chat/completions``: a session key; same parameters and errors as ``OpenAIClient``.
+- ``GET /v1/models``: any valid key.
+- ``POST /v1/sessions/{id}/reward`` with ``{"reward": r, "completion_id": optional}``: that
+  session's key (or the admin key); without ``completion_id`` the last completion is rewarded.
+- ``GET /v1/sessions/{id}``: the session's stats and completion ids.
+- ``POST /v1/sessions``: admin key only; creates a session and returns its key.
+
+Unknown keys get 401, a key used on another session's resources 403. The server binds
+127.0.0.1 by default and refuses any non-loopback address unless an ``admin_key`` is given.
+It runs as an ASGI app under ``uvicorn.Server`` inside the caller's event loop (no thread, no
+second loop): ``async with ProxyServer(...) as proxy:``, or ``proxy.bind()`` then
+``tg.create_task(proxy.serve())`` in the caller's TaskGroup and ``proxy.stop()`` to end it.
+Signals stay with the application (uvicorn's handlers are not installed).
+
+Not covered: streaming responses, the Responses API, TLS (put a reverse proxy in front).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agentflow._types import GenerationConfig, Trajectory
+from agentflow.client import ExportStyle, OpenAIClient
+from agentflow.errors import ConfigError, EngineError, EngineTimeout, TrajectoryError
+
+if TYPE_CHECKING:
+    from agentflow._engine_api import InferenceEngine
+    from agentflow._toolcalls import ToolParser
+
+__all__ = ["ProxyServer", "Session"]
+
+log = logging.getLogger(__name__)
+
+_MIN_ADMIN_KEY_LEN = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One episode's view of the proxy: give ``base_url`` and ``api_key`` to the agent."""
+
+    id: str
+    api_key: str
+    base_url: str
+    client: OpenAIClient
+
+    def export_trajectories(self, discount: float = 1.0, style: ExportStyle = "individual") -> list[Trajectory]:
+        return self.client.export_trajectories(discount=discount, style=style)
+
+    def set_reward(self, completion_id: str, reward: float) -> None:
+        self.client.set_reward(completion_id, reward)
+
+    def set_last_reward(self, reward: float) -> None:
+        self.client.set_last_reward(reward)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.client.stats
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    """An error body the ``openai`` client understands (it raises ``APIStatusError`` subclasses)."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def _check_bind(host: str, admin_key: str | None) -> None:
+    if admin_key is not None and len(admin_key) < _MIN_ADMIN_KEY_LEN:
+        raise ConfigError(
+            f"admin_key has {len(admin_key)} characters; expected at least {_MIN_ADMIN_KEY_LEN} "
+            "(e.g. secrets.token_urlsafe(32))"
+        )
+    if admin_key is None and not _is_loopback(host):
+        raise ConfigError(
+            f"refusing to bind the proxy to non-loopback host {host!r} without an admin_key; bind 127.0.0.1, "
+            "or pass admin_key=<secret> to expose it deliberately"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ProxyServer:
+    """OpenAI-compatible chat endpoint over ``engine``, with per-episode sessions.
+
+    Args:
+        engine: the inference engine all sessions share.
+        tokenizer: the tokenizer (with chat template) of the served model.
+        host, port: where to listen; port 0 picks a free port (see :attr:`base_url`).
+        admin_key: needed to bind a non-loopback address; also lets a holder create sessions
+            over HTTP and reward any session.
+        model_name: the id ``/v1/models`` lists (requests may name any model).
+        gconfig, chat_template_kwargs, tool_parser: defaults for each session's
+            :class:`OpenAIClient`.
+    """
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        tokenizer: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        admin_key: str | None = None,
+        model_name: str = "agentflow",
+        gconfig: GenerationConfig | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        tool_parser: str | ToolParser = "qwen",
+    ) -> None:
+        _check_bind(host, admin_key)
+        self.engine, self.tokenizer = engine, tokenizer
+        self.host, self.port = host, port
+        self.model_name = model_name
+        self._admin_key = admin_key
+        self._client_kwargs: dict[str, Any] = {
+            "gconfig": gconfig, "chat_template_kwargs": chat_template_kwargs, "tool_parser": tool_parser,
+        }
+        self._by_key: dict[str, Session] = {}
+        self._by_id: dict[str, Session] = {}
+        self._sock: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self.app = self._build_app()
+
+    # ------------------------------------------------------------------ sessions
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1`` (the port is known once the server is started)."""
+        if self._sock is None:
+            raise ConfigError("proxy not listening yet: use `async with proxy:` or call proxy.bind() first")
+        host, port = self._sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}/v1"
+
+    def new_session(
+        self,
+        *,
+        gconfig: GenerationConfig | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> Session:
+        """A fresh session with its own API key and recording client."""
+        kwargs = dict(self._client_kwargs)
+        if gconfig is not None:
+            kwargs["gconfig"] = gconfig
+        if chat_template_kwargs is not None:
+            kwargs["chat_template_kwargs"] = chat_template_kwargs
+        session = Session(
+            id=f"sess-{secrets.token_hex(8)}",
+            api_key=f"af-{secrets.token_urlsafe(32)}",
+            base_url=self.base_url,
+            client=OpenAIClient(self.engine, self.tokenizer, **kwargs),
+        )
+        self._by_key[session.api_key] = session
+        self._by_id[session.id] = session
+        return session
+
+    def close_session(self, session: Session | str) -> Session:
+        """Revoke a session's key and forget it (export its trajectories first, or keep the object)."""
+        sid = session if isinstance(session, str) else session.id
+        found = self._by_id.pop(sid, None)
+        if found is None:
+            raise ConfigError(f"unknown session {sid!r}; expected one of {len(self._by_id)} open sessions")
+        del self._by_key[found.api_key]
+        return found
+
+    @property
+    def sessions(self) -> list[Session]:
+        return list(self._by_id.values())
+
+    # ------------------------------------------------------------------ lifetime
+    async def __aenter__(self) -> ProxyServer:
+        self._listen()
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._tg.create_task(self.serve())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.stop()
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            await tg.__aexit__(*exc)
+
+    async def serve(self) -> None:
+        """Serve until :meth:`stop`; run it as a task of the caller's TaskGroup."""
+        sock = self._listen()
+        config = uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="off", ws="none",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = _QuietServer(config)
+        try:
+            await self._server.serve(sockets=[sock])
+        finally:
+            self._server = None
+            self._sock = None
+            sock.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return (it finishes in-flight requests first)."""
+        if self._server is not None:
+            self._server.should_exit = True
+
+    def bind(self) -> str:
+        """Listen on ``host:port`` now (``serve`` does it too) and return :attr:`base_url`.
+
+        Connections queue until :meth:`serve` runs, so sessions can be handed out first.
+        """
+        self._listen()
+        return self.base_url
+
+    def _listen(self) -> socket.socket:
+        if self._sock is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, self.port))
+                sock.listen(1024)
+            except OSError as e:
+                sock.close()
+                raise ConfigError(f"cannot listen on {self.host}:{self.port} ({e}); choose another port") from e
+            sock.setblocking(False)
+            self._sock = sock
+        return self._sock
+
+    # ------------------------------------------------------------------ HTTP
+    def _build_app(self) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", _endpoint(self._chat), methods=["POST"]),
+            Route("/v1/models", _endpoint(self._models), methods=["GET"]),
+            Route("/v1/sessions", _endpoint(self._create_session), methods=["POST"]),
+            Route("/v1/sessions/{session_id}", _endpoint(self._session_info), methods=["GET"]),
+            Route("/v1/sessions/{session_id}/reward", _endpoint(self._reward), methods=["POST"]),
+        ]
+        return Starlette(routes=routes)
+
+    def _key(self, request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise _HTTPError(401, "missing 'Authorization: Bearer <session api key>' header", "authentication_error")
+        return key.strip()
+
+    def _is_admin(self, key: str) -> bool:
+        return self._admin_key is not None and secrets.compare_digest(key, self._admin_key)
+
+    def _session_for(self, request: Request) -> Session:
+        key = self._key(request)
+        session = self._by_key.get(key)
+        if session is None:
+            if self._is_admin(key):
+                raise _HTTPError(403, "the admin key cannot chat; use a session's api_key", "permission_error")
+            raise _HTTPError(401, "unknown or revoked API key; use the api_key of an open session",
+                             "authentication_error")
+        return session
+
+    def _authorize_session(self, request: Request, session_id: str) -> Session:
+        key = self._key(request)
+        own = self._by_key.get(key)
+        if own is None and not self._is_admin(key):
+            raise _HTTPError(401, "unknown or revoked API key", "authentication_error")
+        if own is not None and own.id != session_id:
+            raise _HTTPError(403, f"this key belongs to session {own.id}, not {session_id}", "permission_error")
+        session = self._by_id.get(session_id)
+        if session is None:
+            raise _HTTPError(404, f"unknown session {session_id!r}", "not_found_error")
+        return session
+
+    async def _chat(self, request: Request) -> JSONResponse:
+        session = self._session_for(request)
+        body = await _json_object(request)
+        completion = await session.client.chat.completions.create(**body)
+        return JSONResponse(completion.model_dump(mode="json", exclude_none=True))
+
+    async def _models(self, request: Request) -> JSONResponse:
+        key = self._key(request)
+        if key not in self._by_key and not self._is_admin(key):
+            raise _HTTPError(401, "unknown or revoked API key", "authentication_error")
+        model = {"id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "agentflow"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def _create_session(self, request: Request) -> JSONResponse:
+        if not self._is_admin(self._key(request)):
+            raise _HTTPError(403, "creating sessions over HTTP needs the admin key", "permission_error")
+        s = self.new_session()
+        return JSONResponse({"id": s.id, "api_key": s.api_key, "base_url": s.base_url})
+
+    async def _session_info(self, request: Request) -> JSONResponse:
+        s = self._authorize_session(request, request.path_params["session_id"])
+        ids = [r.id for r in s.client.records]
+        return JSONResponse({"id": s.id, "stats": s.stats, "completion_ids": ids})
+
+    async def _reward(self, request: Request) -> JSONResponse:
+        s = self._authorize_session(request, request.path_params["session_id"])
+        body = await _json_object(request)
+        if "reward" not in body:
+            raise ConfigError('reward body must be {"reward": <number>, "completion_id": <optional id>}')
+        cid = body.get("completion_id")
+        if cid is None:
+            s.set_last_reward(body["reward"])
+            cid = s.client.records[-1].id
+        else:
+            s.set_reward(cid, body["reward"])
+        return JSONResponse({"session_id": s.id, "completion_id": cid, "reward": body["reward"]})
+
+
+class _QuietServer(uvicorn.Server):
+    """``uvicorn.Server`` without its signal handlers (the application owns SIGINT/SIGTERM)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _endpoint(handler: Handler) -> Handler:
+    """Turn agentflow errors raised by ``handler`` into OpenAI-style error responses."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except _HTTPError as e:
+            return _error(e.status, e.message, e.kind)
+        except (ConfigError, TrajectoryError) as e:
+            return _error(400, str(e), "invalid_request_error")
+        except EngineTimeout as e:
+            return _error(504, str(e), "timeout_error")
+        except EngineError as e:
+            log.exception("engine error while serving a chat completion")
+            return _error(502, f"inference engine failed: {e}", "engine_error")
+
+    return wrapped
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"request body is not valid JSON ({e})") from e
+    if not isinstance(body, dict):
+        raise ConfigError(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
