@@ -316,3 +316,26 @@ def test_tokenizer_without_chat_template_is_refused():
     tok.chat_template = None
     with pytest.raises(ConfigError, match="chat_template"):
         OpenAIClient(FakeEngine(), tok)
+
+
+# ------------------------------------------------------------------------------------------ real engine
+async def test_local_engine_with_the_tiny_model(tiny):
+    local = pytest.importorskip("agentflow.engines.local", reason="engines/local.py not available")
+    model, tok = tiny
+    config = local.LocalEngineConfig(max_batch_size=4, max_seq_len=512)
+    async with local.LocalEngine(model, tok, config=config) as engine:
+        client = OpenAIClient(engine, tok, gconfig=GenerationConfig(max_new_tokens=12, temperature=1.0))
+        msgs: list = [{"role": "user", "content": "hello"}]
+        first = await client.chat.completions.create(messages=msgs, tools=TOOLS)
+        assert isinstance(first, ChatCompletion) and first.choices[0].finish_reason in ("stop", "length")
+        msgs += [first.choices[0].message, {"role": "user", "content": "again"}]
+        second = await client.chat.completions.create(messages=msgs, tools=TOOLS, temperature=0)
+    r1, r2 = client.records
+    sampled = r1.prompt_ids + r1.output_ids
+    assert r2.parent == r1.id and r2.prompt_ids[: len(sampled)] == sampled
+    assert second.usage.prompt_tokens == len(r2.prompt_ids) and len(r2.output_ids) >= 1
+    for rec in (r1, r2):
+        assert len(rec.logprobs) == len(rec.output_ids) and all(lp <= 0 for lp in rec.logprobs)
+        assert set(rec.versions) == {0}
+    (traj,) = client.export_trajectories(style="concat")
+    assert [t for t, m in zip(traj.input_ids, traj.loss_mask, strict=True) if m] == r1.output_ids + r2.output_ids
