@@ -63,6 +63,7 @@ __all__ = [
     "SandboxPool",
     "SandboxResult",
     "SandboxStatus",
+    "default_pool",
     "detect_isolation",
     "run_python",
 ]
@@ -397,6 +398,7 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SandboxPool] = weak
 
 
 def default_pool() -> SandboxPool:
+    """This event loop's shared pool (one slot per CPU)."""
     loop = asyncio.get_running_loop()
     if loop not in _pools:
         _pools[loop] = SandboxPool()

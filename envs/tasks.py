@@ -1,0 +1,239 @@
+"""Built-in task datasets with verifiable answers, and a reward function for each.
+
+- :func:`arithmetic_tasks`: "12 + 7 = ?" style questions (digits and operators configurable),
+  deterministic by seed; :func:`arithmetic_reward` checks the last number of the completion.
+- :func:`countdown_tasks`: reach a target with the given numbers, each used at most once, with
+  ``+ - * /``; every instance is solvable (built from a random expression);
+  :func:`countdown_reward` parses the model's expression with ``ast`` (no ``eval``), checks the
+  numbers it uses and evaluates it exactly with fractions.
+- :func:`load_gsm8k_jsonl`: GSM8K-format JSONL (``{"question": ..., "answer": "... #### 72"}``);
+  a bad line raises :class:`EnvError` naming the file, the line and what was expected.
+  :func:`gsm8k_reward` is :func:`agentflow.envs.math.math_reward` against the ``####`` answer.
+
+A :class:`Task` is what the built-in workflows take as ``data`` (a mapping with the same keys
+works too, see :meth:`Task.from_data`). Not here: downloading datasets (bring the file).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import random
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from agentflow.envs.math import extract_hash_answer, extract_last_number, math_reward, numbers_equal
+from agentflow.errors import EnvError
+
+__all__ = [
+    "RewardFn",
+    "Task",
+    "arithmetic_reward",
+    "arithmetic_tasks",
+    "countdown_reward",
+    "countdown_tasks",
+    "gsm8k_reward",
+    "load_gsm8k_jsonl",
+    "parse_gsm8k_line",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One prompt with a verifiable answer.
+
+    Attributes:
+        id: unique within its dataset.
+        prompt: the user message.
+        answer: the reference answer (a number as text, or an expression for countdown).
+        system: optional system message.
+        info: task-specific data (countdown's ``numbers`` and ``target``, code tests, ...).
+    """
+
+    id: str
+    prompt: str
+    answer: str
+    system: str | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return [*head, {"role": "user", "content": self.prompt}]
+
+    @classmethod
+    def from_data(cls, data: Task | Mapping[str, Any]) -> Task:
+        """Accept a Task, or a mapping with ``prompt`` (or ``question``) and ``answer``."""
+        if isinstance(data, Task):
+            return data
+        if not isinstance(data, Mapping):
+            raise EnvError(f"expected a Task or a mapping with 'prompt' and 'answer', got {type(data).__name__}")
+        prompt = data.get("prompt", data.get("question"))
+        if not isinstance(prompt, str):
+            raise EnvError(f"task data needs a string 'prompt' (or 'question'); got keys {sorted(data)}")
+        known = {"id", "prompt", "question", "answer", "system"}
+        info = {**data.get("info", {}), **{k: v for k, v in data.items() if k not in known | {"info"}}}
+        return cls(str(data.get("id", "")), prompt, str(data.get("answer", "")), data.get("system"), info)
+
+
+RewardFn = Callable[[str, Task], "float | Awaitable[float]"]
+
+
+# ------------------------------------------------------------------------------------ arithmetic
+_OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def arithmetic_tasks(
+    n: int,
+    *,
+    seed: int = 0,
+    digits: int = 1,
+    ops: Sequence[str] = ("+",),
+    instruction: str = "Answer with only the number.",
+) -> list[Task]:
+    """``n`` questions ``"a op b = ?"`` with ``digits``-digit operands, reproducible by ``seed``."""
+    bad = [o for o in ops if o not in _OPS]
+    if bad or not ops or digits < 1 or n < 0:
+        raise EnvError(f"arithmetic_tasks: expected n >= 0, digits >= 1 and ops from {sorted(_OPS)}; "
+                       f"got n={n}, digits={digits}, ops={list(ops)}")
+    rng = random.Random(seed)
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    out = []
+    for i in range(n):
+        a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(list(ops))
+        prompt = f"What is {a} {op} {b}? {instruction}".strip()
+        out.append(Task(f"arith-{seed}-{i}", prompt, str(_OPS[op](a, b)), info={"a": a, "b": b, "op": op}))
+    return out
+
+
+def arithmetic_reward(completion: str, task: Task) -> float:
+    """1.0 if the last number in ``completion`` equals the answer, else 0.0."""
+    pred = extract_last_number(completion)
+    return float(pred is not None and bool(numbers_equal(pred, task.answer)))
+
+
+# ------------------------------------------------------------------------------------ countdown
+_COUNTDOWN_PROMPT = (
+    "Using the numbers {numbers}, create an expression that equals {target}. You may use + - * / and "
+    "parentheses, and each number at most once. Put the expression in <answer></answer> tags."
+)
+
+
+def countdown_tasks(n: int, *, seed: int = 0, n_numbers: int = 3, max_number: int = 20) -> list[Task]:
+    """``n`` solvable countdown instances: ``n_numbers`` numbers in [1, max_number] and a target
+    built from a random expression over all of them (kept when it is a positive integer)."""
+    if n_numbers < 2 or max_number < 2 or n < 0:
+        raise EnvError(f"countdown_tasks: expected n >= 0, n_numbers >= 2, max_number >= 2; "
+                       f"got n={n}, n_numbers={n_numbers}, max_number={max_number}")
+    rng = random.Random(seed)
+    out: list[Task] = []
+    while len(out) < n:
+        numbers = [rng.randint(1, max_number) for _ in range(n_numbers)]
+        expr = _random_expression(rng, numbers)
+        value = _eval_arith(ast.parse(expr, mode="eval").body)
+        if value.denominator != 1 or value <= 0:
+            continue
+        target = int(value)
+        prompt = _COUNTDOWN_PROMPT.format(numbers=", ".join(map(str, numbers)), target=target)
+        out.append(Task(f"countdown-{seed}-{len(out)}", prompt, expr, info={"numbers": numbers, "target": target}))
+    return out
+
+
+def _random_expression(rng: random.Random, numbers: list[int]) -> str:
+    terms = [str(x) for x in rng.sample(numbers, len(numbers))]
+    while len(terms) > 1:
+        i = rng.randrange(len(terms) - 1)
+        op = rng.choice("+-*/" if terms[i + 1] != "0" else "+-*")
+        terms[i : i + 2] = [f"({terms[i]} {op} {terms[i + 1]})"]
+    return terms[0][1:-1] if terms[0].startswith("(") else terms[0]
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _eval_arith(node: ast.AST) -> Fraction:
+    """Exact value of an expression of integers, + - * / and unary minus; EnvError otherwise."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _eval_arith(node.left), _eval_arith(node.right)
+        if isinstance(node.op, ast.Div) and right == 0:
+            raise EnvError("division by zero")
+        return _BINOPS[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_eval_arith(node.operand)
+    raise EnvError(f"only integers, + - * / and parentheses are allowed, got {ast.dump(node)[:80]}")
+
+
+def _numbers_used(node: ast.AST) -> list[int]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and type(n.value) is int]
+
+
+def _countdown_expression(completion: str) -> str | None:
+    tagged = re.findall(r"<answer>(.*?)</answer>", completion, re.DOTALL)
+    text = tagged[-1] if tagged else (completion.strip().splitlines() or [""])[-1]
+    text = text.split("=")[0].strip()
+    return text or None
+
+
+def countdown_reward(completion: str, task: Task) -> float:
+    """1.0 if the expression in ``<answer>`` tags (else the last line) uses each given number at
+    most once and evaluates exactly to the target; 0.0 otherwise (unparsable included)."""
+    expr = _countdown_expression(completion)
+    if expr is None or len(expr) > 200:
+        return 0.0
+    try:
+        tree = ast.parse(expr.replace("×", "*").replace("÷", "/"), mode="eval").body
+        value = _eval_arith(tree)
+    except (SyntaxError, EnvError, RecursionError):
+        return 0.0
+    available = Counter(int(x) for x in task.info["numbers"])
+    used = Counter(_numbers_used(tree))
+    return float(all(used[k] <= available[k] for k in used) and value == task.info["target"])
+
+
+# ------------------------------------------------------------------------------------ GSM8K
+def parse_gsm8k_line(line: str, *, where: str, index: int) -> Task:
+    """One GSM8K JSONL line as a Task; ``where`` (``file:line``) goes into every error message."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise EnvError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); expected one object "
+                       'per line like {"question": "...", "answer": "... #### 72"}') from None
+    if not isinstance(row, dict):
+        raise EnvError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in ("question", "answer") if not isinstance(row.get(k), str)]
+    if missing:
+        raise EnvError(f"{where}: missing or non-string field(s) {missing}; expected string 'question' and "
+                       f"'answer', got keys {sorted(row)}")
+    final = extract_hash_answer(row["answer"])
+    if not final:
+        raise EnvError(f"{where}: the answer has no '#### <final answer>' line; got {row['answer'][-80:]!r}")
+    return Task(str(row.get("id", f"gsm8k-{index}")), row["question"], final,
+                info={"solution": row["answer"]})
+
+
+def load_gsm8k_jsonl(path: str | Path, *, instruction: str = "") -> list[Task]:
+    """Read GSM8K-format JSONL; blank lines are skipped; ``instruction`` is appended to each question."""
+    path = Path(path)
+    if not path.is_file():
+        raise EnvError(f"GSM8K file {str(path)!r} does not exist; expected a JSONL file path")
+    tasks = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                t = parse_gsm8k_line(line, where=f"{path}:{lineno}", index=len(tasks))
+                tasks.append(Task(t.id, f"{t.prompt} {instruction}".strip(), t.answer, t.system, t.info))
+    if not tasks:
+        raise EnvError(f"GSM8K file {str(path)!r} has no examples; expected at least one JSON line")
+    return tasks
+
+
+async def gsm8k_reward(completion: str, task: Task, *, timeout_s: float = 10.0) -> float:
+    """:func:`math_reward` against the task's final answer (raises EnvError on timeout)."""
+    return await math_reward(completion, task.answer, timeout_s=timeout_s)
