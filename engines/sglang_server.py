@@ -1,0 +1,417 @@
+"""``agentflow serve``: SGLang's native HTTP protocol over any agentflow ``InferenceEngine``.
+
+:func:`build_app` wraps an engine (the in-process transformers ``LocalEngine``, or ``FakeEngine``
+in tests) in a FastAPI app that answers SGLang 0.5.23's native routes with its payloads, defaults,
+status codes, error shapes and success messages (``/work/shared/SGLANG_PROTOCOL.md``), so
+``RemoteSGLangEngine`` and any SGLang client run against it unchanged. :func:`serve_main` is the
+CLI entry point; with ``--backend sglang`` it launches a real SGLang server instead.
+
+How generation maps onto an engine: a request is generated in chunks of ``chunk_tokens`` tokens,
+each one ``engine.agenerate`` call on prompt + tokens so far. Between chunks the server sees the
+partial output, which gives SGLang's semantics on an engine that only returns whole responses:
+``/pause_generation`` mode ``abort`` (and ``/abort_request``) cancels the chunk in flight and
+answers **200 with the tokens of the finished chunks** and ``finish_reason.type == "abort"``;
+streaming sends one cumulative chunk per engine chunk; stop strings are matched across chunk
+boundaries. Modes ``retract``/``in_place`` pause the engine itself (its transparent resume) and
+hold requests between chunks. Tokens carry the weight version that generated them
+(``meta_info.weight_versions``). The price: a chunk boundary re-sends the prompt (the engine
+re-prefills it), so keep ``chunk_tokens`` at 16 or more outside tests.
+
+Not supported (400 with the reason): sampling features the engine's ``GenerationConfig`` lacks
+(``min_p``, penalties, grammars, seeds, ``ignore_eos``), prompt log-probs and top-k log-probs,
+``input_embeds``, ``flattened_bucket`` weight loading. Not here: the engines themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
+from agentflow._types import GenerationConfig, ModelRequest, ModelResponse
+from agentflow.engines._sglang_protocol import (
+    GenerateItem,
+    abort_finish,
+    build_meta_info,
+)
+
+__all__ = ["ServerConfig", "build_app", "serve_main"]
+
+log = logging.getLogger("agentflow.serve")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Settings of ``agentflow serve``.
+
+    Attributes:
+        chunk_tokens: tokens per engine call (the granularity of aborts and streaming).
+        health_timeout_s: how long ``/health`` waits (paused server, 1-token generation) before 503;
+            SGLang's ``SGLANG_HEALTH_CHECK_TIMEOUT`` is 20 s.
+        dist_timeout_s: deadline of forming a weight-update group and of one distributed update.
+        weight_version: the initial weight version string (SGLang's ``--weight-version``).
+        context_length: prompt + max_new_tokens limit; None = not checked.
+        host, port: reported by ``/get_server_info``.
+    """
+
+    chunk_tokens: int = 16
+    health_timeout_s: float = 20.0
+    dist_timeout_s: float = 600.0
+    weight_version: str = "default"
+    context_length: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+
+class _Gate:
+    """Admission of generations: closed while paused; a weight update (writer) waits for running
+    generations (readers) to finish unless the server is paused, and blocks new ones meanwhile."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self.paused = False
+        self.readers = 0
+        self.writers = 0
+
+    async def enter(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self.paused and self.writers == 0)
+            self.readers += 1
+
+    async def leave(self) -> None:
+        async with self._cond:
+            self.readers -= 1
+            self._cond.notify_all()
+
+    async def wait_unpaused(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self.paused)
+
+    async def wait_idle(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.readers == 0)
+
+    async def set_paused(self, paused: bool) -> None:
+        async with self._cond:
+            self.paused = paused
+            self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def writer(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self.writers += 1
+            try:
+                if not self.paused:  # SGLang: updates while paused skip the writer lock
+                    await self._cond.wait_for(lambda: self.readers == 0 or self.paused)
+            except BaseException:
+                self.writers -= 1
+                self._cond.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.writers -= 1
+                self._cond.notify_all()
+
+
+@dataclass(slots=True)
+class _Run:
+    """A running generation: its output so far and its abort signal."""
+
+    item: GenerateItem
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    finish: dict[str, Any] | None = None
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+async def _race(aw: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await ``aw`` unless ``stop`` is set first (then cancel it and return None)."""
+    if stop.is_set():
+        if asyncio.iscoroutine(aw):
+            aw.close()
+        return None
+    async with asyncio.TaskGroup() as tg:
+        work = tg.create_task(_as_coro(aw))
+        stopper = tg.create_task(stop.wait())
+        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            stopper.cancel()
+        else:
+            work.cancel()
+    return None if work.cancelled() else work.result()
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw
+
+
+class SGLangServer:
+    """The protocol's state machine over one engine (routes live in :func:`build_app`)."""
+
+    def __init__(self, engine: InferenceEngine, tokenizer: Any, model_path: str, config: ServerConfig) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.config = config
+        self.gate = _Gate()
+        self.running: dict[str, _Run] = {}
+        self.weight_version = config.weight_version
+        self._names: dict[int, str] = {}
+        self._engine_paused = False
+        self.groups: dict[str, Any] = {}
+        self.shutting_down = False
+        self.eos_ids = _eos_ids(tokenizer)
+
+    # ------------------------------------------------------------------ versions
+    def version_name(self, v: int) -> str:
+        return self._names.get(v, self.weight_version if v == self.engine.get_version() else str(v))
+
+    def set_weight_version(self, name: str) -> None:
+        """Name the next policy version; tokens generated from now on carry it."""
+        try:
+            v = int(name)
+        except ValueError:
+            v = self.engine.get_version() + 1
+        self._names.setdefault(self.engine.get_version(), self.weight_version)
+        self.engine.set_version(v)
+        self._names[v] = name
+        self.weight_version = name
+
+    # ------------------------------------------------------------------ generation
+    def check_context(self, item: GenerateItem) -> None:
+        ctx, p = self.config.context_length, len(item.input_ids)
+        if ctx is None:
+            return
+        if p >= ctx:
+            raise ValueError(f"The input ({p} tokens) is longer than the model's context length ({ctx} tokens).")
+        total = p + item.sampling.max_new_tokens
+        if total > ctx:
+            raise ValueError(
+                f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You "
+                f"requested a total of {total} tokens: {p} tokens from the input messages and "
+                f"{item.sampling.max_new_tokens} tokens for the completion. Please reduce the number of "
+                "tokens in the input messages or the completion to fit within the limit."
+            )
+
+    def register(self, items: Sequence[GenerateItem]) -> list[_Run]:
+        """Synchronously (no await) check and register the rids of one call."""
+        seen: set[str] = set()
+        for it in items:
+            if it.rid in self.running or it.rid in seen:
+                raise ValueError(f"Duplicate request ID detected: {it.rid}")
+            seen.add(it.rid)
+        runs = [_Run(it) for it in items]
+        for r in runs:
+            self.running[r.item.rid] = r
+        return runs
+
+    def unregister(self, runs: Sequence[_Run]) -> None:
+        for r in runs:
+            if self.running.get(r.item.rid) is r:
+                del self.running[r.item.rid]
+
+    async def generate(self, run: _Run) -> AsyncIterator[_Run]:
+        """Generate ``run`` chunk by chunk; yield it after every unfinished chunk, then once finished."""
+        spec = run.item.sampling
+        stops = tuple(dict.fromkeys((*spec.stop_token_ids, *self.eos_ids)))
+        while run.finish is None:
+            left = spec.max_new_tokens - len(run.out)
+            if left <= 0:
+                run.finish = {"type": "length", "length": spec.max_new_tokens}
+                break
+            if await _race(self.gate.wait_unpaused(), run.abort) is None and run.abort.is_set():
+                run.finish = abort_finish()
+                break
+            gconfig = GenerationConfig(
+                max_new_tokens=min(self.config.chunk_tokens, left), temperature=spec.temperature,
+                top_p=spec.top_p, top_k=spec.top_k, stop_token_ids=stops, stop=spec.stop,
+            )
+            req = ModelRequest(run.item.input_ids + run.out, gconfig, rid=f"{run.item.rid}.{len(run.out)}")
+            resp = await _race(self.engine.agenerate(req), run.abort)
+            if resp is None:
+                run.finish = abort_finish()
+                break
+            run.finish = self._append(run, resp, set(stops))
+            if run.finish is None:
+                yield run
+        yield run
+
+    def _append(self, run: _Run, resp: ModelResponse, stops: set[int]) -> dict[str, Any] | None:
+        """Add a chunk's tokens; return the finish reason if the request is done."""
+        spec, start = run.item.sampling, len(run.out)
+        for k, (tok, lp, v) in enumerate(zip(resp.output_tokens, resp.output_logprobs, resp.output_versions,
+                                             strict=True)):
+            run.out.append(tok)
+            run.logprobs.append(lp)
+            run.versions.append(self.version_name(v))
+            matched = self._stop_string_at(run.out, spec.stop)
+            if matched is not None:
+                return {"type": "stop", "matched": matched}
+            if tok in stops:
+                return {"type": "stop", "matched": tok}
+            if len(run.out) >= spec.max_new_tokens:
+                return {"type": "length", "length": spec.max_new_tokens}
+            if k == len(resp.output_tokens) - 1 and resp.stop_reason == "stop" and len(run.out) > start:
+                return {"type": "stop", "matched": tok}  # the engine stopped on its own criterion
+        return None
+
+    def _stop_string_at(self, out: list[int], stop: tuple[str, ...]) -> str | None:
+        if not stop or self.tokenizer is None:
+            return None
+        window = max(len(s) for s in stop) + 8
+        tail = self.tokenizer.decode(out[-window:], skip_special_tokens=False)
+        before = self.tokenizer.decode(out[-window:-1], skip_special_tokens=False) if len(out) > 1 else ""
+        for s in stop:  # a stop string that appeared only with the newest token
+            if s in tail and s not in before:
+                return s
+        return None
+
+    # ------------------------------------------------------------------ response bodies
+    def body(self, run: _Run, *, final: bool) -> dict[str, Any]:
+        item, spec = run.item, run.item.sampling
+        finish = run.finish if final else None
+        ids_for_text = run.out
+        if finish and finish["type"] == "stop" and isinstance(finish["matched"], int) and not spec.no_stop_trim:
+            ids_for_text = run.out[:-1]
+        text = self._decode(ids_for_text, skip=spec.skip_special_tokens,
+                            spaces=spec.spaces_between_special_tokens)
+        if finish and finish["type"] == "stop" and isinstance(finish["matched"], str) and not spec.no_stop_trim:
+            pos = text.find(finish["matched"])
+            text = text[:pos] if pos >= 0 else text
+        texts = None
+        if item.return_logprob and item.return_text_in_logprobs and self.tokenizer is not None:
+            texts = [self.tokenizer.decode([t]) for t in run.out]
+        meta = build_meta_info(
+            rid=item.rid, finish_reason=finish, prompt_tokens=len(item.input_ids), output_ids=list(run.out),
+            logprobs=list(run.logprobs) if item.return_logprob else None, token_texts=texts,
+            versions=list(run.versions), weight_version=self.weight_version,
+            e2e_latency=time.perf_counter() - run.t0 if final else None, sent_ts=time.time(),
+        )
+        return {"text": text, "output_ids": list(run.out), "meta_info": meta}
+
+    def _decode(self, ids: list[int], *, skip: bool, spaces: bool) -> str:
+        if self.tokenizer is None:
+            return ""
+        try:
+            return str(self.tokenizer.decode(ids, skip_special_tokens=skip, spaces_between_special_tokens=spaces))
+        except TypeError:  # tokenizers without that keyword
+            return str(self.tokenizer.decode(ids, skip_special_tokens=skip))
+
+    # ------------------------------------------------------------------ control
+    def abort(self, rid: str = "", *, abort_all: bool = False) -> int:
+        """SGLang's matching: an exact in-flight rid, then every rid that starts with it."""
+        if not abort_all and rid not in self.running:
+            return 0
+        hit = [r for r in self.running.values() if abort_all or r.item.rid.startswith(rid)]
+        for r in hit:
+            r.abort.set()
+        return len(hit)
+
+    async def pause(self, mode: str) -> None:
+        await self.gate.set_paused(True)
+        if mode == "abort":
+            self.abort(abort_all=True)
+            await self.gate.wait_idle()
+        elif not self._engine_paused:
+            self._engine_paused = True
+            await self.engine.pause()
+
+    async def resume(self) -> None:
+        if self._engine_paused:
+            self._engine_paused = False
+            await self.engine.resume()
+        await self.gate.set_paused(False)
+
+    async def healthy(self) -> bool:
+        try:
+            async with asyncio.timeout(self.config.health_timeout_s):
+                await self.gate.enter()
+                try:
+                    req = ModelRequest([0], GenerationConfig(max_new_tokens=1), rid=f"HEALTH_CHECK_{uuid.uuid4().hex}")
+                    await self.engine.agenerate(req)
+                finally:
+                    await self.gate.leave()
+        except Exception as e:  # any failure of the 1-token generation = unhealthy
+            log.warning("health check failed: %r", e)
+            return False
+        return not self.shutting_down
+
+    async def update_weights(self, meta: WeightUpdateMeta, version: str | None) -> None:
+        async with self.gate.writer():
+            await self.engine.aupdate_weights(meta)
+            if version is not None:
+                self.set_weight_version(version)
+
+
+def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+def build_app(
+    engine: InferenceEngine, *, model_path: str, tokenizer: Any, config: ServerConfig | None = None,
+    manage_engine: bool = True,
+) -> Any:
+    """The FastAPI app. ``manage_engine``: enter/exit ``engine`` in the app's lifespan (set False
+    when the caller already runs ``async with engine:`` on the same loop)."""
+    from agentflow.engines._sglang_routes import add_routes
+
+    return add_routes(SGLangServer(engine, tokenizer, model_path, config or ServerConfig()),
+                      manage_engine=manage_engine)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="agentflow serve", description="Serve a model over SGLang's HTTP protocol.")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded default) or a HF model path")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--backend", choices=("local", "sglang"), default="local")
+    p.add_argument("--chunk-tokens", type=int, default=16)
+    p.add_argument("--weight-version", default="default")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds (sglang backend)")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """``agentflow serve``: run until interrupted. Returns the process exit code."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    if args.backend == "sglang":
+        from agentflow.engines._sglang_launch import run_sglang
+
+        return run_sglang(args)
+    import uvicorn
+
+    engine, tokenizer, model_path, ctx = _local_engine(args.model)
+    config = ServerConfig(chunk_tokens=args.chunk_tokens, weight_version=args.weight_version,
+                          context_length=ctx, host=args.host, port=args.port)
+    app = build_app(engine, model_path=model_path, tokenizer=tokenizer, config=config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _local_engine(model: str) -> tuple[InferenceEngine, Any, str, int | None]:
+    from agentflow.engines._sglang_launch import local_engine
+
+    return local_engine(model)
+
