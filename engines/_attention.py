@@ -1,0 +1,104 @@
+"""The ``"packed"`` attention: exact causal attention over a packed row of sequences.
+
+Registered once with transformers' ``AttentionInterface``; a model switched to it with
+``model.set_attn_implementation("packed")`` reads ``cu_seq_lens_q`` / ``max_length_q`` (forwarded
+by transformers to the attention function) and attends only within each sequence:
+
+- CUDA with bf16/fp16: one ``torch.nn.attention.varlen.varlen_attn`` call (FlashAttention varlen),
+  cost sum(n_i^2), no mask.
+- otherwise (CPU, or fp32): a loop of causal SDPA calls, one per sequence, also exact and
+  sum(n_i^2) (measured 3.4x faster than sdpa with a block-diagonal mask on CPU, see
+  TRANSFORMERS_FACTS.md 2.4).
+
+No mask function is registered, so transformers builds no ``L x L`` mask. Without
+``cu_seq_lens_q`` each row is treated as one unpadded causal sequence. It does not handle padded
+batches with a 2D mask or a KV cache: it is for the train engine's packed rows only, and callers
+must pass ``use_cache=False``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from agentflow import ConfigError
+
+__all__ = ["PACKED", "packed_attention", "register_packed_attention"]
+
+PACKED = "packed"
+_registered = False
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]``; returns ``[1, T, Hq, D]``."""
+    p = dropout if module.training else 0.0
+    if cu_seq_lens_q is None:
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, dropout_p=p, enable_gqa=query.shape[1] != key.shape[1]
+        )
+        return out.transpose(1, 2), None
+    if query.shape[0] != 1:
+        raise ConfigError(f"packed attention expects one packed row (batch size 1), got batch size {query.shape[0]}")
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        return _varlen(query, key, value, cu_seq_lens_q, int(max_length_q or query.shape[2]), scaling, p), None
+    return _per_segment(query, key, value, cu_seq_lens_q, scaling, p), None
+
+
+def _per_segment(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scaling: float | None, p: float
+) -> torch.Tensor:
+    bounds = cu.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scaling, dropout_p=p, enable_gqa=gqa
+        )
+        for s, e in itertools.pairwise(bounds)
+    ]
+    return torch.cat(outs, 2).transpose(1, 2)
+
+
+def _varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scaling: float | None, p: float
+) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    if p > 0:
+        raise ConfigError(f"varlen packed attention has no dropout; got attention dropout {p}. Set it to 0")
+    kwargs: dict[str, Any] = {"scale": scaling, "window_size": (-1, 0)}  # (-1, 0) = causal
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            kwargs["enable_gqa"] = True
+        else:  # torch < 2.13: repeat the kv heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    cu = cu.to(q.device, torch.int32)
+    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    return out[None]
+
+
+def register_packed_attention() -> str:
+    """Register the ``"packed"`` implementation with transformers (idempotent); return its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PACKED, packed_attention)
+        _registered = True
+    return PACKED

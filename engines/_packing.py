@@ -1,0 +1,218 @@
+"""Sequence packing for training: a batch of variable-length sequences becomes micro-batches of
+one packed row each (no padding), with per-sequence position ids and ``cu_seq_lens``.
+
+- :func:`normalize_batch` accepts a list of :class:`Trajectory` or a padded tensor dict and returns
+  the padded dict (``input_ids``/``attention_mask`` ``[B, T]``, per-token fields ``[B, T]``,
+  per-sequence fields ``[B]``); :func:`split_sequences` cuts it into one dict per sequence.
+- :func:`plan_micro_batches` assigns sequences to micro-batches under a token budget with at least
+  ``n_mbs`` of them (first-fit-decreasing for the bin count, then worst-fit-decreasing to balance).
+- :func:`pack` builds one :class:`MicroBatch`; :func:`unpack` cuts a packed per-token tensor back.
+- :func:`balanced_partition` splits sequences across ranks by token count.
+
+It does not touch devices or models; the engine moves micro-batches to its device.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from agentflow import ConfigError, Trajectory, TrajectoryError
+
+__all__ = [
+    "MicroBatch",
+    "balanced_partition",
+    "dummy_micro_batch",
+    "normalize_batch",
+    "pack",
+    "packing_efficiency",
+    "plan_micro_batches",
+    "split_sequences",
+    "unpack",
+]
+
+
+def normalize_batch(input_: Sequence[Trajectory] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The padded dict form of ``input_`` (trajectories are stacked with ``pad_trajectories``)."""
+    if isinstance(input_, Mapping):
+        return _check_padded(input_)
+    from agentflow.algo import pad_trajectories
+
+    if not all(isinstance(t, Trajectory) for t in input_):
+        raise TrajectoryError(
+            f"expected a list of Trajectory or a dict of tensors, got a sequence of {type(input_[0]).__name__}"
+        )
+    return pad_trajectories(input_)
+
+
+def _check_padded(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise TrajectoryError(
+            "a tensor batch needs 'input_ids' of shape [B, T] (right-padded, with 'attention_mask'); "
+            f"got {None if ids is None else tuple(getattr(ids, 'shape', ()))}"
+        )
+    out = dict(batch)
+    out.setdefault("attention_mask", torch.ones_like(ids))
+    n, t = ids.shape
+    for k, v in out.items():
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) not in ((n, t), (n,)):
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise TrajectoryError(f"batch[{k!r}] has shape {shape}; expected [B, T] = {(n, t)} (per token) or [B]")
+    return out
+
+
+def split_sequences(batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """One dict per sequence: per-token fields cut to the real length, per-sequence fields as 0-d."""
+    lens = batch["attention_mask"].sum(1).tolist()
+    seqs = []
+    for b, n in enumerate(lens):
+        if n == 0:
+            raise TrajectoryError(f"sequence {b} has no tokens (attention_mask all 0); expected at least one")
+        seqs.append({k: (v[b, :n] if v.dim() == 2 else v[b]) for k, v in batch.items() if k != "attention_mask"})
+        if "loss_mask" in seqs[-1] and seqs[-1]["loss_mask"][0]:
+            raise TrajectoryError(f"sequence {b} has loss_mask[0] = 1; the first token has no prediction")
+    return seqs
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int | None, n_mbs: int = 1) -> list[list[int]]:
+    """Assign sequence indices to micro-batches.
+
+    At least ``min(n_mbs, len(lengths))`` micro-batches, each with at most ``max_tokens`` tokens
+    (None = no cap). The count is the larger of ``n_mbs`` and the first-fit-decreasing bin count;
+    sequences are then placed longest first into the least-loaded bin that fits (worst-fit
+    decreasing), so bins are balanced; a sequence that fits nowhere opens a new bin.
+
+    Raises:
+        ConfigError: if a sequence is longer than ``max_tokens``.
+    """
+    if not lengths:
+        raise TrajectoryError("cannot plan micro-batches for an empty batch; expected at least one sequence")
+    cap = sum(lengths) if max_tokens is None else max_tokens
+    longest = max(lengths)
+    if longest > cap:
+        raise ConfigError(
+            f"a sequence of {longest} tokens does not fit max_tokens_per_mb={max_tokens}; "
+            "raise MicroBatchSpec.max_tokens_per_mb to at least the longest sequence or truncate it"
+        )
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    k = max(_ffd_bin_count([lengths[i] for i in order], cap), min(n_mbs, len(lengths)))
+    heap = [(0, b) for b in range(k)]  # (load, bin id): least-loaded first
+    bins: list[list[int]] = [[] for _ in range(k)]
+    for i in order:
+        skipped = []
+        while heap and heap[0][0] + lengths[i] > cap:
+            skipped.append(heapq.heappop(heap))
+        if heap:
+            load, b = heapq.heappop(heap)
+        else:
+            load, b = 0, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        heapq.heappush(heap, (load + lengths[i], b))
+        for item in skipped:
+            heapq.heappush(heap, item)
+    return [sorted(b) for b in bins if b]
+
+
+def _ffd_bin_count(sorted_lengths: Sequence[int], cap: int) -> int:
+    loads: list[int] = []
+    for n in sorted_lengths:
+        for j, load in enumerate(loads):
+            if load + n <= cap:
+                loads[j] += n
+                break
+        else:
+            loads.append(n)
+    return len(loads)
+
+
+def balanced_partition(lengths: Sequence[int], k: int) -> list[list[int]]:
+    """Split sequence indices into ``k`` groups of near-equal token count (longest first into the
+    lightest group). Groups may be empty when there are fewer than ``k`` sequences."""
+    if k < 1:
+        raise ConfigError(f"balanced_partition needs k >= 1, got {k}")
+    heap = [(0, g) for g in range(k)]
+    groups: list[list[int]] = [[] for _ in range(k)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, g = heapq.heappop(heap)
+        groups[g].append(i)
+        heapq.heappush(heap, (load + lengths[i], g))
+    return [sorted(g) for g in groups]
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatch:
+    """One packed row.
+
+    Attributes:
+        data: per-token fields as 1-D tensors of the packed length ``T`` (``input_ids``,
+            ``loss_mask``, ...), per-sequence fields as ``[n_seqs]`` tensors.
+        position_ids: ``[T]``, restarting at 0 for every sequence.
+        cu_seqlens: ``[n_seqs + 1]`` int32 offsets of the sequences in the row.
+        max_len: the longest sequence.
+        seq_index: index of each packed sequence in the caller's batch (-1: padding sequence).
+    """
+
+    data: dict[str, torch.Tensor]
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+    seq_index: tuple[int, ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.position_ids.numel())
+
+    @property
+    def seqlens(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def to(self, device: torch.device) -> MicroBatch:
+        return MicroBatch(
+            {k: v.to(device, non_blocking=True) for k, v in self.data.items()},
+            self.position_ids.to(device), self.cu_seqlens.to(device), self.max_len, self.seq_index,
+        )
+
+
+def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int]) -> MicroBatch:
+    """Concatenate the sequences ``seqs[i] for i in index`` into one :class:`MicroBatch`."""
+    chosen = [seqs[i] for i in index]
+    lens = [int(s["input_ids"].numel()) for s in chosen]
+    data = {
+        k: (torch.cat([s[k] for s in chosen]) if v.dim() == 1 else torch.stack([s[k] for s in chosen]))
+        for k, v in chosen[0].items()
+    }
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    return MicroBatch(data, pos, cu, max(lens), tuple(index))
+
+
+def dummy_micro_batch(like: MicroBatch | Mapping[str, torch.Tensor]) -> MicroBatch:
+    """A one-token micro-batch with every field of ``like`` zeroed (loss weight 0). Ranks run it
+    when they have fewer micro-batches than others, so FSDP collectives stay matched."""
+    fields = like.data if isinstance(like, MicroBatch) else like
+    data = {k: torch.zeros((1,), dtype=v.dtype) for k, v in fields.items()}
+    return MicroBatch(data, torch.zeros(1, dtype=torch.long), torch.tensor([0, 1], dtype=torch.int32), 1, (-1,))
+
+
+def unpack(values: torch.Tensor, mb: MicroBatch) -> list[torch.Tensor]:
+    """Cut a packed ``[T, ...]`` tensor into one tensor per sequence of ``mb``."""
+    return list(torch.split(values, mb.seqlens))
+
+
+def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], cap: int) -> dict[str, float]:
+    """``fill``: real tokens / (bins x cap), the share of each micro-batch's token budget used;
+    ``vs_lower_bound``: minimal possible bin count / bins used; ``padded``: real tokens / tokens of
+    the same sequences padded to the longest one (what a padded batch would process)."""
+    total = sum(lengths)
+    lower = -(-total // cap)
+    return {
+        "fill": total / (len(bins) * cap),
+        "vs_lower_bound": lower / len(bins),
+        "padded": total / (len(lengths) * max(lengths)),
+    }
