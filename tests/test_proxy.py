@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import httpx
 import openai
@@ -191,3 +192,16 @@ def test_non_loopback_bind_needs_an_admin_key():
         ProxyServer(engine, TOK, host=host)
     with pytest.raises(ConfigError, match="not listening"):
         _ = ProxyServer(engine, TOK).base_url
+
+
+async def test_accepted_connections_disable_nagle(proxy):
+    """Regression: a listening socket made with proto 0 left Nagle on; with delayed ACKs every
+    response then waited ~40 ms (benchmarks/bench_proxy.py: 47 ms -> 3 ms per request)."""
+    session = proxy.new_session()
+    async with httpx.AsyncClient(base_url=session.base_url, headers=auth(session.api_key)) as http:
+        assert (await http.get("/models")).status_code == 200
+        conns = list(proxy._server.server_state.connections)
+        assert conns
+        for conn in conns:
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
