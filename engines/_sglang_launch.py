@@ -1,0 +1,82 @@
+"""Backends of ``agentflow serve``: the in-process ``LocalEngine``, or a real SGLang server.
+
+``local_engine`` loads the model (embedded name or HF directory) for :func:`serve_main`.
+``run_sglang`` starts ``python -m sglang.launch_server`` as a child process, waits for its
+``/health`` with a deadline, then waits for the child (Ctrl-C stops it). Not here: the HTTP app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+from typing import Any
+
+from agentflow._engine_api import InferenceEngine
+from agentflow.errors import ConfigError, EngineError
+
+__all__ = ["local_engine", "run_sglang", "sglang_command"]
+
+
+def local_engine(model: str) -> tuple[InferenceEngine, Any, str, int | None]:
+    """(engine, tokenizer, model_path, context_length) for ``--backend local``."""
+    from agentflow.engines.local import LocalEngine
+    from agentflow.engines.model_loading import load_model, resolve_model_dir
+
+    path = str(resolve_model_dir(model))
+    net, tokenizer = load_model(path)
+    engine = LocalEngine(net, tokenizer)
+    return engine, tokenizer, path, engine.config.max_seq_len
+
+
+def sglang_command(model_path: str, host: str, port: int, weight_version: str) -> list[str]:
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", host,
+            "--port", str(port), "--weight-version", weight_version]
+
+
+def run_sglang(args: argparse.Namespace) -> int:
+    """Launch SGLang, wait until healthy (``--startup-timeout``), then until it exits."""
+    if importlib.util.find_spec("sglang") is None:
+        raise ConfigError(
+            "--backend sglang needs SGLang in this environment, and `import sglang` failed; install it with "
+            "`pip install 'agentflow-rl[sglang]'` (or `pip install 'sglang[all]>=0.5.5'`, on a CUDA machine), "
+            "or use `--backend local`"
+        )
+    from agentflow.engines.model_loading import resolve_model_dir
+
+    cmd = sglang_command(str(resolve_model_dir(args.model)), args.host, args.port, args.weight_version)
+    proc = subprocess.Popen(cmd)
+    try:
+        _wait_healthy(proc, f"http://{args.host}:{args.port}/health", args.startup_timeout)
+        print(f"SGLang is serving on http://{args.host}:{args.port}", flush=True)  # noqa: T201  (CLI output)
+        return proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, deadline_s: float) -> None:
+    """Block (CLI thread, no event loop) until ``url`` answers 200, the child dies, or the deadline."""
+    import httpx
+
+    end = time.monotonic() + deadline_s
+    delay = 0.5
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise EngineError(f"sglang.launch_server exited with code {proc.returncode} before it became healthy; "
+                              "see its log above")
+        try:
+            if httpx.get(url, timeout=min(30.0, max(1.0, end - time.monotonic()))).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(delay)  # waiting on another process: nothing to notify us
+        delay = min(2 * delay, 5.0)
+    raise EngineError(f"SGLang did not answer 200 on {url} within --startup-timeout={deadline_s} s; raise it "
+                      "(large models load slowly) or read the server log")
