@@ -137,10 +137,11 @@ async def _unit_tests(code: str, tests: list[str], limits: SandboxLimits, pool: 
 
 def _format_output(r: SandboxResult, limit: int) -> str:
     """What the model sees: stdout, plus the last stderr line and the status when it failed."""
-    text = r.stdout
+    parts = [r.stdout.rstrip("\n")] if r.stdout.strip() else []
     if not r.ok:
         last = r.stderr.strip().splitlines()[-1:]
-        text += f"{last[0] if last else ''} [{r.status}]".strip()
+        parts.append(f"{last[0] if last else ''} [{r.status}]".strip())
+    text = "\n".join(parts)
     return text if len(text) <= limit else text[:limit] + "\n...[truncated]"
 
 
