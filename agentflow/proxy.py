@@ -39,11 +39,16 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+try:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+except ImportError as e:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"agentflow.proxy needs uvicorn and starlette ({e}); install them with: pip install 'agentflow-rl[serve]'"
+    ) from e
 
 from agentflow._types import GenerationConfig, Trajectory
 from agentflow.client import ExportStyle, OpenAIClient
