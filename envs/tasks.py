@@ -135,7 +135,10 @@ def countdown_tasks(n: int, *, seed: int = 0, n_numbers: int = 3, max_number: in
     while len(out) < n:
         numbers = [rng.randint(1, max_number) for _ in range(n_numbers)]
         expr = _random_expression(rng, numbers)
-        value = _eval_arith(ast.parse(expr, mode="eval").body)
+        try:
+            value = _eval_arith(ast.parse(expr, mode="eval").body)
+        except EnvError:  # divided by a sub-expression that is 0: draw again
+            continue
         if value.denominator != 1 or value <= 0:
             continue
         target = int(value)
@@ -148,7 +151,7 @@ def _random_expression(rng: random.Random, numbers: list[int]) -> str:
     terms = [str(x) for x in rng.sample(numbers, len(numbers))]
     while len(terms) > 1:
         i = rng.randrange(len(terms) - 1)
-        op = rng.choice("+-*/" if terms[i + 1] != "0" else "+-*")
+        op = rng.choice("+-*/")
         terms[i : i + 2] = [f"({terms[i]} {op} {terms[i + 1]})"]
     return terms[0][1:-1] if terms[0].startswith("(") else terms[0]
 
