@@ -195,6 +195,27 @@ def _check_params(kw: Mapping[str, Any]) -> None:
         raise ConfigError(problems)
 
 
+_INT_PARAMS = ("max_tokens", "max_completion_tokens", "top_k")
+_FLOAT_PARAMS = ("temperature", "top_p")
+
+
+def _check_types(kw: Mapping[str, Any]) -> None:
+    problems = []
+    for name in _INT_PARAMS + _FLOAT_PARAMS:
+        v = kw.get(name)
+        ok = (int,) if name in _INT_PARAMS else (int, float)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, ok)):
+            kind = "an integer" if name in _INT_PARAMS else "a number"
+            problems.append(f"{name} must be {kind}, got {v!r}")
+    stop = kw.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+        isinstance(stop, list | tuple) and all(isinstance(x, str) for x in stop)
+    ):
+        problems.append(f"stop must be a string or a list of strings, got {stop!r}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _max_tokens(kw: Mapping[str, Any], default: int) -> int:
     a, b = kw.get("max_tokens"), kw.get("max_completion_tokens")
     if a is not None and b is not None and a != b:
@@ -225,6 +246,7 @@ def _parse_params(
     if "messages" not in kw:
         raise ConfigError("create() needs messages=[...]; got none")
     _check_params(kw)
+    _check_types(kw)
     tools = _plain(kw.get("tools")) or None
     per_call = kw.get("chat_template_kwargs") or {}
     timeout = kw.get("timeout")

@@ -100,6 +100,9 @@ async def test_openai_sentinels_are_treated_as_not_given():
         ({"foo": 1}, "unknown parameter 'foo'"),
         ({"max_tokens": 3, "max_completion_tokens": 4}, "disagree"),
         ({"messages": []}, "non-empty list"),
+        ({"max_tokens": "many", "temperature": "hot"}, "max_tokens must be an integer"),
+        ({"stop": [1]}, "stop must be"),
+        ({"temperature": -1.0}, "temperature must be"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "role in"),
     ],
 )
