@@ -38,6 +38,7 @@ __all__ = [
     "arithmetic_tasks",
     "countdown_reward",
     "countdown_tasks",
+    "exact_answer_reward",
     "gsm8k_reward",
     "load_gsm8k_jsonl",
     "parse_gsm8k_line",
@@ -109,6 +110,14 @@ def arithmetic_tasks(
         prompt = f"What is {a} {op} {b}? {instruction}".strip()
         out.append(Task(f"arith-{seed}-{i}", prompt, str(_OPS[op](a, b)), info={"a": a, "b": b, "op": op}))
     return out
+
+
+def exact_answer_reward(completion: str, task: Task) -> float:
+    """1.0 if ``completion`` is exactly the answer (surrounding whitespace ignored), else 0.0.
+
+    The strict variant for "answer with only the number" prompts: right *and* well-formatted.
+    """
+    return float(completion.strip() == task.answer.strip())
 
 
 def arithmetic_reward(completion: str, task: Task) -> float:
