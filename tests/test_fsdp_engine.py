@@ -1,0 +1,221 @@
+"""FSDPEngine at world size 1, in process (gloo on CPU): steps, forward, checkpoints, weight hand-off."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _fsdp_worker import LR, make_trajs, max_param_diff, ppo_batch, reference_logprobs, reference_step
+
+from agentflow import ConfigError, EngineError, FinetuneSpec, MicroBatchSpec, SaveLoadMeta, WeightUpdateMeta
+from agentflow.algo import PPOConfig, PPOLoss, pad_trajectories, sft_loss, token_count
+from agentflow.engines._dist import free_port
+from agentflow.engines._fsdp_config import lr_factor
+from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
+
+LENS = [9, 31, 4, 17, 12, 25]
+SPEC = MicroBatchSpec(n_mbs=2, max_tokens_per_mb=40)
+
+
+@pytest.fixture
+def make_engine(tiny):
+    engines = []
+
+    def make(model=None, **overrides):
+        cfg = FSDPEngineConfig(**{"lr": LR, "device": "cpu", **overrides})
+        eng = FSDPEngine(cfg, model=model if model is not None else copy.deepcopy(tiny[0]), tokenizer=tiny[1])
+        eng.initialize()
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in reversed(engines):
+        eng.destroy()
+
+
+def test_packed_forward_matches_padded_forward_at_temperature(tiny, make_engine):
+    eng = make_engine()
+    trajs = make_trajs(1, LENS)
+    with torch.no_grad():
+        ref = reference_logprobs(tiny[0], pad_trajectories(trajs), temperature=0.6)
+    got = eng.forward(trajs, SPEC, temperature=0.6)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+
+
+def test_sdpa_fallback_forward_matches_too(tiny, make_engine):
+    eng = make_engine(attn_impl="sdpa")
+    trajs = make_trajs(2, [6, 11, 3])
+    with torch.no_grad():
+        ref = reference_logprobs(tiny[0], pad_trajectories(trajs))
+    torch.testing.assert_close(eng.forward(trajs, MicroBatchSpec()), ref, atol=2e-6, rtol=0)
+
+
+def test_loss_decreases_on_fixed_batch(make_engine):
+    eng = make_engine(lr=1e-2)
+    trajs = make_trajs(0, LENS)
+    losses = [eng.train_batch(trajs, SPEC, sft_loss, token_count)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_one_step_equals_plain_torch_step(tiny, make_engine):
+    trajs = make_trajs(3, LENS)
+    eng = make_engine()
+    batch = ppo_batch(trajs, eng.forward(trajs, SPEC))
+    loss_fn = PPOLoss(PPOConfig(eps_clip=0.2, behav_imp_weight_cap=5.0))
+    stats = eng.train_batch(batch, SPEC, loss_fn, token_count)
+    ref = copy.deepcopy(tiny[0])
+    ref_loss = reference_step(ref, batch, loss_fn, torch.optim.AdamW(ref.parameters(), lr=LR))
+    assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    assert stats["n_mbs"] >= 2 and stats["skipped"] == 0.0
+    assert {"clip_frac", "behav_imp_weight", "entropy", "grad_norm"} <= set(stats)
+    # tolerance: 5% of lr on the first AdamW step (see test_fsdp_distributed)
+    assert max_param_diff(eng.full_state_dict(), ref) < 5e-5
+
+
+def test_non_finite_gradient_skips_the_step(make_engine):
+    eng = make_engine()
+    before = eng.full_state_dict()
+    stats = eng.train_batch(make_trajs(4, [8, 9]), SPEC, lambda lp, mb: lp.sum() * float("nan"), token_count)
+    assert stats["skipped"] == 1.0 and not math.isfinite(stats["grad_norm"])
+    after = eng.full_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_batch_without_loss_tokens_fails_loud(make_engine):
+    eng = make_engine()
+    batch = pad_trajectories(make_trajs(5, [6]))
+    batch["loss_mask"].zero_()
+    with pytest.raises(EngineError, match="loss weight"):
+        eng.train_batch(batch, SPEC, sft_loss, token_count)
+
+
+def test_eval_batch_matches_reference_loss(tiny, make_engine):
+    eng = make_engine()
+    trajs = make_trajs(6, LENS)
+    batch = pad_trajectories(trajs)
+    with torch.no_grad():
+        lp = reference_logprobs(tiny[0], batch) * batch["loss_mask"]
+        ref = -(lp.sum() / batch["loss_mask"].sum()).item()
+    assert eng.eval_batch(trajs, SPEC, sft_loss, token_count) == pytest.approx(ref, abs=1e-5)
+
+
+def test_save_load_gives_identical_logits_and_exact_resume(tmp_path, tiny, make_engine):
+    from transformers import AutoModelForCausalLM
+
+    trajs = make_trajs(7, LENS)
+    eng = make_engine(lr_schedule="cosine", warmup_steps=1, total_steps=5)
+    eng.train_batch(trajs, SPEC, sft_loss, token_count)
+    eng.step_lr_scheduler()
+    eng.save(SaveLoadMeta(path=str(tmp_path / "ckpt"), tokenizer=tiny[1]))
+    before = eng.forward(trajs, SPEC)
+    eng.train_batch(trajs, SPEC, sft_loss, token_count)
+    continued = eng.full_state_dict()
+
+    from agentflow.testing import tiny_model_and_tokenizer
+
+    other = make_engine(model=tiny_model_and_tokenizer(seed=99)[0], lr_schedule="cosine", warmup_steps=1, total_steps=5)
+    other.load(SaveLoadMeta(path=str(tmp_path / "ckpt")))
+    assert torch.equal(other.forward(trajs, SPEC), before)
+    stats = other.train_batch(trajs, SPEC, sft_loss, token_count)
+    assert stats["lr"] == pytest.approx(LR * lr_factor(1, "cosine", 1, 5, 0.0))
+    resumed = other.full_state_dict()
+    assert all(torch.equal(continued[k], resumed[k]) for k in continued)
+    # the HF side: a plain from_pretrained gives the saved model (and hence SGLang can load it)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        torch.testing.assert_close(reference_logprobs(hf, pad_trajectories(trajs)), before, atol=2e-6, rtol=0)
+    assert (tmp_path / "ckpt" / "tokenizer.json").exists()
+
+
+def test_tied_embeddings_save_without_duplicate(tmp_path, tiny, make_engine):
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(tiny[0].config)
+    cfg.tie_word_embeddings = True
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    eng = make_engine(model=model)
+    eng.train_batch(make_trajs(8, [10, 12]), SPEC, sft_loss, token_count)
+    eng.upload_weights(WeightUpdateMeta(type="disk", path=str(tmp_path / "w")))
+    with safe_open(str(tmp_path / "w" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    eng.load(SaveLoadMeta(path=str(tmp_path / "w"), with_optim=False))
+
+
+def test_mem_upload_returns_hf_state_dict(tiny, make_engine):
+    from transformers import LlamaForCausalLM
+
+    eng = make_engine(weight_update_dtype="bfloat16")
+    eng.train_batch(make_trajs(9, [10, 12]), SPEC, sft_loss, token_count)
+    meta = eng.upload_weights(WeightUpdateMeta(type="mem", version=1))
+    assert meta.version == 1 and meta.state_dict is not None
+    assert set(meta.state_dict) == set(tiny[0].state_dict())
+    assert all(v.dtype == torch.bfloat16 and v.device.type == "cpu" for v in meta.state_dict.values())
+    fresh = LlamaForCausalLM(tiny[0].config)
+    fresh.load_state_dict(meta.state_dict)  # strict: every HF name present
+
+
+def _start_receiver(tmp_path: Path, port: int, specs, mode: str = "all") -> subprocess.Popen:
+    (tmp_path / "specs.json").write_text(json.dumps([{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
+                                                     for s in specs]))
+    worker = Path(__file__).with_name("_fsdp_worker.py")
+    return subprocess.Popen([sys.executable, str(worker), "receive", str(port), str(tmp_path / "specs.json"),
+                             str(tmp_path / "got.pt"), mode])
+
+
+@pytest.mark.integration
+def test_broadcast_upload_reaches_a_receiver_in_spec_order(tmp_path, make_engine):
+    eng = make_engine(weight_update_dtype="bfloat16", weight_bucket_mb=1)
+    specs = eng.weight_specs()
+    assert [s.name for s in specs] == list(eng.model.state_dict())
+    port = free_port()
+    meta = WeightUpdateMeta(type="nccl", master_port=port, group_name="agentflow_test_update", timeout_s=60)
+    receiver = _start_receiver(tmp_path, port, specs)
+    try:
+        eng.join_weight_update_group(meta, world_size=2)
+        assert eng.upload_weights(meta) is meta
+        assert receiver.wait(timeout=60) == 0
+    finally:
+        receiver.kill()
+    got = torch.load(tmp_path / "got.pt")
+    sent = eng.full_state_dict(torch.bfloat16)
+    assert list(got) == [s.name for s in specs]
+    assert all(torch.equal(got[k], sent[k]) for k in got)
+
+
+def test_weight_group_join_times_out_loudly(make_engine):
+    eng = make_engine()
+    meta = WeightUpdateMeta(type="nccl", master_port=free_port(), group_name="agentflow_lonely", timeout_s=1.5)
+    with pytest.raises(EngineError, match="did not form"):
+        eng.join_weight_update_group(meta, world_size=2)
+    with pytest.raises(EngineError, match="join_weight_update_group"):
+        eng.upload_weights(meta)
+
+
+def test_config_validation_and_schedules():
+    with pytest.raises(ConfigError) as e:
+        FSDPEngineConfig(lr=-1.0, betas=(0.9, 1.5), lr_schedule="step", warmup_steps=-1)  # type: ignore[arg-type]
+    assert len(e.value.problems) == 4
+    assert lr_factor(0, "linear", 2, 10, 0.0) == 0.5
+    assert lr_factor(2, "linear", 2, 10, 0.0) == 1.0
+    assert lr_factor(10, "linear", 2, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(6, "cosine", 2, 10, 0.0) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="FinetuneSpec"):
+        lr_factor(3, "cosine", 0, None, 0.0)
+
+
+def test_schedule_length_from_finetune_spec(tiny):
+    eng = FSDPEngine(FSDPEngineConfig(lr=1.0, device="cpu", lr_schedule="linear"), model=copy.deepcopy(tiny[0]))
+    eng.initialize(ft_spec=FinetuneSpec(total_train_epochs=1, dataset_size=8, train_batch_size=2))
+    try:
+        assert eng.lr_scheduler.lr_lambdas[0](2) == pytest.approx(0.5)  # 2 of 4 steps
+    finally:
+        eng.destroy()
