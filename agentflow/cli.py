@@ -1,0 +1,118 @@
+"""The ``agentflow`` command: ``train``, ``eval``, ``serve``, ``plot``.
+
+``agentflow train [CONFIG.yaml ...] [key=value ...]`` trains with the built-in recipe; with no
+config it trains the embedded SmolLM2-135M on one-digit addition. ``agentflow train --help``
+lists every configuration field with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":  # the server owns its flags
+        from agentflow.engines.sglang_server import serve_main
+
+        return int(serve_main(argv[1:]) or 0)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agentflow.errors import AgentflowError
+
+    try:
+        return int(args.func(args) or 0)
+    except AgentflowError as e:
+        print(f"agentflow {args.command}: error: {e}", file=sys.stderr)  # noqa: T201
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentflow", description="Asynchronous RL for LLM agents.")
+    sub = p.add_subparsers(dest="command")
+
+    train = sub.add_parser("train", help="train a policy (the built-in recipe)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fields_help())
+    train.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                       help="YAML files, then dotted overrides (later wins)")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("-v", "--verbose", action="store_true")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="score a model or checkpoint on a dataset with a workflow")
+    ev.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    ev.add_argument("--model", help="checkpoint or model directory (default: model.path of the config)")
+    ev.add_argument("--n", type=int, default=None, help="prompts to score (default: data.eval_size)")
+    ev.add_argument("-v", "--verbose", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    plot = sub.add_parser("plot", help="write a PNG of a run's curves")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    plot.add_argument("-v", "--verbose", action="store_true")
+    plot.set_defaults(func=_cmd_plot)
+
+    sub.add_parser("serve", help="serve a model over SGLang's HTTP protocol (see `agentflow serve --help`)")
+    return p
+
+
+def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    files = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return files, overrides
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from agentflow._recipe import load_recipe_config, train
+
+    files, overrides = _split(args.items)
+    cfg = load_recipe_config(files, overrides)
+    summary = train(cfg, resume=args.resume)
+    print(summary)  # noqa: T201
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from agentflow._recipe import evaluate_model, load_recipe_config
+
+    files, overrides = _split(args.items)
+    cfg = load_recipe_config(files, overrides)
+    print(evaluate_model(cfg, model=args.model, n=args.n))  # noqa: T201
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from agentflow._plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))  # noqa: T201
+    return 0
+
+
+def _fields_help() -> str:
+    try:
+        from agentflow._recipe import TrainRecipeConfig
+        from agentflow.config import describe
+    except ImportError as e:  # a broken install should still print --help
+        return f"(configuration fields unavailable: {e})"
+    rows = describe(TrainRecipeConfig)
+    width = max(len(r[0]) for r in rows)
+    lines = ["configuration fields (set with key=value or in a YAML file):", ""]
+    for name, tp, default, doc in rows:
+        lines.append(f"  {name:<{width}}  {tp} = {default}")
+        if doc:
+            lines.append(f"  {'':<{width}}    {doc}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
