@@ -34,9 +34,15 @@ def new_rid() -> str:
 class GenerationConfig:
     """Sampling parameters of one generation call.
 
-    ``temperature == 0`` or ``greedy=True`` means greedy decoding. ``top_k <= 0`` means the whole
-    vocabulary. ``stop`` holds stop strings, ``stop_token_ids`` stop tokens (the matched token is
-    part of the output, as in SGLang).
+    Attributes:
+        n_samples: samples per prompt (workflows that sample groups read it; engines take 1).
+        max_new_tokens: generated tokens at most.
+        temperature: softmax temperature; 0 means greedy.
+        top_p: nucleus sampling mass, in (0, 1].
+        top_k: sample from the k most likely tokens; <= 0 means the whole vocabulary.
+        stop_token_ids: tokens that end generation (the matched token is part of the output, as in SGLang).
+        stop: strings that end generation.
+        greedy: greedy decoding regardless of temperature.
     """
 
     n_samples: int = 1
