@@ -219,3 +219,66 @@ def test_schedule_length_from_finetune_spec(tiny):
         assert eng.lr_scheduler.lr_lambdas[0](2) == pytest.approx(0.5)  # 2 of 4 steps
     finally:
         eng.destroy()
+
+
+# ----------------------------------------------------------------------------- GPU paths (skipped without CUDA)
+@pytest.mark.gpu
+def test_varlen_attention_matches_per_segment_sdpa_on_cuda():
+    from agentflow.engines._attention import _per_segment, packed_attention
+
+    torch.manual_seed(0)
+    lens = [37, 130, 5, 300, 64]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(1, 4, sum(lens), 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, sum(lens), 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    module = torch.nn.Module().eval()
+    got, _ = packed_attention(module, q, k, v, None, scaling=0.125, cu_seq_lens_q=cu, max_length_q=max(lens))
+    ref = _per_segment(q.float(), k.float(), v.float(), cu, 0.125, 0.0)
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_bf16_mixed_precision_training_on_cuda(tiny):
+    eng = FSDPEngine(FSDPEngineConfig(lr=1e-2, device="cuda", mixed_precision=True), model=copy.deepcopy(tiny[0]))
+    eng.initialize()
+    try:
+        trajs = make_trajs(0, LENS)
+        with torch.no_grad():
+            ref = reference_logprobs(tiny[0], pad_trajectories(trajs))
+        torch.testing.assert_close(eng.forward(trajs, SPEC), ref, atol=5e-2, rtol=0)  # bf16 compute
+        losses = [eng.train_batch(trajs, SPEC, sft_loss, token_count)["loss"] for _ in range(4)]
+        assert losses[-1] < losses[0], losses
+        assert all(p.dtype == torch.float32 for p in eng.model.parameters())  # fp32 master weights
+    finally:
+        eng.destroy()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
+def test_nccl_broadcast_upload_on_two_gpus(tmp_path, tiny):
+    eng = FSDPEngine(FSDPEngineConfig(device="cuda", weight_update_dtype="bfloat16"), model=copy.deepcopy(tiny[0]))
+    eng.initialize()
+    port = free_port()
+    specs = eng.weight_specs()
+    (tmp_path / "specs.json").write_text(json.dumps([{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
+                                                     for s in specs]))
+    script = (
+        "import json, sys, torch; torch.cuda.set_device(1)\n"
+        "from agentflow.engines._weights import WeightSpec, init_weight_update_group, receive_tensors\n"
+        "specs = [WeightSpec(s['name'], s['dtype'], tuple(s['shape'])) for s in json.load(open(sys.argv[2]))]\n"
+        "pg = init_weight_update_group('127.0.0.1', int(sys.argv[1]), 1, 2, 'agentflow_nccl_test', 'nccl', 60)\n"
+        "got = receive_tensors(pg, specs, 'cuda:1', 60)\n"
+        "torch.save({k: v.cpu() for k, v in got.items()}, sys.argv[3])\n"
+    )
+    receiver = subprocess.Popen([sys.executable, "-c", script, str(port), str(tmp_path / "specs.json"),
+                                 str(tmp_path / "got.pt")])
+    try:
+        meta = WeightUpdateMeta(type="nccl", master_port=port, group_name="agentflow_nccl_test", timeout_s=60)
+        eng.join_weight_update_group(meta, world_size=2)
+        eng.upload_weights(meta)
+        assert receiver.wait(timeout=120) == 0
+        got, sent = torch.load(tmp_path / "got.pt"), eng.full_state_dict(torch.bfloat16)
+        assert all(torch.equal(got[k], sent[k]) for k in got)
+    finally:
+        receiver.kill()
+        eng.destroy()
