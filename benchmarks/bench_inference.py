@@ -1,0 +1,244 @@
+"""Inference throughput: LocalEngine vs plain ``model.generate`` on SmolLM2-135M (CPU by default).
+
+Prints one JSON object per line (``{"bench": ..., ...}``). Workloads, all greedy, eos ignored so
+every request produces exactly its ``max_new_tokens``; "useful tokens" = the tokens requests asked
+for (padding and tokens past a request's own limit do not count):
+
+- ``equal``: ``batch`` chat prompts, each ``max_new`` tokens. ``generate`` runs them as one
+  left-padded batch; LocalEngine gets all requests at once.
+- ``mixed``: ``2 · batch`` requests whose ``max_new_tokens`` spread evenly from ``max_new/8`` to
+  ``max_new`` (shuffled, seeded). ``generate`` runs them in arrival order, ``batch`` at a time, each
+  batch padded to its longest request; LocalEngine (``max_batch_size=batch``) refills a row the
+  step a request finishes.
+- ``rss``: a fresh subprocess loads the model, serves ``batch`` concurrent requests with
+  LocalEngine, and reports its peak RSS (``ru_maxrss``) before and after serving.
+
+Both sides of a comparison run in the same process, alternating, median of ``--reps``; the
+machine may be shared, so read the ratio, not the absolute numbers. The remote engine's figures
+(SGLang-protocol server + client over loopback) belong in the section marked "remote" below.
+
+Usage::
+
+    python benchmarks/bench_inference.py --quick          # < 2 minutes
+    python benchmarks/bench_inference.py                  # full: batch 16, 128 new tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+QUESTIONS = [
+    "What is 2+3?",
+    "Name three primary colors.",
+    "Write a haiku about autumn leaves falling in the quiet forest.",
+    "Explain in one sentence why the sky is blue.",
+    "List the planets of the solar system in order from the sun, with one fact about each.",
+    "Translate 'good morning' into French.",
+    "What is the capital of Australia, and why is it not Sydney?",
+    "Give me a short motivational quote.",
+    "Describe how a bicycle works to a five-year-old child who has never seen one before.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What is photosynthesis?",
+    "Suggest a name for a pet turtle.",
+    "How many minutes are in a day? Show the calculation step by step.",
+    "Write a Python function that reverses a string.",
+    "What are the benefits of drinking water?",
+    "Tell me a fun fact about octopuses.",
+]
+
+
+def emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def load(dtype: str) -> tuple[Any, Any]:
+    from agentflow.engines.model_loading import load_model
+
+    return load_model("smollm2-135m", dtype=dtype)  # type: ignore[arg-type]
+
+
+def prompts(tok: Any, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- generate
+def run_generate(model: Any, tok: Any, batches: list[list[tuple[list[int], int]]]) -> None:
+    """Each batch: one left-padded ``generate`` call to the batch's longest ``max_new``."""
+    import torch
+
+    for batch in batches:
+        longest = max(len(p) for p, _ in batch)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p, _ in batch])
+        n = max(m for _, m in batch)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=pad)
+
+
+# ---------------------------------------------------------------------------------------- LocalEngine
+class EngineHost:
+    """A LocalEngine kept open on a private event loop between timed runs."""
+
+    def __init__(self, model: Any, tok: Any, batch: int, dtype: str) -> None:
+        from agentflow.engines.local import LocalEngine, LocalEngineConfig
+
+        self.loop = asyncio.new_event_loop()
+        cfg = LocalEngineConfig(max_batch_size=batch, dtype=dtype, ignore_eos=True, max_seq_len=1024)  # type: ignore[arg-type]
+        self.engine = LocalEngine(model, tok, config=cfg)
+        self.loop.run_until_complete(self.engine.__aenter__())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.__aexit__(None, None, None))
+        self.loop.close()
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def compare(name: str, reps: int, useful: int, runs: dict[str, Callable[[], None]], **extra: Any) -> None:
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for f in runs.values():  # warm-up
+        f()
+    for _ in range(reps):
+        for k, f in runs.items():
+            times[k].append(timed(f))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tps = {k: useful / v for k, v in med.items()}
+    emit(bench=name, useful_tokens=useful, seconds=med, tokens_per_s={k: round(v, 1) for k, v in tps.items()},
+         ratio_local_vs_generate=round(tps["local"] / tps["generate"], 3), reps=reps, **extra)
+
+
+def bench_equal(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace) -> None:
+    ps = prompts(tok, args.batch)
+    reqs = [(p, args.max_new) for p in ps]
+    compare("equal", args.reps, sum(m for _, m in reqs), {
+        "generate": lambda: run_generate(model, tok, [reqs]),
+        "local": lambda: _local(host, reqs),
+    }, batch=args.batch, max_new=args.max_new, dtype=args.dtype)
+
+
+def bench_mixed(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace) -> None:
+    n = 2 * args.batch
+    lo = max(1, args.max_new // 8)
+    lens = [lo + (args.max_new - lo) * i // (n - 1) for i in range(n)]
+    random.Random(0).shuffle(lens)
+    reqs = list(zip(prompts(tok, n), lens, strict=True))
+    batches = [reqs[i : i + args.batch] for i in range(0, n, args.batch)]
+    padded = sum(len(b) * max(m for _, m in b) for b in batches)
+    before = dict(host.engine.stats()["batch_sizes"])
+    compare("mixed", args.reps, sum(lens), {
+        "generate": lambda: run_generate(model, tok, batches),
+        "local": lambda: _local(host, reqs),
+    }, batch=args.batch, requests=n, max_new_range=[lo, args.max_new], generate_padded_tokens=padded,
+       local_batch_sizes=_diff(host.engine.stats()["batch_sizes"], before), dtype=args.dtype)
+
+
+def _local(host: EngineHost, reqs: list[tuple[list[int], int]]) -> None:
+    host.loop.run_until_complete(_serve(host.engine, reqs))
+
+
+async def _serve(engine: Any, reqs: list[tuple[list[int], int]]) -> None:
+    from agentflow import GenerationConfig, ModelRequest
+
+    outs = await asyncio.gather(*[
+        engine.agenerate(ModelRequest(p, GenerationConfig(max_new_tokens=m, greedy=True))) for p, m in reqs
+    ])
+    for (_, m), o in zip(reqs, outs, strict=True):
+        if o.output_len != m:
+            raise RuntimeError(f"expected {m} tokens, got {o.output_len} ({o.stop_reason})")
+
+
+def _diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def bench_rss(args: argparse.Namespace) -> None:
+    """Peak RSS of a fresh process serving ``batch`` requests (run in a subprocess)."""
+    cmd = [sys.executable, __file__, "--rss-child", "--batch", str(args.batch), "--max-new", str(args.max_new),
+           "--dtype", args.dtype, "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    print(out.strip().splitlines()[-1], flush=True)
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (MiB on Linux)
+    t = time.perf_counter()
+    model, tok = load(args.dtype)
+    load_s = time.perf_counter() - t
+    loaded = maxrss()
+    host = EngineHost(model, tok, args.batch, args.dtype)
+    reqs = [(p, args.max_new) for p in prompts(tok, args.batch)]
+    t = time.perf_counter()
+    _local(host, reqs)
+    serve_s = time.perf_counter() - t
+    kv = host.engine.stats()["kv_cache_bytes"]
+    host.close()
+    emit(bench="rss", batch=args.batch, max_new=args.max_new, dtype=args.dtype, load_s=round(load_s, 2),
+         peak_rss_mib_after_load=round(loaded), peak_rss_mib_serving=round(maxrss()),
+         kv_cache_mib=round(kv / 2**20, 1), serve_s=round(serve_s, 2),
+         tokens_per_s=round(args.batch * args.max_new / serve_s, 1))
+
+
+# ---------------------------------------------------------------------------------------- remote
+# Section reserved for the remote comparison (SGLang-protocol server over LocalEngine + the remote
+# client, over loopback): the lead adds a bench_remote(...) here and calls it from main().
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 8, 32 new tokens, 1 rep (< 2 minutes)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=["equal", "mixed", "rss"], action="append")
+    ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.batch, args.max_new, args.reps = 8, 32, 1
+    if args.rss_child:
+        rss_child(args)
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    only = set(args.only or ["equal", "mixed", "rss"])
+    if only & {"equal", "mixed"}:
+        model, tok = load(args.dtype)
+        host = EngineHost(model, tok, args.batch, args.dtype)
+        try:
+            if "equal" in only:
+                bench_equal(model, tok, host, args)
+            if "mixed" in only:
+                bench_mixed(model, tok, host, args)
+        finally:
+            host.close()
+    if "rss" in only:
+        bench_rss(args)
+
+
+if __name__ == "__main__":
+    main()

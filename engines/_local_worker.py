@@ -1,0 +1,414 @@
+"""The decode thread of :class:`~agentflow.engines.local.LocalEngine`: a continuous-batching scheduler.
+
+One ``threading.Thread`` owns the model. Each round it (1) runs queued commands (weight updates),
+(2) drops cancelled and aborted sequences, (3) if not paused, admits waiting sequences into free
+rows with one batched prefill, and (4) runs one decode step for every running row. A sequence
+joins between two decode steps and leaves the step it finishes, so short requests never wait for
+long ones. The thread sleeps on a ``threading.Condition`` when there is nothing to do (no polling)
+and talks to the event loop only through ``loop.call_soon_threadsafe``; it has no event loop.
+
+A version is read once per round, before the forward, so ``output_versions[i]`` is exactly the
+version of the weights that produced token ``i``. On a weight update with
+``recompute_kv_on_update`` every running sequence goes back to the head of the queue and is
+prefilled again (prompt + tokens so far) under the new weights, the re-issue semantics of
+DESIGN.md; otherwise it continues on its old-weight KV cache (SGLang's ``in_place`` mode).
+
+Stop strings are matched on the decoded text of the last few output tokens after every token; the
+token that completes a match is kept (``output_tokens`` ends with it) and the request stops with
+``"stop"``. Callers that show text cut it at the match (SGLang does the same).
+
+Not here: the asyncio API and configuration (``local.py``), the KV layout (``_local_kv.py``),
+sampling (``_local_sampling.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from agentflow._types import ModelRequest, ModelResponse, StopReason
+from agentflow.engines._local_kv import SlotKVCache, causal_prefill_mask, decode_mask
+from agentflow.engines._local_sampling import RowParams, sample
+from agentflow.errors import EngineError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["DecodeWorker", "Seq", "WorkerLimits"]
+
+log = logging.getLogger("agentflow.engines.local")
+_STOP_WINDOW_TOKENS = 8  # extra tokens decoded beyond the longest stop string when matching
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    max_batch_size: int
+    max_seq_len: int
+    cache_block_tokens: int
+    max_prefill_tokens: int
+    recompute_kv_on_update: bool
+    seed: int
+
+
+@dataclass(slots=True, eq=False)
+class Seq:
+    """One request as the worker sees it. Fields after ``t_submit`` belong to the worker thread."""
+
+    req: ModelRequest
+    fut: asyncio.Future[ModelResponse]
+    params: RowParams
+    stop_ids: frozenset[int]
+    max_new: int
+    t_submit: float
+    out_tokens: list[int] = field(default_factory=list)
+    out_logprobs: list[float] = field(default_factory=list)
+    out_versions: list[int] = field(default_factory=list)
+    kv_len: int = 0  # positions of this row held in the KV cache
+    t_first: float | None = None
+    cancelled: bool = False  # set from the loop; read by the worker
+    aborted: bool = False  # set from the loop; read by the worker
+    n_prefills: int = 0
+
+    @property
+    def context(self) -> list[int]:
+        return self.req.input_ids + self.out_tokens
+
+
+@dataclass(slots=True)
+class Command:
+    fn: Callable[[], Any]
+    done: Callable[[Any, BaseException | None], None]
+
+
+@dataclass(slots=True)
+class _Shared:
+    """State handed between the loop and the worker, guarded by ``DecodeWorker.cv``."""
+
+    incoming: deque[Seq] = field(default_factory=deque)
+    commands: deque[Command] = field(default_factory=deque)
+    pause_acks: list[Callable[[], None]] = field(default_factory=list)
+    paused: bool = False
+    stopping: bool = False
+    poked: bool = False  # a cancel/abort was flagged
+
+
+class DecodeWorker:
+    """Owns the model in one thread; see the module docstring."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None,
+        limits: WorkerLimits,
+        loop: asyncio.AbstractEventLoop,
+        version: Callable[[], int],
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.loop = loop
+        self._version = version
+        self.device = next(model.parameters()).device
+        self.cv = threading.Condition()
+        self.shared = _Shared()
+        self.cache = SlotKVCache(
+            n_layers=model.config.num_hidden_layers, max_batch=limits.max_batch_size,
+            max_seq_len=limits.max_seq_len, block_tokens=limits.cache_block_tokens,
+            device=self.device, dtype=next(model.parameters()).dtype,
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(limits.seed)
+        self._additive = None if model.config._attn_implementation == "sdpa" else next(model.parameters()).dtype
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []  # row i of the KV cache holds running[i]
+        self.batch_sizes: Counter[int] = Counter()  # decode steps per batch size
+        self.n_joined_running = 0  # sequences admitted while others were decoding
+        self.n_prefill_calls = 0
+        self.n_tokens = 0
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="agentflow-local-engine", daemon=True)
+
+    # ------------------------------------------------------------------ called from the loop
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, seq: Seq) -> None:
+        with self.cv:
+            self._check_alive()
+            self.shared.incoming.append(seq)
+            self.cv.notify()
+
+    def command(self, cmd: Command) -> None:
+        with self.cv:
+            self._check_alive()
+            self.shared.commands.append(cmd)
+            self.cv.notify()
+
+    def flag(self) -> None:
+        """Wake the worker after setting ``cancelled``/``aborted`` on a sequence."""
+        with self.cv:
+            self.shared.poked = True
+            self.cv.notify()
+
+    def pause(self, ack: Callable[[], None]) -> None:
+        """Stop between steps; ``ack`` runs (on the loop) once no forward is running."""
+        with self.cv:
+            self.shared.paused = True
+            self.shared.pause_acks.append(ack)
+            self.cv.notify()
+
+    def resume(self) -> None:
+        with self.cv:
+            self.shared.paused = False
+            self.cv.notify()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.shared.stopping = True
+            self.cv.notify()
+
+    def _check_alive(self) -> None:
+        if self.shared.stopping or self.failure is not None:
+            raise EngineError(
+                f"LocalEngine worker is not running (failure: {self.failure!r}); expected an engine "
+                "inside `async with`; start a new engine"
+            )
+
+    # ------------------------------------------------------------------ the thread
+    def _main(self) -> None:
+        try:
+            # Everything the worker allocates (KV cache included) is an inference tensor.
+            with torch.inference_mode():
+                while self._round():
+                    pass
+        except BaseException as e:
+            self.failure = e
+            log.exception("LocalEngine worker failed")
+        finally:
+            self._fail_everything()
+
+    def _round(self) -> bool:
+        commands, paused = self._wait_for_work()
+        if commands is None:
+            return False
+        for cmd in commands:
+            self._run_command(cmd)
+        self._drop_finished_by_caller()
+        if paused:
+            return True
+        self._admit()
+        if self.running:
+            self._decode_step()
+        return True
+
+    def _wait_for_work(self) -> tuple[list[Command] | None, bool]:
+        """Block until there is work; return (commands, paused), commands None = stop."""
+        s = self.shared
+        with self.cv:
+            while True:
+                if s.stopping:
+                    return None, True
+                if s.paused and s.pause_acks:
+                    for ack in s.pause_acks:
+                        self.loop.call_soon_threadsafe(ack)
+                    s.pause_acks.clear()
+                has_seqs = bool(s.incoming or self.waiting or self.running)
+                if s.commands or s.poked or (has_seqs and not s.paused):
+                    break
+                self.cv.wait()
+            self.waiting.extend(s.incoming)
+            s.incoming.clear()
+            s.poked = False
+            commands = list(s.commands)
+            s.commands.clear()
+            return commands, s.paused
+
+    def _run_command(self, cmd: Command) -> None:
+        try:
+            result, err = cmd.fn(), None
+        except Exception as e:
+            result, err = None, e
+        self.loop.call_soon_threadsafe(cmd.done, result, err)
+
+    # ------------------------------------------------------------------ scheduling
+    def _drop_finished_by_caller(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled or s.aborted]:
+            self.waiting.remove(seq)
+            self._finish_unscheduled(seq)
+        for i in reversed(range(len(self.running))):
+            seq = self.running[i]
+            if seq.cancelled or seq.aborted:
+                self._remove_row(i)
+                self._finish_unscheduled(seq)
+
+    def _finish_unscheduled(self, seq: Seq) -> None:
+        if seq.aborted and not seq.cancelled:
+            self._deliver(seq, "abort")
+
+    def _admit(self) -> None:
+        """Prefill as many waiting sequences as fit into free rows and the prefill budget."""
+        batch: list[Seq] = []
+        longest = 0
+        free = self.limits.max_batch_size - len(self.running)
+        while self.waiting and len(batch) < free:
+            n = len(self.waiting[0].context)
+            if batch and (len(batch) + 1) * max(longest, n) > self.limits.max_prefill_tokens:
+                break
+            batch.append(self.waiting.popleft())
+            longest = max(longest, n)
+        if not batch:
+            return
+        if self.running:
+            self.n_joined_running += len(batch)
+        self._prefill(batch, longest)
+
+    def _prefill(self, batch: list[Seq], longest: int) -> None:
+        start, version = len(self.running), self._version()
+        self.running.extend(batch)  # before the forward, so a failure there still fails them
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        for i, seq in enumerate(batch):
+            ctx = seq.context
+            ids[i, : len(ctx)] = torch.tensor(ctx)
+        last = torch.tensor([[len(s.context) - 1] for s in batch], device=self.device)
+        ids = ids.to(self.device)
+        self.cache.reserve(longest)
+        self.cache.set_prefill(start, len(batch))
+        mask = causal_prefill_mask(longest, self.device, additive_dtype=self._additive)
+        positions = torch.arange(longest, device=self.device)[None].expand(len(batch), -1)
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                         use_cache=True, logits_to_keep=last)
+        for seq in batch:
+            seq.kv_len = len(seq.context)
+            seq.n_prefills += 1
+        self.n_prefill_calls += 1
+        self._take_tokens(batch, out.logits[:, -1], version, first_row=start)
+
+    def _decode_step(self) -> None:
+        version = self._version()
+        rows = self.running
+        last = torch.tensor([[s.out_tokens[-1]] for s in rows], device=self.device)
+        positions = torch.tensor([s.kv_len for s in rows], device=self.device)
+        kv_len = max(s.kv_len for s in rows) + 1
+        self.cache.reserve(kv_len)
+        self.cache.set_decode(positions, kv_len)
+        mask = decode_mask(positions, kv_len, additive_dtype=self._additive)
+        out = self.model(input_ids=last, position_ids=positions[:, None], attention_mask=mask,
+                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        for seq in rows:
+            seq.kv_len += 1
+        self.batch_sizes[len(rows)] += 1
+        self._take_tokens(list(rows), out.logits[:, -1], version, first_row=0)
+
+    def _take_tokens(self, seqs: list[Seq], logits: torch.Tensor, version: int, first_row: int) -> None:
+        """Sample one token per sequence, append it, retire finished rows."""
+        tokens, logprobs = sample(logits, [s.params for s in seqs], self.generator)
+        now = time.perf_counter()
+        done: list[tuple[int, StopReason]] = []
+        for i, (seq, tok, lp) in enumerate(zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True)):
+            seq.out_tokens.append(tok)
+            seq.out_logprobs.append(lp)
+            seq.out_versions.append(version)
+            if seq.t_first is None:
+                seq.t_first = now
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                done.append((first_row + i, reason))
+        self.n_tokens += len(seqs)
+        for row, reason in sorted(done, reverse=True):
+            seq = self.running[row]
+            self._remove_row(row)
+            self._deliver(seq, reason)
+
+    def _stop_reason(self, seq: Seq) -> StopReason | None:
+        if seq.out_tokens[-1] in seq.stop_ids or self._matches_stop_string(seq):
+            return "stop"
+        if len(seq.out_tokens) >= seq.max_new or seq.kv_len + 1 >= self.limits.max_seq_len:
+            return "length"
+        return None
+
+    def _matches_stop_string(self, seq: Seq) -> bool:
+        stops = seq.req.gconfig.stop
+        if not stops or self.tokenizer is None:
+            return False
+        window = max(map(len, stops)) + _STOP_WINDOW_TOKENS
+        text = self.tokenizer.decode(seq.out_tokens[-window:], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    def _remove_row(self, row: int) -> None:
+        """Drop running row ``row``; the last row moves into its KV slot (rows stay packed)."""
+        last = len(self.running) - 1
+        if row != last:
+            moved = self.running[last]
+            self.cache.move_row(last, row, moved.kv_len)
+            self.running[row] = moved
+        self.running.pop()
+
+    # ------------------------------------------------------------------ weight updates
+    def requeue_running(self) -> None:
+        """(Worker thread, between steps.) Send running rows back for a fresh prefill."""
+        for seq in reversed(self.running):
+            seq.kv_len = 0
+            self.waiting.appendleft(seq)
+        self.running.clear()
+
+    # ------------------------------------------------------------------ results
+    def _deliver(self, seq: Seq, reason: StopReason) -> None:
+        now = time.perf_counter()
+        resp = ModelResponse(
+            input_tokens=list(seq.req.input_ids),
+            output_tokens=seq.out_tokens,
+            output_logprobs=seq.out_logprobs,
+            output_versions=seq.out_versions,
+            stop_reason=reason,
+            latency=now - seq.t_submit,
+            ttft=(seq.t_first if seq.t_first is not None else now) - seq.t_submit,
+        )
+        self.loop.call_soon_threadsafe(_set_result, seq.fut, resp)
+
+    def _fail_everything(self) -> None:
+        with self.cv:
+            self.shared.stopping = True
+            seqs = [*self.shared.incoming, *self.waiting, *self.running]
+            commands = list(self.shared.commands)
+            acks = list(self.shared.pause_acks)
+            self.shared.incoming.clear()
+            self.shared.commands.clear()
+            self.shared.pause_acks.clear()
+        self.waiting.clear()
+        self.running.clear()
+        why = "its worker failed" if self.failure is not None else "it was shut down"
+        for seq in seqs:
+            err = EngineError(
+                f"LocalEngine request {seq.req.rid!r} did not finish: {why} while it was in flight "
+                f"({len(seq.out_tokens)} tokens generated); expected the engine to outlive its requests"
+            )
+            err.__cause__ = self.failure
+            _post(self.loop, _set_exception, seq.fut, err)
+        for cmd in commands:
+            _post(self.loop, cmd.done, None, EngineError(f"LocalEngine command dropped: {why}"))
+        for ack in acks:
+            _post(self.loop, ack)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # loop already closed: nobody is waiting any more
+        pass
+
+
+def _set_result(fut: asyncio.Future[ModelResponse], resp: ModelResponse) -> None:
+    if not fut.done():
+        fut.set_result(resp)
+
+
+def _set_exception(fut: asyncio.Future[ModelResponse], err: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(err)
