@@ -42,6 +42,7 @@ from agentflow import (
     Scheduling,
     TrainEngine,
     Trajectory,
+    TrajectoryError,
     WeightUpdateMeta,
 )
 from agentflow.engines import _dist
@@ -281,6 +282,10 @@ class FSDPEngine(TrainEngine):
             return self._run(mbs, loss_fn, loss_weight_fn, backward=False)["loss"]
 
     def _run(self, mbs: list[MicroBatch], loss_fn: LossFn, weight_fn: WeightFn, backward: bool) -> dict[str, float]:
+        if "loss_mask" not in mbs[0].data:
+            raise TrajectoryError(
+                f"training needs batch['loss_mask'] (1 on trained tokens); got keys {sorted(mbs[0].data)}"
+            )
         weights = [0.0 if mb.seq_index[0] < 0 else float(weight_fn(mb.data)) for mb in mbs]
         total = _dist.all_reduce_float(sum(weights))
         if not total > 0:
