@@ -90,6 +90,13 @@ def local_engine(path: str) -> tuple[Any, Any]:
     return LocalEngine(model, tok, config=LocalEngineConfig()), tok
 
 
+def _prompt(tok: Any, text: str) -> list[int]:
+    msgs = [{"role": "user", "content": text}]
+    if getattr(tok, "chat_template", None):
+        return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return list(tok.encode(text))
+
+
 async def measure(args: argparse.Namespace, path: str, address: str) -> dict[str, float]:
     """Per-request overhead: median of paired differences (local, then remote, same prompt), so
     load changes on the shared machine hit both sides. Throughput: alternating phases, best of N."""
@@ -98,7 +105,7 @@ async def measure(args: argparse.Namespace, path: str, address: str) -> dict[str
     from agentflow.engines.remote import RemoteEngineConfig, RemoteSGLangEngine
 
     engine, tok = local_engine(path)
-    prompts = [tok.encode(f"Question {i}: what is {i} plus {i * 3}?") for i in range(args.requests)]
+    prompts = [_prompt(tok, f"Write a short story about the number {i}.") for i in range(args.requests)]
     best: dict[str, float] = {}
     diffs: list[float] = []
     client = RemoteSGLangEngine([address], config=RemoteEngineConfig(startup_timeout_s=300))
@@ -115,6 +122,7 @@ async def measure(args: argparse.Namespace, path: str, address: str) -> dict[str
             for name, eng in (("local", local), ("remote", remote)):
                 s, n = await run_phase(eng, prompts, args.max_new_tokens, args.concurrency)
                 best[f"{name}_tok_s"] = max(best.get(f"{name}_tok_s", 0.0), n / s)
+                best[f"{name}_tokens_per_request"] = n / len(prompts)
     best["overhead_s"] = statistics.median(diffs)
     return best
 
@@ -154,6 +162,8 @@ def main() -> None:
           f"threads={args.threads}")
     print(f"one request at a time: local best {1000 * r['local_latency_s']:.1f} ms, remote overhead "
           f"{1000 * r['overhead_s']:+.1f} ms/request (median of paired differences)")
+    print(f"generated tokens/request: local {r['local_tokens_per_request']:.1f}, "
+          f"remote {r['remote_tokens_per_request']:.1f}")
     print(f"throughput at concurrency {args.concurrency}: local {r['local_tok_s']:.0f} tok/s, "
           f"remote {r['remote_tok_s']:.0f} tok/s, remote/local = {r['remote_tok_s'] / r['local_tok_s']:.2f}")
 
