@@ -140,12 +140,15 @@ def _convert_gguf(spec: EmbeddedModel, target: Path) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _save_atomically(_rebuild_plain(quantised), tok, target, spec.name)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    model = _rebuild_plain(quantised)
+
+
+def _save_atomically(model: PreTrainedModel, tok: PreTrainedTokenizerBase, target: Path, name: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     tmp.chmod(0o755)
     try:
         model.save_pretrained(tmp)

@@ -143,7 +143,7 @@ async def test_bfloat16_on_cpu(fresh):
 async def test_staggered_arrivals_join_running_batch(tiny):
     model, tok = tiny
     async with LocalEngine(model, tok, config=LocalEngineConfig(max_batch_size=4)) as engine:
-        long_task, _ = await start_long(engine, tok, max_new=300)
+        long_task, _ = await start_long(engine, tok, max_new=120)
         late_prompt = ids(tok, "late arrival")
         late = await engine.agenerate(ModelRequest(late_prompt, GenerationConfig(max_new_tokens=8, greedy=True)))
         assert not long_task.done()  # the late request finished while the long one kept decoding
@@ -152,7 +152,7 @@ async def test_staggered_arrivals_join_running_batch(tiny):
     assert stats["joined_running_batch"] >= 1  # the late request (maybe the probe too) joined a running batch
     assert stats["batch_sizes"].get(2, 0) >= 7  # steps where the long and the late request shared a batch
     assert late.output_tokens == reference_greedy(model, late_prompt, 8, tok.eos_token_id)
-    assert long.output_tokens == reference_greedy(model, ids(tok, "long running request"), 300, tok.eos_token_id)
+    assert long.output_tokens == reference_greedy(model, ids(tok, "long running request"), 120, tok.eos_token_id)
 
 
 async def test_many_concurrent_requests(tiny):
