@@ -235,7 +235,9 @@ class SGLangServer:
             if left <= 0:
                 run.finish = {"type": "length", "length": spec.max_new_tokens}
                 break
-            if await _race(self.gate.wait_unpaused(), run.abort) is None and run.abort.is_set():
+            if self.gate.paused:  # retract / in_place: hold between chunks until continue (or abort)
+                await _race(self.gate.wait_unpaused(), run.abort)
+            if run.abort.is_set():
                 run.finish = abort_finish()
                 break
             gconfig = GenerationConfig(
