@@ -8,7 +8,9 @@ Prints JSON lines:
 - ``{"bench": "train_step", ...}``: tokens/s of ``FSDPEngine.train_batch`` (world size 1, gloo,
   packed rows, chunked log-probs) and of a plain loop over the *same* model weights, data and
   micro-batch count (padded batches with an attention mask, full-vocabulary log-softmax, AdamW),
-  interleaved step by step in one process; ``ratio`` = engine / plain (median of the steps).
+  interleaved step by step in one process; ``ratio`` = engine / plain throughput (median wall
+  time of the steps) and ``cpu_ratio`` the same on process CPU time, which other jobs on a shared
+  machine disturb much less than wall time.
 
 Run: ``python benchmarks/bench_train.py [--steps 3] [--seqs 32] [--threads 2]``.
 """
@@ -93,18 +95,21 @@ def bench_train(args: argparse.Namespace) -> None:
     chunks = [pad_trajectories(trajs[i : i + per], tok.pad_token_id) for i in range(0, len(trajs), per)]
     processed = sum(c["input_ids"].numel() for c in chunks)
     real = sum(lengths)
-    times: dict[str, list[float]] = {"engine": [], "plain": []}
+    wall: dict[str, list[float]] = {"engine": [], "plain": []}
+    cpu: dict[str, list[float]] = {"engine": [], "plain": []}
     for step in range(args.steps + 1):  # step 0 warms up both
         for name in ("engine", "plain") if step % 2 == 0 else ("plain", "engine"):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if name == "engine":
                 eng.train_batch(trajs, spec, sft_loss, token_count)
             else:
                 plain_step(plain, opt, chunks)
             if step > 0:
-                times[name].append(time.perf_counter() - t0)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     eng.destroy()
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(json.dumps({
         "bench": "train_step", "params": n_params, "hidden": args.hidden, "layers": args.layers,
         "n_seqs": len(lengths), "real_tokens": real, "max_len": max(lengths), "n_mbs": args.n_mbs,
@@ -112,6 +117,8 @@ def bench_train(args: argparse.Namespace) -> None:
         "engine_s": round(med["engine"], 3), "plain_s": round(med["plain"], 3),
         "engine_tok_s": round(real / med["engine"], 1), "plain_tok_s": round(real / med["plain"], 1),
         "ratio": round(med["plain"] / med["engine"], 3),
+        "engine_cpu_s": round(med_cpu["engine"], 3), "plain_cpu_s": round(med_cpu["plain"], 3),
+        "cpu_ratio": round(med_cpu["plain"] / med_cpu["engine"], 3),
     }))
 
 
