@@ -66,6 +66,8 @@ class DataSpec:
         size: training prompts to generate (built-in tasks).
         eval_size: held-out prompts (a different seed, or the file's last rows).
         seed: data seed (generation and shuffling).
+        system: system message for tasks that have none (null = the chat template's default; a short
+            one keeps prompts short, which is most of the compute on a CPU).
         options: extra task options (e.g. ``{digits: 2, ops: ['+', '-']}``).
     """
 
@@ -74,6 +76,7 @@ class DataSpec:
     size: int = 5000
     eval_size: int = 200
     seed: int = 0
+    system: str | None = "Be brief."
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -210,34 +213,46 @@ def _build_train_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> F
 
 
 # ---------------------------------------------------------------------------------------- data
-def _task_data(spec: DataSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Callable[..., Any]]:
-    """``(train rows, eval rows, reward_fn)`` for a task name."""
+@dataclass(frozen=True, slots=True)
+class _TaskData:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    reward: Callable[..., Any]  # what training optimises
+    eval_reward: Callable[..., Any]  # what evaluation reports
+
+
+def _task_data(spec: DataSpec) -> _TaskData:
+    """Rows and reward functions for a task name."""
     from agentflow.envs import tasks
 
     opts = dict(spec.options)
+    rows = lambda items: _rows(items, spec.system)  # noqa: E731
     if spec.task == "addition":
+        # Train on a shaped reward (right: 0.5, right and only the number: 1.0); report the strict one.
         make = lambda n, seed: tasks.arithmetic_tasks(n, seed=seed, digits=1, ops=("+",), **opts)  # noqa: E731
-        reward: Callable[..., Any] = tasks.exact_answer_reward
-    elif spec.task == "arithmetic":
+        return _TaskData(rows(make(spec.size, spec.seed)), rows(make(spec.eval_size, spec.seed + 10_007)),
+                         tasks.shaped_answer_reward, tasks.exact_answer_reward)
+    if spec.task == "arithmetic":
         make = lambda n, seed: tasks.arithmetic_tasks(n, seed=seed, **opts)  # noqa: E731
-        reward = tasks.arithmetic_reward
+        reward: Callable[..., Any] = tasks.arithmetic_reward
     elif spec.task == "countdown":
         make = lambda n, seed: tasks.countdown_tasks(n, seed=seed, **opts)  # noqa: E731
         reward = tasks.countdown_reward
     elif spec.task == "gsm8k":
         if not spec.path:
             raise ConfigError("data.task=gsm8k needs data.path=<file.jsonl>; got none")
-        rows = tasks.load_gsm8k_jsonl(spec.path, **opts)
-        if len(rows) <= spec.eval_size:
-            raise ConfigError(f"{spec.path} has {len(rows)} rows; need more than data.eval_size={spec.eval_size}")
-        return _rows(rows[: -spec.eval_size]), _rows(rows[-spec.eval_size:]), tasks.gsm8k_reward
+        items = tasks.load_gsm8k_jsonl(spec.path, **opts)
+        if len(items) <= spec.eval_size:
+            raise ConfigError(f"{spec.path} has {len(items)} rows; need more than data.eval_size={spec.eval_size}")
+        return _TaskData(_rows(items[: -spec.eval_size], spec.system), _rows(items[-spec.eval_size:], spec.system),
+                         tasks.gsm8k_reward, tasks.gsm8k_reward)
     else:
         raise ConfigError(f"data.task must be addition, arithmetic, countdown or gsm8k; got {spec.task!r}")
-    return _rows(make(spec.size, spec.seed)), _rows(make(spec.eval_size, spec.seed + 10_007)), reward
+    return _TaskData(rows(make(spec.size, spec.seed)), rows(make(spec.eval_size, spec.seed + 10_007)), reward, reward)
 
 
-def _rows(items: Sequence[Any]) -> list[dict[str, Any]]:
-    return [{"id": t.id, "prompt": t.prompt, "answer": t.answer, "system": t.system, "info": dict(t.info)}
+def _rows(items: Sequence[Any], system: str | None) -> list[dict[str, Any]]:
+    return [{"id": t.id, "prompt": t.prompt, "answer": t.answer, "system": t.system or system, "info": dict(t.info)}
             for t in items]
 
 
@@ -323,15 +338,16 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     train_engine = _build_train_engine(cfg, copy.deepcopy(model), tokenizer)
     ref_engine = _build_train_engine(cfg, copy.deepcopy(model), tokenizer) if cfg.algo.ppo.kl_coef > 0 else None
     engine = _build_inference(cfg, model, tokenizer)
-    train_rows, eval_rows, reward_fn = _task_data(cfg.data)
-    workflow = _build_workflow(cfg.workflow, tokenizer, reward_fn, cfg.generation)
+    data = _task_data(cfg.data)
+    workflow = _build_workflow(cfg.workflow, tokenizer, data.reward, cfg.generation)
+    eval_workflow = _build_workflow(cfg.workflow, tokenizer, data.eval_reward, cfg.generation)
     metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                             wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
     trainer = Trainer(
         cfg.trainer, engine=engine, train_engine=train_engine,
         train_step=lambda trajs: ppo_step(train_engine, cfg.algo, cfg.trainer, trajs, ref_engine),
-        workflow=workflow, prompts=PromptSource(train_rows, seed=cfg.data.seed), run_dir=run_dir,
-        metrics=metrics, evaluation=EvalSpec(eval_rows, workflow), progress=cfg.logging.progress,
+        workflow=workflow, prompts=PromptSource(data.train, seed=cfg.data.seed), run_dir=run_dir,
+        metrics=metrics, evaluation=EvalSpec(data.eval, eval_workflow), progress=cfg.logging.progress,
         tokenizer=tokenizer,
     )
     if resume:
@@ -358,9 +374,9 @@ def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int |
     if ckpt_model.is_dir():  # a checkpoint directory: use its model/
         path = str(ckpt_model)
     m, tokenizer, _ = _load_model_and_tokenizer(path)
-    _, eval_rows, reward_fn = _task_data(cfg.data)
-    rows = eval_rows[: n or len(eval_rows)]
-    workflow = _build_workflow(cfg.workflow, tokenizer, reward_fn, cfg.generation)
+    data = _task_data(cfg.data)
+    rows = data.eval[: n or len(data.eval)]
+    workflow = _build_workflow(cfg.workflow, tokenizer, data.eval_reward, cfg.generation)
     engine = _build_inference(cfg, m, tokenizer)
 
     async def run() -> list[float]:

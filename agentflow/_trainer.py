@@ -177,6 +177,8 @@ class Trainer:
             feeder = tg.create_task(self._feed())
             try:
                 await asyncio.to_thread(self._train_thread, asyncio.get_running_loop())
+                if self._eval_task is not None:  # the last version's evaluation
+                    await self._eval_task
             finally:
                 self._stop.set()
                 feeder.cancel()

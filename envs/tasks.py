@@ -39,6 +39,7 @@ __all__ = [
     "countdown_reward",
     "countdown_tasks",
     "exact_answer_reward",
+    "shaped_answer_reward",
     "gsm8k_reward",
     "load_gsm8k_jsonl",
     "parse_gsm8k_line",
@@ -118,6 +119,18 @@ def exact_answer_reward(completion: str, task: Task) -> float:
     The strict variant for "answer with only the number" prompts: right *and* well-formatted.
     """
     return float(completion.strip() == task.answer.strip())
+
+
+def shaped_answer_reward(completion: str, task: Task) -> float:
+    """1.0 for exactly the answer, 0.5 when the last number is right but other text surrounds it.
+
+    A training signal for "answer with only the number" prompts on small models, which are
+    almost never exactly right at first: credit for being right teaches the arithmetic, the
+    extra credit for the bare number teaches the format. Evaluate with :func:`exact_answer_reward`.
+    """
+    if exact_answer_reward(completion, task):
+        return 1.0
+    return 0.5 * arithmetic_reward(completion, task)
 
 
 def arithmetic_reward(completion: str, task: Task) -> float:
