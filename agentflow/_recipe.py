@@ -295,13 +295,45 @@ def _import_object(ref: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- one step
-def ppo_step(
-    train_engine: TrainEngine, algo: AlgoConfig, trainer: TrainerConfig, trajs: list[Trajectory],
+Shard = list[tuple[Trajectory, list[float]]]  # trajectories with their per-token advantages
+
+
+def token_advantages(trajs: list[Trajectory], algo: AlgoConfig) -> Shard:
+    """Advantages over the *whole* batch (group and batch normalisation need all of it)."""
+    adv = compute_advantages(trajs, algo)
+    return [(t, adv[i, : len(t)].tolist()) for i, t in enumerate(trajs)]
+
+
+def split_by_tokens(items: Shard, n: int) -> list[Shard]:
+    """Longest-first onto the least-loaded rank: equal token counts per rank, whole sequences."""
+    if len(items) < n:
+        raise ConfigError(f"a batch of {len(items)} sequences cannot be split over {n} ranks; "
+                          "raise rollout.consumer_batch_size or generation.n_samples")
+    shards: list[Shard] = [[] for _ in range(n)]
+    load = [0] * n
+    for item in sorted(items, key=lambda it: -len(it[0])):
+        r = min(range(n), key=lambda i: (load[i], len(shards[i])))
+        shards[r].append(item)
+        load[r] += len(item[0])
+    return shards
+
+
+def ppo_update(
+    train_engine: TrainEngine, algo: AlgoConfig, trainer: TrainerConfig, items: Shard,
     ref_engine: TrainEngine | None = None,
 ) -> dict[str, float]:
-    """Advantages -> proximal (and reference) log-probs -> PPO minibatch updates -> LR step."""
+    """Proximal (and reference) log-probs -> PPO minibatch updates -> LR step, on this rank's shard.
+
+    Collective under torchrun: every rank calls it once per step with the same number of minibatches.
+    """
+    import torch
+
+    trajs = [t for t, _ in items]
     batch = pad_trajectories(trajs)
-    batch["advantages"] = compute_advantages(trajs, algo)
+    adv = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+    for i, (_, a) in enumerate(items):
+        adv[i, : len(a)] = torch.tensor(a)
+    batch["advantages"] = adv
     mb_spec = MicroBatchSpec(max_tokens_per_mb=trainer.max_tokens_per_mb)
     if algo.ppo.decoupled:
         batch["prox_logp"] = train_engine.forward(batch, mb_spec)
@@ -310,8 +342,9 @@ def ppo_step(
             raise ConfigError("algo.ppo.kl_coef > 0 needs a reference model; none was built")
         batch["ref_logp"] = ref_engine.forward(batch, mb_spec)
     stats: dict[str, float] = {}
-    n = len(trajs)
-    k = min(trainer.ppo_minibatches, n)
+    n, k = len(trajs), trainer.ppo_minibatches
+    if n < k:
+        raise ConfigError(f"trainer.ppo_minibatches={k} but this rank has only {n} sequences; lower it")
     for i in range(k):
         sl = slice(i * n // k, (i + 1) * n // k)
         mb = {key: value[sl] for key, value in batch.items()}
@@ -319,6 +352,72 @@ def ppo_step(
             stats[key] = stats.get(key, 0.0) + value / k
     train_engine.step_lr_scheduler()
     return stats
+
+
+def ppo_step(
+    train_engine: TrainEngine, algo: AlgoConfig, trainer: TrainerConfig, trajs: list[Trajectory],
+    ref_engine: TrainEngine | None = None,
+) -> dict[str, float]:
+    """One train step on one process: advantages, then :func:`ppo_update`."""
+    return ppo_update(train_engine, algo, trainer, token_advantages(trajs, algo), ref_engine)
+
+
+class _Ranks:
+    """torchrun plumbing: rank 0 shards each step's batch; the other ranks follow (collectives)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def send(self, obj: Any) -> None:
+        self.dist.broadcast_object_list([obj], src=0)
+
+    def recv(self) -> Any:
+        box: list[Any] = [None]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def lead_step(self, train_engine: TrainEngine, cfg: TrainRecipeConfig, trajs: list[Trajectory],
+                  ref_engine: TrainEngine | None) -> dict[str, float]:
+        shards = split_by_tokens(token_advantages(trajs, cfg.algo), self.world)
+        self.send(("step", shards))  # one broadcast per step; rank r trains on shards[r]
+        return ppo_update(train_engine, cfg.algo, cfg.trainer, shards[0], ref_engine)
+
+
+class _LeadEngine:
+    """Rank 0's view of the train engine: tells the followers before each collective call."""
+
+    def __init__(self, inner: TrainEngine, ranks: _Ranks) -> None:
+        self._inner, self._ranks = inner, ranks
+
+    def upload_weights(self, meta: Any) -> Any:
+        self._ranks.send(("upload", meta))
+        return self._inner.upload_weights(meta)
+
+    def save(self, meta: Any) -> None:
+        self._ranks.send(("save", meta.path))
+        self._inner.save(meta)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _follow(ranks: _Ranks, cfg: TrainRecipeConfig, train_engine: TrainEngine, ref_engine: TrainEngine | None) -> None:
+    """Ranks > 0: mirror rank 0's collective calls (train, upload, save) until it says stop."""
+    from agentflow._engine_api import SaveLoadMeta
+
+    while True:
+        kind, payload = ranks.recv()
+        if kind == "stop":
+            return
+        if kind == "step":
+            ppo_update(train_engine, cfg.algo, cfg.trainer, payload[ranks.rank], ref_engine)
+        elif kind == "upload":
+            train_engine.upload_weights(payload)
+        elif kind == "save":
+            train_engine.save(SaveLoadMeta(path=payload, with_optim=True))
 
 
 # ---------------------------------------------------------------------------------------- entry points
@@ -337,15 +436,23 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     model, tokenizer, _ = _load_model_and_tokenizer(cfg.model.path)
     train_engine = _build_train_engine(cfg, copy.deepcopy(model), tokenizer)
     ref_engine = _build_train_engine(cfg, copy.deepcopy(model), tokenizer) if cfg.algo.ppo.kl_coef > 0 else None
+    ranks = _Ranks() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if ranks is not None and ranks.rank > 0:
+        return _follower_main(ranks, cfg, train_engine, ref_engine, resume)
     engine = _build_inference(cfg, model, tokenizer)
     data = _task_data(cfg.data)
     workflow = _build_workflow(cfg.workflow, tokenizer, data.reward, cfg.generation)
     eval_workflow = _build_workflow(cfg.workflow, tokenizer, data.eval_reward, cfg.generation)
     metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                             wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+    if ranks is None:
+        step_fn = lambda trajs: ppo_step(train_engine, cfg.algo, cfg.trainer, trajs, ref_engine)  # noqa: E731
+        lead: Any = train_engine
+    else:
+        step_fn = lambda trajs: ranks.lead_step(train_engine, cfg, trajs, ref_engine)  # noqa: E731
+        lead = _LeadEngine(train_engine, ranks)
     trainer = Trainer(
-        cfg.trainer, engine=engine, train_engine=train_engine,
-        train_step=lambda trajs: ppo_step(train_engine, cfg.algo, cfg.trainer, trajs, ref_engine),
+        cfg.trainer, engine=engine, train_engine=lead, train_step=step_fn,
         workflow=workflow, prompts=PromptSource(data.train, seed=cfg.data.seed), run_dir=run_dir,
         metrics=metrics, evaluation=EvalSpec(data.eval, eval_workflow), progress=cfg.logging.progress,
         tokenizer=tokenizer,
@@ -359,11 +466,30 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     try:
         asyncio.run(trainer.run())
     finally:
+        if ranks is not None:
+            ranks.send(("stop", None))
         metrics.close()
         train_engine.destroy()
         if ref_engine is not None:
             ref_engine.destroy()
     return f"trained {trainer.state.step} steps in {time.perf_counter() - t0:.0f}s; run directory: {run_dir}"
+
+
+def _follower_main(ranks: _Ranks, cfg: TrainRecipeConfig, train_engine: TrainEngine,
+                   ref_engine: TrainEngine | None, resume: bool) -> str:
+    from agentflow._checkpoint import Checkpointer
+    from agentflow._engine_api import SaveLoadMeta
+
+    if resume:
+        latest = Checkpointer(cfg.logging.run_dir).latest()
+        if latest is None:
+            raise CheckpointError(f"--resume: no complete checkpoint under {cfg.logging.run_dir}/checkpoints")
+        train_engine.load(SaveLoadMeta(path=str(latest / "model"), with_optim=True))
+    try:
+        _follow(ranks, cfg, train_engine, ref_engine)
+    finally:
+        train_engine.destroy()
+    return f"rank {ranks.rank} done"
 
 
 def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int | None = None) -> str:

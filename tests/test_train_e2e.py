@@ -88,3 +88,19 @@ def test_sigkill_then_resume_skips_and_repeats_no_prompt(tmp_path):
     handed_out = _prompt_stream(trainer_state["data"]["pos"])
     # Every prompt handed out is trained on, buffered or in flight: none skipped, none twice.
     assert sorted(consumed + in_flight) == sorted(handed_out)
+
+
+@pytest.mark.integration
+def test_torchrun_two_ranks_train_together(tmp_path):
+    """Rollout on rank 0, each step's batch split over 2 gloo ranks by token count."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "agentflow", "train",
+           TINY, f"logging.run_dir={run}", "trainer.total_steps=3", "trainer.eval_every=0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = _steps(run)
+    assert sorted(steps) == [1, 2, 3]
+    # 4 prompts x 2 samples per step, counted over both ranks.
+    assert all(r["train/n_seqs"] == 8 for r in steps.values())
+    assert (run / "checkpoints" / "step-000002" / "COMPLETE").exists()
