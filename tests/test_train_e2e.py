@@ -45,6 +45,11 @@ def test_train_tiny_async_keeps_staleness_bounded(tmp_path):
     out = _agentflow("plot", str(run), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (run / "curves.png").stat().st_size > 10_000
+    # `agentflow eval` scores the final checkpoint on held-out prompts.
+    out = _agentflow("eval", TINY, "--model", str(run / "checkpoints" / "step-000006"), "--n", "4", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["n"] == 4 and 0.0 <= result["mean_reward"] <= 1.0
 
 
 def _prompt_stream(n: int) -> list[str]:
