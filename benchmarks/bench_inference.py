@@ -114,7 +114,8 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t
 
 
-def compare(name: str, reps: int, useful: int, runs: dict[str, Callable[[], None]], **extra: Any) -> None:
+def compare(name: str, reps: int, useful: int, runs: dict[str, Callable[[], None]],
+            after: Callable[[], dict[str, Any]] = dict, **extra: Any) -> None:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for f in runs.values():  # warm-up
         f()
@@ -124,7 +125,7 @@ def compare(name: str, reps: int, useful: int, runs: dict[str, Callable[[], None
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: useful / v for k, v in med.items()}
     emit(bench=name, useful_tokens=useful, seconds=med, tokens_per_s={k: round(v, 1) for k, v in tps.items()},
-         ratio_local_vs_generate=round(tps["local"] / tps["generate"], 3), reps=reps, **extra)
+         ratio_local_vs_generate=round(tps["local"] / tps["generate"], 3), reps=reps, **extra, **after())
 
 
 def bench_equal(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace) -> None:
@@ -133,7 +134,7 @@ def bench_equal(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace
     compare("equal", args.reps, sum(m for _, m in reqs), {
         "generate": lambda: run_generate(model, tok, [reqs]),
         "local": lambda: _local(host, reqs),
-    }, batch=args.batch, max_new=args.max_new, dtype=args.dtype)
+    }, batch=args.batch, max_new=args.max_new, dtype=args.dtype, threads=args.threads)
 
 
 def bench_mixed(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace) -> None:
@@ -148,8 +149,9 @@ def bench_mixed(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace
     compare("mixed", args.reps, sum(lens), {
         "generate": lambda: run_generate(model, tok, batches),
         "local": lambda: _local(host, reqs),
-    }, batch=args.batch, requests=n, max_new_range=[lo, args.max_new], generate_padded_tokens=padded,
-       local_batch_sizes=_diff(host.engine.stats()["batch_sizes"], before), dtype=args.dtype)
+    }, after=lambda: {"local_decode_steps_by_batch_size": _diff(host.engine.stats()["batch_sizes"], before)},
+       batch=args.batch, requests=n, max_new_range=[lo, args.max_new], generate_padded_tokens=padded,
+       dtype=args.dtype, threads=args.threads)
 
 
 def _local(host: EngineHost, reqs: list[tuple[list[int], int]]) -> None:
@@ -180,23 +182,27 @@ def bench_rss(args: argparse.Namespace) -> None:
 
 
 def rss_child(args: argparse.Namespace) -> None:
+    import psutil
     import torch
 
     torch.set_num_threads(args.threads)
+    rss = lambda: psutil.Process().memory_info().rss / 2**20  # noqa: E731
     maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (MiB on Linux)
     t = time.perf_counter()
     model, tok = load(args.dtype)
     load_s = time.perf_counter() - t
-    loaded = maxrss()
+    loaded, loaded_now = maxrss(), rss()
     host = EngineHost(model, tok, args.batch, args.dtype)
     reqs = [(p, args.max_new) for p in prompts(tok, args.batch)]
     t = time.perf_counter()
     _local(host, reqs)
     serve_s = time.perf_counter() - t
+    served_now = rss()
     kv = host.engine.stats()["kv_cache_bytes"]
     host.close()
     emit(bench="rss", batch=args.batch, max_new=args.max_new, dtype=args.dtype, load_s=round(load_s, 2),
          peak_rss_mib_after_load=round(loaded), peak_rss_mib_serving=round(maxrss()),
+         rss_mib_after_load=round(loaded_now), rss_mib_after_serving=round(served_now),
          kv_cache_mib=round(kv / 2**20, 1), serve_s=round(serve_s, 2),
          tokens_per_s=round(args.batch * args.max_new / serve_s, 1))
 
@@ -208,12 +214,13 @@ def rss_child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="batch 8, 32 new tokens, 1 rep (< 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="batch 8, 32 new tokens, 1 rep after a warm-up (< 2 minutes)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; use 1 on a shared machine (2 OpenMP threads on busy cores collapse)")
     ap.add_argument("--only", choices=["equal", "mixed", "rss"], action="append")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -419,7 +419,7 @@ async def test_cuda_greedy_and_logprobs(fresh, dtype):
     prompts = [ids(tok, p) for p in PROMPTS]
     async with LocalEngine(model, tok, config=LocalEngineConfig(device="cuda", dtype=dtype)) as engine:
         outs = await asyncio.gather(*[engine.agenerate(ModelRequest(p, GREEDY)) for p in prompts])
-    model = model.float()
+    model = model.float().cpu()
     tol = LOGPROB_TOL * 10 if dtype == "float32" else 0.1
     for p, o in zip(prompts, outs, strict=True):
         if dtype == "float32":
