@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 
 import pytest
@@ -112,3 +113,23 @@ def test_packed_row_equals_sequences_alone_with_gradients(tiny, impl):
     alone.sum().backward()
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_length_bucketed_attention_equals_one_call_per_sequence():
+    import torch.nn.functional as F
+
+    from agentflow.engines._attention import _per_segment
+
+    torch.manual_seed(0)
+    lens = [1, 16, 17, 3, 40, 2]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, 4, sum(lens), 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, sum(lens), 8, requires_grad=True) for _ in range(2))
+    got = _per_segment(q, k, v, cu, None, 0.0)
+    b = cu.tolist()
+    ref = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                    enable_gqa=True) for s, e in itertools.pairwise(b)], 2)
+    torch.testing.assert_close(got, ref.transpose(1, 2), atol=1e-6, rtol=0)
+    (g1,) = torch.autograd.grad(got.square().sum(), q)
+    (g2,) = torch.autograd.grad(ref.square().sum(), q)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=0)
