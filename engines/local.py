@@ -326,7 +326,7 @@ class LocalEngine(InferenceEngine):
         if w is None:
             return {}
         return {
-            "batch_sizes": dict(sorted(w.batch_sizes.items())),
+            "batch_sizes": dict(sorted(dict(w.batch_sizes).items())),  # copy first: the worker writes it
             "decode_steps": sum(w.batch_sizes.values()),
             "joined_running_batch": w.n_joined_running,
             "prefill_calls": w.n_prefill_calls,
