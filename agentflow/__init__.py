@@ -39,6 +39,7 @@ from agentflow.errors import (
 
 if TYPE_CHECKING:
     from agentflow.client import OpenAIClient
+    from agentflow.proxy import ProxyServer
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "ModelRequest",
     "ModelResponse",
     "OpenAIClient",
+    "ProxyServer",
     "ReplayBuffer",
     "RolloutConfig",
     "RolloutWorkflow",
@@ -78,7 +80,7 @@ __all__ = [
     "staleness_capacity",
 ]
 
-_LAZY = {"OpenAIClient": "agentflow.client"}
+_LAZY = {"OpenAIClient": "agentflow.client", "ProxyServer": "agentflow.proxy"}
 
 
 def __getattr__(name: str) -> Any:

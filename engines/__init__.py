@@ -8,16 +8,29 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agentflow.engines.fsdp import FSDPEngine
-    from agentflow.engines.local import LocalEngine
-    from agentflow.engines.remote import RemoteSGLangEngine
+    from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
+    from agentflow.engines.local import LocalEngine, LocalEngineConfig
+    from agentflow.engines.model_loading import load_model
+    from agentflow.engines.remote import RemoteEngineConfig, RemoteSGLangEngine
 
-__all__ = ["FSDPEngine", "LocalEngine", "RemoteSGLangEngine"]
+__all__ = [
+    "FSDPEngine",
+    "FSDPEngineConfig",
+    "LocalEngine",
+    "LocalEngineConfig",
+    "RemoteEngineConfig",
+    "RemoteSGLangEngine",
+    "load_model",
+]
 
 _LAZY = {
     "LocalEngine": "agentflow.engines.local",
+    "LocalEngineConfig": "agentflow.engines.local",
     "RemoteSGLangEngine": "agentflow.engines.remote",
+    "RemoteEngineConfig": "agentflow.engines.remote",
     "FSDPEngine": "agentflow.engines.fsdp",
+    "FSDPEngineConfig": "agentflow.engines.fsdp",
+    "load_model": "agentflow.engines.model_loading",
 }
 
 

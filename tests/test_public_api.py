@@ -18,7 +18,7 @@ EXPECTED = {
     "Scheduling", "RolloutConfig", "StalePolicy",
     # core machinery
     "StalenessManager", "StalenessStats", "staleness_capacity", "WorkflowExecutor", "ReplayBuffer", "Group",
-    "BufferStats", "OpenAIClient",
+    "BufferStats", "OpenAIClient", "ProxyServer",
     # errors
     "AgentflowError", "ConfigError", "EngineError", "EngineTimeout", "ServerError", "WorkflowError",
     "TrajectoryError", "EnvError", "SandboxError", "CheckpointError",
