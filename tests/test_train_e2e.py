@@ -109,3 +109,46 @@ def test_torchrun_two_ranks_train_together(tmp_path):
     # 4 prompts x 2 samples per step, counted over both ranks.
     assert all(r["train/n_seqs"] == 8 for r in steps.values())
     assert (run / "checkpoints" / "step-000002" / "COMPLETE").exists()
+
+
+@pytest.mark.integration
+def test_train_against_agentflow_serve_over_http(tmp_path):
+    """The remote path for real: `agentflow serve` on loopback, weights shipped through disk."""
+    import socket
+
+    import httpx
+
+    from agentflow.testing import tiny_model_and_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    model, tok = tiny_model_and_tokenizer(0)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "agentflow", "serve", "--model", str(model_dir),
+                               "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "agentflow serve did not come up"
+            time.sleep(0.2)
+        run = tmp_path / "run"
+        out = _agentflow("train", TINY, f"model.path={model_dir}", "inference.backend=remote",
+                         f"inference.addresses=[127.0.0.1:{port}]", "trainer.weight_update=disk",
+                         "trainer.total_steps=3", "trainer.eval_every=0", f"logging.run_dir={run}", timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert sorted(_steps(run)) == [1, 2, 3]
+        info = httpx.get(f"http://127.0.0.1:{port}/get_model_info", timeout=5).json()
+        assert info["weight_version"] == "3"  # the server holds the trainer's latest weights
+    finally:
+        server.terminate()
+        server.wait(30)
