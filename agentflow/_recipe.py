@@ -474,9 +474,9 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
         if ranks is not None:
             ranks.send(("stop", None))
         metrics.close()
-        train_engine.destroy()
-        if ref_engine is not None:
+        if ref_engine is not None:  # the first engine built owns the process group: destroy it last
             ref_engine.destroy()
+        train_engine.destroy()
     return f"trained {trainer.state.step} steps in {time.perf_counter() - t0:.0f}s; run directory: {run_dir}"
 
 
