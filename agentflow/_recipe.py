@@ -447,7 +447,8 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     engine = _build_inference(cfg, model, tokenizer)
     data = _task_data(cfg.data)
     workflow = _build_workflow(cfg.workflow, tokenizer, data.reward, cfg.generation)
-    eval_workflow = _build_workflow(cfg.workflow, tokenizer, data.eval_reward, cfg.generation)
+    eval_workflow = _build_workflow(cfg.workflow, tokenizer, data.eval_reward,
+                                    cfg.generation.new(n_samples=cfg.trainer.eval_samples))
     metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                             wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
     if ranks is None:

@@ -53,8 +53,9 @@ class TrainerConfig:
             (HF checkpoint + reload) or nccl (broadcast to SGLang servers).
         checkpoint_every: steps between checkpoints (0 = only at the end of the run).
         keep_checkpoints: complete checkpoints kept on disk.
-        eval_every: steps between evaluations (0 = never).
-        eval_size: held-out prompts per evaluation.
+        eval_every: steps between evaluations (0 = never); with evaluation on, version 0 (the
+            starting policy) is evaluated too.
+        eval_samples: samples per held-out prompt in an evaluation.
         batch_timeout_s: deadline for one batch of rollouts to arrive (fails loudly when exceeded).
         update_timeout_s: deadline for one weight update.
         max_queued: prompts the feeder keeps waiting in the executor's queue.
@@ -67,7 +68,7 @@ class TrainerConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     eval_every: int = 0
-    eval_size: int = 64
+    eval_samples: int = 2
     batch_timeout_s: float = 1800.0
     update_timeout_s: float = 600.0
     max_queued: int = 64
@@ -75,7 +76,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         problems = []
         for name, lo in (("total_steps", 1), ("ppo_minibatches", 1), ("checkpoint_every", 0),
-                         ("keep_checkpoints", 1), ("eval_every", 0), ("eval_size", 1), ("max_queued", 1)):
+                         ("keep_checkpoints", 1), ("eval_every", 0), ("eval_samples", 1), ("max_queued", 1)):
             if getattr(self, name) < lo:
                 problems.append(f"trainer.{name} must be >= {lo}, got {getattr(self, name)}")
         if self.max_tokens_per_mb is not None and self.max_tokens_per_mb < 16:
@@ -174,6 +175,9 @@ class Trainer:
         """Run the loop until ``total_steps``; returns when the final checkpoint is written."""
         async with self.engine, asyncio.TaskGroup() as tg:
             await self._restore_rollout()
+            ev = self.evaluation
+            if ev is not None and self.cfg.eval_every and self.state.step == 0:
+                self._eval_task = asyncio.get_running_loop().create_task(self._evaluate(0, ev))
             feeder = tg.create_task(self._feed())
             try:
                 await asyncio.to_thread(self._train_thread, asyncio.get_running_loop())

@@ -213,6 +213,9 @@ class LocalEngine(InferenceEngine):
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             seq.cancelled = True
+            # Nobody awaits the shielded future any more: consume its outcome so a shutdown that
+            # fails it later does not log "exception was never retrieved".
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             worker.flag()
             raise
         finally:

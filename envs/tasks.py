@@ -39,10 +39,10 @@ __all__ = [
     "countdown_reward",
     "countdown_tasks",
     "exact_answer_reward",
-    "shaped_answer_reward",
     "gsm8k_reward",
     "load_gsm8k_jsonl",
     "parse_gsm8k_line",
+    "shaped_answer_reward",
 ]
 
 
