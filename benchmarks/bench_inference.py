@@ -208,8 +208,20 @@ def rss_child(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------- remote
-# Section reserved for the remote comparison (SGLang-protocol server over LocalEngine + the remote
-# client, over loopback): the lead adds a bench_remote(...) here and calls it from main().
+def bench_remote(args: argparse.Namespace) -> None:
+    """RemoteSGLangEngine through `agentflow serve` (loopback) vs LocalEngine in-process, same
+    model and prompts, measured by benchmarks/bench_remote.py in a child process."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).with_name("bench_remote.py")
+    cmd = [sys.executable, str(script), "--model", "smollm2-135m", "--requests", str(args.batch),
+           "--concurrency", str(args.batch), "--sequential", "4", "--max-new-tokens", str(min(args.max_new, 64)),
+           "--threads", str(args.threads), "--repeats", "1" if args.quick else "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    print(json.dumps({"bench": "remote_vs_local", "report": out.strip().splitlines()}), flush=True)
 
 
 def main() -> None:
@@ -221,7 +233,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads; use 1 on a shared machine (2 OpenMP threads on busy cores collapse)")
-    ap.add_argument("--only", choices=["equal", "mixed", "rss"], action="append")
+    ap.add_argument("--only", choices=["equal", "mixed", "rss", "remote"], action="append")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -232,7 +244,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    only = set(args.only or ["equal", "mixed", "rss"])
+    only = set(args.only or ["equal", "mixed", "rss", "remote"])
     if only & {"equal", "mixed"}:
         model, tok = load(args.dtype)
         host = EngineHost(model, tok, args.batch, args.dtype)
@@ -245,6 +257,8 @@ def main() -> None:
             host.close()
     if "rss" in only:
         bench_rss(args)
+    if "remote" in only:
+        bench_remote(args)
 
 
 if __name__ == "__main__":
