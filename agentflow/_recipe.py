@@ -78,7 +78,7 @@ class DataSpec:
     task: str = "addition"
     path: str | None = None
     size: int = 5000
-    eval_size: int = 200
+    eval_size: int = 64
     seed: int = 0
     system: str | None = "Be brief."
     options: dict[str, Any] = field(default_factory=dict)
@@ -170,7 +170,7 @@ class TrainRecipeConfig:
     rollout: RolloutConfig = field(default_factory=_default_rollout)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: FSDPEngineConfig = field(default_factory=_default_train)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=30, eval_every=10))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=24, eval_every=12))
     inference: InferenceSpec = field(default_factory=InferenceSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     threads: int = 0

@@ -122,15 +122,21 @@ def exact_answer_reward(completion: str, task: Task) -> float:
 
 
 def shaped_answer_reward(completion: str, task: Task) -> float:
-    """1.0 for exactly the answer, 0.5 when the last number is right but other text surrounds it.
+    """1.0 for exactly the answer; a right answer inside other text earns less the more text surrounds it.
 
-    A training signal for "answer with only the number" prompts on small models, which are
-    almost never exactly right at first: credit for being right teaches the arithmetic, the
-    extra credit for the bare number teaches the format. Evaluate with :func:`exact_answer_reward`.
+    ``0.5 * max(0, 1 - extra_chars / 20)`` for a completion whose last number is right: "11." earns
+    0.475, "2 + 9 = 11" 0.3, "The answer is 11." 0.125, anything wrong 0. A training signal for
+    "answer with only the number" prompts on small models, which are almost never exactly right
+    at first: credit for being right teaches the arithmetic, the steady pull towards fewer extra
+    characters teaches the format (a flat bonus would let the policy settle on a verbose
+    template). Evaluate with :func:`exact_answer_reward`.
     """
     if exact_answer_reward(completion, task):
         return 1.0
-    return 0.5 * arithmetic_reward(completion, task)
+    if not arithmetic_reward(completion, task):
+        return 0.0
+    extra = max(0, len(completion.strip()) - len(task.answer.strip()))
+    return 0.5 * max(0.0, 1.0 - extra / 20)
 
 
 def arithmetic_reward(completion: str, task: Task) -> float:

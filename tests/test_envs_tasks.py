@@ -106,3 +106,16 @@ def test_task_from_mapping():
     assert t.messages() == [{"role": "user", "content": "q?"}]
     with pytest.raises(EnvError, match="'prompt'"):
         Task.from_data({"answer": 1})
+
+
+def test_exact_and_shaped_answer_rewards():
+    from agentflow.envs.tasks import Task, exact_answer_reward, shaped_answer_reward
+
+    t = Task("a", "What is 2 + 9? Answer with only the number.", "11")
+    assert exact_answer_reward(" 11\n", t) == 1.0 and exact_answer_reward("11.", t) == 0.0
+    assert shaped_answer_reward("11", t) == 1.0
+    assert shaped_answer_reward("11.", t) == pytest.approx(0.475)
+    assert shaped_answer_reward("2 + 9 = 11", t) == pytest.approx(0.3)
+    assert shaped_answer_reward("The answer is 11.", t) == pytest.approx(0.125)
+    assert shaped_answer_reward("12", t) == 0.0
+    assert shaped_answer_reward("x" * 40 + " 11", t) == 0.0  # right but buried: no credit
