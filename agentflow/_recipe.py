@@ -134,7 +134,7 @@ class LoggingSpec:
 
 
 def _default_generation() -> GenerationConfig:
-    return GenerationConfig(n_samples=8, max_new_tokens=8, temperature=1.0)
+    return GenerationConfig(n_samples=8, max_new_tokens=12, temperature=1.0)
 
 
 def _default_rollout() -> RolloutConfig:
@@ -266,7 +266,8 @@ def _build_workflow(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig:
     if spec.name == "rlvr":
         from agentflow.workflows.rlvr import RLVRConfig, RLVRWorkflow
 
-        return RLVRWorkflow(tokenizer, reward_fn, RLVRConfig(gconfig=gconfig, **spec.options))
+        options = {"truncated_reward": 0.0, **spec.options}  # an unfinished answer earns nothing
+        return RLVRWorkflow(tokenizer, reward_fn, RLVRConfig(gconfig=gconfig, **options))
     cls = _import_object(spec.name)
     offered = {"tokenizer": tokenizer, "reward_fn": reward_fn, "gconfig": gconfig}
     params = inspect.signature(cls).parameters

@@ -376,3 +376,17 @@ async def test_tool_use_code_exec_and_agent_on_the_tiny_local_engine(local_engin
         check(t)
         assert t.n_policy_tokens >= 1
     assert len(ce) == 2 and tir.info["executions"] == 0
+
+
+async def test_rlvr_truncated_samples_get_the_truncated_reward():
+    from agentflow import GenerationConfig
+    from agentflow.envs.tasks import Task
+    from agentflow.testing import FakeEngine, byte_tokenizer
+    from agentflow.workflows.rlvr import RLVRConfig, RLVRWorkflow
+
+    tok = byte_tokenizer()
+    cfg = RLVRConfig(gconfig=GenerationConfig(n_samples=2, max_new_tokens=4), truncated_reward=-1.0)
+    wf = RLVRWorkflow(tok, lambda text, task: 1.0, cfg)
+    async with FakeEngine(reply=lambda req: [ord("7")] * 4) as engine:  # never stops: "length"
+        trajs = await wf.arun_episode(engine, Task("t", "q", "7"))
+    assert [t.reward for t in trajs] == [-1.0, -1.0]

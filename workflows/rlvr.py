@@ -32,11 +32,15 @@ class RLVRConfig:
     """Attributes:
         gconfig: sampling; ``n_samples`` answers per prompt. Its stop tokens default to eos.
         reward_timeout_s: deadline of one reward call.
+        truncated_reward: reward of a sample cut at ``max_new_tokens`` (no stop token), instead of
+            scoring its text; None scores it like any other. Setting it (e.g. 0) keeps the policy
+            from being paid for answers it never finished.
         chat_template_kwargs: extra chat-template variables (e.g. ``enable_thinking``).
     """
 
     gconfig: GenerationConfig = field(default_factory=lambda: GenerationConfig(n_samples=4, max_new_tokens=64))
     reward_timeout_s: float = 10.0
+    truncated_reward: float | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +108,9 @@ class RLVRWorkflow:
         async with asyncio.TaskGroup() as tg:
             scored = [tg.create_task(self._reward(text, task)) for _, text in done]
         rewards = [s.result() for s in scored]
+        if self.config.truncated_reward is not None:
+            rewards = [self.config.truncated_reward if resp.stop_reason == "length" else r
+                       for (resp, _), r in zip(done, rewards, strict=True)]
         rejected = [str(r) for r in rewards if isinstance(r, EnvError)]
         if len(rejected) == n:
             raise EnvError(f"all {n} samples of task {task.id!r} were rejected: {rejected[0]}")
