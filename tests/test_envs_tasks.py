@@ -115,7 +115,8 @@ def test_exact_and_shaped_answer_rewards():
     assert exact_answer_reward(" 11\n", t) == 1.0 and exact_answer_reward("11.", t) == 0.0
     assert shaped_answer_reward("11", t) == 1.0
     assert shaped_answer_reward("11.", t) == pytest.approx(0.475)
-    assert shaped_answer_reward("2 + 9 = 11", t) == pytest.approx(0.3)
-    assert shaped_answer_reward("The answer is 11.", t) == pytest.approx(0.125)
+    assert shaped_answer_reward("11 is the sum", t) == pytest.approx(0.225)
+    assert shaped_answer_reward("2 + 9 = 11", t) == 0.0  # answer not first: no credit
+    assert shaped_answer_reward("The answer is 11.", t) == 0.0
     assert shaped_answer_reward("12", t) == 0.0
-    assert shaped_answer_reward("x" * 40 + " 11", t) == 0.0  # right but buried: no credit
+    assert shaped_answer_reward("11" + " blah" * 10, t) == 0.0  # answer first but buried in text
