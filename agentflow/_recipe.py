@@ -142,7 +142,7 @@ def _default_rollout() -> RolloutConfig:
 
 
 def _default_train() -> FSDPEngineConfig:
-    return FSDPEngineConfig(lr=2e-5, grad_clip=1.0, lr_schedule="constant", device="auto")
+    return FSDPEngineConfig(lr=1e-5, grad_clip=1.0, lr_schedule="constant", device="auto")
 
 
 @dataclass(frozen=True, slots=True)

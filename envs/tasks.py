@@ -122,24 +122,21 @@ def exact_answer_reward(completion: str, task: Task) -> float:
 
 
 def shaped_answer_reward(completion: str, task: Task) -> float:
-    """1.0 for exactly the answer; partial credit only for a completion that *starts* with it.
+    """1.0 for exactly the answer; a right answer inside other text earns less the more text surrounds it.
 
-    ``0.5 * max(0, 1 - extra_chars / 20)`` when the first number of the completion is the answer:
-    "11." earns 0.475, "11 is the sum" 0.225; "2 + 9 = 11" and "The answer is 11" earn 0, like any
-    wrong answer. A training signal for "answer with only the number" prompts on small models,
-    which are almost never exactly right at first: crediting only answer-first completions, less
-    the more text follows, pulls the policy towards the bare number instead of letting it settle on
-    a verbose template that also contains the answer. Evaluate with :func:`exact_answer_reward`.
+    ``0.5 * max(0, 1 - extra_chars / 10)`` for a completion whose last number is right: "11." earns
+    0.45, "2 + 9 = 11" 0.1, "The answer is 11." 0, anything wrong 0. A training signal for "answer
+    with only the number" prompts on small models, which are almost never exactly right at first:
+    credit for being right teaches the arithmetic, the steep pull towards fewer extra characters
+    teaches the format (a flat bonus lets the policy settle on a verbose template). Evaluate with
+    :func:`exact_answer_reward`.
     """
     if exact_answer_reward(completion, task):
         return 1.0
-    first = re.search(r"-?\d[\d,]*(?:\.\d+)?", completion)
-    if first is None or completion[: first.start()].strip():
-        return 0.0
-    if not numbers_equal(first.group(0).replace(",", ""), task.answer):
+    if not arithmetic_reward(completion, task):
         return 0.0
     extra = max(0, len(completion.strip()) - len(task.answer.strip()))
-    return 0.5 * max(0.0, 1.0 - extra / 20)
+    return 0.5 * max(0.0, 1.0 - extra / 10)
 
 
 def arithmetic_reward(completion: str, task: Task) -> float:

@@ -114,9 +114,7 @@ def test_exact_and_shaped_answer_rewards():
     t = Task("a", "What is 2 + 9? Answer with only the number.", "11")
     assert exact_answer_reward(" 11\n", t) == 1.0 and exact_answer_reward("11.", t) == 0.0
     assert shaped_answer_reward("11", t) == 1.0
-    assert shaped_answer_reward("11.", t) == pytest.approx(0.475)
-    assert shaped_answer_reward("11 is the sum", t) == pytest.approx(0.225)
-    assert shaped_answer_reward("2 + 9 = 11", t) == 0.0  # answer not first: no credit
-    assert shaped_answer_reward("The answer is 11.", t) == 0.0
+    assert shaped_answer_reward("11.", t) == pytest.approx(0.45)
+    assert shaped_answer_reward("2 + 9 = 11", t) == pytest.approx(0.1)
+    assert shaped_answer_reward("The answer is 11.", t) == 0.0  # right, but buried in text
     assert shaped_answer_reward("12", t) == 0.0
-    assert shaped_answer_reward("11" + " blah" * 10, t) == 0.0  # answer first but buried in text
