@@ -70,8 +70,9 @@ class DataSpec:
         size: training prompts to generate (built-in tasks).
         eval_size: held-out prompts (a different seed, or the file's last rows).
         seed: data seed (generation and shuffling).
-        system: system message for tasks that have none (null = the chat template's default; a short
-            one keeps prompts short, which is most of the compute on a CPU).
+        system: system message for tasks that have none (null = the chat template's default).
+        shots: worked examples (question/answer chat turns before the prompt) taken from a separate
+            seed of the same task; they show small models the answer format.
         options: extra task options (e.g. ``{digits: 2, ops: ['+', '-']}``).
     """
 
@@ -80,7 +81,8 @@ class DataSpec:
     size: int = 5000
     eval_size: int = 64
     seed: int = 0
-    system: str | None = "Be brief."
+    system: str | None = None
+    shots: int = 2
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,11 +140,11 @@ def _default_generation() -> GenerationConfig:
 
 
 def _default_rollout() -> RolloutConfig:
-    return RolloutConfig(max_staleness=2, max_concurrent=16, consumer_batch_size=8, episode_timeout_s=600.0)
+    return RolloutConfig(max_staleness=2, max_concurrent=12, consumer_batch_size=4, episode_timeout_s=600.0)
 
 
 def _default_train() -> FSDPEngineConfig:
-    return FSDPEngineConfig(lr=1e-5, grad_clip=1.0, lr_schedule="constant", device="auto")
+    return FSDPEngineConfig(lr=2e-5, grad_clip=1.0, lr_schedule="constant", device="auto")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +172,7 @@ class TrainRecipeConfig:
     rollout: RolloutConfig = field(default_factory=_default_rollout)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: FSDPEngineConfig = field(default_factory=_default_train)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=24, eval_every=12))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=20, eval_every=10))
     inference: InferenceSpec = field(default_factory=InferenceSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     threads: int = 0
@@ -231,12 +233,14 @@ def _task_data(spec: DataSpec) -> _TaskData:
     from agentflow.envs import tasks
 
     opts = dict(spec.options)
-    rows = lambda items: _rows(items, spec.system)  # noqa: E731
     if spec.task == "addition":
-        # Train on a shaped reward (right: 0.5, right and only the number: 1.0); report the strict one.
+        # Train on a shaped reward (exact: 1, right inside other text: less); report the strict one.
         make = lambda n, seed: tasks.arithmetic_tasks(n, seed=seed, digits=1, ops=("+",), **opts)  # noqa: E731
+        shots = [(t.prompt, t.answer) for t in make(spec.shots, spec.seed + 20_011)]
+        rows = lambda items: _rows(items, spec.system, shots)  # noqa: E731
         return _TaskData(rows(make(spec.size, spec.seed)), rows(make(spec.eval_size, spec.seed + 10_007)),
                          tasks.shaped_answer_reward, tasks.exact_answer_reward)
+    rows = lambda items: _rows(items, spec.system)  # noqa: E731
     if spec.task == "arithmetic":
         make = lambda n, seed: tasks.arithmetic_tasks(n, seed=seed, **opts)  # noqa: E731
         reward: Callable[..., Any] = tasks.arithmetic_reward
@@ -256,9 +260,9 @@ def _task_data(spec: DataSpec) -> _TaskData:
     return _TaskData(rows(make(spec.size, spec.seed)), rows(make(spec.eval_size, spec.seed + 10_007)), reward, reward)
 
 
-def _rows(items: Sequence[Any], system: str | None) -> list[dict[str, Any]]:
-    return [{"id": t.id, "prompt": t.prompt, "answer": t.answer, "system": t.system or system, "info": dict(t.info)}
-            for t in items]
+def _rows(items: Sequence[Any], system: str | None, shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+    return [{"id": t.id, "prompt": t.prompt, "answer": t.answer, "system": t.system or system,
+             "info": dict(t.info), "shots": [list(s) for s in shots]} for t in items]
 
 
 # ---------------------------------------------------------------------------------------- workflow

@@ -56,6 +56,7 @@ class Task:
         answer: the reference answer (a number as text, or an expression for countdown).
         system: optional system message.
         info: task-specific data (countdown's ``numbers`` and ``target``, code tests, ...).
+        shots: worked examples, ``(question, answer)`` pairs shown as earlier chat turns.
     """
 
     id: str
@@ -63,9 +64,12 @@ class Task:
     answer: str
     system: str | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
+    shots: tuple[tuple[str, str], ...] = ()
 
     def messages(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
+        for question, answer in self.shots:
+            head += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         return [*head, {"role": "user", "content": self.prompt}]
 
     @classmethod
@@ -78,9 +82,10 @@ class Task:
         prompt = data.get("prompt", data.get("question"))
         if not isinstance(prompt, str):
             raise EnvError(f"task data needs a string 'prompt' (or 'question'); got keys {sorted(data)}")
-        known = {"id", "prompt", "question", "answer", "system"}
+        known = {"id", "prompt", "question", "answer", "system", "shots"}
         info = {**data.get("info", {}), **{k: v for k, v in data.items() if k not in known | {"info"}}}
-        return cls(str(data.get("id", "")), prompt, str(data.get("answer", "")), data.get("system"), info)
+        shots = tuple((str(q), str(a)) for q, a in data.get("shots") or ())
+        return cls(str(data.get("id", "")), prompt, str(data.get("answer", "")), data.get("system"), info, shots)
 
 
 RewardFn = Callable[[str, Task], "float | Awaitable[float]"]
