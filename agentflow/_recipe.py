@@ -63,7 +63,7 @@ class DataSpec:
     """Training and held-out prompts.
 
     Attributes:
-        task: ``addition`` (one-digit a + b, reward 1 only for exactly the number), ``arithmetic``
+        task: ``addition`` (one-digit a + b; reported reward: 1 only for exactly the number), ``arithmetic``
             (options: digits, ops; reward = last number right), ``countdown``, or ``gsm8k`` (a
             GSM8K-format JSONL file at ``path``).
         path: data file for file-based tasks.
@@ -73,6 +73,8 @@ class DataSpec:
         system: system message for tasks that have none (null = the chat template's default).
         shots: worked examples (question/answer chat turns before the prompt) taken from a separate
             seed of the same task; they show small models the answer format.
+        train_reward: for ``addition``: ``exact`` (train on the reported reward) or ``shaped``
+            (partial credit for a right answer inside other text, see ``envs.tasks.shaped_answer_reward``).
         options: extra task options (e.g. ``{digits: 2, ops: ['+', '-']}``).
     """
 
@@ -83,6 +85,7 @@ class DataSpec:
     seed: int = 0
     system: str | None = None
     shots: int = 2
+    train_reward: Literal["exact", "shaped"] = "exact"
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -234,12 +237,12 @@ def _task_data(spec: DataSpec) -> _TaskData:
 
     opts = dict(spec.options)
     if spec.task == "addition":
-        # Train on a shaped reward (exact: 1, right inside other text: less); report the strict one.
         make = lambda n, seed: tasks.arithmetic_tasks(n, seed=seed, digits=1, ops=("+",), **opts)  # noqa: E731
         shots = [(t.prompt, t.answer) for t in make(spec.shots, spec.seed + 20_011)]
         rows = lambda items: _rows(items, spec.system, shots)  # noqa: E731
+        train_reward = tasks.shaped_answer_reward if spec.train_reward == "shaped" else tasks.exact_answer_reward
         return _TaskData(rows(make(spec.size, spec.seed)), rows(make(spec.eval_size, spec.seed + 10_007)),
-                         tasks.shaped_answer_reward, tasks.exact_answer_reward)
+                         train_reward, tasks.exact_answer_reward)
     rows = lambda items: _rows(items, spec.system)  # noqa: E731
     if spec.task == "arithmetic":
         make = lambda n, seed: tasks.arithmetic_tasks(n, seed=seed, **opts)  # noqa: E731
