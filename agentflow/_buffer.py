@@ -21,6 +21,7 @@ from typing import Any
 
 from agentflow._config import RolloutConfig
 from agentflow._types import Trajectory
+from agentflow._wakeup import Wakeup
 
 __all__ = ["BufferStats", "Group", "ReplayBuffer"]
 
@@ -74,7 +75,7 @@ class ReplayBuffer:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # trainer-thread waiters
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_waiters: list[asyncio.Future[None]] = []  # loop-side waiters (put space, aget_batch)
+        self._loop_waiters = Wakeup()  # loop-side waiters (put space, aget_batch)
 
     # ------------------------------------------------------------------ producer (event loop)
     async def put(self, group: Group) -> None:
@@ -196,19 +197,10 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ loop wake-ups
     async def _wait_on_loop(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._loop_waiters.append(fut)
-        try:
-            await fut
-        finally:
-            if fut in self._loop_waiters:
-                self._loop_waiters.remove(fut)
+        await self._loop_waiters.wait()
 
     def _wake_loop_waiters(self) -> None:
-        waiters, self._loop_waiters = self._loop_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._loop_waiters.wake_all()
 
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop

@@ -31,6 +31,7 @@ from agentflow._buffer import Group, ReplayBuffer
 from agentflow._config import RolloutConfig
 from agentflow._staleness import StalenessManager
 from agentflow._types import Trajectory
+from agentflow._wakeup import Wakeup
 from agentflow.errors import AgentflowError, WorkflowError
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class WorkflowExecutor:
         self._ids = itertools.count()
         self._run_prefix = uuid.uuid4().hex[:8]
         self.admission_latencies: deque[float] = deque(maxlen=10_000)  # seconds, slot freed -> started
-        self._room_waiters: list[asyncio.Future[None]] = []
+        self._room = Wakeup()  # feeders waiting for queue room
 
     # ------------------------------------------------------------------ lifetime
     async def __aenter__(self) -> WorkflowExecutor:
@@ -137,13 +138,7 @@ class WorkflowExecutor:
         Woken by admission, never by polling.
         """
         while len(self._queue) >= max_queued:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._room_waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._room_waiters:
-                    self._room_waiters.remove(fut)
+            await self._room.wait()
 
     def pause(self) -> None:
         """Stop admitting new items (running ones continue; engines interrupt generation)."""
@@ -208,11 +203,8 @@ class WorkflowExecutor:
             self.staleness.on_start()
             task = self._tg.create_task(self._run_item(item, freed_at))
             self._running[task] = item
-        if n and self._room_waiters:
-            waiters, self._room_waiters = self._room_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        if n and self._room:
+            self._room.wake_all()
 
     def _on_discard(self, group: Group, why: str) -> None:
         """The buffer dropped or requeued an accepted group at consume time."""
