@@ -30,6 +30,9 @@ def run(eta: int, args: argparse.Namespace, run_dir: pathlib.Path) -> list[dict]
         "model.path=tiny", f"model.tiny_hidden_size={args.hidden}", f"model.tiny_layers={args.layers}",
         "data.task=addition", "data.size=2000", "data.eval_size=8",
         f"generation.n_samples={args.n_samples}", f"generation.max_new_tokens={args.max_new_tokens}",
+        # A stop id that never occurs: every answer runs to max_new_tokens, so --max-new-tokens sets
+        # the generation time (a random model would otherwise stop at a random early token).
+        "generation.stop_token_ids=[1000000]",
         f"rollout.max_staleness={eta}", f"rollout.consumer_batch_size={args.batch}",
         f"rollout.max_concurrent={args.batch * (eta + 1)}", "rollout.stale_policy=keep",
         f"trainer.total_steps={args.steps}", "trainer.checkpoint_every=0", "trainer.eval_every=0",
