@@ -325,6 +325,7 @@ class Trainer:
             "time/step_s": t_step,
             "time/elapsed_s": elapsed,
             "throughput/tokens_per_s": self.state.tokens_trained / max(elapsed, 1e-9),
+            "memory/peak_rss_gib": _peak_rss_gib(),
             "prompts": [g.data.get("prompt_id") if isinstance(g.data, dict) else None for g in groups],
         }
 
@@ -354,6 +355,15 @@ async def evaluate(
         for item in data:
             tg.create_task(one(item))
     return rewards
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _mean(xs: Sequence[float]) -> float:
