@@ -370,7 +370,9 @@ async def test_killing_one_of_two_servers_mid_run_loses_no_episode() -> None:
             await asyncio.to_thread(servers[0].stop, force=True)
             trajs = await eng.wait(n, timeout=60)
             stats = eng.executor.stats()
-            assert not eng.servers[0].up
+            # Marked down once a request to it failed; a server whose in-flight requests all finished
+            # before the shutdown and that got no request afterwards is (correctly) never marked down.
+            assert not eng.servers[0].up or eng.servers[0].last_error == ""
     finally:
         await asyncio.to_thread(servers[1].stop)
     assert len(trajs) == n and stats["accepted"] == n and stats["rejected"] == 0
