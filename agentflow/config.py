@@ -98,7 +98,13 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
     n_before = len(problems)
     for name in fields:
         if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], _join(path, name), problems)
+            value = data[name]
+            default = _field_default(fields[name])
+            if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+                # a nested section starts from the parent's default for it (which may differ from
+                # the section class's own defaults), so one override does not reset its siblings
+                value = _merged(_init_values(default), value)
+            kwargs[name] = _coerce(hints[name], value, _join(path, name), problems)
     if len(problems) > n_before:
         return None
     try:
@@ -108,6 +114,27 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
     except (TypeError, ValueError) as e:
         problems.append(f"{path or '<root>'}: {e}")
     return None
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _init_values(obj: Any) -> dict[str, Any]:
+    """A dataclass instance's constructor arguments, nested dataclasses as dicts."""
+    return {f.name: _init_values(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+            for f in dataclasses.fields(obj) if f.init}
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(out.get(k), Mapping) and isinstance(v, Mapping) else v
+    return out
 
 
 def _prefixed(problem: str, path: str) -> str:
@@ -180,24 +207,23 @@ def _join(path: str, key: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- help
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Every leaf field as ``(dotted name, type, default, doc line)``, nested dataclasses expanded."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
+    """Every leaf field as ``(dotted name, type, default, doc line)``, nested dataclasses expanded
+    (with the defaults their parent gives them, ``defaults`` for this level when nested)."""
     rows = []
     docs = _attribute_docs(cls)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
         name = _join(prefix, f.name)
         tp = hints[f.name]
+        default = getattr(defaults, f.name) if defaults is not None else _field_default(f)
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, name))
+            rows.extend(describe(tp, name, default if dataclasses.is_dataclass(default) else None))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "<required>"
-        rows.append((name, _type_name(tp), repr(to_dict(default)), docs.get(f.name, "")))
+        shown = "<required>" if default is dataclasses.MISSING else repr(to_dict(default))
+        rows.append((name, _type_name(tp), shown, docs.get(f.name, "")))
     return rows
 
 

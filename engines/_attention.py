@@ -10,6 +10,10 @@ by transformers to the attention function) and attends only within each sequence
   sum(n_i^2) (measured 3.4x faster than sdpa with a block-diagonal mask on CPU, see
   TRANSFORMERS_FACTS.md 2.4).
 
+With shared prompts (the train engine's ``agentflow_shared`` keyword, a
+:class:`~agentflow.engines._packing.SharedLayout`), q/k/v are first gathered into the layout of
+whole sequences, attended as above and scattered back to the packed rows.
+
 No mask function is registered, so transformers builds no ``L x L`` mask. Without
 ``cu_seq_lens_q`` each row is treated as one unpadded causal sequence. It does not handle padded
 batches with a 2D mask or a KV cache: it is for the train engine's packed rows only, and callers
@@ -43,6 +47,7 @@ def packed_attention(
     dropout: float = 0.0,
     cu_seq_lens_q: torch.Tensor | None = None,
     max_length_q: int | None = None,
+    agentflow_shared: Any = None,
     **_: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention over ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]``; returns ``[1, T, Hq, D]``."""
@@ -54,13 +59,21 @@ def packed_attention(
         return out.transpose(1, 2), None
     if query.shape[0] != 1:
         raise ConfigError(f"packed attention expects one packed row (batch size 1), got batch size {query.shape[0]}")
+    gather = scatter = None
+    if agentflow_shared is not None:
+        gather, scatter = agentflow_shared.gather, agentflow_shared.scatter
+        agentflow_shared.used = True
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        return _varlen(query, key, value, cu_seq_lens_q, int(max_length_q or query.shape[2]), scaling, p), None
-    return _per_segment(query, key, value, cu_seq_lens_q, scaling, p), None
+        if gather is not None:
+            query, key, value = (x.index_select(2, gather) for x in (query, key, value))
+        out = _varlen(query, key, value, cu_seq_lens_q, int(max_length_q or query.shape[2]), scaling, p)
+        return (out if scatter is None else out.index_select(1, scatter)), None
+    return _per_segment(query, key, value, cu_seq_lens_q, scaling, p, gather, scatter), None
 
 
 def _per_segment(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scaling: float | None, p: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scaling: float | None, p: float,
+    gather: torch.Tensor | None = None, scatter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact causal attention per sequence, with sequences of similar length batched together.
 
@@ -68,11 +81,15 @@ def _per_segment(
     causal SDPA call: with right padding, causal attention of every real query only sees real keys,
     so the result is exact; padded rows are dropped. Few calls instead of one per sequence (small
     ops are slow on CPU), at most ~4x the attention FLOPs of the longest member per group.
+
+    ``cu`` delimits sequences in the virtual layout; ``gather`` maps virtual tokens to rows of
+    q/k/v and ``scatter`` picks each row's output from the virtual layout (shared prompts; both
+    None = the identity). All indexing is ``index_select`` (its backward is a fast ``index_add``).
     """
     bounds = cu.tolist()
     lens = [e - s for s, e in itertools.pairwise(bounds)]
     gqa = q.shape[1] != k.shape[1]
-    if len(lens) == 1:
+    if len(lens) == 1 and gather is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=p, enable_gqa=gqa)
         return out.transpose(1, 2)
     groups: dict[int, list[int]] = {}
@@ -82,15 +99,20 @@ def _per_segment(
     for members in groups.values():
         width = max(lens[i] for i in members)
         ar = torch.arange(width)
-        real = torch.stack([ar < lens[i] for i in members])  # [k, width]
-        idx = torch.stack([bounds[i] + torch.minimum(ar, torch.tensor(lens[i] - 1)) for i in members])
-        idx_d = idx.to(q.device)
-        qg, kg, vg = (x[0][:, idx_d].transpose(0, 1) for x in (q, k, v))  # [k, H, width, D]
+        real = torch.stack([ar < lens[i] for i in members]).flatten()  # [k * width]
+        idx = torch.stack([bounds[i] + torch.minimum(ar, torch.tensor(lens[i] - 1)) for i in members]).flatten()
+        rows = idx.to(q.device) if gather is None else gather[idx.to(gather.device)]
+        qg, kg, vg = (x[0].index_select(1, rows).unflatten(1, (len(members), width)).transpose(0, 1)
+                      for x in (q, k, v))  # [k, H, width, D]
         og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scaling, dropout_p=p, enable_gqa=gqa)
-        outs.append(og.transpose(1, 2)[real.to(q.device)])  # [n_real, H, D], segment-major order
-        where.append(idx[real])
-    order = torch.argsort(torch.cat(where)).to(q.device)
-    return torch.cat(outs)[order][None]
+        outs.append(og.transpose(1, 2).flatten(0, 1))  # [k * width, H, D]
+        where.append(torch.where(real, idx, -1))  # virtual position of each output row (-1: padding)
+    where_all = torch.cat(where)
+    keep = torch.nonzero(where_all >= 0).flatten()
+    order = keep[torch.argsort(where_all[keep])]  # output rows in virtual order
+    if scatter is not None:
+        order = order[scatter.to(order.device)]
+    return torch.cat(outs).index_select(0, order.to(q.device))[None]
 
 
 def _varlen(

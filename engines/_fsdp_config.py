@@ -37,6 +37,9 @@ class FSDPEngineConfig:
         attn_impl: ``packed`` (custom varlen/per-segment attention, exact and fastest) or ``sdpa``
             (``position_ids`` + ``use_cache=False``; quadratic in the packed length; for models that
             do not dispatch through transformers' ``AttentionInterface``).
+        share_prefix: pack the samples of one prompt (sequences with the same tokens before their
+            first loss token) so the prompt is computed once per micro-batch (``packed`` attention
+            only; exact; ~n_samples times fewer prompt tokens through the linear layers).
         logprob_chunk_size: positions per chunk of the chunked log-prob computation.
         temperature: sampling temperature of the behaviour policy; logits are divided by it.
         device: ``auto`` (GPU of ``LOCAL_RANK`` if CUDA is available), ``cpu`` or ``cuda``.
@@ -61,6 +64,7 @@ class FSDPEngineConfig:
     grad_clip: float | None = 1.0
     gradient_checkpointing: bool = False
     attn_impl: Literal["packed", "sdpa"] = "packed"
+    share_prefix: bool = True
     logprob_chunk_size: int = 1024
     temperature: float = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"

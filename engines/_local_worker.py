@@ -131,6 +131,7 @@ class DecodeWorker:
         self.batch_sizes: Counter[int] = Counter()  # decode steps per batch size
         self.n_joined_running = 0  # sequences admitted while others were decoding
         self.n_prefill_calls = 0
+        self.n_prefill_shared = 0  # sequences whose prefill was a copy of an identical context's
         self.n_tokens = 0
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._main, name="agentflow-local-engine", daemon=True)
@@ -253,16 +254,24 @@ class DecodeWorker:
             self._deliver(seq, "abort")
 
     def _admit(self) -> None:
-        """Prefill as many waiting sequences as fit into free rows and the prefill budget."""
+        """Prefill as many waiting sequences as fit into free rows and the prefill budget.
+
+        Sequences with the same context (the samples of one prompt, submitted together) are
+        prefilled once; the others get a copy of its KV rows and its last logits, so they cost
+        neither prefill compute nor prefill budget.
+        """
         batch: list[Seq] = []
+        contexts: set[tuple[int, ...]] = set()
         longest = 0
         free = self.limits.max_batch_size - len(self.running)
         while self.waiting and len(batch) < free:
-            n = len(self.waiting[0].context)
-            if batch and (len(batch) + 1) * max(longest, n) > self.limits.max_prefill_tokens:
+            ctx = tuple(self.waiting[0].context)
+            new = ctx not in contexts
+            if new and contexts and (len(contexts) + 1) * max(longest, len(ctx)) > self.limits.max_prefill_tokens:
                 break
             batch.append(self.waiting.popleft())
-            longest = max(longest, n)
+            contexts.add(ctx)
+            longest = max(longest, len(ctx))
         if not batch:
             return
         if self.running:
@@ -271,24 +280,41 @@ class DecodeWorker:
 
     def _prefill(self, batch: list[Seq], longest: int) -> None:
         start, version = len(self.running), self._version()
-        self.running.extend(batch)  # before the forward, so a failure there still fails them
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        for i, seq in enumerate(batch):
+        firsts: dict[tuple[int, ...], int] = {}
+        uniques: list[Seq] = []
+        copies: list[tuple[Seq, int]] = []  # (sequence, index of the unique sequence it copies)
+        for seq in batch:
+            k = firsts.setdefault(tuple(seq.context), len(uniques))
+            if k == len(uniques):
+                uniques.append(seq)
+            else:
+                copies.append((seq, k))
+        ordered = uniques + [seq for seq, _ in copies]
+        self.running.extend(ordered)  # before the forward, so a failure there still fails them
+        ids = torch.zeros(len(uniques), longest, dtype=torch.long)
+        for i, seq in enumerate(uniques):
             ctx = seq.context
             ids[i, : len(ctx)] = torch.tensor(ctx)
-        last = torch.tensor([[len(s.context) - 1] for s in batch], device=self.device)
+        last = torch.tensor([[len(s.context) - 1] for s in uniques], device=self.device)
         ids = ids.to(self.device)
         self.cache.reserve(longest)
-        self.cache.set_prefill(start, len(batch))
+        self.cache.set_prefill(start, len(uniques))
         mask = causal_prefill_mask(longest, self.device, additive_dtype=self._additive)
-        positions = torch.arange(longest, device=self.device)[None].expand(len(batch), -1)
+        positions = torch.arange(longest, device=self.device)[None].expand(len(uniques), -1)
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
                          use_cache=True, logits_to_keep=last)
-        for seq in batch:
+        logits = out.logits[:, -1]
+        if copies:
+            src = [k for _, k in copies]
+            for j, (seq, k) in enumerate(copies):
+                self.cache.move_row(start + k, start + len(uniques) + j, len(seq.context))
+            logits = torch.cat([logits, logits[src]])
+            self.n_prefill_shared += len(copies)
+        for seq in ordered:
             seq.kv_len = len(seq.context)
             seq.n_prefills += 1
         self.n_prefill_calls += 1
-        self._take_tokens(batch, out.logits[:, -1], version, first_row=start)
+        self._take_tokens(ordered, logits, version, first_row=start)
 
     def _decode_step(self) -> None:
         version = self._version()

@@ -50,14 +50,14 @@ def install_passthrough_head(model: torch.nn.Module) -> bool:
 
 def _chunk_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, labels: torch.Tensor,
-    temperature: float,
+    temperature: float, entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = (hidden if weight is None else F.linear(hidden, weight, bias)).float()
     if temperature != 1.0:
         logits = logits / temperature
     lse = logits.logsumexp(-1)
     lp = logits.gather(-1, labels[:, None])[:, 0] - lse
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
     return lp, entropy
 
@@ -70,8 +70,10 @@ def token_logprobs(
     head: torch.nn.Module | None,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (with grad) and entropies (detached) of ``labels``, scattered to ``positions``.
+    """Log-probs (with grad) and entropies (detached unless ``entropy_grad``) of ``labels``,
+    scattered to ``positions``.
 
     Args:
         hidden: ``[N, H]`` final hidden states (``head`` = the pass-through head) or ``[N, V]``
@@ -83,6 +85,7 @@ def token_logprobs(
         head: the :class:`PassThroughHead` whose weight projects hidden states, or None.
         temperature: divide logits by it (the sampling temperature of the behaviour policy).
         chunk_size: positions per chunk; more than one chunk runs under activation checkpointing.
+        entropy_grad: keep the entropies differentiable (for an entropy bonus in the loss).
 
     Returns:
         ``(logprobs, entropy)``, both ``[T]`` float32, 0 off ``positions``.
@@ -91,14 +94,14 @@ def token_logprobs(
     bias = None if head is None else head.bias
     n = positions.numel()
     if n <= chunk_size:
-        lp, ent = _chunk_logprobs(hidden, weight, bias, labels, temperature)
+        lp, ent = _chunk_logprobs(hidden, weight, bias, labels, temperature, entropy_grad)
     else:
         parts = [
             checkpoint(_chunk_logprobs, hidden[i : i + chunk_size], weight, bias, labels[i : i + chunk_size],
-                       temperature, use_reentrant=False)
+                       temperature, entropy_grad, use_reentrant=False)
             for i in range(0, n, chunk_size)
         ]
         lp = torch.cat([p[0] for p in parts])
         ent = torch.cat([p[1] for p in parts])
     full = hidden.new_zeros(length, dtype=torch.float32)
-    return full.index_put((positions,), lp), full.index_put((positions,), ent.detach())
+    return full.index_put((positions,), lp), full.index_put((positions,), ent if entropy_grad else ent.detach())

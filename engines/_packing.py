@@ -6,6 +6,12 @@ one packed row each (no padding), with per-sequence position ids and ``cu_seq_le
   per-sequence fields ``[B]``); :func:`split_sequences` cuts it into one dict per sequence.
 - :func:`plan_micro_batches` assigns sequences to micro-batches under a token budget with at least
   ``n_mbs`` of them (first-fit-decreasing for the bin count, then worst-fit-decreasing to balance).
+- :func:`share_prefixes` groups sequences that start with the same prompt (the tokens before the
+  first loss token: the ``n_samples`` of one prompt) so :func:`pack` lays the prompt out once and
+  every sample's continuation after it (a *shared-prefix unit*); the attention then runs each
+  sequence in full through a gather (:class:`SharedLayout`), while the linear layers, which are
+  most of the compute, see every prompt token once. Exact: the prompt's hidden states are the same
+  for every sample and their gradients add up.
 - :func:`pack` builds one :class:`MicroBatch`; :func:`unpack` cuts a packed per-token tensor back.
 - :func:`balanced_partition` splits sequences across ranks by token count.
 
@@ -24,13 +30,18 @@ from agentflow import ConfigError, Trajectory, TrajectoryError
 
 __all__ = [
     "MicroBatch",
+    "SharedLayout",
+    "Unit",
     "balanced_partition",
     "dummy_micro_batch",
     "normalize_batch",
     "pack",
     "packing_efficiency",
     "plan_micro_batches",
+    "prompt_length",
+    "share_prefixes",
     "split_sequences",
+    "unit_rows",
     "unpack",
 ]
 
@@ -144,27 +155,54 @@ def balanced_partition(lengths: Sequence[int], k: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
+@dataclass(slots=True, eq=False)
+class SharedLayout:
+    """How the rows of a packed row with shared prefixes map to whole sequences.
+
+    The *virtual* layout is every sequence in full, one after another (what packing without sharing
+    would produce). ``gather[j]`` is the row holding virtual token ``j``; ``scatter[r]`` is the
+    virtual token whose attention output row ``r`` takes (its first copy). Attention gathers
+    q/k/v into the virtual layout, attends per sequence there and scatters back, and sets ``used``
+    (so the engine can tell a model that does not pass attention keywords through).
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    used: bool = False
+
+    def to(self, device: torch.device) -> SharedLayout:
+        return SharedLayout(self.gather.to(device), self.scatter.to(device))
+
+
 @dataclass(frozen=True, slots=True)
 class MicroBatch:
     """One packed row.
 
     Attributes:
-        data: per-token fields as 1-D tensors of the packed length ``T`` (``input_ids``,
+        data: per-token fields as 1-D tensors of the row length ``T`` (``input_ids``,
             ``loss_mask``, ...), per-sequence fields as ``[n_seqs]`` tensors.
-        position_ids: ``[T]``, restarting at 0 for every sequence.
-        cu_seqlens: ``[n_seqs + 1]`` int32 offsets of the sequences in the row.
+        position_ids: ``[T]``, each token's position in its sequence.
+        prev_index: ``[T]``, the row of the token before it in its sequence (-1 for a first token):
+            the row whose output predicts it. ``t - 1`` except where sequences start or, with a
+            shared prefix, where a continuation starts (it follows the prefix's last row).
+        cu_seqlens: ``[n_seqs + 1]`` int32 offsets of the whole sequences in the virtual layout
+            (equal to the row offsets when nothing is shared).
         max_len: the longest sequence.
         seq_index: index of each packed sequence in the caller's batch (-1: padding sequence).
+        shared: the :class:`SharedLayout` when some sequences share a prefix row range, else None.
     """
 
     data: dict[str, torch.Tensor]
     position_ids: torch.Tensor
+    prev_index: torch.Tensor
     cu_seqlens: torch.Tensor
     max_len: int
     seq_index: tuple[int, ...]
+    shared: SharedLayout | None = None
 
     @property
     def n_tokens(self) -> int:
+        """Rows in the packed row (what the linear layers process)."""
         return int(self.position_ids.numel())
 
     @property
@@ -174,22 +212,114 @@ class MicroBatch:
     def to(self, device: torch.device) -> MicroBatch:
         return MicroBatch(
             {k: v.to(device, non_blocking=True) for k, v in self.data.items()},
-            self.position_ids.to(device), self.cu_seqlens.to(device), self.max_len, self.seq_index,
+            self.position_ids.to(device), self.prev_index.to(device), self.cu_seqlens.to(device), self.max_len,
+            self.seq_index, None if self.shared is None else self.shared.to(device),
         )
 
 
-def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int]) -> MicroBatch:
-    """Concatenate the sequences ``seqs[i] for i in index`` into one :class:`MicroBatch`."""
-    chosen = [seqs[i] for i in index]
-    lens = [int(s["input_ids"].numel()) for s in chosen]
-    data = {
-        k: (torch.cat([s[k] for s in chosen]) if v.dim() == 1 else torch.stack([s[k] for s in chosen]))
-        for k, v in chosen[0].items()
-    }
+Unit = tuple[int, ...]  # sequence indices packed as one shared-prefix unit (the first is laid out in full)
+
+
+def prompt_length(seq: Mapping[str, torch.Tensor]) -> int:
+    """Tokens before the first loss token (0 without a ``loss_mask`` or without loss tokens)."""
+    mask = seq.get("loss_mask")
+    if mask is None:
+        return 0
+    hits = torch.nonzero(mask)
+    return int(hits[0, 0]) if hits.numel() else 0
+
+
+def share_prefixes(seqs: Sequence[Mapping[str, torch.Tensor]], max_tokens: int | None = None) -> list[Unit]:
+    """Group sequences with the same prompt (identical tokens before the first loss token) into units.
+
+    Members keep their batch order; a unit's row count is ``prompt + sum(continuations)`` and stays
+    within ``max_tokens`` (a group that would not fit is cut into several units). Sequences without
+    a prompt (no ``loss_mask``, or no loss token) are units of one.
+    """
+    groups: dict[bytes, list[int]] = {}
+    units: list[list[int]] = []
+    for i, s in enumerate(seqs):
+        p = prompt_length(s)
+        if p == 0:
+            units.append([i])
+            continue
+        key = s["input_ids"][:p].numpy().tobytes()
+        members = groups.get(key)
+        if members is None:
+            groups[key] = members = [i]
+            units.append(members)
+        else:
+            members.append(i)
+    cap = max_tokens or 0
+    out: list[Unit] = []
+    for members in units:
+        p = prompt_length(seqs[members[0]]) if len(members) > 1 else 0
+        chunk: list[int] = []
+        load = 0
+        for i in members:
+            n = int(seqs[i]["input_ids"].numel())
+            cost = n if not chunk else n - p
+            if chunk and cap and load + cost > cap:
+                out.append(tuple(chunk))
+                chunk, load, cost = [], 0, n
+            chunk.append(i)
+            load += cost
+        out.append(tuple(chunk))
+    return out
+
+
+def unit_rows(seqs: Sequence[Mapping[str, torch.Tensor]], unit: Unit) -> int:
+    """Rows a unit occupies when packed: the first member in full plus the others' continuations."""
+    lens = [int(seqs[i]["input_ids"].numel()) for i in unit]
+    p = prompt_length(seqs[unit[0]]) if len(unit) > 1 else 0
+    return lens[0] + sum(n - p for n in lens[1:])
+
+
+def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit]) -> MicroBatch:
+    """Concatenate ``seqs[i] for i in index`` into one :class:`MicroBatch`.
+
+    An entry of ``index`` may be a :data:`Unit` (from :func:`share_prefixes`): its first sequence
+    is laid out in full and the others contribute only the tokens after the shared prompt (the
+    prompt's per-token fields are the first sequence's; they are the same tokens, outside the loss).
+    """
+    units = [(u,) if isinstance(u, int) else tuple(u) for u in index]
+    order = [i for u in units for i in u]
+    chosen = {i: seqs[i] for i in order}
+    fields = seqs[order[0]]
+    pieces: dict[str, list[torch.Tensor]] = {k: [] for k, v in fields.items() if v.dim() == 1}
+    positions: list[torch.Tensor] = []
+    prev: list[torch.Tensor] = []
+    gather: list[torch.Tensor] = []
+    scatter: list[torch.Tensor] = []
+    lens: list[int] = []
+    row = 0
+    virtual = 0
+    for unit in units:
+        p = prompt_length(chosen[unit[0]]) if len(unit) > 1 else 0
+        first_row = row
+        for j, i in enumerate(unit):
+            s = chosen[i]
+            n = int(s["input_ids"].numel())
+            start = 0 if j == 0 else p
+            for k in pieces:
+                pieces[k].append(s[k][start:])
+            rows = torch.arange(row, row + n - start)
+            positions.append(torch.arange(start, n))
+            before = torch.cat([torch.arange(first_row, first_row + p), rows]) if start else rows
+            prev.append(torch.cat([torch.tensor([-1]), before[:-1]])[start:])
+            gather.append(before)
+            scatter.append(torch.arange(virtual + start, virtual + n))
+            lens.append(n)
+            row += n - start
+            virtual += n
+    data = {k: torch.cat(v) for k, v in pieces.items()}
+    data.update({k: torch.stack([chosen[i][k] for i in order]) for k, v in fields.items() if v.dim() != 1})
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
-    pos = torch.cat([torch.arange(n) for n in lens])
-    return MicroBatch(data, pos, cu, max(lens), tuple(index))
+    shared = None
+    if virtual != row:
+        shared = SharedLayout(torch.cat(gather), torch.cat(scatter))
+    return MicroBatch(data, torch.cat(positions), torch.cat(prev), cu, max(lens), tuple(order), shared)
 
 
 def dummy_micro_batch(like: MicroBatch | Mapping[str, torch.Tensor]) -> MicroBatch:
@@ -197,11 +327,15 @@ def dummy_micro_batch(like: MicroBatch | Mapping[str, torch.Tensor]) -> MicroBat
     when they have fewer micro-batches than others, so FSDP collectives stay matched."""
     fields = like.data if isinstance(like, MicroBatch) else like
     data = {k: torch.zeros((1,), dtype=v.dtype) for k, v in fields.items()}
-    return MicroBatch(data, torch.zeros(1, dtype=torch.long), torch.tensor([0, 1], dtype=torch.int32), 1, (-1,))
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    return MicroBatch(data, torch.zeros(1, dtype=torch.long), torch.tensor([-1]), cu, 1, (-1,))
 
 
 def unpack(values: torch.Tensor, mb: MicroBatch) -> list[torch.Tensor]:
-    """Cut a packed ``[T, ...]`` tensor into one tensor per sequence of ``mb``."""
+    """Cut a packed ``[T, ...]`` tensor into one whole sequence per sequence of ``mb`` (a shared
+    prompt's values are repeated for each sequence that shares it)."""
+    if mb.shared is not None:
+        values = values[mb.shared.gather.to(values.device)]
     return list(torch.split(values, mb.seqlens))
 
 

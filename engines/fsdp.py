@@ -4,7 +4,8 @@ weight hand-off (memory, disk, broadcast) to inference engines.
 One process per device (``torchrun``), or one process alone (world size 1, created here). The
 model is an HF causal LM; every decoder layer and the root are wrapped with ``fully_shard``. Each
 ``train_batch`` packs its sequences into micro-batches (one row each, per-sequence position ids and
-``cu_seq_lens``; see :mod:`agentflow.engines._packing`), runs forward/backward per micro-batch with
+``cu_seq_lens``, the samples of one prompt sharing its rows when ``share_prefix`` is on; see
+:mod:`agentflow.engines._packing`), runs forward/backward per micro-batch with
 loss weights normalised over the whole batch on every rank, clips the gradient norm and steps AdamW
 (skipping, and reporting, a step whose norm is not finite).
 
@@ -55,7 +56,9 @@ from agentflow.engines._packing import (
     normalize_batch,
     pack,
     plan_micro_batches,
+    share_prefixes,
     split_sequences,
+    unit_rows,
     unpack,
 )
 from agentflow.engines._weights import (
@@ -215,8 +218,12 @@ class FSDPEngine(TrainEngine):
     ) -> tuple[list[MicroBatch], dict[str, torch.Tensor]]:
         batch = normalize_batch(input_)
         seqs = split_sequences(batch)
-        plan = plan_micro_batches([int(s["input_ids"].numel()) for s in seqs], mb_spec.max_tokens_per_mb, mb_spec.n_mbs)
-        mbs = [pack(seqs, idx) for idx in plan]
+        if self._packed and self.config.share_prefix:
+            units = share_prefixes(seqs, mb_spec.max_tokens_per_mb)
+        else:
+            units = [(i,) for i in range(len(seqs))]
+        plan = plan_micro_batches([unit_rows(seqs, u) for u in units], mb_spec.max_tokens_per_mb, mb_spec.n_mbs)
+        mbs = [pack(seqs, [units[u] for u in idx]) for idx in plan]
         # every rank must run the same number of forward/backward passes (FSDP collectives)
         n = _dist.all_reduce_max_int(len(mbs))
         mbs += [dummy_micro_batch(mbs[0]) for _ in range(n - len(mbs))]
@@ -229,14 +236,24 @@ class FSDPEngine(TrainEngine):
         if self._packed:
             cu = mb.cu_seqlens
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mb.max_len, max_length_k=mb.max_len)
-        return self._model()(input_ids=mb.data["input_ids"][None], **kwargs).logits[0]
+            if mb.shared is not None:
+                kwargs["agentflow_shared"] = mb.shared
+        out = self._model()(input_ids=mb.data["input_ids"][None], **kwargs).logits[0]
+        if mb.shared is not None and not mb.shared.used:
+            raise EngineError(
+                f"{type(self._model()).__name__} does not pass attention keywords through to the attention "
+                "function, so prompts cannot be shared across samples; set train.share_prefix=false"
+            )
+        return out
 
-    def _logprobs(self, mb: MicroBatch, select: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(
+        self, mb: MicroBatch, select: torch.Tensor, temperature: float, entropy_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies ``[T]`` of the tokens where ``select`` (first tokens excluded)."""
-        positions = torch.nonzero(select & (mb.position_ids > 0)).flatten()
-        out = self._hidden(mb, positions - 1)
+        positions = torch.nonzero(select & (mb.prev_index >= 0)).flatten()
+        out = self._hidden(mb, mb.prev_index[positions])
         return token_logprobs(out, mb.data["input_ids"][positions], positions, mb.n_tokens, self._head,
-                              temperature, self.config.logprob_chunk_size)
+                              temperature, self.config.logprob_chunk_size, entropy_grad)
 
     def _zero_loss(self, mb: MicroBatch) -> torch.Tensor:
         """A zero loss touching every parameter, so a weight-0 micro-batch still syncs gradients."""
@@ -253,6 +270,8 @@ class FSDPEngine(TrainEngine):
         Returns:
             ``loss`` (global weighted mean), ``grad_norm``, ``lr``, ``skipped`` (1 if the norm was
             not finite and no step was taken), ``n_seqs``/``n_tokens``/``loss_weight`` (global),
+            ``n_rows`` (global tokens through the model: fewer than ``n_tokens`` when prompts are
+            shared),
             ``n_mbs``, and the loss function's statistics (global weighted means).
         """
         model, opt = self._model(), self.optimizer
@@ -270,7 +289,8 @@ class FSDPEngine(TrainEngine):
             opt.step()
         stats.update(grad_norm=grad_norm, skipped=float(skipped), lr=opt.param_groups[0]["lr"], n_mbs=float(len(mbs)),
                      n_seqs=_dist.all_reduce_float(float(batch["input_ids"].shape[0])),
-                     n_tokens=_dist.all_reduce_float(float(batch["attention_mask"].sum())))
+                     n_tokens=_dist.all_reduce_float(float(batch["attention_mask"].sum())),
+                     n_rows=_dist.all_reduce_float(float(sum(mb.n_tokens for mb in mbs if mb.seq_index[0] >= 0))))
         return stats
 
     def eval_batch(
@@ -301,7 +321,8 @@ class FSDPEngine(TrainEngine):
             if w == 0:
                 loss = self._zero_loss(dev)
             else:
-                lp, ent = self._logprobs(dev, dev.data["loss_mask"] > 0, self.config.temperature)
+                lp, ent = self._logprobs(dev, dev.data["loss_mask"] > 0, self.config.temperature,
+                                         backward and bool(getattr(loss_fn, "entropy_grad", False)))
                 loss = self._call_loss(loss_fn, lp, {**dev.data, "entropy": ent}, w, sums)
             if backward:
                 (loss * (w * scale)).backward()

@@ -324,7 +324,8 @@ class LocalEngine(InferenceEngine):
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, Any]:
-        """Counters of the worker: decode steps per batch size, joins while running, tokens."""
+        """Counters of the worker: decode steps per batch size, joins while running, prefill calls and
+        sequences whose prefill was shared with an identical context, tokens."""
         w = self._worker
         if w is None:
             return {}
@@ -333,6 +334,7 @@ class LocalEngine(InferenceEngine):
             "decode_steps": sum(w.batch_sizes.values()),
             "joined_running_batch": w.n_joined_running,
             "prefill_calls": w.n_prefill_calls,
+            "prefill_shared": w.n_prefill_shared,
             "tokens": w.n_tokens,
             "kv_cache_bytes": w.cache.nbytes(),
         }

@@ -154,9 +154,23 @@ def test_ppo_loss_fn_contract_and_token_weight():
         PPOLoss()(mb["logprobs"], {"loss_mask": mb["loss_mask"], "logprobs": mb["logprobs"]})
 
 
+def test_entropy_bonus_subtracts_coef_times_mean_entropy():
+    logp = torch.tensor([0.0, -1.0, -2.0], requires_grad=True)
+    mask, adv = torch.tensor([0, 1, 1]), torch.tensor([0.0, 1.0, 1.0])
+    ent = torch.tensor([9.0, 2.0, 4.0], requires_grad=True)
+    cfg = PPOConfig(decoupled=False, entropy_coef=0.1)
+    assert PPOLoss(cfg).entropy_grad and not PPOLoss(PPOConfig()).entropy_grad
+    loss, _ = ppo_loss(logp, logp.detach(), adv, mask, cfg, entropy=ent)
+    assert loss.item() == pytest.approx(-1.0 - 0.1 * 3.0)  # prompt token's entropy not counted
+    loss.backward()
+    assert ent.grad.tolist() == pytest.approx([0.0, -0.05, -0.05])
+    with pytest.raises(ConfigError, match="entropy"):  # training without a differentiable entropy
+        ppo_loss(logp, logp.detach(), adv, mask, cfg, entropy=ent.detach())
+
+
 def test_configs_validate_every_field_at_once():
     with pytest.raises(ConfigError) as e:
-        PPOConfig(eps_clip=1.5, behav_imp_weight_cap=0.5, kl_coef=-1.0)
-    assert len(e.value.problems) == 3
+        PPOConfig(eps_clip=1.5, behav_imp_weight_cap=0.5, kl_coef=-1.0, entropy_coef=-0.1)
+    assert len(e.value.problems) == 4
     with pytest.raises(ConfigError):
         AlgoConfig(group_norm="bogus", reward_clip=0.0)  # type: ignore[arg-type]  # invalid on purpose

@@ -65,3 +65,17 @@ def test_describe_lists_every_leaf_field_with_a_default():
                  "trainer.total_steps", "inference.local.max_batch_size", "logging.run_dir", "model.path"):
         assert name in names
     assert all(r[2] for r in rows)
+
+
+def test_an_override_keeps_the_recipe_defaults_of_its_section():
+    """The recipe gives sections their own defaults (e.g. trainer.eval_every=10 where the trainer
+    class says 0); overriding one field of a section must keep the others, and --help shows them."""
+    recipe = _recipe()
+    base = recipe().trainer
+    assert base.eval_every != type(base)().eval_every  # the premise: the recipe's default differs
+    cfg = load_config(recipe, overrides=["trainer.total_steps=60", "train.lr=1e-5"])
+    assert cfg.trainer.total_steps == 60 and cfg.trainer.eval_every == base.eval_every
+    assert cfg.train.lr == 1e-5 and cfg.train.grad_clip == recipe().train.grad_clip
+    shown = {r[0]: r[2] for r in describe(recipe)}
+    assert shown["trainer.eval_every"] == repr(base.eval_every)
+    assert shown["train.lr"] == repr(recipe().train.lr)

@@ -119,6 +119,23 @@ async def test_logprobs_match_full_forward(tiny):
     assert (torch.tensor(outs[2].output_logprobs) >= plain - 1e-6).all()
 
 
+async def test_samples_of_one_prompt_share_one_prefill(tiny):
+    """Identical contexts submitted together are prefilled once (KV rows copied); every sample is
+    still drawn independently and its log-probs match a full forward."""
+    model, tok = tiny
+    prompt = ids(tok, "the quick brown fox jumps over")
+    g = GenerationConfig(max_new_tokens=12, temperature=1.3)
+    async with LocalEngine(model, tok) as engine:
+        outs = await asyncio.gather(*[engine.agenerate(ModelRequest(prompt, g)) for _ in range(6)],
+                                    engine.agenerate(ModelRequest(ids(tok, "other"), g)))
+        stats = engine.stats()
+    assert stats["prefill_calls"] == 1 and stats["prefill_shared"] == 5
+    assert len({tuple(o.output_tokens) for o in outs[:6]}) > 1  # independent draws
+    for o in outs:
+        ref = recompute_logprobs(model, o.input_tokens, o.output_tokens, 1.3)
+        assert (torch.tensor(o.output_logprobs) - ref).abs().max().item() < LOGPROB_TOL
+
+
 async def test_sampling_is_seeded(tiny):
     model, tok = tiny
     g = GenerationConfig(max_new_tokens=16, temperature=1.0)

@@ -18,7 +18,9 @@ from agentflow.engines._packing import (
     pack,
     packing_efficiency,
     plan_micro_batches,
+    share_prefixes,
     split_sequences,
+    unit_rows,
     unpack,
 )
 
@@ -79,6 +81,31 @@ def test_pack_builds_positions_and_cu_seqlens_and_unpack_inverts():
     assert [t.tolist() for t in unpack(mb.data["loss_mask"], mb)] == [[0, 1, 1], [0, 1]]
     dummy = dummy_micro_batch(mb)
     assert dummy.n_tokens == 1 and dummy.seq_index == (-1,) and set(dummy.data) == set(mb.data)
+
+
+def test_shared_prompt_units_lay_the_prompt_out_once():
+    batch = {
+        "input_ids": torch.tensor([[7, 8, 1, 2, 0], [7, 8, 3, 0, 0], [9, 8, 4, 0, 0], [7, 8, 5, 6, 6]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        "loss_mask": torch.tensor([[0, 0, 1, 1, 0], [0, 0, 1, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 1]]),
+        "rewards": torch.tensor([1.0, 2.0, 3.0, 4.0]),
+    }
+    seqs = split_sequences(normalize_batch(batch))
+    units = share_prefixes(seqs)
+    assert units == [(0, 1, 3), (2,)]
+    assert [unit_rows(seqs, u) for u in units] == [4 + 1 + 3, 3]
+    assert share_prefixes(seqs, max_tokens=6) == [(0, 1), (3,), (2,)]  # 4 + 1 rows, then 5 alone
+    mb = pack(seqs, units)
+    assert mb.data["input_ids"].tolist() == [7, 8, 1, 2, 3, 5, 6, 6, 9, 8, 4]
+    assert mb.position_ids.tolist() == [0, 1, 2, 3, 2, 2, 3, 4, 0, 1, 2]
+    assert mb.prev_index.tolist() == [-1, 0, 1, 2, 1, 1, 5, 6, -1, 8, 9]  # continuations follow row 1
+    assert mb.seq_index == (0, 1, 3, 2) and mb.data["rewards"].tolist() == [1.0, 2.0, 4.0, 3.0]
+    assert mb.seqlens == [4, 3, 5, 3] and mb.n_tokens == 11
+    whole = [[7, 8, 1, 2], [7, 8, 3], [7, 8, 5, 6, 6], [9, 8, 4]]
+    assert [t.tolist() for t in unpack(mb.data["input_ids"], mb)] == whole
+    assert mb.data["input_ids"][mb.shared.gather].tolist() == [7, 8, 1, 2, 7, 8, 3, 7, 8, 5, 6, 6, 9, 8, 4]
+    assert mb.shared.scatter.tolist() == [0, 1, 2, 3, 6, 9, 10, 11, 12, 13, 14]
+    assert pack(seqs, [0, 1]).shared is None  # plain indices: nothing shared
 
 
 def test_tensor_batch_shapes_are_validated():

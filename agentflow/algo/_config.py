@@ -41,6 +41,9 @@ class PPOConfig:
             those tokens from the loss (they still count in the token mean's denominator).
         kl_coef: weight of the KL-to-reference term (0 = off; then ``ref_logp`` is not needed).
         kl_estimator: ``k1``/``k2``/``k3`` (Schulman, "Approximating KL divergence", 2020).
+        entropy_coef: weight of the entropy bonus (0 = off): the loss subtracts
+            ``entropy_coef * H(pi(. | context))`` per loss token, which resists the policy turning
+            deterministic before it has found the answers.
     """
 
     eps_clip: float = 0.2
@@ -50,6 +53,7 @@ class PPOConfig:
     behav_imp_weight_mode: ImpWeightMode = "cap"
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
+    entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -73,6 +77,8 @@ class PPOConfig:
             out.append(f"ppo.behav_imp_weight_mode must be 'cap' or 'mask', got {self.behav_imp_weight_mode!r}")
         if not (_finite(self.kl_coef) and self.kl_coef >= 0):
             out.append(f"ppo.kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
+        if not (_finite(self.entropy_coef) and self.entropy_coef >= 0):
+            out.append(f"ppo.entropy_coef must be a finite number >= 0, got {self.entropy_coef!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             out.append(f"ppo.kl_estimator must be 'k1', 'k2' or 'k3', got {self.kl_estimator!r}")
         return out

@@ -8,13 +8,13 @@ The loss-function contract of ``FSDPEngine.train_batch`` / ``eval_batch``::
 the current parameters (with gradient), valid where ``mb["loss_mask"]`` is 1 and 0 elsewhere.
 ``mb`` holds the packed, token-aligned fields of the batch (``loss_mask``, ``logprobs`` = behaviour
 log-probs, and whatever the caller added: ``advantages``, ``prox_logp``, ``ref_logp`` ...), plus
-``entropy`` (detached, on loss tokens). The loss is the *mean over this micro-batch's loss tokens*;
+``entropy`` (on loss tokens; differentiable when the loss function has a true ``entropy_grad``
+attribute, else detached). The loss is the *mean over this micro-batch's loss tokens*;
 the engine weights micro-batches by ``loss_weight_fn(mb)`` (use :func:`token_count`) so the
 optimised quantity is the mean over every loss token of the global batch, across ranks. Returned
 stats are micro-batch means; the engine averages them with the same weights.
 
-Not here: advantages (:mod:`agentflow.algo._advantages`), value functions, entropy bonuses
-(entropy is a statistic only).
+Not here: advantages (:mod:`agentflow.algo._advantages`), value functions.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def ppo_loss(
     cfg: PPOConfig,
     prox_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Decoupled PPO (Fu et al. 2025, AReaL, arXiv:2505.24298, eq. 5) or PPO (Schulman et al. 2017,
     arXiv:1707.06347, eq. 7), averaged over loss tokens.
@@ -68,7 +69,9 @@ def ppo_loss(
     ``w = exp(prox_logp - behav_logp)`` (``cap``: ``min(w, cap)``; ``mask``: token dropped when
     ``w > cap``); per token ``-w * min(r * A, clip(r, 1 - eps, 1 + eps_high) * A)``.
     Plain PPO/GRPO: ``prox_logp := behav_logp`` and ``w = 1``. With ``cfg.kl_coef > 0`` adds
-    ``kl_coef * KL_est(logp, ref_logp)`` per token (GRPO, arXiv:2402.03300 eq. 3, with k3).
+    ``kl_coef * KL_est(logp, ref_logp)`` per token (GRPO, arXiv:2402.03300 eq. 3, with k3). With
+    ``cfg.entropy_coef > 0`` subtracts ``entropy_coef * H`` per token (``entropy``: the policy's
+    entropy at each position, differentiable), an exploration bonus against entropy collapse.
     Deviation: a masked token (``w > cap`` in ``mask`` mode) still counts in the denominator, so the
     loss stays a mean over the batch's loss tokens as the engine's weights assume.
 
@@ -102,6 +105,13 @@ def ppo_loss(
         kl = kl_estimate(logp, ref_logp.detach(), cfg.kl_estimator)
         per_token = per_token + cfg.kl_coef * kl
         stats["kl_ref"] = float(_masked_mean(kl.detach(), mask))
+    if cfg.entropy_coef > 0:
+        if entropy is None or (logp.requires_grad and not entropy.requires_grad):
+            raise ConfigError(
+                f"ppo.entropy_coef={cfg.entropy_coef} needs the differentiable per-token entropy; pass "
+                "entropy= with gradient (FSDPEngine does so for a loss_fn with entropy_grad=True), or set it to 0"
+            )
+        per_token = per_token - cfg.entropy_coef * entropy
     loss = _masked_mean(per_token, mask)
     with torch.no_grad():
         stats["pg_loss"] = float(_masked_mean(pg, mask))
@@ -133,6 +143,11 @@ class PPOLoss:
 
     cfg: PPOConfig = field(default_factory=PPOConfig)
 
+    @property
+    def entropy_grad(self) -> bool:
+        """Whether the engine must keep ``mb["entropy"]`` differentiable (an entropy bonus is on)."""
+        return self.cfg.entropy_coef > 0
+
     def __call__(self, logprobs: torch.Tensor, mb: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if "advantages" not in mb:
             raise ConfigError(
@@ -140,10 +155,10 @@ class PPOLoss:
             )
         loss, stats = ppo_loss(
             logprobs, mb["logprobs"], mb["advantages"], mb["loss_mask"], self.cfg,
-            prox_logp=mb.get("prox_logp"), ref_logp=mb.get("ref_logp"),
+            prox_logp=mb.get("prox_logp"), ref_logp=mb.get("ref_logp"), entropy=mb.get("entropy"),
         )
         if "entropy" in mb:
-            stats["entropy"] = float(_masked_mean(mb["entropy"], mb["loss_mask"].to(logprobs.dtype)))
+            stats["entropy"] = float(_masked_mean(mb["entropy"].detach(), mb["loss_mask"].to(logprobs.dtype)))
         return loss, stats
 
 
