@@ -5,6 +5,7 @@
 same on the loop. Both check staleness at consume time: an item whose oldest policy token is more
 than ``max_staleness`` versions old is dropped, requeued or kept according to the configured
 policy. Nothing here polls: waiters sleep on conditions notified by put, take and version bumps.
+After :meth:`fail` a consumer that would wait raises the failure instead; buffered groups stay.
 
 Not here: prioritised or multi-epoch replay (an item is consumed once).
 """
@@ -76,6 +77,7 @@ class ReplayBuffer:
         self._cond = threading.Condition(self._lock)  # trainer-thread waiters
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_waiters = Wakeup()  # loop-side waiters (put space, aget_batch)
+        self._failure: BaseException | None = None  # set by fail(): raised instead of waiting
 
     # ------------------------------------------------------------------ producer (event loop)
     async def put(self, group: Group) -> None:
@@ -103,6 +105,7 @@ class ReplayBuffer:
 
         Call from any thread but the event loop's (use :meth:`aget_batch` there). On timeout the
         groups taken so far go back to the front and ``TimeoutError`` is raised: nothing is lost.
+        The same holds when the producer has failed (:meth:`fail`): its error is raised instead of waiting.
         """
         return [t for g in self.get_groups(n, timeout, version=version) for t in g.trajectories]
 
@@ -115,10 +118,12 @@ class ReplayBuffer:
             while len(taken) < n:
                 if not self._groups:
                     left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
+                    if self._failure is not None or (left is not None and left <= 0):
                         self._groups.extendleft(reversed(taken))
                         self._cond.notify_all()
                         self._after_take(discarded)
+                        if self._failure is not None:
+                            raise self._failure
                         raise TimeoutError(
                             f"get_batch({n}) timed out after {timeout}s with {len(taken)} group(s) ready; "
                             "they stay in the buffer. Raise the timeout or check that rollouts are running."
@@ -141,6 +146,8 @@ class ReplayBuffer:
                         self._take_one(taken, discarded, version)
                 self._after_take(discarded)
                 if len(taken) < n:
+                    if self._failure is not None:
+                        raise self._failure
                     await self._wait_on_loop()
         except BaseException:
             with self._lock:  # cancelled or timed out: nothing taken is lost
@@ -194,6 +201,22 @@ class ReplayBuffer:
     def _discard(self, group: Group, why: str) -> None:
         if self.on_discard is not None:
             self.on_discard(group, why)
+
+    def fail(self, error: BaseException) -> None:
+        """The producer stopped for good: consumers that would wait (now or later) raise ``error``.
+
+        Buffered groups stay (a consumer still gets a batch that is already here; ``state_dict``
+        still saves them). Call from any thread.
+        """
+        with self._cond:
+            self._failure = error
+            self._cond.notify_all()
+        self._call_on_loop(self._wake_loop_waiters)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error passed to :meth:`fail`, if any."""
+        return self._failure
 
     # ------------------------------------------------------------------ loop wake-ups
     async def _wait_on_loop(self) -> None:

@@ -30,6 +30,11 @@ class RolloutConfig:
             Leave at 1 for workflows that sample a whole group themselves.
         buffer_size: items the replay buffer holds before ``put`` applies back-pressure.
         max_requeues: how often one prompt may be requeued before it is dropped for good.
+        max_consecutive_rejections: rejected items in a row (no accepted item between them) after
+            which the executor stops and every consumer waiting for trajectories raises
+            ``WorkflowError`` naming the last reasons, instead of waiting out a batch timeout.
+            Catches a misconfigured run early (a workflow that always raises, prompts longer than
+            the engine's ``max_seq_len``). ``None`` (YAML ``null``) = never stop.
     """
 
     max_staleness: int = 1
@@ -40,6 +45,7 @@ class RolloutConfig:
     n_samples: int = 1
     buffer_size: int = 4096
     max_requeues: int = 3
+    max_consecutive_rejections: int | None = 64
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -59,6 +65,9 @@ class RolloutConfig:
         t = self.episode_timeout_s
         if t is not None and not (isinstance(t, int | float) and t > 0 and math.isfinite(t)):
             out.append(f"rollout.episode_timeout_s must be a positive number of seconds or null, got {t!r}")
+        m = self.max_consecutive_rejections
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            out.append(f"rollout.max_consecutive_rejections must be an integer >= 1 or null, got {m!r}")
         return out
 
     @classmethod

@@ -11,6 +11,11 @@ not a trajectory is a *rejected* sample with a counted reason; an item with no a
 a rejected item and gives its slot back. Only bugs in the executor itself propagate (and cancel
 the task group). Exiting the ``async with`` block cancels every running episode.
 
+Fail fast: ``rollout.max_consecutive_rejections`` rejected items in a row (no accepted one between
+them) put the executor in a failed state: it admits nothing more and hands one ``WorkflowError``
+quoting the last reasons to the buffer, so every consumer that would wait for trajectories raises
+it at once instead of waiting out its timeout. Buffered groups and queued items stay (checkpointable).
+
 Not here: generation (engines), training (the trainer thread), persistence (checkpoints save
 :meth:`pending` and the buffer's state).
 """
@@ -41,6 +46,8 @@ __all__ = ["WorkflowExecutor"]
 
 log = logging.getLogger("agentflow.executor")
 _MAX_LOGGED_FAILURES = 20
+_QUOTED_REASONS = 3  # distinct rejection reasons quoted by the consecutive-rejections error
+_MAX_REASON_CHARS = 300
 
 
 @dataclass(slots=True)
@@ -79,6 +86,9 @@ class WorkflowExecutor:
         self._run_prefix = uuid.uuid4().hex[:8]
         self.admission_latencies: deque[float] = deque(maxlen=10_000)  # seconds, slot freed -> started
         self._room = Wakeup()  # feeders waiting for queue room
+        self._consecutive_rejections = 0
+        self._recent_reasons: deque[str] = deque(maxlen=_QUOTED_REASONS)  # distinct, newest last
+        self._failure: WorkflowError | None = None
 
     # ------------------------------------------------------------------ lifetime
     async def __aenter__(self) -> WorkflowExecutor:
@@ -123,6 +133,8 @@ class WorkflowExecutor:
         Meant for synchronous use (evaluation, eta = 0 loops): it takes as many items from the
         buffer as it saw accepted, so run it while nothing else is being submitted.
         """
+        if self._failure is not None:
+            raise self._failure
         loop = asyncio.get_running_loop()
         items = []
         for d in data:
@@ -130,6 +142,8 @@ class WorkflowExecutor:
             self._enqueue(item)
             items.append(item)
         accepted = [await item.done for item in items if item.done is not None]
+        if self._failure is not None:  # the accepted groups stay in the buffer
+            raise self._failure
         return await self.buffer.aget_batch(sum(accepted), version=self.staleness.version)
 
     async def wait_for_room(self, max_queued: int) -> None:
@@ -151,6 +165,11 @@ class WorkflowExecutor:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    @property
+    def failure(self) -> WorkflowError | None:
+        """Why the executor stopped admitting for good (too many consecutive rejections), or None."""
+        return self._failure
 
     def set_version(self, version: int) -> None:
         self.staleness.set_version(version)
@@ -195,7 +214,7 @@ class WorkflowExecutor:
         self._admit()
 
     def _admit(self, freed_at: float | None = None) -> None:
-        if self._tg is None or self._paused or not self._queue:
+        if self._tg is None or self._paused or self._failure is not None or not self._queue:
             return
         n = min(self.staleness.capacity(), len(self._queue))
         for _ in range(n):
@@ -220,7 +239,7 @@ class WorkflowExecutor:
         if freed_at is not None:
             self.admission_latencies.append(time.perf_counter() - freed_at)
         accepted = False
-        reasons = ["cancelled"]
+        reasons: list[str] | None = None  # stays None if the episode is cancelled
         try:
             trajs, reasons = await self._run_samples(item)
             if trajs:
@@ -235,8 +254,13 @@ class WorkflowExecutor:
                 self._running.pop(task, None)
             if accepted:
                 self.staleness.on_accept()
+                self._consecutive_rejections = 0
+                self._recent_reasons.clear()
+            elif reasons is None:
+                self.staleness.on_reject("cancelled")
             else:
                 self.staleness.on_reject(reasons[0] if reasons else "empty")
+                self._count_rejection()
             if item.done is not None and not item.done.done():
                 item.done.set_result(accepted)
             self._admit(time.perf_counter())
@@ -267,12 +291,16 @@ class WorkflowExecutor:
         try:
             async with asyncio.timeout(self.config.episode_timeout_s):
                 out = await item.workflow.arun_episode(self.engine, item.data)
-        except TimeoutError:
+        except TimeoutError as e:
+            limit = self.config.episode_timeout_s
+            self._note_reason(f"{type(e).__name__}: {e}" if str(e) else
+                              f"timeout: arun_episode exceeded rollout.episode_timeout_s={limit}")
             return [], "timeout"
         except (AgentflowError, Exception) as e:  # a workflow's failure is data, not a crash
             self._log_failure(item, e)
             return [], type(e).__name__
         if out is None:
+            self._note_reason("none: arun_episode returned None")
             return [], "none"
         trajs = [out] if isinstance(out, Trajectory) else out
         if not isinstance(trajs, list) or not trajs or not all(isinstance(t, Trajectory) for t in trajs):
@@ -284,8 +312,40 @@ class WorkflowExecutor:
         return trajs, None
 
     def _log_failure(self, item: _Item, e: BaseException) -> None:
+        self._note_reason(f"{type(e).__name__}: {e}")
         if self._n_failures_logged < _MAX_LOGGED_FAILURES:
             self._n_failures_logged += 1
             log.warning("episode %s rejected: %s: %s", item.group_id, type(e).__name__, e, exc_info=e)
             if self._n_failures_logged == _MAX_LOGGED_FAILURES:
                 log.warning("further episode failures are counted in stats() but not logged")
+
+    # ------------------------------------------------------------------ fail fast
+    def _note_reason(self, reason: str) -> None:
+        """Remember a rejection reason for the consecutive-rejections error (distinct, newest last)."""
+        if len(reason) > _MAX_REASON_CHARS:
+            reason = reason[: _MAX_REASON_CHARS - 3] + "..."
+        if reason in self._recent_reasons:
+            self._recent_reasons.remove(reason)
+        self._recent_reasons.append(reason)
+
+    def _count_rejection(self) -> None:
+        """One more finished item had no accepted sample; stop at ``max_consecutive_rejections``."""
+        self._consecutive_rejections += 1
+        limit = self.config.max_consecutive_rejections
+        if limit is None or self._consecutive_rejections < limit or self._failure is not None:
+            return
+        reasons = "; ".join(repr(r) for r in reversed(self._recent_reasons)) or "none recorded"
+        self._failure = WorkflowError(
+            f"{self._consecutive_rejections} consecutive episodes were rejected and none accepted "
+            f"(expected at least one accepted episode in every rollout.max_consecutive_rejections={limit}; "
+            f"{self.staleness.stats.accepted} accepted in this run), so rollout has stopped. "
+            f"Last distinct reasons, newest first: {reasons}. To fix: make the workflow succeed (its first "
+            f"{_MAX_LOGGED_FAILURES} exceptions are logged with tracebacks by 'agentflow.executor'), check that "
+            "prompts fit the inference engine's max_seq_len, or raise rollout.max_consecutive_rejections "
+            "(null disables this check)."
+        )
+        log.error("%s", self._failure)
+        for item in self._queue:  # rollout() callers waiting on items that will never start
+            if item.done is not None and not item.done.done():
+                item.done.set_result(False)
+        self.buffer.fail(self._failure)

@@ -172,7 +172,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ main entry (event loop)
     async def run(self) -> None:
-        """Run the loop until ``total_steps``; returns when the final checkpoint is written."""
+        """Run the loop until ``total_steps``; returns when the final checkpoint is written.
+
+        Raises what stopped the run, e.g. the executor's ``WorkflowError`` once
+        ``rollout.max_consecutive_rejections`` episodes in a row were rejected, or ``TimeoutError``
+        when no batch arrived within ``trainer.batch_timeout_s``.
+        """
+        try:
+            await self._run()
+        except BaseExceptionGroup as eg:  # task groups (the feeder's, the executor's) wrap a lone error
+            err: BaseException = eg
+            while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+                err = err.exceptions[0]
+            if err is eg:
+                raise
+            raise err from None  # surface it as is (the CLI prints an AgentflowError's message)
+
+    async def _run(self) -> None:
         async with self.engine, asyncio.TaskGroup() as tg:
             await self._restore_rollout()
             ev = self.evaluation

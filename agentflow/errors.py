@@ -7,7 +7,7 @@ Every error agentflow raises on purpose derives from :class:`AgentflowError`::
     ├── EngineError            an inference or train engine failed
     │   ├── EngineTimeout      a call to an engine exceeded its deadline
     │   └── ServerError        an SGLang(-protocol) server answered with an error
-    ├── WorkflowError          a workflow returned something that is not a trajectory
+    ├── WorkflowError          a workflow returned a non-trajectory, or its episodes keep being rejected
     ├── TrajectoryError        a trajectory's fields are inconsistent
     ├── EnvError               an environment failed (reward, tool, dataset)
     │   └── SandboxError       the code sandbox could not run the code at all
@@ -16,7 +16,9 @@ Every error agentflow raises on purpose derives from :class:`AgentflowError`::
 Messages say what was expected, what was received and how to fix it.
 
 Expected per-episode failures (a workflow raising, a reward timing out) never escape the executor:
-they become rejected episodes with a counted reason. These classes are for the caller's side.
+they become rejected episodes with a counted reason. Only ``rollout.max_consecutive_rejections``
+of them in a row do, as one ``WorkflowError`` raised to whoever waits for trajectories.
+These classes are for the caller's side.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class ServerError(EngineError):
 
 
 class WorkflowError(AgentflowError):
-    """A workflow broke its contract (e.g. returned a value that is not a Trajectory)."""
+    """A workflow broke its contract (e.g. returned a value that is not a Trajectory), or its
+    episodes were rejected ``rollout.max_consecutive_rejections`` times in a row."""
 
 
 class TrajectoryError(AgentflowError, ValueError):

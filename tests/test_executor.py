@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 import pytest
 
-from agentflow import GenerationConfig, ModelRequest, RolloutConfig, Trajectory
+from agentflow import GenerationConfig, ModelRequest, RolloutConfig, Trajectory, WorkflowError
 from agentflow.testing import FakeEngine, random_latency
 
 G = GenerationConfig(max_new_tokens=6)
@@ -274,8 +275,134 @@ async def test_requeue_resubmits_the_same_prompt():
 
 
 def test_submit_rejects_objects_without_arun_episode():
-    from agentflow import WorkflowError
-
     engine = FakeEngine()
     with pytest.raises(WorkflowError, match="arun_episode"):
         engine.submit(0, object())
+
+
+# ---------------------------------------------------------------------------- consecutive rejections
+class BoomWorkflow:
+    """Raises for every item whose ``fails(data)`` is true (every item by default), else echoes."""
+
+    def __init__(self, fails=lambda data: True):
+        self.fails = fails
+
+    async def arun_episode(self, engine, data):
+        if self.fails(data):
+            raise RuntimeError(f"boom {data % 2 if isinstance(data, int) else data}")
+        return await EchoWorkflow().arun_episode(engine, data)
+
+
+async def test_consecutive_rejections_fail_waiting_consumers_fast():
+    cfg = RolloutConfig(max_staleness=10, consumer_batch_size=4)  # default limit: 64
+    assert cfg.max_consecutive_rejections == 64
+    async with FakeEngine(latency=0.001, rollout=cfg) as engine:
+        thread_consumer = asyncio.create_task(asyncio.to_thread(engine.buffer.get_batch, 4, 20))
+        loop_consumer = asyncio.create_task(engine.wait(4, timeout=20))
+        await asyncio.sleep(0.05)  # both consumers are asleep before the first episode runs
+        t0 = time.perf_counter()
+        for i in range(300):
+            engine.submit(i, BoomWorkflow())
+        errors = []
+        for consumer in (thread_consumer, loop_consumer):
+            with pytest.raises(WorkflowError) as info:
+                await asyncio.wait_for(consumer, 5)
+            errors.append(info.value)
+        elapsed = time.perf_counter() - t0
+        assert engine.executor.failure is errors[0] is errors[1]
+        assert engine.executor.n_queued > 0  # admission stopped; the rest stay pending
+        with pytest.raises(WorkflowError):  # a consumer arriving later fails at once too
+            await asyncio.to_thread(engine.buffer.get_batch, 1, 20)
+    assert elapsed < 2.0, f"consumers waited {elapsed:.2f}s for a failed rollout (their timeout: 20 s)"
+    msg = str(errors[0])
+    assert "64 consecutive episodes were rejected" in msg
+    assert "RuntimeError: boom 0" in msg and "RuntimeError: boom 1" in msg
+    assert "max_seq_len" in msg and "rollout.max_consecutive_rejections" in msg
+
+
+async def test_consecutive_rejections_keep_buffered_groups_and_pending_items():
+    cfg = RolloutConfig(max_staleness=10, max_concurrent=1, max_consecutive_rejections=5)
+    async with FakeEngine(rollout=cfg) as engine:
+        for i in range(100):
+            engine.submit(i, BoomWorkflow(fails=lambda d: d >= 3))
+        with pytest.raises(WorkflowError, match="5 consecutive"):
+            await engine.wait(4, timeout=5)
+        stats = engine.executor.stats()
+        assert stats["accepted"] == 3 and stats["rejected"] == 5 and stats["queued"] == 92
+        assert len(engine.buffer.state_dict()["groups"]) == 3 and len(engine.executor.pending()) == 92
+        # What is already buffered is still handed out; only waiting for more raises.
+        assert sorted(t.info["data"] for t in await engine.wait(3, timeout=1)) == [0, 1, 2]
+        with pytest.raises(WorkflowError):
+            await engine.rollout([1000], EchoWorkflow())
+
+
+@pytest.mark.parametrize(("limit", "trips"), [(3, False), (2, True)])
+async def test_an_accepted_episode_resets_the_rejection_count(limit, trips):
+    """One accepted item, then two rejected, repeated (max_concurrent=1 keeps that order)."""
+    cfg = RolloutConfig(max_staleness=100, max_concurrent=1, max_consecutive_rejections=limit)
+    async with FakeEngine(rollout=cfg) as engine:
+        wf = BoomWorkflow(fails=lambda d: d % 3 != 0)
+        if trips:
+            with pytest.raises(WorkflowError, match="2 consecutive"):
+                await engine.rollout(list(range(60)), wf)
+        else:
+            assert len(await engine.rollout(list(range(60)), wf)) == 20
+            assert engine.executor.failure is None
+
+
+class CoinFlipWorkflow:
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+
+    async def arun_episode(self, engine, data):
+        if self.rng.random() < 0.5:
+            raise RuntimeError("tails")
+        return await EchoWorkflow().arun_episode(engine, data)
+
+
+async def test_half_random_failures_never_trip_the_default_limit():
+    cfg = RolloutConfig(max_staleness=2000, consumer_batch_size=1, max_concurrent=16)
+    async with FakeEngine(latency=random_latency(0.001, seed=4), rollout=cfg) as engine:
+        out = await engine.rollout(list(range(1000)), CoinFlipWorkflow(seed=5))
+        stats = engine.executor.stats()
+    assert engine.executor.failure is None
+    assert 400 < len(out) < 600 and stats["rejected"] == 1000 - len(out)
+
+
+async def test_max_consecutive_rejections_none_disables_the_limit():
+    cfg = RolloutConfig(max_staleness=10, max_consecutive_rejections=None)
+    async with FakeEngine(rollout=cfg) as engine:
+        assert await engine.rollout(list(range(300)), BoomWorkflow()) == []
+        with pytest.raises(TimeoutError):
+            await engine.wait(1, timeout=0.05)
+        stats = engine.executor.stats()
+    assert engine.executor.failure is None and stats["rejected"] == 300
+
+
+class _NoTrainEngine:
+    """A train engine for a run that must stop before its first train step."""
+
+    def upload_weights(self, meta):
+        raise AssertionError("no train step should have run")
+
+
+async def test_trainer_raises_the_rejection_error_instead_of_waiting_for_a_batch(tmp_path):
+    from agentflow._data import PromptSource
+    from agentflow._metrics import MetricsLogger
+    from agentflow._trainer import Trainer, TrainerConfig
+
+    cfg = RolloutConfig(consumer_batch_size=2, max_consecutive_rejections=8)
+    metrics = MetricsLogger(tmp_path)
+    trainer = Trainer(
+        TrainerConfig(total_steps=2, batch_timeout_s=20.0), engine=FakeEngine(rollout=cfg),
+        train_engine=_NoTrainEngine(), train_step=lambda trajs: {}, workflow=BoomWorkflow(),
+        prompts=PromptSource([{"i": i} for i in range(50)]), run_dir=tmp_path, metrics=metrics, progress=False,
+    )
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(WorkflowError, match="8 consecutive episodes were rejected") as info:
+            await asyncio.wait_for(trainer.run(), 10)
+    finally:
+        metrics.close()
+    assert time.perf_counter() - t0 < 2.0
+    assert "RuntimeError: boom {'i': " in str(info.value)

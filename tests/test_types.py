@@ -60,8 +60,10 @@ def test_generation_config_reports_every_problem():
 
 def test_rollout_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as e:
-        RolloutConfig(max_staleness=-1, max_concurrent=0, stale_policy="yolo", episode_timeout_s=0)
+        RolloutConfig(max_staleness=-1, max_concurrent=0, stale_policy="yolo", episode_timeout_s=0,
+                      max_consecutive_rejections=0)
     text = str(e.value)
-    assert len(e.value.problems) == 4
-    for name in ("max_staleness", "max_concurrent", "stale_policy", "episode_timeout_s"):
+    assert len(e.value.problems) == 5
+    for name in ("max_staleness", "max_concurrent", "stale_policy", "episode_timeout_s", "max_consecutive_rejections"):
         assert name in text
+    assert RolloutConfig(max_consecutive_rejections=None).max_consecutive_rejections is None
