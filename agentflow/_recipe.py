@@ -143,7 +143,7 @@ def _default_generation() -> GenerationConfig:
 
 
 def _default_rollout() -> RolloutConfig:
-    return RolloutConfig(max_staleness=2, max_concurrent=12, consumer_batch_size=4, episode_timeout_s=600.0)
+    return RolloutConfig(max_staleness=2, max_concurrent=24, consumer_batch_size=8, episode_timeout_s=600.0)
 
 
 def _default_train() -> FSDPEngineConfig:
@@ -175,7 +175,7 @@ class TrainRecipeConfig:
     rollout: RolloutConfig = field(default_factory=_default_rollout)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: FSDPEngineConfig = field(default_factory=_default_train)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=20, eval_every=10))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=30, eval_every=10))
     inference: InferenceSpec = field(default_factory=InferenceSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     threads: int = 0
@@ -318,17 +318,38 @@ def token_advantages(trajs: list[Trajectory], algo: AlgoConfig) -> Shard:
 
 
 def split_by_tokens(items: Shard, n: int) -> list[Shard]:
-    """Longest-first onto the least-loaded rank: equal token counts per rank, whole sequences."""
+    """Whole prompt groups, largest first, onto the least-loaded rank: near-equal token counts per
+    rank, and the samples of one prompt stay together so the train engine computes the prompt once.
+
+    A group's load is the tokens its rank runs: the prompt once plus every continuation. With fewer
+    groups than ranks, sequences are split one by one instead (every rank needs one).
+    """
     if len(items) < n:
         raise ConfigError(f"a batch of {len(items)} sequences cannot be split over {n} ranks; "
                           "raise rollout.consumer_batch_size or generation.n_samples")
+    groups: dict[tuple[int, ...], list[tuple[Trajectory, list[float]]]] = {}
+    for item in items:
+        groups.setdefault(_prompt_key(item[0]), []).append(item)
+    units = list(groups.values()) if len(groups) >= n else [[item] for item in items]
+
+    def load_of(unit: list[tuple[Trajectory, list[float]]]) -> int:
+        p = len(_prompt_key(unit[0][0])) if len(unit) > 1 else 0
+        return sum(len(t) for t, _ in unit) - p * (len(unit) - 1)
+
     shards: list[Shard] = [[] for _ in range(n)]
     load = [0] * n
-    for item in sorted(items, key=lambda it: -len(it[0])):
+    for unit in sorted(units, key=lambda u: -load_of(u)):
         r = min(range(n), key=lambda i: (load[i], len(shards[i])))
-        shards[r].append(item)
-        load[r] += len(item[0])
+        shards[r].extend(unit)
+        load[r] += load_of(unit)
     return shards
+
+
+def _prompt_key(traj: Trajectory) -> tuple[int, ...]:
+    """The tokens before the first loss token (what the samples of one prompt share)."""
+    mask = traj.loss_mask
+    first = next((i for i, m in enumerate(mask) if m), len(mask))
+    return tuple(traj.input_ids[:first])
 
 
 def ppo_update(

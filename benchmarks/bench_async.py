@@ -3,31 +3,105 @@
 Both runs use the same model, data, seed and step count; only ``rollout.max_staleness`` differs.
 With eta = 0 rollout and training alternate (step time = generation + training); with eta = 2
 generation for later steps overlaps training (ideal step time = max(generation, training)).
-torch uses one intra-op thread per thread of work (``threads=1``), so the generation worker and
-the trainer can each keep one of the two cores busy. Prints one JSON line per run and a summary
-line with the speed-up, and writes both reward curves to ``--out`` (PNG).
+Prints one JSON line per run and a summary line with the speed-up, and writes both reward curves
+to ``--out`` (PNG).
+
+``--engine local`` (default): generation runs in the trainer's process (LocalEngine); torch uses
+one intra-op thread per thread of work (``threads=1``), so the generation worker and the trainer
+can each keep one of the two cores busy, but they share one Python interpreter (the GIL) and the
+memory bus. ``--engine remote``: generation runs in an ``agentflow serve`` process pinned to
+core 0 and training in the trainer process pinned to core 1 (weights shipped through disk), the
+layout of a real deployment where inference servers and trainers own separate devices. Both
+eta values run under the same layout.
 
     python benchmarks/bench_async.py                     # ~5 minutes on 2 cores
+    python benchmarks/bench_async.py --engine remote     # inference and training on separate cores
     python benchmarks/bench_async.py --steps 6 --quick   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _pinned(cpus: set[int]) -> Callable[[], None] | None:
+    if not hasattr(os, "sched_setaffinity") or not cpus <= os.sched_getaffinity(0):
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(model_dir: pathlib.Path, args: argparse.Namespace, rows: int) -> Iterator[str]:
+    """``agentflow serve`` on core 0 (one thread); yields its address."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "agentflow", "serve", "--model", str(model_dir), "--port", str(port),
+           "--max-running-requests", str(rows), "--context-length", "256", "--log-level", "warning",
+           "--chunk-tokens", str(args.chunk_tokens)]
+    log = model_dir.parent / f"server-{port}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=_pinned({0}), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"agentflow serve did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def run(eta: int, args: argparse.Namespace, run_dir: pathlib.Path) -> list[dict]:
+    rows = args.batch * args.n_samples * (eta + 1)
+    if args.engine == "remote":
+        model_dir = run_dir.parent / "model"
+        if not model_dir.exists():
+            from agentflow.testing import tiny_model_and_tokenizer
+
+            model, tok = tiny_model_and_tokenizer(seed=0, hidden_size=args.hidden, num_layers=args.layers)
+            model.save_pretrained(model_dir)
+            tok.save_pretrained(model_dir)
+        with _server(model_dir, args, rows) as address:
+            extra = [f"model.path={model_dir}", "inference.backend=remote", f"inference.addresses=[{address}]",
+                     "trainer.weight_update=disk"]
+            return _train(eta, args, run_dir, extra, _pinned({1}))
+    extra = ["model.path=tiny", f"model.tiny_hidden_size={args.hidden}", f"model.tiny_layers={args.layers}",
+             f"inference.local.max_batch_size={rows}", "inference.local.max_seq_len=256"]
+    return _train(eta, args, run_dir, extra, None)
+
+
+def _train(eta: int, args: argparse.Namespace, run_dir: pathlib.Path, extra: list[str],
+           preexec: Callable[[], None] | None) -> list[dict]:
     overrides = [
-        "model.path=tiny", f"model.tiny_hidden_size={args.hidden}", f"model.tiny_layers={args.layers}",
+        *extra,
         "data.task=addition", "data.size=2000", "data.eval_size=8",
         f"generation.n_samples={args.n_samples}", f"generation.max_new_tokens={args.max_new_tokens}",
         # A stop id that never occurs: every answer runs to max_new_tokens, so --max-new-tokens sets
@@ -37,24 +111,23 @@ def run(eta: int, args: argparse.Namespace, run_dir: pathlib.Path) -> list[dict]
         f"rollout.max_concurrent={args.batch * (eta + 1)}", "rollout.stale_policy=keep",
         f"trainer.total_steps={args.steps}", "trainer.checkpoint_every=0", "trainer.eval_every=0",
         f"trainer.max_queued={args.batch * 2}", "train.lr=1e-4", "threads=1",
-        f"inference.local.max_batch_size={args.batch * args.n_samples * (eta + 1)}",
-        "inference.local.max_seq_len=256", f"logging.run_dir={run_dir}", "logging.progress=false",
+        f"logging.run_dir={run_dir}", "logging.progress=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "agentflow", "train", *overrides], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, preexec_fn=preexec)
     if out.returncode != 0:
         raise SystemExit(f"eta={eta} run failed:\n{out.stderr[-4000:]}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if "reward/mean" in line]
 
 
-def summarize(eta: int, records: list[dict]) -> dict:
+def summarize(eta: int, records: list[dict], engine: str) -> dict:
     steady = records[1:]  # step 1 includes start-up (first rollouts, warm-up)
     step_s = statistics.fmean(r["time/step_s"] for r in steady)
     wall = records[-1]["time/elapsed_s"] - records[0]["time/elapsed_s"]
     return {
-        "bench": "async_rl", "max_staleness": eta, "steps": len(records),
+        "bench": "async_rl", "engine": engine, "max_staleness": eta, "steps": len(records),
         "mean_step_s": round(step_s, 3), "steady_wall_s": round(wall, 2),
         "train_s_per_step": round(statistics.fmean(r["time/train_s"] for r in steady), 3),
         "wait_s_per_step": round(statistics.fmean(r["time/wait_s"] for r in steady), 3),
@@ -92,6 +165,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_async.png"))
     p.add_argument("--quick", action="store_true", help="small model, few tokens")
+    p.add_argument("--engine", choices=("local", "remote"), default="local",
+                   help="local: generation in the trainer's process; remote: agentflow serve on core 0, "
+                   "the trainer on core 1")
+    p.add_argument("--chunk-tokens", type=int, default=16, help="agentflow serve --chunk-tokens (remote)")
     args = p.parse_args()
     if args.quick:
         args.hidden, args.layers, args.max_new_tokens = 64, 2, 16
@@ -99,9 +176,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for eta in (0, 2):
             curves[eta] = run(eta, args, pathlib.Path(tmp) / f"eta{eta}")
-            rows[eta] = summarize(eta, curves[eta])
+            rows[eta] = summarize(eta, curves[eta], args.engine)
             print(json.dumps(rows[eta]), flush=True)
-    print(json.dumps({"bench": "async_rl_speedup", "speedup_eta2_vs_eta0":
+    print(json.dumps({"bench": "async_rl_speedup", "engine": args.engine, "speedup_eta2_vs_eta0":
                       round(rows[0]["mean_step_s"] / rows[2]["mean_step_s"], 3),
                       "train_s_per_step_eta0": rows[0]["train_s_per_step"],
                       "wait_s_per_step_eta0": rows[0]["wait_s_per_step"]}))

@@ -20,20 +20,32 @@ from agentflow.errors import ConfigError, EngineError
 __all__ = ["local_engine", "run_sglang", "sglang_command"]
 
 
-def local_engine(model: str) -> tuple[InferenceEngine, Any, str, int | None]:
-    """(engine, tokenizer, model_path, context_length) for ``--backend local``."""
-    from agentflow.engines.local import LocalEngine
+def local_engine(
+    model: str, max_running_requests: int | None = None, context_length: int | None = None
+) -> tuple[InferenceEngine, Any, str, int | None]:
+    """(engine, tokenizer, model_path, context_length) for ``--backend local``; the two limits map
+    to the engine's ``max_batch_size`` and ``max_seq_len`` (None = the engine's default)."""
+    from agentflow.engines.local import LocalEngine, LocalEngineConfig
     from agentflow.engines.model_loading import load_model, resolve_model_dir
 
     path = str(resolve_model_dir(model))
     net, tokenizer = load_model(path)
-    engine = LocalEngine(net, tokenizer)
+    limits = {"max_batch_size": max_running_requests, "max_seq_len": context_length}
+    engine = LocalEngine(net, tokenizer, config=LocalEngineConfig(**{k: v for k, v in limits.items() if v is not None}))
     return engine, tokenizer, path, engine.config.max_seq_len
 
 
-def sglang_command(model_path: str, host: str, port: int, weight_version: str) -> list[str]:
-    return [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", host,
-            "--port", str(port), "--weight-version", weight_version]
+def sglang_command(
+    model_path: str, host: str, port: int, weight_version: str,
+    max_running_requests: int | None = None, context_length: int | None = None,
+) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", host,
+           "--port", str(port), "--weight-version", weight_version]
+    if max_running_requests is not None:
+        cmd += ["--max-running-requests", str(max_running_requests)]
+    if context_length is not None:
+        cmd += ["--context-length", str(context_length)]
+    return cmd
 
 
 def run_sglang(args: argparse.Namespace) -> int:
@@ -46,7 +58,8 @@ def run_sglang(args: argparse.Namespace) -> int:
         )
     from agentflow.engines.model_loading import resolve_model_dir
 
-    cmd = sglang_command(str(resolve_model_dir(args.model)), args.host, args.port, args.weight_version)
+    cmd = sglang_command(str(resolve_model_dir(args.model)), args.host, args.port, args.weight_version,
+                         args.max_running_requests, args.context_length)
     proc = subprocess.Popen(cmd)
     try:
         _wait_healthy(proc, f"http://{args.host}:{args.port}/health", args.startup_timeout)

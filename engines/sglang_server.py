@@ -388,6 +388,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--backend", choices=("local", "sglang"), default="local")
     p.add_argument("--chunk-tokens", type=int, default=16)
+    p.add_argument("--max-running-requests", type=int, default=None,
+                   help="sequences decoding at once (local backend: KV cache rows, default 16)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="prompt + output tokens of one request (local backend default 2048)")
     p.add_argument("--weight-version", default="default")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds (sglang backend)")
     p.add_argument("--log-level", default="info")
@@ -404,7 +408,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         return run_sglang(args)
     import uvicorn
 
-    engine, tokenizer, model_path, ctx = _local_engine(args.model)
+    engine, tokenizer, model_path, ctx = _local_engine(args.model, args.max_running_requests, args.context_length)
     config = ServerConfig(chunk_tokens=args.chunk_tokens, weight_version=args.weight_version,
                           context_length=ctx, host=args.host, port=args.port)
     app = build_app(engine, model_path=model_path, tokenizer=tokenizer, config=config)
@@ -412,8 +416,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _local_engine(model: str) -> tuple[InferenceEngine, Any, str, int | None]:
+def _local_engine(
+    model: str, max_running_requests: int | None = None, context_length: int | None = None
+) -> tuple[InferenceEngine, Any, str, int | None]:
     from agentflow.engines._sglang_launch import local_engine
 
-    return local_engine(model)
+    return local_engine(model, max_running_requests, context_length)
 

@@ -422,3 +422,19 @@ async def test_local_engine_pause_abort_then_text_prompt(local) -> None:
     await client.post("/continue_generation", json={})
     r = await client.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 3}})
     assert r.status_code == 200 and r.json()["meta_info"]["prompt_tokens"] == 2
+
+
+def test_serve_limits_reach_the_local_engine_and_the_sglang_command(tmp_path) -> None:
+    from agentflow.engines._sglang_launch import local_engine, sglang_command
+    from agentflow.engines.sglang_server import _parse_args
+    from agentflow.testing import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    args = _parse_args(["--model", str(tmp_path), "--max-running-requests", "5", "--context-length", "96"])
+    engine, _, _, ctx = local_engine(args.model, args.max_running_requests, args.context_length)
+    assert (engine.config.max_batch_size, engine.config.max_seq_len, ctx) == (5, 96, 96)
+    cmd = sglang_command("m", "h", 1, "v", 5, 96)
+    assert cmd[cmd.index("--max-running-requests") + 1] == "5" and cmd[cmd.index("--context-length") + 1] == "96"
+    assert "--context-length" not in sglang_command("m", "h", 1, "v")
