@@ -312,7 +312,10 @@ class WorkflowExecutor:
         return trajs, None
 
     def _log_failure(self, item: _Item, e: BaseException) -> None:
-        self._note_reason(f"{type(e).__name__}: {e}")
+        leaf = e
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:  # a workflow's TaskGroup: say why
+            leaf = leaf.exceptions[0]
+        self._note_reason(f"{type(leaf).__name__}: {leaf}")
         if self._n_failures_logged < _MAX_LOGGED_FAILURES:
             self._n_failures_logged += 1
             log.warning("episode %s rejected: %s: %s", item.group_id, type(e).__name__, e, exc_info=e)

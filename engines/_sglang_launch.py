@@ -17,7 +17,7 @@ from typing import Any
 from agentflow._engine_api import InferenceEngine
 from agentflow.errors import ConfigError, EngineError
 
-__all__ = ["local_engine", "run_sglang", "sglang_command"]
+__all__ = ["local_engine", "run_sglang", "sglang_command", "wait_healthy"]
 
 
 def local_engine(
@@ -62,7 +62,7 @@ def run_sglang(args: argparse.Namespace) -> int:
                          args.max_running_requests, args.context_length)
     proc = subprocess.Popen(cmd)
     try:
-        _wait_healthy(proc, f"http://{args.host}:{args.port}/health", args.startup_timeout)
+        wait_healthy(proc, f"http://{args.host}:{args.port}/health", args.startup_timeout)
         print(f"SGLang is serving on http://{args.host}:{args.port}", flush=True)  # noqa: T201  (CLI output)
         return proc.wait()
     except BaseException:
@@ -74,16 +74,16 @@ def run_sglang(args: argparse.Namespace) -> int:
         raise
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, deadline_s: float) -> None:
-    """Block (CLI thread, no event loop) until ``url`` answers 200, the child dies, or the deadline."""
+def wait_healthy(proc: subprocess.Popen[Any], url: str, deadline_s: float, what: str = "sglang.launch_server") -> None:
+    """Block (a CLI or script thread, no event loop) until ``url`` answers 200, ``proc`` dies, or
+    ``deadline_s`` passes; ``what`` names the server in errors."""
     import httpx
 
     end = time.monotonic() + deadline_s
-    delay = 0.5
+    delay = 0.2
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise EngineError(f"sglang.launch_server exited with code {proc.returncode} before it became healthy; "
-                              "see its log above")
+            raise EngineError(f"{what} exited with code {proc.returncode} before it became healthy; see its log")
         try:
             if httpx.get(url, timeout=min(30.0, max(1.0, end - time.monotonic()))).status_code == 200:
                 return
@@ -91,5 +91,5 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, deadline_s: float) ->
             pass  # not listening yet
         time.sleep(delay)  # waiting on another process: nothing to notify us
         delay = min(2 * delay, 5.0)
-    raise EngineError(f"SGLang did not answer 200 on {url} within --startup-timeout={deadline_s} s; raise it "
-                      "(large models load slowly) or read the server log")
+    raise EngineError(f"{what} did not answer 200 on {url} within {deadline_s} s; give it longer (large models "
+                      "load slowly; for `agentflow serve --backend sglang`: --startup-timeout) or read its log")

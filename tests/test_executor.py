@@ -320,6 +320,26 @@ async def test_consecutive_rejections_fail_waiting_consumers_fast():
     assert "max_seq_len" in msg and "rollout.max_consecutive_rejections" in msg
 
 
+class GroupBoomWorkflow:
+    """Fails inside a TaskGroup (as workflows with parallel sub-calls do): an ExceptionGroup."""
+
+    async def arun_episode(self, engine, data):
+        async def call():
+            raise ValueError("context length exceeded: 320 > 256")
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(call())
+
+
+async def test_rejection_reason_names_the_error_inside_an_exception_group():
+    cfg = RolloutConfig(max_staleness=10, max_consecutive_rejections=3)
+    async with FakeEngine(rollout=cfg) as engine:
+        for i in range(10):
+            engine.submit(i, GroupBoomWorkflow())
+        with pytest.raises(WorkflowError, match=r"ValueError: context length exceeded: 320 > 256"):
+            await engine.wait(1, timeout=5)
+
+
 async def test_consecutive_rejections_keep_buffered_groups_and_pending_items():
     cfg = RolloutConfig(max_staleness=10, max_concurrent=1, max_consecutive_rejections=5)
     async with FakeEngine(rollout=cfg) as engine:

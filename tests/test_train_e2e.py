@@ -118,6 +118,7 @@ def test_train_against_agentflow_serve_over_http(tmp_path):
 
     import httpx
 
+    from agentflow.engines._sglang_launch import wait_healthy
     from agentflow.testing import tiny_model_and_tokenizer
 
     model_dir = tmp_path / "tiny"
@@ -132,15 +133,7 @@ def test_train_against_agentflow_serve_over_http(tmp_path):
                                "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "agentflow serve did not come up"
-            time.sleep(0.2)
+        wait_healthy(server, f"http://127.0.0.1:{port}/health", 120, "agentflow serve")
         run = tmp_path / "run"
         out = _agentflow("train", TINY, f"model.path={model_dir}", "inference.backend=remote",
                          f"inference.addresses=[127.0.0.1:{port}]", "trainer.weight_update=disk",
