@@ -235,7 +235,7 @@ def add_routes(server: SGLangServer, *, manage_engine: bool) -> FastAPI:  # noqa
             return _error(400, str(e))
         await server.gate.enter()
         try:
-            runs = server.register(items)
+            runs = server.register(items, stream=stream)
         except ValueError as e:
             await server.gate.leave()
             return _error(400, str(e))

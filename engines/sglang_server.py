@@ -6,16 +6,19 @@ status codes, error shapes and success messages (``/work/shared/SGLANG_PROTOCOL.
 ``RemoteSGLangEngine`` and any SGLang client run against it unchanged. :func:`serve_main` is the
 CLI entry point; with ``--backend sglang`` it launches a real SGLang server instead.
 
-How generation maps onto an engine: a request is generated in chunks of ``chunk_tokens`` tokens,
-each one ``engine.agenerate`` call on prompt + tokens so far. Between chunks the server sees the
-partial output, which gives SGLang's semantics on an engine that only returns whole responses:
-``/pause_generation`` mode ``abort`` (and ``/abort_request``) cancels the chunk in flight and
-answers **200 with the tokens of the finished chunks** and ``finish_reason.type == "abort"``;
-streaming sends one cumulative chunk per engine chunk; stop strings are matched across chunk
-boundaries. Modes ``retract``/``in_place`` pause the engine itself (its transparent resume) and
-hold requests between chunks. Tokens carry the weight version that generated them
-(``meta_info.weight_versions``). The price: a chunk boundary re-sends the prompt (the engine
-re-prefills it), so keep ``chunk_tokens`` at 16 or more outside tests.
+How generation maps onto an engine. With an engine that can abort one request and hand back its
+tokens so far (``engine.abort(rid)``, as ``LocalEngine`` does), a non-streaming request is one
+``engine.agenerate`` call; ``/pause_generation`` mode ``abort`` (and ``/abort_request``) aborts
+it in the engine and answers **200 with the tokens generated so far** and
+``finish_reason.type == "abort"``, as SGLang does. Otherwise, and for streaming, a request is
+generated in chunks of ``chunk_tokens`` tokens, each one ``engine.agenerate`` call on prompt +
+tokens so far: between chunks the server sees the partial output, so an abort answers with the
+tokens of the finished chunks, streaming sends one cumulative chunk per engine chunk, and stop
+strings are matched across chunk boundaries; the price is that every chunk boundary re-sends the
+prompt (the engine re-prefills it), so keep ``chunk_tokens`` at 16 or more outside tests. Modes
+``retract``/``in_place`` pause the engine itself (its transparent resume) and hold chunked
+requests between chunks. Tokens carry the weight version that generated them
+(``meta_info.weight_versions``).
 
 Not supported (400 with the reason): sampling features the engine's ``GenerationConfig`` lacks
 (``min_p``, penalties, grammars, seeds, ``ignore_eos``), prompt log-probs and top-k log-probs,
@@ -53,7 +56,8 @@ class ServerConfig:
     """Settings of ``agentflow serve``.
 
     Attributes:
-        chunk_tokens: tokens per engine call (the granularity of aborts and streaming).
+        chunk_tokens: tokens per engine call for streaming requests and for engines without
+            ``abort(rid)`` (the granularity of their aborts and stream chunks).
         health_timeout_s: how long ``/health`` waits (paused server, 1-token generation) before 503;
             SGLang's ``SGLANG_HEALTH_CHECK_TIMEOUT`` is 20 s.
         dist_timeout_s: deadline of forming a weight-update group and of one distributed update.
@@ -138,6 +142,7 @@ class _Run:
     finish: dict[str, Any] | None = None
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     t0: float = field(default_factory=time.perf_counter)
+    stream: bool = False
 
 
 async def _race(aw: Awaitable[T], stop: asyncio.Event) -> T | None:
@@ -177,6 +182,7 @@ class SGLangServer:
         self.groups: dict[str, Any] = {}
         self.shutting_down = False
         self.eos_ids = _eos_ids(tokenizer)
+        self._abortable = callable(getattr(engine, "abort", None))  # whole requests, aborted in the engine
 
     # ------------------------------------------------------------------ versions
     def version_name(self, v: int) -> str:
@@ -209,14 +215,14 @@ class SGLangServer:
                 "tokens in the input messages or the completion to fit within the limit."
             )
 
-    def register(self, items: Sequence[GenerateItem]) -> list[_Run]:
+    def register(self, items: Sequence[GenerateItem], stream: bool = False) -> list[_Run]:
         """Synchronously (no await) check and register the rids of one call."""
         seen: set[str] = set()
         for it in items:
             if it.rid in self.running or it.rid in seen:
                 raise ValueError(f"Duplicate request ID detected: {it.rid}")
             seen.add(it.rid)
-        runs = [_Run(it) for it in items]
+        runs = [_Run(it, stream=stream) for it in items]
         for r in runs:
             self.running[r.item.rid] = r
         return runs
@@ -227,9 +233,13 @@ class SGLangServer:
                 del self.running[r.item.rid]
 
     async def generate(self, run: _Run) -> AsyncIterator[_Run]:
-        """Generate ``run`` chunk by chunk; yield it after every unfinished chunk, then once finished."""
+        """Generate ``run``; yield it after every unfinished chunk (chunked mode), then once finished."""
         spec = run.item.sampling
         stops = tuple(dict.fromkeys((*spec.stop_token_ids, *self.eos_ids)))
+        if self._abortable and not run.stream:
+            await self._generate_whole(run, stops)
+            yield run
+            return
         while run.finish is None:
             left = spec.max_new_tokens - len(run.out)
             if left <= 0:
@@ -253,6 +263,38 @@ class SGLangServer:
             if run.finish is None:
                 yield run
         yield run
+
+    async def _generate_whole(self, run: _Run, stops: tuple[int, ...]) -> None:
+        """One engine call for the whole request; an abort signal aborts it in the engine, which
+        answers with the tokens generated so far."""
+        spec = run.item.sampling
+        if spec.max_new_tokens <= 0:
+            run.finish = {"type": "length", "length": spec.max_new_tokens}
+            return
+        if run.abort.is_set():
+            run.finish = abort_finish()
+            return
+        gconfig = GenerationConfig(
+            max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+            stop_token_ids=stops, stop=spec.stop,
+        )
+        req = ModelRequest(list(run.item.input_ids), gconfig, rid=f"{run.item.rid}.0")
+        work = asyncio.ensure_future(self.engine.agenerate(req))
+        stopper = asyncio.ensure_future(run.abort.wait())
+        try:
+            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                self.engine.abort(req.rid)  # type: ignore[attr-defined]  # checked in __init__
+            resp = await work
+        finally:
+            stopper.cancel()
+            work.cancel()  # no-op when done; on cancellation of this call, the engine drops the request
+        run.finish = self._append(run, resp, set(stops))
+        if run.finish is None:
+            if resp.stop_reason == "abort" or run.abort.is_set():
+                run.finish = abort_finish()
+            else:  # the engine's own limit (its max_seq_len) came first
+                run.finish = {"type": "length", "length": len(run.out)}
 
     def _append(self, run: _Run, resp: ModelResponse, stops: set[int]) -> dict[str, Any] | None:
         """Add a chunk's tokens; return the finish reason if the request is done."""

@@ -406,9 +406,58 @@ async def test_local_engine_greedy_through_server_matches_engine(local) -> None:
     r = await client.post("/generate", json={"input_ids": prompt, "return_logprob": True,
                                              "sampling_params": {"max_new_tokens": 12, "temperature": 0}})
     body = r.json()
-    assert body["output_ids"] == direct.output_tokens  # chunks of 5 re-prefill: same greedy tokens
+    assert body["output_ids"] == direct.output_tokens
     lps = [t[0] for t in body["meta_info"]["output_token_logprobs"]]
     assert lps == pytest.approx(direct.output_logprobs, abs=1e-4)
+
+
+async def test_local_engine_request_is_one_engine_call_not_chunks(local) -> None:
+    """An engine with abort(rid) runs a non-streaming request whole: one prefill, where chunks of 5
+    would re-prefill every 5 tokens; a streaming request still goes chunk by chunk."""
+    engine, client = local
+    body = {"input_ids": TOK.encode("count"), "sampling_params": {"max_new_tokens": 30, "temperature": 0}}
+    before = engine.stats()["prefill_calls"]
+    out = (await client.post("/generate", json=body)).json()
+    assert len(out["output_ids"]) > 5  # long enough for chunking to have shown
+    assert engine.stats()["prefill_calls"] - before == 1
+    before = engine.stats()["prefill_calls"]
+    r = await client.post("/generate", json={**body, "stream": True})
+    assert r.status_code == 200 and engine.stats()["prefill_calls"] - before == -(-len(out["output_ids"]) // 5)
+
+
+class AbortableEngine(FakeEngine):
+    """FakeEngine whose requests run until aborted, then return what they generated so far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted: dict[str, asyncio.Event] = {}
+        self.started = asyncio.Event()
+
+    async def agenerate(self, req: ModelRequest) -> ModelResponse:
+        ev = self.aborted.setdefault(req.rid, asyncio.Event())
+        self.started.set()
+        await ev.wait()
+        n = 7
+        return ModelResponse(input_tokens=list(req.input_ids), output_tokens=[65] * n, output_logprobs=[-0.5] * n,
+                             output_versions=[self.get_version()] * n, stop_reason="abort")
+
+    def abort(self, rid: str | None = None) -> int:
+        hits = [k for k in self.aborted if rid is None or k == rid]
+        for k in hits:
+            self.aborted[k].set()
+        return len(hits)
+
+
+async def test_pause_abort_returns_the_engines_partial_output_whole_request() -> None:
+    async for srv in serve(AbortableEngine(), chunk_tokens=2):
+        running = asyncio.create_task(srv.gen(input_ids=[1, 2], return_logprob=True,
+                                              sampling_params={"max_new_tokens": 100}))
+        await asyncio.wait_for(srv.engine.started.wait(), 5)
+        assert (await srv.client.post("/pause_generation", json={"mode": "abort"})).status_code == 200
+        body = (await running).json()
+        assert body["output_ids"] == [65] * 7  # one engine call, cut by the abort: not 2-token chunks
+        assert body["meta_info"]["finish_reason"]["type"] == "abort"
+        assert len(body["meta_info"]["output_token_logprobs"]) == 7
 
 
 async def test_local_engine_pause_abort_then_text_prompt(local) -> None:
