@@ -12,7 +12,7 @@ can each keep one of the two cores busy, but they share one Python interpreter (
 memory bus. ``--engine remote``: generation runs in an ``agentflow serve`` process pinned to
 core 0 and training in the trainer process pinned to core 1 (weights shipped through disk), the
 layout of a real deployment where inference servers and trainers own separate devices. Both
-eta values run under the same layout.
+eta values run under the same layout. Measured figures: ``docs/benchmarks.md``.
 
     python benchmarks/bench_async.py                     # ~2 minutes on 2 cores
 
