@@ -29,7 +29,7 @@ from agentflow._config import RolloutConfig
 from agentflow._data import PromptSource
 from agentflow._engine_api import FinetuneSpec, InferenceEngine, MicroBatchSpec, TrainEngine
 from agentflow._metrics import MetricsLogger
-from agentflow._trainer import EvalSpec, Trainer, TrainerConfig, evaluate
+from agentflow._trainer import EvalSpec, Trainer, TrainerConfig, evaluate, trim_heap
 from agentflow._types import GenerationConfig, Trajectory
 from agentflow.algo import AlgoConfig, PPOLoss, compute_advantages, pad_trajectories, token_count
 from agentflow.config import load_config, to_dict
@@ -371,6 +371,7 @@ def ppo_update(
     mb_spec = MicroBatchSpec(max_tokens_per_mb=trainer.max_tokens_per_mb)
     if algo.ppo.decoupled:
         batch["prox_logp"] = train_engine.forward(batch, mb_spec)
+        trim_heap()  # the forward's temporaries, before the update allocates its own
     if algo.ppo.kl_coef > 0:
         if ref_engine is None:
             raise ConfigError("algo.ppo.kl_coef > 0 needs a reference model; none was built")
