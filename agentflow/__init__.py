@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from agentflow._buffer import BufferStats, Group, ReplayBuffer
-from agentflow._config import RolloutConfig, StalePolicy
 from agentflow._engine_api import (
     FinetuneSpec,
     InferenceEngine,
@@ -22,6 +21,8 @@ from agentflow._engine_api import (
     WeightUpdateMeta,
 )
 from agentflow._executor import WorkflowExecutor
+from agentflow._rollout import Rollout
+from agentflow._rollout_config import RolloutConfig, StalePolicy
 from agentflow._staleness import StalenessManager, StalenessStats, staleness_capacity
 from agentflow._types import GenerationConfig, ModelRequest, ModelResponse, StopReason, Trajectory
 from agentflow.errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "OpenAIClient",
     "ProxyServer",
     "ReplayBuffer",
+    "Rollout",
     "RolloutConfig",
     "RolloutWorkflow",
     "SandboxError",

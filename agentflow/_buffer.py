@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentflow._config import RolloutConfig
+from agentflow._rollout_config import RolloutConfig
 from agentflow._types import Trajectory
 from agentflow._wakeup import Wakeup
 

@@ -15,9 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from agentflow._buffer import ReplayBuffer
-from agentflow._config import RolloutConfig
-from agentflow._executor import WorkflowExecutor
+from agentflow._rollout_config import RolloutConfig
 from agentflow._types import ModelRequest, ModelResponse, Trajectory
 from agentflow.errors import ConfigError, EngineError
 
@@ -129,18 +127,22 @@ class Scheduling:
 
 
 class InferenceEngine(abc.ABC):
-    """Generates tokens and runs workflows under the staleness bound.
+    """Generates tokens, loads weights, pauses and carries the policy version.
 
     Subclasses implement :meth:`agenerate` and :meth:`aupdate_weights`, and may override the
-    ``initialize``/``destroy`` and ``_interrupt``/``_continue`` hooks. This base class owns the
-    :class:`WorkflowExecutor` and its :class:`ReplayBuffer` and implements the submission API on
-    top of them (one level of inheritance, for wiring only).
+    ``initialize``/``destroy`` and ``_interrupt``/``_continue`` hooks. Running workflows under the
+    staleness bound is :class:`agentflow.Rollout`'s job: the engine holds at most one (attached by
+    ``Rollout(engine)``, or built from ``rollout`` when the engine is entered without one), tells it
+    about pauses and version changes, and forwards the seed API's ``submit`` / ``wait`` /
+    ``rollout`` to it.
+
+    Args:
+        rollout: the settings of the rollout built on entry when none is attached.
     """
 
     def __init__(self, rollout: RolloutConfig | None = None) -> None:
         self.rollout_config = rollout or RolloutConfig()
-        self.buffer = ReplayBuffer(self.rollout_config)
-        self.executor = WorkflowExecutor(self, self.rollout_config, self.buffer)
+        self._rollout: _RolloutHooks | None = None
         self._version = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed: asyncio.Event | None = None
@@ -158,7 +160,7 @@ class InferenceEngine(abc.ABC):
         self._resumed.set()
         await self.initialize()
         try:
-            await self.executor.__aenter__()
+            await self._rollout_or_default().start()
         except BaseException:
             await self.destroy()
             raise
@@ -166,7 +168,8 @@ class InferenceEngine(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            await self.executor.__aexit__(*exc)
+            if self._rollout is not None:
+                await self._rollout.stop(*exc)
         finally:
             await self.destroy()
 
@@ -175,6 +178,29 @@ class InferenceEngine(abc.ABC):
         if self._loop is None:
             raise EngineError("engine not started: use `async with engine:` first")
         return self._loop
+
+    # ------------------------------------------------------------------ the attached rollout
+    def attach_rollout(self, rollout: _RolloutHooks) -> None:
+        """Called by ``Rollout(engine)``; an engine runs one rollout, attached before it is entered."""
+        if self._rollout is not None and self._rollout is not rollout:
+            raise EngineError(
+                f"{type(self).__name__} already has a Rollout attached; build one Rollout per engine "
+                "(Rollout.of(engine) returns the attached one)"
+            )
+        self._rollout = rollout
+
+    @property
+    def attached_rollout(self) -> Any:
+        """The :class:`agentflow.Rollout` attached to this engine, or None."""
+        return self._rollout
+
+    def _rollout_or_default(self) -> _RolloutHooks:
+        if self._rollout is None:
+            from agentflow._rollout import Rollout  # the default rollout, only when none was attached
+
+            Rollout(self, self.rollout_config)
+        assert self._rollout is not None
+        return self._rollout
 
     # ------------------------------------------------------------------ generation
     @abc.abstractmethod
@@ -193,7 +219,8 @@ class InferenceEngine(abc.ABC):
     # ------------------------------------------------------------------ pause / resume
     async def pause(self) -> None:
         """Stop admitting episodes and interrupt generation until :meth:`resume`."""
-        self.executor.pause()
+        if self._rollout is not None:
+            self._rollout.on_pause()
         if self._resumed is not None:
             self._resumed.clear()
         await self._interrupt()
@@ -202,7 +229,8 @@ class InferenceEngine(abc.ABC):
         await self._continue()
         if self._resumed is not None:
             self._resumed.set()
-        self.executor.resume()
+        if self._rollout is not None:
+            self._rollout.on_resume()
 
     @property
     def paused(self) -> bool:
@@ -226,17 +254,31 @@ class InferenceEngine(abc.ABC):
     def set_version(self, version: int) -> None:
         """Set the policy version (on the loop). Tokens generated from now on carry it."""
         self._version = version
-        self.executor.set_version(version)
+        if self._rollout is not None:
+            self._rollout.on_version(version)
 
-    # ------------------------------------------------------------------ workflows (delegated)
+    # ------------------------------------------------------------------ workflows (forwarded to the rollout)
     def submit(self, data: Any, workflow: RolloutWorkflow) -> str:
-        return self.executor.submit(data, workflow)
+        return self._rollout_or_default().submit(data, workflow)
 
     async def wait(self, count: int, timeout: float | None = None) -> list[Trajectory]:  # noqa: ASYNC109
-        return await self.executor.wait(count, timeout)
+        return await self._rollout_or_default().wait(count, timeout)
 
     async def rollout(self, data: Sequence[Any], workflow: RolloutWorkflow) -> list[Trajectory]:
-        return await self.executor.rollout(data, workflow)
+        return await self._rollout_or_default().rollout(data, workflow)
+
+
+class _RolloutHooks(Protocol):
+    """What an engine needs of its rollout (:class:`agentflow.Rollout` implements it)."""
+
+    async def start(self) -> None: ...
+    async def stop(self, *exc: object) -> None: ...
+    def on_pause(self) -> None: ...
+    def on_resume(self) -> None: ...
+    def on_version(self, version: int) -> None: ...
+    def submit(self, data: Any, workflow: RolloutWorkflow) -> str: ...
+    async def wait(self, count: int, timeout: float | None = None) -> list[Trajectory]: ...  # noqa: ASYNC109
+    async def rollout(self, data: Sequence[Any], workflow: RolloutWorkflow) -> list[Trajectory]: ...
 
 
 LossFn = Callable[..., "torch.Tensor"]

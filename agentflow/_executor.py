@@ -1,6 +1,6 @@
 """Runs workflow episodes on the caller's event loop under the staleness bound.
 
-Each submitted item is one admission unit: ``n_samples`` calls of ``workflow.arun_episode(engine,
+Each submitted item is one admission unit: ``episodes_per_item`` calls of ``workflow.arun_episode(engine,
 data)`` whose trajectories form one group (one ``group_id``). Items wait in a FIFO queue and
 start the moment the staleness manager grants capacity: admission is a synchronous call made when
 a slot frees (episode end, version bump, resume, give-back), so there is no dispatcher task and
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agentflow._buffer import Group, ReplayBuffer
-from agentflow._config import RolloutConfig
+from agentflow._rollout_config import RolloutConfig
 from agentflow._staleness import StalenessManager
 from agentflow._types import Trajectory
 from agentflow._wakeup import Wakeup
@@ -266,7 +266,7 @@ class WorkflowExecutor:
             self._admit(time.perf_counter())
 
     async def _run_samples(self, item: _Item) -> tuple[list[Trajectory], list[str]]:
-        n = self.config.n_samples
+        n = self.config.episodes_per_item
         if n == 1:
             results = [await self._run_one(item)]
         else:

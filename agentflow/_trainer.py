@@ -1,7 +1,7 @@
-"""The asynchronous RL training loop (DESIGN.md, "Process and threads").
+"""The asynchronous RL training loop: rollout on the event loop, training on a background thread.
 
-The event loop runs the inference engine, the workflow executor and a feeder that keeps the
-executor's queue topped up from a :class:`PromptSource`. A background thread runs the trainer:
+The event loop runs the inference engine, its :class:`Rollout` (executor, buffer, staleness) and a
+feeder that keeps the rollout's queue topped up from a :class:`PromptSource`. A background thread runs the trainer:
 take B groups from the replay buffer, recompute proximal (and reference) log-probs, compute
 advantages, run the PPO minibatch updates, step the LR schedule, then publish the weights
 (pause -> upload -> version bump -> resume, on the loop) and log. Evaluation runs on the loop
@@ -12,7 +12,8 @@ never blocks on the trainer. Under ``torchrun`` only rank 0 runs the loop; the o
 :meth:`Trainer.follow`, which receives each step's shard of the batch (split by token count) and
 joins the collective train, upload and save calls.
 
-Not here: building engines, workflows or datasets from a config (``agentflow._recipe``).
+Not here: building engines, workflows or datasets from a config (``agentflow.recipe``), the PPO step
+(``agentflow.algo.ppo_step``), torchrun rank plumbing (``agentflow._ranks``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import pathlib
 import statistics
 import threading
@@ -33,7 +33,9 @@ from agentflow._buffer import Group
 from agentflow._checkpoint import Checkpointer
 from agentflow._data import PromptSource
 from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
+from agentflow._memory import peak_rss_gib, rss_gib, trim_heap
 from agentflow._metrics import MetricsLogger
+from agentflow._rollout import Rollout
 from agentflow._types import Trajectory
 from agentflow.errors import ConfigError, EngineError
 
@@ -117,7 +119,7 @@ class Trainer:
         engine: the inference engine (entered by :meth:`run`).
         train_engine: an initialised :class:`TrainEngine`.
         train_step: ``train_step(trajectories) -> stats``: advantages, losses and optimiser steps
-            for one batch (see ``agentflow._recipe.ppo_step``); runs on the trainer thread.
+            for one batch (see :func:`agentflow.algo.ppo_step`); runs on the trainer thread.
         workflow: the rollout workflow.
         prompts: the training prompts.
         run_dir: where metrics and checkpoints go.
@@ -142,6 +144,7 @@ class Trainer:
     ) -> None:
         self.cfg = config
         self.engine = engine
+        self.rollout = Rollout.of(engine)
         self.train_engine = train_engine
         self.train_step = train_step
         self.workflow = workflow
@@ -214,19 +217,13 @@ class Trainer:
         await self.engine.aupdate_weights(meta)
         self.engine.set_version(version)
         saved = self._resume_rollout or {"buffer": {"groups": [], "version": version}, "pending": []}
-        self.engine.buffer.load_state_dict(saved["buffer"], workflow=self.workflow)
-        # Restored buffer groups were accepted after the checkpoint's version: they keep their
-        # place in the staleness budget. In-flight prompts run again from the start.
-        self.engine.executor.recover(version, buffered=len(saved["buffer"]["groups"]))
-        for item in saved["pending"]:
-            self.engine.executor.submit(item["data"], self.workflow, group_id=item["group_id"])
+        self.rollout.load_state_dict(saved, self.workflow, version)
 
     async def _feed(self) -> None:
         """Keep the executor's queue topped up with prompts (blocks on queue room, never polls)."""
-        executor = self.engine.executor
         while True:
-            await executor.wait_for_room(self.cfg.max_queued)
-            executor.submit(self.prompts.next(), self.workflow)
+            await self.rollout.wait_for_room(self.cfg.max_queued)
+            self.rollout.submit(self.prompts.next(), self.workflow)
 
     # ------------------------------------------------------------------ trainer thread
     def _train_thread(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -245,10 +242,9 @@ class Trainer:
                 bar.close()
 
     def _one_step(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
-        cfg, engine = self.cfg, self.engine
-        batch_size = engine.rollout_config.consumer_batch_size
+        cfg = self.cfg
         t0 = time.perf_counter()
-        groups = engine.buffer.get_groups(batch_size, timeout=cfg.batch_timeout_s)
+        groups = self.rollout.get_groups(self.rollout.config.consumer_batch_size, timeout=cfg.batch_timeout_s)
         t_wait = time.perf_counter() - t0
         trajs = [t for g in groups for t in g.trajectories]
         stats = self.train_step(trajs)
@@ -270,12 +266,7 @@ class Trainer:
         if self._eval_task is not None:
             await self._eval_task  # evaluation is pinned to the previous version
             self._eval_task = None
-        await self.engine.pause()
-        try:
-            await self.engine.aupdate_weights(meta)
-            self.engine.set_version(version)
-        finally:
-            await self.engine.resume()
+        await self.rollout.update_weights(meta, version)
         ev = self.evaluation
         if ev is not None and self.cfg.eval_every and version % self.cfg.eval_every == 0:
             self._eval_task = asyncio.get_running_loop().create_task(self._evaluate(version, ev))
@@ -306,9 +297,7 @@ class Trainer:
 
     async def _snapshot_rollout(self) -> dict[str, Any]:
         """Buffer, in-flight prompts and data position, read in one step on the loop (consistent)."""
-        ex = self.engine.executor
-        return {"buffer": self.engine.buffer.state_dict(), "pending": ex.pending(),
-                "data": self.prompts.state_dict()}
+        return {**self.rollout.state_dict(), "data": self.prompts.state_dict()}
 
     def _call_on_loop(self, loop: asyncio.AbstractEventLoop, coro: Any, timeout: float) -> Any:
         fut = asyncio.run_coroutine_threadsafe(coro, loop)
@@ -324,7 +313,7 @@ class Trainer:
         version = self.state.step
         lags = [version - 1 - g.min_version for g in groups if g.min_version is not None]
         rewards = [t.reward for t in trajs]
-        ex = self.engine.executor.stats()
+        ex = self.rollout.stats()
         elapsed = time.perf_counter() - self.state.started
         gen_tokens = sum(t.n_policy_tokens for t in trajs)
         return {
@@ -343,8 +332,8 @@ class Trainer:
             "time/step_s": t_step,
             "time/elapsed_s": elapsed,
             "throughput/tokens_per_s": self.state.tokens_trained / max(elapsed, 1e-9),
-            "memory/peak_rss_gib": _peak_rss_gib(),
-            "memory/rss_gib": _rss_gib(),
+            "memory/peak_rss_gib": peak_rss_gib(),
+            "memory/rss_gib": rss_gib(),
             "prompts": [g.data.get("prompt_id") if isinstance(g.data, dict) else None for g in groups],
         }
 
@@ -374,48 +363,6 @@ async def evaluate(
         for item in data:
             tg.create_task(one(item))
     return rewards
-
-
-def _peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-def trim_heap() -> None:
-    """Give the C heap's free memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    A train step frees gigabytes of activations and temporaries that glibc keeps in its arenas
-    (one per thread), so the resident size of a long run keeps the high-water mark of every
-    thread's past allocations. Trimming after each step measured 6.4 -> 3.7 GiB resident between
-    steps of the default run (docs/benchmarks.md).
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
-
-
-def _rss_gib() -> float:
-    """Resident memory of this process now (Linux; NaN elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return math.nan
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def _mean(xs: Sequence[float]) -> float:

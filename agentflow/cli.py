@@ -73,7 +73,7 @@ def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from agentflow._recipe import load_recipe_config, train
+    from agentflow.recipe import load_recipe_config, train
 
     files, overrides = _split(args.items)
     cfg = load_recipe_config(files, overrides)
@@ -83,7 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from agentflow._recipe import evaluate_model, load_recipe_config
+    from agentflow.recipe import evaluate_model, load_recipe_config
 
     files, overrides = _split(args.items)
     cfg = load_recipe_config(files, overrides)
@@ -100,8 +100,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _fields_help() -> str:
     try:
-        from agentflow._recipe import TrainRecipeConfig
         from agentflow.config import describe
+        from agentflow.recipe import TrainRecipeConfig
     except ImportError as e:  # a broken install should still print --help
         return f"(configuration fields unavailable: {e})"
     rows = describe(TrainRecipeConfig)

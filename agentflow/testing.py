@@ -12,8 +12,8 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agentflow._config import RolloutConfig
 from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
+from agentflow._rollout_config import RolloutConfig
 from agentflow._types import ModelRequest, ModelResponse
 
 if TYPE_CHECKING:

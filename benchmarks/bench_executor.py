@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 
-from agentflow import GenerationConfig, ModelRequest, RolloutConfig, Trajectory
+from agentflow import GenerationConfig, ModelRequest, Rollout, RolloutConfig, Trajectory
 from agentflow.testing import FakeEngine, random_latency
 
 G = GenerationConfig(max_new_tokens=16)
@@ -52,7 +52,7 @@ async def run_executor(workflow, n: int, concurrency: int, batch: int) -> float:
         def consumer():
             nonlocal consumed
             while consumed < n:
-                consumed += len(engine.buffer.get_batch(min(batch, n - consumed), timeout=60))
+                consumed += len(Rollout.of(engine).buffer.get_batch(min(batch, n - consumed), timeout=60))
 
         t0 = time.perf_counter()
         thread = threading.Thread(target=consumer)
@@ -87,7 +87,7 @@ async def admission_latency(n: int, concurrency: int) -> dict[str, float]:
         for i in range(n):
             engine.submit(i, SingleTurn())
         await engine.wait(n, timeout=120)
-        lat = sorted(engine.executor.admission_latencies)
+        lat = sorted(Rollout.of(engine).executor.admission_latencies)
     return {
         "median_us": statistics.median(lat) * 1e6,
         "p90_us": lat[int(0.9 * len(lat))] * 1e6,

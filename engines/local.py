@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from agentflow._config import RolloutConfig
 from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
+from agentflow._rollout_config import RolloutConfig
 from agentflow._types import ModelRequest, ModelResponse
 from agentflow.errors import ConfigError, EngineError
 

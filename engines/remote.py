@@ -43,8 +43,8 @@ from typing import Any
 import httpx
 import tenacity
 
-from agentflow._config import RolloutConfig
 from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
+from agentflow._rollout_config import RolloutConfig
 from agentflow._types import ModelRequest, ModelResponse, StopReason
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, ServerError
 

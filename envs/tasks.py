@@ -11,12 +11,17 @@
   :func:`gsm8k_reward` is :func:`agentflow.envs.math.math_reward` against the ``####`` answer.
 
 A :class:`Task` is what the built-in workflows take as ``data`` (a mapping with the same keys
-works too, see :meth:`Task.from_data`). Not here: downloading datasets (bring the file).
+works too, see :meth:`Task.from_data`). :data:`TASKS` maps the names ``agentflow train`` accepts as
+``data.task`` to builders of training and held-out rows with their rewards; a new task is one
+function decorated with :func:`register_task`.
+
+Not here: downloading datasets (bring the file), workflows (they take a task's rows as ``data``).
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import operator
 import random
@@ -26,23 +31,29 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agentflow.envs.math import extract_hash_answer, extract_last_number, math_reward, numbers_equal
-from agentflow.errors import EnvError
+from agentflow.errors import ConfigError, EnvError
 
 __all__ = [
+    "TASKS",
     "RewardFn",
     "Task",
+    "TaskData",
+    "TaskSpec",
     "arithmetic_reward",
     "arithmetic_tasks",
+    "build_task",
     "countdown_reward",
     "countdown_tasks",
     "exact_answer_reward",
     "gsm8k_reward",
     "load_gsm8k_jsonl",
     "parse_gsm8k_line",
+    "register_task",
     "shaped_answer_reward",
+    "task_rows",
 ]
 
 
@@ -273,3 +284,112 @@ def load_gsm8k_jsonl(path: str | Path, *, instruction: str = "") -> list[Task]:
 async def gsm8k_reward(completion: str, task: Task, *, timeout_s: float = 10.0) -> float:
     """:func:`math_reward` against the task's final answer (raises EnvError on timeout)."""
     return await math_reward(completion, task.answer, timeout_s=timeout_s)
+
+
+# ------------------------------------------------------------------------------------ the task registry
+class TaskSpec(Protocol):
+    """What a task builder reads (``agentflow train``'s ``data`` section satisfies it)."""
+
+    task: str
+    path: str | None
+    size: int
+    eval_size: int
+    seed: int
+    system: str | None
+    shots: int
+    train_reward: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskData:
+    """Training and held-out rows (mappings :meth:`Task.from_data` reads) and their rewards.
+
+    Attributes:
+        train: training rows.
+        eval: held-out rows.
+        reward: what training optimises.
+        eval_reward: what evaluation reports.
+    """
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    reward: RewardFn
+    eval_reward: RewardFn
+
+
+TaskBuilder = Callable[[TaskSpec], TaskData]
+TASKS: dict[str, TaskBuilder] = {}
+_EVAL_SEED_OFFSET = 10_007  # held-out prompts come from another seed
+_SHOT_SEED_OFFSET = 20_011  # so do worked examples
+
+
+def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
+    """Decorator: make ``builder(spec) -> TaskData`` available as ``data.task=<name>``."""
+
+    def deco(builder: TaskBuilder) -> TaskBuilder:
+        if name in TASKS:
+            raise EnvError(f"task {name!r} is already registered (by {TASKS[name].__qualname__})")
+        TASKS[name] = builder
+        return builder
+
+    return deco
+
+
+def build_task(spec: TaskSpec) -> TaskData:
+    """The rows and rewards of ``spec.task`` (a name in :data:`TASKS`)."""
+    builder = TASKS.get(spec.task)
+    if builder is None:
+        close = difflib.get_close_matches(spec.task, TASKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"data.task must be one of {', '.join(sorted(TASKS))}; got {spec.task!r}{hint}")
+    return builder(spec)
+
+
+def task_rows(items: Sequence[Task], system: str | None, shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+    """Tasks as plain rows (what checkpoints store), with a default system message and worked examples."""
+    return [{"id": t.id, "prompt": t.prompt, "answer": t.answer, "system": t.system or system,
+             "info": dict(t.info), "shots": [list(s) for s in shots or t.shots]} for t in items]
+
+
+def _generated(spec: TaskSpec, make: Callable[[int, int], list[Task]], reward: RewardFn,
+               eval_reward: RewardFn | None = None, shots: Sequence[tuple[str, str]] = ()) -> TaskData:
+    """Training and held-out rows of a generated task (held-out from another seed)."""
+    def rows(items: list[Task]) -> list[dict[str, Any]]:
+        return task_rows(items, spec.system, shots)
+
+    return TaskData(rows(make(spec.size, spec.seed)), rows(make(spec.eval_size, spec.seed + _EVAL_SEED_OFFSET)),
+                    reward, eval_reward or reward)
+
+
+@register_task("addition")
+def _addition(spec: TaskSpec) -> TaskData:
+    """One-digit a + b; reported reward 1 only for exactly the number (``train_reward`` picks training's)."""
+    def make(n: int, seed: int) -> list[Task]:
+        return arithmetic_tasks(n, seed=seed, digits=1, ops=("+",), **spec.options)
+
+    shots = [(t.prompt, t.answer) for t in make(spec.shots, spec.seed + _SHOT_SEED_OFFSET)]
+    train = shaped_answer_reward if spec.train_reward == "shaped" else exact_answer_reward
+    return _generated(spec, make, train, exact_answer_reward, shots)
+
+
+@register_task("arithmetic")
+def _arithmetic(spec: TaskSpec) -> TaskData:
+    return _generated(spec, lambda n, seed: arithmetic_tasks(n, seed=seed, **spec.options), arithmetic_reward)
+
+
+@register_task("countdown")
+def _countdown(spec: TaskSpec) -> TaskData:
+    return _generated(spec, lambda n, seed: countdown_tasks(n, seed=seed, **spec.options), countdown_reward)
+
+
+@register_task("gsm8k")
+def _gsm8k(spec: TaskSpec) -> TaskData:
+    """A GSM8K-format JSONL file at ``spec.path``; its last ``eval_size`` rows are held out."""
+    if not spec.path:
+        raise ConfigError("data.task=gsm8k needs data.path=<file.jsonl>; got none")
+    items = load_gsm8k_jsonl(spec.path, **spec.options)
+    if len(items) <= spec.eval_size:
+        raise ConfigError(f"{spec.path} has {len(items)} rows; need more than data.eval_size={spec.eval_size}")
+    return TaskData(task_rows(items[: -spec.eval_size], spec.system), task_rows(items[-spec.eval_size:], spec.system),
+                    gsm8k_reward, gsm8k_reward)

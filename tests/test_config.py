@@ -14,7 +14,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def _recipe():
-    from agentflow._recipe import TrainRecipeConfig
+    from agentflow.recipe import TrainRecipeConfig
 
     return TrainRecipeConfig
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agentflow import GenerationConfig, ModelRequest, RolloutConfig, Trajectory, WorkflowError
+from agentflow import GenerationConfig, ModelRequest, Rollout, RolloutConfig, Trajectory, WorkflowError
 from agentflow.testing import FakeEngine, random_latency
 
 G = GenerationConfig(max_new_tokens=6)
@@ -37,13 +37,13 @@ async def _step(engine, version):
 
 def _check_books(engine):
     """submitted == accepted + rejected + running + queued, at this moment (on the loop)."""
-    s = engine.executor.stats()
+    s = Rollout.of(engine).executor.stats()
     assert s["submitted"] == s["accepted"] + s["rejected"] + s["running"] + s["queued"], s
 
 
 def _run_trainer(engine, loop, n_steps, batch, on_batch=None, timeout=20.0):
     for step in range(n_steps):
-        trajs = engine.buffer.get_batch(batch, timeout=timeout)
+        trajs = Rollout.of(engine).buffer.get_batch(batch, timeout=timeout)
         if on_batch is not None:
             on_batch(step, trajs)
         asyncio.run_coroutine_threadsafe(_step(engine, step + 1), loop).result(timeout)
@@ -77,8 +77,8 @@ async def test_staleness_invariant_under_random_latency(policy):
 
         await asyncio.to_thread(_run_trainer, engine, loop, steps, batch, on_batch)
         _check_books(engine)
-        stats = engine.executor.stats()
-        bstats = engine.buffer.stats
+        stats = Rollout.of(engine).executor.stats()
+        bstats = Rollout.of(engine).buffer.stats
 
     assert len(consumed_ids) == steps * batch
     handled = {"drop": bstats.dropped, "requeue": bstats.requeued, "keep": bstats.kept_stale}[policy]
@@ -115,9 +115,9 @@ async def test_eta_zero_alternates_strictly():
 
         def trainer():
             for step in range(steps):
-                trajs = engine.buffer.get_batch(batch, timeout=20)
+                trajs = Rollout.of(engine).buffer.get_batch(batch, timeout=20)
                 training.set()
-                assert engine.executor.n_running == 0  # nothing generates while we train
+                assert Rollout.of(engine).executor.n_running == 0  # nothing generates while we train
                 assert all(t.versions[-1] == step and t.min_version == step for t in trajs)
                 training.clear()
                 asyncio.run_coroutine_threadsafe(_step(engine, step + 1), loop).result(10)
@@ -153,7 +153,7 @@ async def test_raising_and_hanging_episodes_do_not_stop_the_run():
             engine.submit(i, wf)
         await asyncio.to_thread(_run_trainer, engine, loop, steps, batch)
         await asyncio.sleep(0.3)  # let the hanging episodes reach their deadline
-        stats = engine.executor.stats()
+        stats = Rollout.of(engine).executor.stats()
         _check_books(engine)
     reasons = stats["rejected_by_reason"]
     assert reasons.get("RuntimeError", 0) > 0
@@ -174,13 +174,13 @@ class OddWorkflow:
 async def test_none_and_wrong_types_are_counted_rejections():
     async with FakeEngine(rollout=RolloutConfig(max_staleness=10)) as engine:
         out = await engine.rollout(["none", "bad", "ok"], OddWorkflow())
-        stats = engine.executor.stats()
+        stats = Rollout.of(engine).executor.stats()
     assert len(out) == 2 and out[0].group_id == out[1].group_id
     assert stats["rejected_by_reason"] == {"none": 1, "WorkflowError": 1}
 
 
 async def test_n_samples_share_a_group_id():
-    cfg = RolloutConfig(n_samples=4, consumer_batch_size=2, max_staleness=4)
+    cfg = RolloutConfig(episodes_per_item=4, consumer_batch_size=2, max_staleness=4)
     async with FakeEngine(rollout=cfg) as engine:
         gids = [engine.submit(i, EchoWorkflow()) for i in range(2)]
         trajs = await engine.wait(2, timeout=5)
@@ -196,9 +196,9 @@ async def test_capacity_frees_the_moment_an_episode_ends():
         for i in range(20):
             engine.submit(i, EchoWorkflow())
         await engine.wait(20, timeout=5)
-        lat = list(engine.executor.admission_latencies)
+        lat = list(Rollout.of(engine).executor.admission_latencies)
     assert len(lat) == 19
-    assert engine.executor.staleness.stats.started == 20
+    assert Rollout.of(engine).executor.staleness.stats.started == 20
 
 
 async def test_pause_stops_admission_and_resume_restarts_it():
@@ -208,7 +208,7 @@ async def test_pause_stops_admission_and_resume_restarts_it():
         for i in range(5):
             engine.submit(i, EchoWorkflow())
         await asyncio.sleep(0.02)
-        assert engine.executor.n_running == 0 and engine.executor.n_queued == 5
+        assert Rollout.of(engine).executor.n_running == 0 and Rollout.of(engine).executor.n_queued == 5
         await engine.resume()
         assert len(await engine.wait(5, timeout=5)) == 5
 
@@ -231,10 +231,10 @@ async def test_shutdown_cancels_running_episodes_and_leaves_no_task():
         for i in range(10):
             engine.submit(i, EchoWorkflow())
         await asyncio.sleep(0.01)
-        assert engine.executor.n_running == 10
+        assert Rollout.of(engine).executor.n_running == 10
     assert asyncio.all_tasks() == {asyncio.current_task()}
-    assert engine.executor.n_running == 0
-    assert engine.executor.stats()["rejected_by_reason"] == {"cancelled": 10}
+    assert Rollout.of(engine).executor.n_running == 0
+    assert Rollout.of(engine).executor.stats()["rejected_by_reason"] == {"cancelled": 10}
 
 
 async def test_cancelling_the_owner_cancels_everything():
@@ -267,11 +267,11 @@ async def test_requeue_resubmits_the_same_prompt():
     async with FakeEngine(rollout=cfg) as engine:
         engine.submit(7, EchoWorkflow())
         await asyncio.sleep(0.01)
-        assert len(engine.buffer) == 1
+        assert len(Rollout.of(engine).buffer) == 1
         engine.set_version(3)  # three steps passed: the buffered item is too stale
         (traj,) = await engine.wait(1, timeout=5)
     assert traj.info["data"] == 7 and traj.min_version == 3  # the prompt ran again, at version 3
-    assert engine.buffer.stats.requeued == 1
+    assert Rollout.of(engine).buffer.stats.requeued == 1
 
 
 def test_submit_rejects_objects_without_arun_episode():
@@ -297,7 +297,7 @@ async def test_consecutive_rejections_fail_waiting_consumers_fast():
     cfg = RolloutConfig(max_staleness=10, consumer_batch_size=4)  # default limit: 64
     assert cfg.max_consecutive_rejections == 64
     async with FakeEngine(latency=0.001, rollout=cfg) as engine:
-        thread_consumer = asyncio.create_task(asyncio.to_thread(engine.buffer.get_batch, 4, 20))
+        thread_consumer = asyncio.create_task(asyncio.to_thread(Rollout.of(engine).buffer.get_batch, 4, 20))
         loop_consumer = asyncio.create_task(engine.wait(4, timeout=20))
         await asyncio.sleep(0.05)  # both consumers are asleep before the first episode runs
         t0 = time.perf_counter()
@@ -309,10 +309,10 @@ async def test_consecutive_rejections_fail_waiting_consumers_fast():
                 await asyncio.wait_for(consumer, 5)
             errors.append(info.value)
         elapsed = time.perf_counter() - t0
-        assert engine.executor.failure is errors[0] is errors[1]
-        assert engine.executor.n_queued > 0  # admission stopped; the rest stay pending
+        assert Rollout.of(engine).executor.failure is errors[0] is errors[1]
+        assert Rollout.of(engine).executor.n_queued > 0  # admission stopped; the rest stay pending
         with pytest.raises(WorkflowError):  # a consumer arriving later fails at once too
-            await asyncio.to_thread(engine.buffer.get_batch, 1, 20)
+            await asyncio.to_thread(Rollout.of(engine).buffer.get_batch, 1, 20)
     assert elapsed < 2.0, f"consumers waited {elapsed:.2f}s for a failed rollout (their timeout: 20 s)"
     msg = str(errors[0])
     assert "64 consecutive episodes were rejected" in msg
@@ -347,9 +347,10 @@ async def test_consecutive_rejections_keep_buffered_groups_and_pending_items():
             engine.submit(i, BoomWorkflow(fails=lambda d: d >= 3))
         with pytest.raises(WorkflowError, match="5 consecutive"):
             await engine.wait(4, timeout=5)
-        stats = engine.executor.stats()
+        stats = Rollout.of(engine).executor.stats()
         assert stats["accepted"] == 3 and stats["rejected"] == 5 and stats["queued"] == 92
-        assert len(engine.buffer.state_dict()["groups"]) == 3 and len(engine.executor.pending()) == 92
+        r = Rollout.of(engine)
+        assert len(r.buffer.state_dict()["groups"]) == 3 and len(r.executor.pending()) == 92
         # What is already buffered is still handed out; only waiting for more raises.
         assert sorted(t.info["data"] for t in await engine.wait(3, timeout=1)) == [0, 1, 2]
         with pytest.raises(WorkflowError):
@@ -367,7 +368,7 @@ async def test_an_accepted_episode_resets_the_rejection_count(limit, trips):
                 await engine.rollout(list(range(60)), wf)
         else:
             assert len(await engine.rollout(list(range(60)), wf)) == 20
-            assert engine.executor.failure is None
+            assert Rollout.of(engine).executor.failure is None
 
 
 class CoinFlipWorkflow:
@@ -384,8 +385,8 @@ async def test_half_random_failures_never_trip_the_default_limit():
     cfg = RolloutConfig(max_staleness=2000, consumer_batch_size=1, max_concurrent=16)
     async with FakeEngine(latency=random_latency(0.001, seed=4), rollout=cfg) as engine:
         out = await engine.rollout(list(range(1000)), CoinFlipWorkflow(seed=5))
-        stats = engine.executor.stats()
-    assert engine.executor.failure is None
+        stats = Rollout.of(engine).executor.stats()
+    assert Rollout.of(engine).executor.failure is None
     assert 400 < len(out) < 600 and stats["rejected"] == 1000 - len(out)
 
 
@@ -395,8 +396,8 @@ async def test_max_consecutive_rejections_none_disables_the_limit():
         assert await engine.rollout(list(range(300)), BoomWorkflow()) == []
         with pytest.raises(TimeoutError):
             await engine.wait(1, timeout=0.05)
-        stats = engine.executor.stats()
-    assert engine.executor.failure is None and stats["rejected"] == 300
+        stats = Rollout.of(engine).executor.stats()
+    assert Rollout.of(engine).executor.failure is None and stats["rejected"] == 300
 
 
 class _NoTrainEngine:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agentflow import ConfigError, Trajectory
-from agentflow._recipe import split_by_tokens
+from agentflow.algo import split_by_tokens
 
 
 def _traj(prompt: list[int], n_out: int, group: str) -> Trajectory:

@@ -18,6 +18,7 @@ from agentflow import (
     EngineError,
     GenerationConfig,
     ModelRequest,
+    Rollout,
     RolloutConfig,
     ServerError,
     Trajectory,
@@ -345,7 +346,7 @@ async def test_pause_update_resume_mid_generation_gives_two_versions_unnoticed()
             eng.set_version(1)
             await eng.resume()
             trajs = await eng.wait(4, timeout=30)
-            assert eng.executor.stats()["rejected"] == 0
+            assert Rollout.of(eng).executor.stats()["rejected"] == 0
     finally:
         await asyncio.to_thread(server.stop)
     for t in trajs:
@@ -369,7 +370,7 @@ async def test_killing_one_of_two_servers_mid_run_loses_no_episode() -> None:
             assert fakes[0].n_calls > 0 and eng.servers[0].outstanding > 0  # killed with requests in flight
             await asyncio.to_thread(servers[0].stop, force=True)
             trajs = await eng.wait(n, timeout=60)
-            stats = eng.executor.stats()
+            stats = Rollout.of(eng).executor.stats()
             # Marked down once a request to it failed; a server whose in-flight requests all finished
             # before the shutdown and that got no request afterwards is (correctly) never marked down.
             assert not eng.servers[0].up or eng.servers[0].last_error == ""

@@ -1,5 +1,6 @@
-"""agentflow.algo: the RL algorithm: advantages (GRPO, Dr.GRPO, RLOO, batch norm) and policy
-losses (decoupled PPO, PPO/GRPO, KL to a reference, SFT), with their frozen configs.
+"""agentflow.algo: the RL algorithm: advantages (GRPO, Dr.GRPO, RLOO, batch norm), policy losses
+(decoupled PPO, PPO/GRPO, KL to a reference, SFT) with their frozen configs, and one PPO train
+step over a batch (:func:`ppo_step`: advantages once, proximal log-probs, minibatch updates).
 
 Imports torch; ``import agentflow`` does not import this package. It knows nothing about engines:
 the train engine calls the loss function through the contract documented in
@@ -18,6 +19,7 @@ from agentflow.algo._advantages import (
 from agentflow.algo._batch import pad_trajectories
 from agentflow.algo._config import AlgoConfig, BatchNorm, GroupNorm, ImpWeightMode, KLEstimator, PPOConfig
 from agentflow.algo._loss import PPOLoss, kl_estimate, ppo_loss, sft_loss, token_count
+from agentflow.algo._step import Shard, ppo_step, ppo_update, split_by_tokens, token_advantages
 
 __all__ = [
     "AlgoConfig",
@@ -27,6 +29,7 @@ __all__ = [
     "KLEstimator",
     "PPOConfig",
     "PPOLoss",
+    "Shard",
     "batch_normalize",
     "broadcast_to_tokens",
     "compute_advantages",
@@ -34,7 +37,11 @@ __all__ = [
     "kl_estimate",
     "pad_trajectories",
     "ppo_loss",
+    "ppo_step",
+    "ppo_update",
     "sft_loss",
     "shape_rewards",
+    "split_by_tokens",
+    "token_advantages",
     "token_count",
 ]

@@ -26,7 +26,7 @@ class RolloutConfig:
             ``drop`` it, ``requeue`` its prompt (run it again), or ``keep`` it (trained with the
             decoupled-PPO importance weight).
         episode_timeout_s: deadline of one ``arun_episode`` call; ``None`` = no deadline (spell it out).
-        n_samples: ``arun_episode`` calls per submitted item; their trajectories share a group id.
+        episodes_per_item: ``arun_episode`` calls per submitted item; their trajectories share a group id.
             Leave at 1 for workflows that sample a whole group themselves.
         buffer_size: items the replay buffer holds before ``put`` applies back-pressure.
         max_requeues: how often one prompt may be requeued before it is dropped for good.
@@ -42,7 +42,7 @@ class RolloutConfig:
     consumer_batch_size: int = 8
     stale_policy: StalePolicy = "drop"
     episode_timeout_s: float | None = 600.0
-    n_samples: int = 1
+    episodes_per_item: int = 1
     buffer_size: int = 4096
     max_requeues: int = 3
     max_consecutive_rejections: int | None = 64
@@ -56,7 +56,7 @@ class RolloutConfig:
         """Every invalid field, one line each (empty when valid)."""
         out = []
         for name, lo in (("max_staleness", 0), ("max_concurrent", 1), ("consumer_batch_size", 1),
-                         ("n_samples", 1), ("buffer_size", 1), ("max_requeues", 0)):
+                         ("episodes_per_item", 1), ("buffer_size", 1), ("max_requeues", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 out.append(f"rollout.{name} must be an integer >= {lo}, got {v!r}")

