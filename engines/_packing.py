@@ -13,6 +13,8 @@ one packed row each (no padding), with per-sequence position ids and ``cu_seq_le
   most of the compute, see every prompt token once. Exact: the prompt's hidden states are the same
   for every sample and their gradients add up.
 - :func:`pack` builds one :class:`MicroBatch`; :func:`unpack` cuts a packed per-token tensor back.
+- :class:`PackedBatch` keeps one packing of a batch for several passes over it (the proximal
+  forward and the update of a PPO step) and adds per-token fields to it without re-packing.
 - :func:`balanced_partition` splits sequences across ranks by token count.
 
 It does not touch devices or models; the engine moves micro-batches to its device.
@@ -30,6 +32,7 @@ from agentflow import ConfigError, Trajectory, TrajectoryError
 
 __all__ = [
     "MicroBatch",
+    "PackedBatch",
     "SharedLayout",
     "Unit",
     "balanced_partition",
@@ -190,6 +193,9 @@ class MicroBatch:
         max_len: the longest sequence.
         seq_index: index of each packed sequence in the caller's batch (-1: padding sequence).
         shared: the :class:`SharedLayout` when some sequences share a prefix row range, else None.
+        row_seq: ``[T]``, the caller's batch index of the sequence each row belongs to (a shared
+            prompt row: the first sequence of its unit); with ``position_ids`` it addresses a
+            padded ``[B, T]`` tensor (:meth:`PackedBatch.set_token_field`).
     """
 
     data: dict[str, torch.Tensor]
@@ -199,6 +205,7 @@ class MicroBatch:
     max_len: int
     seq_index: tuple[int, ...]
     shared: SharedLayout | None = None
+    row_seq: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -213,7 +220,7 @@ class MicroBatch:
         return MicroBatch(
             {k: v.to(device, non_blocking=True) for k, v in self.data.items()},
             self.position_ids.to(device), self.prev_index.to(device), self.cu_seqlens.to(device), self.max_len,
-            self.seq_index, None if self.shared is None else self.shared.to(device),
+            self.seq_index, None if self.shared is None else self.shared.to(device), self.row_seq,
         )
 
 
@@ -291,6 +298,7 @@ def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit]
     prev: list[torch.Tensor] = []
     gather: list[torch.Tensor] = []
     scatter: list[torch.Tensor] = []
+    owner: list[torch.Tensor] = []
     lens: list[int] = []
     row = 0
     virtual = 0
@@ -305,6 +313,7 @@ def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit]
                 pieces[k].append(s[k][start:])
             rows = torch.arange(row, row + n - start)
             positions.append(torch.arange(start, n))
+            owner.append(torch.full((n - start,), i, dtype=torch.long))
             before = torch.cat([torch.arange(first_row, first_row + p), rows]) if start else rows
             prev.append(torch.cat([torch.tensor([-1]), before[:-1]])[start:])
             gather.append(before)
@@ -319,7 +328,8 @@ def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit]
     shared = None
     if virtual != row:
         shared = SharedLayout(torch.cat(gather), torch.cat(scatter))
-    return MicroBatch(data, torch.cat(positions), torch.cat(prev), cu, max(lens), tuple(order), shared)
+    return MicroBatch(data, torch.cat(positions), torch.cat(prev), cu, max(lens), tuple(order), shared,
+                      torch.cat(owner))
 
 
 def dummy_micro_batch(like: MicroBatch | Mapping[str, torch.Tensor]) -> MicroBatch:
@@ -329,6 +339,36 @@ def dummy_micro_batch(like: MicroBatch | Mapping[str, torch.Tensor]) -> MicroBat
     data = {k: torch.zeros((1,), dtype=v.dtype) for k, v in fields.items()}
     cu = torch.tensor([0, 1], dtype=torch.int32)
     return MicroBatch(data, torch.zeros(1, dtype=torch.long), torch.tensor([-1]), cu, 1, (-1,))
+
+
+@dataclass(slots=True)
+class PackedBatch:
+    """A batch laid out once into micro-batches, for several passes (proximal forward, update).
+
+    Attributes:
+        micro_batches: the packed rows (every rank has the same number; padding ones have
+            ``seq_index == (-1,)``).
+        batch: the padded dict it was packed from (sequence lengths, per-sequence fields).
+    """
+
+    micro_batches: list[MicroBatch]
+    batch: dict[str, torch.Tensor]
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return any(mb.shared is not None for mb in self.micro_batches)
+
+    def set_token_field(self, name: str, padded: torch.Tensor) -> None:
+        """Add a per-token field given as a padded ``[B, T]`` tensor (e.g. proximal log-probs)."""
+        if padded.shape != self.batch["input_ids"].shape:
+            raise TrajectoryError(f"{name} must have the batch's shape {tuple(self.batch['input_ids'].shape)}, "
+                                  f"got {tuple(padded.shape)}")
+        self.batch[name] = padded
+        for mb in self.micro_batches:
+            if mb.row_seq is None:  # a padding micro-batch
+                mb.data[name] = torch.zeros((mb.n_tokens,), dtype=padded.dtype)
+            else:
+                mb.data[name] = padded[mb.row_seq, mb.position_ids]
 
 
 def unpack(values: torch.Tensor, mb: MicroBatch) -> list[torch.Tensor]:

@@ -15,6 +15,9 @@ returns the mean loss over the micro-batch's loss tokens (optionally with a stat
 call ``train_batch``/``forward``/``save``/``upload_weights`` together (they are collective); each
 rank passes its own share of the batch.
 
+:meth:`FSDPEngine.prepare` packs a batch once for several passes (a PPO step's proximal forward
+and update run on one packing).
+
 Not here: the RL loop (prox log-probs, advantages and minibatching are the trainer's), rollout,
 tensor/sequence parallelism, loading a model too big for one process's memory before sharding.
 """
@@ -52,6 +55,7 @@ from agentflow.engines._fsdp_config import FSDPEngineConfig, lr_factor
 from agentflow.engines._logprobs import install_passthrough_head, token_logprobs
 from agentflow.engines._packing import (
     MicroBatch,
+    PackedBatch,
     dummy_micro_batch,
     normalize_batch,
     pack,
@@ -74,7 +78,7 @@ from agentflow.engines._weights import (
 __all__ = ["FSDPEngine", "FSDPEngineConfig"]
 
 log = logging.getLogger(__name__)
-Batch = Sequence[Trajectory] | Mapping[str, torch.Tensor]
+Batch = Sequence[Trajectory] | Mapping[str, torch.Tensor] | PackedBatch
 LossFn = Callable[..., Any]
 WeightFn = Callable[[Mapping[str, Any]], float]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -213,9 +217,23 @@ class FSDPEngine(TrainEngine):
         fully_shard(model, mesh=mesh, mp_policy=mp)
 
     # ------------------------------------------------------------------ micro-batches and log-probs
+    def prepare(self, input_: Batch, mb_spec: MicroBatchSpec) -> PackedBatch:
+        """Pack ``input_`` once for several :meth:`forward` / :meth:`train_batch` calls (collective).
+
+        Add per-token fields computed in between (proximal log-probs) with
+        :meth:`PackedBatch.set_token_field`. ``mb_spec`` must be the one later calls pass.
+        """
+        mbs, batch = self._micro_batches(input_, mb_spec)
+        return PackedBatch(mbs, batch)
+
     def _micro_batches(
-        self, input_: Batch, mb_spec: MicroBatchSpec
+        self, input_: Batch | PackedBatch, mb_spec: MicroBatchSpec
     ) -> tuple[list[MicroBatch], dict[str, torch.Tensor]]:
+        if isinstance(input_, PackedBatch):
+            if input_.shares_prefixes and not self._packed:
+                raise EngineError("this batch was packed with shared prompts, which this engine's attention "
+                                  "cannot run; prepare it with this engine (or set train.share_prefix=false)")
+            return input_.micro_batches, input_.batch
         batch = normalize_batch(input_)
         seqs = split_sequences(batch)
         if self._packed and self.config.share_prefix:
