@@ -17,9 +17,8 @@ any protocol's routes.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol
 
 from agentflow._types import GenerationConfig
 from agentflow.errors import ConfigError
@@ -111,7 +110,6 @@ class BroadcastSpec:
     version: int | None
 
 
-@runtime_checkable
 class ServerLink(Protocol):
     """One server as an adapter sees it; the pool makes one per call.
 
@@ -126,7 +124,6 @@ class ServerLink(Protocol):
     async def call(self, method: str, path: str, body: Any = None) -> Any: ...
 
 
-@runtime_checkable
 class ServerProtocol(Protocol):
     """How each engine operation is spoken to one server. Stateless: one instance serves any pool.
 
@@ -178,9 +175,9 @@ class ServerProtocol(Protocol):
         ...
 
 
-_MEMBERS: Sequence[str] = ("name", "launch_hint", "error_text", "health", "tp_size", "weight_version", "generate",
-                           "pause", "resume", "update_weights_from_disk", "init_weight_group",
-                           "update_weights_from_distributed")
+# Every member an adapter must have: the attributes, then the methods, in the contract's order.
+_MEMBERS = [*ServerProtocol.__annotations__,
+            *(n for n, v in vars(ServerProtocol).items() if callable(v) and not n.startswith("_"))]
 
 
 def resolve_protocol(protocol: str | ServerProtocol) -> ServerProtocol:
