@@ -1,6 +1,6 @@
-"""agentflow.engines: inference engines (local transformers, remote SGLang), the SGLang-protocol
-server and the FSDP2 train engine. Each is imported on first use, so importing this package
-stays light."""
+"""agentflow.engines: inference engines (local transformers; remote HTTP servers through a protocol
+adapter, SGLang's by default), the SGLang-protocol server and the FSDP2 train engine. Each is
+imported on first use, so importing this package stays light."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ if TYPE_CHECKING:
     from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
     from agentflow.engines.local import LocalEngine, LocalEngineConfig
     from agentflow.engines.model_loading import load_model
-    from agentflow.engines.remote import RemoteEngineConfig, RemoteSGLangEngine
+    from agentflow.engines.remote import RemoteEngine, RemoteEngineConfig, RemoteSGLangEngine
 
 __all__ = [
     "FSDPEngine",
     "FSDPEngineConfig",
     "LocalEngine",
     "LocalEngineConfig",
+    "RemoteEngine",
     "RemoteEngineConfig",
     "RemoteSGLangEngine",
     "load_model",
@@ -26,6 +27,7 @@ __all__ = [
 _LAZY = {
     "LocalEngine": "agentflow.engines.local",
     "LocalEngineConfig": "agentflow.engines.local",
+    "RemoteEngine": "agentflow.engines.remote",
     "RemoteSGLangEngine": "agentflow.engines.remote",
     "RemoteEngineConfig": "agentflow.engines.remote",
     "FSDPEngine": "agentflow.engines.fsdp",

@@ -238,7 +238,7 @@ async def test_connection_dropped_mid_request_is_retried_on_another_server() -> 
 async def test_paused_engine_never_probes_health() -> None:
     fs = FakeServers()
     async with remote(fs, n=2) as eng:
-        eng._mark_down(eng.servers[0], "test")
+        eng.pool.mark_down(eng.servers[0], "test")
         await eng.pause()
         n_health = len(fs.paths("/health"))
         await asyncio.sleep(0.3)
