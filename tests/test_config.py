@@ -79,3 +79,10 @@ def test_an_override_keeps_the_recipe_defaults_of_its_section():
     shown = {r[0]: r[2] for r in describe(recipe)}
     assert shown["trainer.eval_every"] == repr(base.eval_every)
     assert shown["train.lr"] == repr(recipe().train.lr)
+
+
+def test_an_unknown_server_protocol_is_refused_at_config_time():
+    from agentflow.recipe import load_recipe_config
+
+    with pytest.raises(ConfigError, match=r"inference.protocol must be one of .*'sglang'.*got 'vllm'"):
+        load_recipe_config(overrides=["inference.protocol=vllm"])

@@ -324,3 +324,34 @@ def test_nccl_broadcast_upload_on_two_gpus(tmp_path, tiny):
     finally:
         receiver.kill()
         eng.destroy()
+
+
+class _Unprepared:
+    """The same engine seen without ``prepare``: ppo_update falls back to padded batches."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        if name == "prepare":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_a_ppo_step_on_one_packing_equals_the_padded_path(tiny, make_engine, minibatches):
+    """ppo_update packs each minibatch once (proximal forward, KL reference and update share it):
+    the same statistics and weights as packing the padded batch for every pass."""
+    from agentflow.algo import AlgoConfig, ppo_update, token_advantages
+
+    algo = AlgoConfig(ppo=PPOConfig(kl_coef=0.1))
+    items = token_advantages(make_trajs(3, [9, 14, 11, 8, 12, 10], shared_prompt=True), algo)
+    got, want = make_engine(), make_engine()
+    ref = make_engine()
+    s1 = ppo_update(got, algo, items, max_tokens_per_mb=40, minibatches=minibatches, ref_engine=ref)
+    s2 = ppo_update(_Unprepared(want), algo, items, max_tokens_per_mb=40, minibatches=minibatches,
+                    ref_engine=_Unprepared(ref))
+    for key in ("loss", "grad_norm", "n_tokens", "n_rows"):
+        assert s1[key] == pytest.approx(s2[key], rel=1e-5, abs=1e-7), key
+    a, b = got.full_state_dict(), want.full_state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

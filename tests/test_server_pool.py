@@ -24,6 +24,7 @@ from agentflow import (
     EngineError,
     GenerationConfig,
     ModelRequest,
+    Rollout,
     RolloutConfig,
     ServerError,
     Trajectory,
@@ -401,7 +402,7 @@ async def test_two_loopback_toy_servers_one_killed_mid_run_loses_no_episode() ->
             await _until(lambda: eng.servers[0].outstanding > 0, "a request in flight on server 0")
             await asyncio.to_thread(servers[0].stop, force=True)
             trajs = await eng.wait(n, timeout=60)
-            stats = eng.executor.stats()
+            stats = Rollout.of(eng).stats()
     finally:
         await asyncio.to_thread(servers[1].stop)
     assert len(trajs) == n and stats["accepted"] == n and stats["rejected"] == 0

@@ -43,9 +43,10 @@ def model_and_tokenizer(path: str, spec: ModelSpec | None = None) -> tuple[Any, 
 def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> InferenceEngine:
     """The in-process :class:`LocalEngine`, or a client of the servers at ``inference.addresses``."""
     if cfg.inference.backend == "remote":
-        from agentflow.engines.remote import RemoteSGLangEngine
+        from agentflow.engines.remote import RemoteEngine
 
-        return RemoteSGLangEngine(list(cfg.inference.addresses), tokenizer, rollout=cfg.rollout)
+        return RemoteEngine(list(cfg.inference.addresses), tokenizer, protocol=cfg.inference.protocol,
+                            rollout=cfg.rollout)
     from agentflow.engines.local import LocalEngine
 
     return LocalEngine(model, tokenizer, rollout=cfg.rollout, config=cfg.inference.local)

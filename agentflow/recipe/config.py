@@ -96,13 +96,16 @@ class InferenceSpec:
     """Where rollouts are generated.
 
     Attributes:
-        backend: ``local`` (in-process LocalEngine) or ``remote`` (SGLang servers at ``addresses``).
-        addresses: ``host:port`` of each SGLang(-protocol) server for the remote backend.
+        backend: ``local`` (in-process LocalEngine) or ``remote`` (inference servers at ``addresses``).
+        addresses: ``host:port`` of each server for the remote backend.
+        protocol: the servers' HTTP protocol, a name in ``agentflow.engines.protocols.PROTOCOLS``
+            (``sglang``: SGLang servers and ``agentflow serve``).
         local: the LocalEngine's settings.
     """
 
     backend: Literal["local", "remote"] = "local"
     addresses: tuple[str, ...] = ()
+    protocol: str = "sglang"
     local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=256))
 
 
@@ -172,6 +175,10 @@ def load_recipe_config(files: Sequence[str] = (), overrides: Sequence[str] = ())
     cfg = load_config(TrainRecipeConfig, files, overrides)
     if cfg.inference.backend == "remote" and not cfg.inference.addresses:
         raise ConfigError("inference.backend=remote needs inference.addresses=[host:port, ...]; got none")
+    from agentflow.engines.protocols import PROTOCOLS
+
+    if cfg.inference.protocol not in PROTOCOLS:
+        raise ConfigError(f"inference.protocol must be one of {sorted(PROTOCOLS)}; got {cfg.inference.protocol!r}")
     return cfg
 
 
