@@ -1,8 +1,14 @@
 """agentflow: asynchronous reinforcement learning for LLM agents.
 
-The public API is exactly ``__all__`` (a test checks it). Importing this package is light: it
-does not import torch, transformers, sglang or the sandbox; names that need heavy dependencies
-are imported on first use.
+The public API is exactly ``__all__`` (a test checks it): the contracts (:class:`InferenceEngine`,
+:class:`TrainEngine`, :class:`Trajectory`, ...), the rollout machinery (:class:`Rollout` with its
+executor, buffer and staleness manager), and the pieces of a training loop (:class:`Trainer`,
+:class:`PromptSource`, :class:`Checkpointer`, :class:`MetricsLogger`, :func:`evaluate`; the PPO step
+is :func:`agentflow.algo.ppo_step`). Importing this package is light: it does not import torch,
+transformers, sglang or the sandbox; names that need heavy dependencies are imported on first use.
+
+Not here: engines (``agentflow.engines``), workflows, environments, the ``agentflow train`` recipe
+(``agentflow.recipe``).
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from agentflow._buffer import BufferStats, Group, ReplayBuffer
+from agentflow._checkpoint import Checkpointer
+from agentflow._data import PromptSource
 from agentflow._engine_api import (
     FinetuneSpec,
     InferenceEngine,
@@ -21,9 +29,11 @@ from agentflow._engine_api import (
     WeightUpdateMeta,
 )
 from agentflow._executor import WorkflowExecutor
+from agentflow._metrics import MetricsLogger
 from agentflow._rollout import Rollout
 from agentflow._rollout_config import RolloutConfig, StalePolicy
 from agentflow._staleness import StalenessManager, StalenessStats, staleness_capacity
+from agentflow._trainer import EvalSpec, Trainer, TrainerConfig, evaluate
 from agentflow._types import GenerationConfig, ModelRequest, ModelResponse, StopReason, Trajectory
 from agentflow.errors import (
     AgentflowError,
@@ -48,18 +58,22 @@ __all__ = [
     "AgentflowError",
     "BufferStats",
     "CheckpointError",
+    "Checkpointer",
     "ConfigError",
     "EngineError",
     "EngineTimeout",
     "EnvError",
+    "EvalSpec",
     "FinetuneSpec",
     "GenerationConfig",
     "Group",
     "InferenceEngine",
+    "MetricsLogger",
     "MicroBatchSpec",
     "ModelRequest",
     "ModelResponse",
     "OpenAIClient",
+    "PromptSource",
     "ProxyServer",
     "ReplayBuffer",
     "Rollout",
@@ -74,11 +88,14 @@ __all__ = [
     "StalenessStats",
     "StopReason",
     "TrainEngine",
+    "Trainer",
+    "TrainerConfig",
     "Trajectory",
     "TrajectoryError",
     "WeightUpdateMeta",
     "WorkflowError",
     "WorkflowExecutor",
+    "evaluate",
     "staleness_capacity",
 ]
 

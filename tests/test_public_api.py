@@ -19,6 +19,8 @@ EXPECTED = {
     # core machinery
     "StalenessManager", "StalenessStats", "staleness_capacity", "WorkflowExecutor", "ReplayBuffer", "Group",
     "BufferStats", "OpenAIClient", "ProxyServer", "Rollout",
+    # a training loop of your own
+    "Trainer", "TrainerConfig", "EvalSpec", "evaluate", "PromptSource", "Checkpointer", "MetricsLogger",
     # errors
     "AgentflowError", "ConfigError", "EngineError", "EngineTimeout", "ServerError", "WorkflowError",
     "TrajectoryError", "EnvError", "SandboxError", "CheckpointError",
