@@ -1,4 +1,7 @@
-"""``python -m agentflow ...`` (what ``torchrun -m agentflow train ...`` runs)."""
+"""``python -m agentflow ...`` (what ``torchrun -m agentflow train ...`` runs).
+
+Not here: argument parsing and commands (``agentflow.cli``).
+"""
 
 import sys
 

@@ -2,6 +2,8 @@
 
 Each item handed to a workflow is a shallow copy of the dataset row with one extra key,
 ``prompt_id`` (``"<epoch>:<index>"``), so a run can prove that no prompt was skipped or repeated.
+
+Not here: loading or generating datasets (``agentflow.envs.tasks``), tokenisation, batching.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The names and meanings follow AReaL's lite API (``engine_api.py``). Differences,
 asyncio-first design: ``wait``, ``rollout``, ``pause`` and ``resume`` are coroutines run on the
 event loop; ``update_weights`` returns a ``concurrent.futures.Future`` so the trainer thread can
 block on it; engines are async context managers (``async with engine:`` = initialise, destroy).
+
+Not here: implementations (``agentflow.engines``), running workflows under the staleness bound
+(:class:`agentflow.Rollout`), the training loop.
 """
 
 from __future__ import annotations
@@ -58,8 +61,7 @@ class MicroBatchSpec:
             problems.append(f"n_mbs must be >= 1, got {self.n_mbs}")
         if self.max_tokens_per_mb is not None and self.max_tokens_per_mb < 1:
             problems.append(f"max_tokens_per_mb must be >= 1 or None, got {self.max_tokens_per_mb}")
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(problems)
 
 
 @dataclass(frozen=True, slots=True)

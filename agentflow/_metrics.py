@@ -3,6 +3,8 @@
 Each record is a flat ``{name: number}`` dict plus ``step`` and ``time`` (seconds since the run
 started). Non-numeric values go to the JSONL file only. Optional backends are imported only when
 enabled, and a missing package is a :class:`ConfigError` with the install command.
+
+Not here: computing the metrics (the trainer does), plotting (``agentflow._plot``).
 """
 
 from __future__ import annotations

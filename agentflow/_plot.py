@@ -1,4 +1,7 @@
-"""``agentflow plot RUN_DIR``: reward, loss, staleness and throughput curves of a run, as one PNG."""
+"""``agentflow plot RUN_DIR``: reward, loss, staleness and throughput curves of a run, as one PNG.
+
+Not here: writing metrics (``agentflow._metrics``), live dashboards (use TensorBoard or wandb).
+"""
 
 from __future__ import annotations
 

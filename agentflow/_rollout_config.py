@@ -1,4 +1,7 @@
-"""Rollout configuration: how many episodes run at once and how stale their data may be."""
+"""Rollout configuration: how many episodes run at once and how stale their data may be.
+
+Not here: enforcing it (:class:`StalenessManager`, :class:`ReplayBuffer`, :class:`agentflow.Rollout`).
+"""
 
 from __future__ import annotations
 
@@ -48,9 +51,7 @@ class RolloutConfig:
     max_consecutive_rejections: int | None = 64
 
     def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(self.problems())
 
     def problems(self) -> list[str]:
         """Every invalid field, one line each (empty when valid)."""

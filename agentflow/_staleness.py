@@ -5,6 +5,8 @@ current policy version (train steps done). An item that starts at version v must
 version v + eta at the latest, so at most ``(eta + v + 1) * B`` items may have been admitted in
 total (AReaL, arXiv:2505.24298, section 5). This module is that formula and its counters; the
 executor decides when to call it. It holds no locks: it lives on the event loop's thread.
+
+Not here: running episodes (the executor), consume-time checks of token versions (the buffer).
 """
 
 from __future__ import annotations

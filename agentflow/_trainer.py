@@ -87,8 +87,7 @@ class TrainerConfig:
         for name in ("batch_timeout_s", "update_timeout_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"trainer.{name} must be > 0 seconds, got {getattr(self, name)}")
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(problems)
 
 
 @dataclass(slots=True)

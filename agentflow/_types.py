@@ -2,6 +2,8 @@
 
 Token sequences are plain Python lists (no torch import here): rollout code builds thousands of
 them per second and the train engine turns a batch into tensors once.
+
+Not here: batching into tensors (``agentflow.algo.pad_trajectories``), generation itself (engines).
 """
 
 from __future__ import annotations
@@ -64,8 +66,7 @@ class GenerationConfig:
             problems.append(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(problems)
         # Accept lists from YAML/JSON but store tuples so the config stays hashable.
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -3,6 +3,8 @@
 Used where a condition changes in plain (synchronous) code on the loop's thread and waiters must
 re-check it: no polling, and a cancelled waiter leaves nothing behind. Not thread-safe: call
 ``wake_all`` on the loop (``loop.call_soon_threadsafe`` from other threads).
+
+Not here: waking from other threads (use ``loop.call_soon_threadsafe``), timeouts (the caller's).
 """
 
 from __future__ import annotations

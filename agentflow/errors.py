@@ -50,6 +50,13 @@ class ConfigError(AgentflowError, ValueError):
         super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
 
 
+    @classmethod
+    def check(cls, problems: list[str]) -> None:
+        """Raise one error listing every problem, if there are any (configs call it in ``__post_init__``)."""
+        if problems:
+            raise cls(problems)
+
+
 class EngineError(AgentflowError):
     """An inference or train engine failed."""
 

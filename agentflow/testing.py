@@ -3,6 +3,8 @@
 Nothing here downloads anything. ``FakeEngine`` needs only the standard library;
 ``byte_tokenizer`` needs ``tokenizers`` and ``transformers``; ``tiny_model_and_tokenizer`` needs
 torch as well (imported on call).
+
+Not here: anything for production runs; nothing in it downloads or loads real weights.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """agentflow.engines: inference engines (local transformers; remote HTTP servers through a protocol
 adapter, SGLang's by default), the SGLang-protocol server and the FSDP2 train engine. Each is
-imported on first use, so importing this package stays light."""
+imported on first use, so importing this package stays light.
+
+Not here: the engine contracts (``agentflow._engine_api``), rollout (:class:`agentflow.Rollout`).
+"""
 
 from __future__ import annotations
 

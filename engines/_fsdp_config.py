@@ -1,6 +1,8 @@
 """Configuration of the FSDP2 train engine and its learning-rate schedule.
 
 Values only; the engine (:mod:`agentflow.engines.fsdp`) does the wiring.
+
+Not here: the engine that reads it (:mod:`agentflow.engines.fsdp`).
 """
 
 from __future__ import annotations
@@ -75,9 +77,7 @@ class FSDPEngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(self.problems())
 
     def problems(self) -> list[str]:
         out = []

@@ -11,7 +11,7 @@ A version is read once per round, before the forward, so ``output_versions[i]`` 
 version of the weights that produced token ``i``. On a weight update with
 ``recompute_kv_on_update`` every running sequence goes back to the head of the queue and is
 prefilled again (prompt + tokens so far) under the new weights, the re-issue semantics of
-DESIGN.md; otherwise it continues on its old-weight KV cache (SGLang's ``in_place`` mode).
+``docs/inference.md``; otherwise it continues on its old-weight KV cache (SGLang's ``in_place`` mode).
 
 Stop strings are matched on the decoded text of the last few output tokens after every token; the
 token that completes a match is kept (``output_tokens`` ends with it) and the request stops with

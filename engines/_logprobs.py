@@ -3,13 +3,15 @@
 The engine replaces the model's ``lm_head`` by :class:`PassThroughHead` (same weight Parameter,
 identity forward) before sharding, so the model's "logits" are its final hidden states; then
 :func:`token_logprobs` projects only the positions it needs, in chunks, each chunk under
-activation checkpointing: memory stays flat in the vocabulary size (TRANSFORMERS_FACTS.md 3:
+activation checkpointing: memory stays flat in the vocabulary size (measured:
 +4.9 GiB vs +27.8 GiB at 16k tokens x 152k vocab). Under FSDP2 the head weight is the root
 group's unsharded Parameter right after the root forward, and its gradient is reduce-scattered
 normally.
 
 Models that transform the logits after ``lm_head`` (final logit soft-capping, logit scales) keep
 their head; then the full logits are returned and the same function gathers from them.
+
+Not here: packing (:mod:`agentflow.engines._packing`), the loss (:mod:`agentflow.algo._loss`).
 """
 
 from __future__ import annotations

@@ -100,8 +100,7 @@ class RemoteEngineConfig:
                      if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 1)]
         if self.dist_backend not in ("nccl", "gloo"):
             problems.append(f"remote.dist_backend must be 'nccl' or 'gloo', got {self.dist_backend!r}")
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(problems)
 
 
 @dataclass(slots=True)

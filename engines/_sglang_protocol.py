@@ -1,7 +1,7 @@
 """SGLang's ``/generate`` contract: request parsing, validation and response bodies (0.5.23).
 
 Pure functions and frozen dataclasses shared by ``agentflow serve`` (engines/sglang_server.py).
-They reproduce what ``/work/shared/SGLANG_PROTOCOL.md`` documents: the JSON contract gate (unknown
+They reproduce SGLang 0.5.23's HTTP contract (``docs/sglang.md``): the JSON contract gate (unknown
 ``sampling_params`` keys and wrong JSON types are a 400 whose ``error`` is a *string*), the
 ``SamplingParams.verify`` range checks (400 ``{"error": {"message": ...}}``), batch normalisation
 (``text``/``input_ids`` lists, ``rid`` lists or a string expanded to ``f"{rid}_{i}"``, ``n > 1``

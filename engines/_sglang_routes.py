@@ -1,8 +1,8 @@
 """The HTTP routes of ``agentflow serve`` (FastAPI), over :class:`SGLangServer`'s state machine.
 
 Each route reproduces SGLang 0.5.23's request model, status codes, body shapes and success
-messages; see ``engines/sglang_server.py`` for the semantics and ``/work/shared/SGLANG_PROTOCOL.md``
-for the reference. Not here: generation and pausing logic (the server class).
+messages; see ``engines/sglang_server.py`` for the semantics and ``docs/sglang.md`` for the
+protocol. Not here: generation and pausing logic (the server class).
 """
 
 from __future__ import annotations

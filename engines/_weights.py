@@ -5,7 +5,8 @@ Disk: :func:`write_hf_checkpoint` writes ``config.json``, ``generation_config.js
 (sharded with an index above ``max_shard_size``) and the tokenizer, loadable by
 ``AutoModelForCausalLM.from_pretrained`` and SGLang; :func:`read_hf_state_dict` reads it back.
 
-Broadcast (SGLANG_PROTOCOL.md section 4): the trainer joins a process group *separate from its
+Broadcast (SGLang's ``/init_weights_update_group`` + ``/update_weights_from_distributed``): the
+trainer joins a process group *separate from its
 training group* as rank 0 and each inference rank joins as ``rank_offset + tp_rank``; both sides
 call :func:`init_weight_update_group`, which does what SGLang's ``init_custom_process_group``
 does (TCP rendezvous at ``master_address:master_port`` hosted by rank 0, a ``PrefixStore`` named

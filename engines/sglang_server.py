@@ -2,7 +2,7 @@
 
 :func:`build_app` wraps an engine (the in-process transformers ``LocalEngine``, or ``FakeEngine``
 in tests) in a FastAPI app that answers SGLang 0.5.23's native routes with its payloads, defaults,
-status codes, error shapes and success messages (``/work/shared/SGLANG_PROTOCOL.md``), so
+status codes, error shapes and success messages (summarised in ``docs/sglang.md``), so
 ``RemoteSGLangEngine`` and any SGLang client run against it unchanged. :func:`serve_main` is the
 CLI entry point; with ``--backend sglang`` it launches a real SGLang server instead.
 

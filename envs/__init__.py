@@ -5,6 +5,8 @@ library and ``agentflow`` (math-verify is imported on first symbolic check), so 
 - :mod:`~agentflow.envs.sandbox`: ``run_python`` in a locked-down subprocess;
 - :mod:`~agentflow.envs.tools`: a tool registry (OpenAI schemas), ``calculator``, ``python``;
 - :mod:`~agentflow.envs.tasks`: arithmetic, countdown and GSM8K-format tasks with their rewards.
+
+Not here: workflows (``agentflow.workflows``), downloading datasets or models.
 """
 
 from agentflow.envs.math import extract_answer, math_reward

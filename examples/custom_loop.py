@@ -51,7 +51,7 @@ async def feed(rollout: Rollout, workflow, prompts: PromptSource) -> None:
 
 
 async def train(args: argparse.Namespace) -> list[dict]:
-    train_engine, engine, rollout, workflow, prompts = build(args)
+    train_engine, _, rollout, workflow, prompts = build(args)
     algo = AlgoConfig()
     log = []
     async with rollout, asyncio.TaskGroup() as tg:

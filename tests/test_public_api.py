@@ -143,3 +143,28 @@ def test_core_has_no_import_cycles():
 def test_the_engine_contract_does_not_import_the_rollout_machinery():
     deps = _module_level_imports(ROOT / "agentflow" / "_engine_api.py")
     assert not deps & {"agentflow._executor", "agentflow._buffer", "agentflow._rollout", "agentflow._staleness"}
+
+
+def test_the_project_is_self_contained():
+    """No code, docstring or doc points at documents that are not in this repository."""
+    outside = ["DESIGN" + ".md", "SGLANG_PROTOCOL" + ".md", "TRANSFORMERS_FACTS" + ".md", "STYLE" + ".md",
+               "/work/" + "shared", "../" + "shared"]
+    found = []
+    for path in ROOT.rglob("*"):
+        if path.suffix not in {".py", ".md", ".yaml", ".toml", ".txt"} or ".venv" in path.parts or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        found += [f"{path.relative_to(ROOT)}: {name}" for name in outside if name in text]
+    assert not found, "references to documents outside the repository:\n" + "\n".join(found)
+
+
+def test_every_module_says_what_it_does_and_does_not_do():
+    import re
+
+    missing = []
+    for folder in ALLOWED:
+        for path in (ROOT / folder).rglob("*.py"):
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+            if not doc or not re.search(r"Not here|Not covered|\bdoes not\b|\bdo not\b|knows nothing|\bnever\b", doc):
+                missing.append(str(path.relative_to(ROOT)))
+    assert not missing, "module docstrings without what the module does not do:\n" + "\n".join(missing)

@@ -7,6 +7,8 @@ engine, data)`` and a frozen config. Imported on first use, so importing this pa
 - :class:`ToolUseWorkflow` (``tool_use.py``): OpenAI tool-calling loop over a tool registry;
 - :class:`CodeExecWorkflow` (``code_exec.py``): programs judged by tests, or tool-integrated reasoning;
 - :class:`AgentWorkflow` (``agent.py``): any ``async def run(client, data) -> reward`` agent.
+
+Not here: environments and rewards (``agentflow.envs``), running episodes (:class:`agentflow.Rollout`).
 """
 
 from __future__ import annotations

@@ -94,8 +94,7 @@ class CodeExecConfig:
             problems.append(f"reward must be 'fraction' or 'all', got {self.reward!r}")
         if self.max_executions < 0:
             problems.append(f"max_executions must be >= 0, got {self.max_executions}")
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(problems)
 
 
 def extract_code(text: str) -> str:

@@ -52,8 +52,7 @@ class MultiTurnConfig:
             problems.append(f"turn_discount must be in (0, 1], got {self.turn_discount}")
         if not self.reward_timeout_s > 0:
             problems.append(f"reward_timeout_s must be > 0, got {self.reward_timeout_s}")
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(problems)
 
 
 class MultiTurnWorkflow:

@@ -53,8 +53,7 @@ class ToolUseConfig:
             problems.append(f"max_turns must be >= 1, got {self.max_turns}")
         if self.style == "concat" and self.discount != 1.0:
             problems.append(f"discount={self.discount} needs style='individual'; concat uses discount 1.0")
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(problems)
 
 
 class ToolUseWorkflow:

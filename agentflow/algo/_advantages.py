@@ -12,6 +12,8 @@ Formulas (``r`` = shaped rewards of one group of ``n`` samples of the same promp
 A group of one sample has no baseline: its advantage is 0 under every group mode. The sequence
 advantage is broadcast to every policy token (``loss_mask == 1``), then optionally normalised over
 all loss tokens of the batch. No value function, no GAE: outcome rewards only (deliberate).
+
+Not here: the policy loss (:mod:`agentflow.algo._loss`), value functions (no critic: outcome rewards only).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 
 Only values live here; the formulas are in :mod:`agentflow.algo._advantages` and
 :mod:`agentflow.algo._loss`. Every problem is reported at once in one :class:`ConfigError`.
+
+Not here: using the knobs (:mod:`agentflow.algo._advantages`, :mod:`agentflow.algo._loss`).
 """
 
 from __future__ import annotations
@@ -56,9 +58,7 @@ class PPOConfig:
     entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(self.problems())
 
     @property
     def clip_high(self) -> float:
@@ -111,9 +111,7 @@ class AlgoConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(self.problems())
 
     def problems(self) -> list[str]:
         out = []
