@@ -37,8 +37,9 @@ class Rollout:
     """Runs workflow episodes on ``engine`` under ``config``'s staleness bound and buffers them.
 
     Use as ``async with Rollout(engine, cfg) as rollout:`` (enters the engine too), or build it and
-    enter the engine. Every method runs on the event loop's thread except :meth:`get_groups`,
-    :meth:`get_batch` and :meth:`update_weights_threadsafe`, which are for the trainer thread.
+    enter the engine. Every method runs on the event loop's thread except :meth:`get_groups` and
+    :meth:`get_batch`, which are for the trainer thread (it reaches the loop with
+    ``asyncio.run_coroutine_threadsafe(rollout.update_weights(meta), loop)``).
 
     Args:
         engine: the inference engine episodes generate with.

@@ -19,6 +19,7 @@ Not here: building engines, workflows or datasets from a config (``agentflow.rec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import pathlib
@@ -192,7 +193,8 @@ class Trainer:
             raise err from None  # surface it as is (the CLI prints an AgentflowError's message)
 
     async def _run(self) -> None:
-        async with self.engine, asyncio.TaskGroup() as tg:
+        async with self.engine, contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
+            await _enter_workflows(stack, self.workflow, self.evaluation and self.evaluation.workflow)
             await self._restore_rollout()
             ev = self.evaluation
             if ev is not None and self.cfg.eval_every and self.state.step == 0:
@@ -335,6 +337,13 @@ class Trainer:
             "memory/rss_gib": rss_gib(),
             "prompts": [g.data.get("prompt_id") if isinstance(g.data, dict) else None for g in groups],
         }
+
+
+async def _enter_workflows(stack: contextlib.AsyncExitStack, *workflows: Any) -> None:
+    """Enter the workflows that hold resources for the run (``async with workflow:``, e.g. a proxy)."""
+    for wf in dict.fromkeys(w for w in workflows if w is not None):
+        if hasattr(wf, "__aenter__"):
+            await stack.enter_async_context(wf)
 
 
 async def evaluate(

@@ -12,6 +12,7 @@ Not here: the config's fields (:mod:`agentflow.recipe.config`), how each object 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -129,7 +130,9 @@ def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int |
     engine = build.inference_engine(cfg, policy, tokenizer)
 
     async def run() -> list[float]:
-        async with engine:
+        async with engine, contextlib.AsyncExitStack() as stack:
+            if hasattr(workflow, "__aenter__"):
+                await stack.enter_async_context(workflow)
             return await evaluate(engine, workflow, rows, concurrency=cfg.rollout.max_concurrent)
 
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import importlib.util
 import inspect
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from agentflow._engine_api import FinetuneSpec, InferenceEngine
@@ -25,7 +26,9 @@ from agentflow.envs.tasks import TaskData, build_task
 from agentflow.errors import ConfigError
 from agentflow.recipe.config import DataSpec, ModelSpec, TrainRecipeConfig, WorkflowSpec
 
-__all__ = ["import_object", "inference_engine", "model_and_tokenizer", "task_data", "train_engine", "workflow"]
+__all__ = [
+    "WORKFLOWS", "import_object", "inference_engine", "model_and_tokenizer", "task_data", "train_engine", "workflow",
+]
 
 
 def model_and_tokenizer(path: str, spec: ModelSpec | None = None) -> tuple[Any, Any]:
@@ -66,14 +69,33 @@ def task_data(spec: DataSpec) -> TaskData:
     return build_task(spec)
 
 
-def workflow(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
-    """``rlvr``, or a class named ``module:Class`` / ``file.py:Class`` built with ``options`` and
-    whichever of ``tokenizer``, ``reward_fn`` and ``gconfig`` its constructor accepts."""
-    if spec.name == "rlvr":
-        from agentflow.workflows.rlvr import RLVRConfig, RLVRWorkflow
+def _rlvr(tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig, options: dict[str, Any]) -> Any:
+    from agentflow.workflows.rlvr import RLVRConfig, RLVRWorkflow
 
-        options = {"truncated_reward": 0.0, **spec.options}  # an unfinished answer earns nothing
-        return RLVRWorkflow(tokenizer, reward_fn, RLVRConfig(gconfig=gconfig, **options))
+    options = {"truncated_reward": 0.0, **options}  # an unfinished answer earns nothing
+    return RLVRWorkflow(tokenizer, reward_fn, RLVRConfig(gconfig=gconfig, **options))
+
+
+def _agent_command(tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig, options: dict[str, Any]) -> Any:
+    from agentflow.workflows.agent_command import AgentCommandConfig, AgentCommandWorkflow
+
+    config = AgentCommandConfig(**{"gconfig": gconfig.new(n_samples=1), **options})
+    return AgentCommandWorkflow(tokenizer, reward_fn, config)
+
+
+# built-in workflow names for ``workflow.name``; anything else is ``module:Class`` or ``file.py:Class``
+WORKFLOWS: dict[str, Callable[[Any, Any, GenerationConfig, dict[str, Any]], Any]] = {
+    "rlvr": _rlvr,
+    "agent_command": _agent_command,
+}
+
+
+def workflow(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
+    """A built-in name (:data:`WORKFLOWS`), or a class named ``module:Class`` / ``file.py:Class``
+    built with ``options`` and whichever of ``tokenizer``, ``reward_fn`` and ``gconfig`` its
+    constructor accepts."""
+    if spec.name in WORKFLOWS:
+        return WORKFLOWS[spec.name](tokenizer, reward_fn, gconfig, dict(spec.options))
     cls = import_object(spec.name)
     offered = {"tokenizer": tokenizer, "reward_fn": reward_fn, "gconfig": gconfig}
     params = inspect.signature(cls).parameters
@@ -84,7 +106,8 @@ def workflow(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: Genera
 def import_object(ref: str) -> Any:
     """``module:Name`` or ``path/to/file.py:Name``."""
     if ":" not in ref:
-        raise ConfigError(f"workflow.name must be 'rlvr', 'module:Class' or 'file.py:Class'; got {ref!r}")
+        raise ConfigError(f"workflow.name must be one of {sorted(WORKFLOWS)}, 'module:Class' or 'file.py:Class'; "
+                          f"got {ref!r}")
     where, _, name = ref.rpartition(":")
     module = _import_file(where) if where.endswith(".py") else _import_module(where)
     if not hasattr(module, name):

@@ -81,9 +81,12 @@ class WorkflowSpec:
     """The rollout workflow.
 
     Attributes:
-        name: ``rlvr`` (built-in), ``module:Class`` or ``path/to/file.py:Class``. A custom class is
-            constructed with ``options`` plus whichever of ``tokenizer``, ``reward_fn`` and
-            ``gconfig`` its constructor accepts.
+        name: ``rlvr`` (single turn, ``generation.n_samples`` answers per prompt), ``agent_command``
+            (an agent process per episode over the OpenAI-compatible proxy; options: ``command``,
+            ``timeout_s``, ...; set ``rollout.episodes_per_item`` for the group size),
+            ``module:Class`` or ``path/to/file.py:Class``. A custom class is constructed with
+            ``options`` plus whichever of ``tokenizer``, ``reward_fn`` and ``gconfig`` its
+            constructor accepts; one with ``__aenter__`` is entered for the run.
         options: keyword arguments for the workflow (or its config).
     """
 
