@@ -127,21 +127,29 @@ class ReplayBuffer:
         self, n: int, timeout: float | None = None, *, version: int | None = None,
         group_filter: GroupFilter | None = None,
     ) -> list[Group]:
-        """:meth:`get_batch`, returning the groups (with the data they were generated from)."""
+        """:meth:`get_batch`, returning the groups (with the data they were generated from).
+
+        Groups discarded while taking (stale or filtered) are handed to ``on_discard`` before the
+        consumer waits, not only when it returns: their slots must free up for the replacements
+        this very call is waiting for (with ``max_staleness=0`` nothing else could start).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         taken: list[Group] = []
         discarded: list[tuple[Group, str]] = []
+        n_filtered = 0
         with self._cond:
             while len(taken) < n:
                 if not self._groups:
+                    n_filtered += sum(1 for _, why in discarded if why == "filter")
+                    self._after_take(discarded)
+                    discarded = []
                     left = None if deadline is None else deadline - time.monotonic()
                     if self._failure is not None or (left is not None and left <= 0):
                         ready = len(taken)
                         self._give_back_taken(taken)
-                        self._after_take(discarded)
                         if self._failure is not None:
                             raise self._failure
-                        raise TimeoutError(self._timeout_message(n, timeout, ready, discarded))
+                        raise TimeoutError(self._timeout_message(n, timeout, ready, n_filtered))
                     self._cond.wait(left)
                     continue
                 try:
@@ -160,8 +168,7 @@ class ReplayBuffer:
         self._cond.notify_all()
 
     @staticmethod
-    def _timeout_message(n: int, timeout: float | None, ready: int, discarded: list[tuple[Group, str]]) -> str:
-        filtered = sum(1 for _, why in discarded if why == "filter")
+    def _timeout_message(n: int, timeout: float | None, ready: int, filtered: int) -> str:
         note = (f"; {filtered} group(s) were dropped by the group filter meanwhile (with dynamic sampling, "
                 "every recent group had equal rewards: the task may be too easy or too hard for the policy)"
                 if filtered else "")
