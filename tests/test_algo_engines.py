@@ -117,3 +117,4 @@ def test_mismatch_is_zero_in_fp32_and_not_in_bf16(tiny, make_engine):
     assert bf16["mismatch/frac_over"] > 0.0
     stale = ppo_step(eng, algo, _generate(model, tok, "float32"), version=1)  # no token of version 1
     assert stale["mismatch/tokens"] == 0 and "mismatch/kl" not in stale
+    assert stale["mismatch/all_tokens"] == 6 * 24 and stale["mismatch/all_max_abs_diff"] < 1e-4  # lr ~ 0

@@ -250,6 +250,8 @@ def test_mismatch_metrics_by_hand_and_version_filter():
     assert only_v3["mismatch/kl"] == pytest.approx((k3[0] + k3[1]) / 2, rel=1e-5)
     none = mismatch_stats(mismatch_sums(behav, prox, mask, 0.1, versions, 7), current_version_only=True)
     assert none == {"mismatch/tokens": 0.0, "mismatch/current_version_only": 1.0}
+    every = mismatch_stats(mismatch_sums(behav, prox, mask, 0.1), prefix="mismatch/all_")
+    assert every["mismatch/all_tokens"] == 3 and every["mismatch/all_max_abs_diff"] == pytest.approx(0.2, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------ validation

@@ -16,7 +16,11 @@ selected tokens:
 - ``mismatch/tokens``: how many tokens were measured (0: no token of this version in the batch,
   the other values are then omitted);
 - ``mismatch/current_version_only``: 1 when only current-version tokens were selected, 0 when the
-  version was unknown and every loss token was used (then older tokens' policy change is mixed in).
+  version was unknown and every loss token was used (then older tokens' policy change is mixed in);
+- ``mismatch/all_*``: the same over every loss token, whatever its version (logged when the version
+  is known). In an asynchronous run most tokens may be older than the trainer's weights; these then
+  measure numerics *plus* staleness, i.e. the full off-policyness that the behaviour weight of
+  decoupled PPO (and TIS / MIS) corrects.
 
 Sums are kept so that shards (minibatches, ranks) combine exactly: :func:`mismatch_sums`, then
 :func:`reduce_sums` across ranks, then :func:`mismatch_stats`. Not here: the corrections that act on
@@ -66,16 +70,20 @@ def reduce_sums(sums: torch.Tensor) -> torch.Tensor:
     return torch.cat([totals, peak])
 
 
-def mismatch_stats(sums: torch.Tensor, current_version_only: bool) -> dict[str, float]:
-    """The logged metrics (module docstring) from combined sums."""
+def mismatch_stats(sums: torch.Tensor, current_version_only: bool | None = None,
+                   prefix: str = "mismatch/") -> dict[str, float]:
+    """The logged metrics (module docstring) from combined sums; ``current_version_only`` adds its
+    flag. ``prefix="mismatch/all_"`` names the every-token variant."""
     n = float(sums[_N])
-    out = {"mismatch/tokens": n, "mismatch/current_version_only": float(current_version_only)}
+    out = {f"{prefix}tokens": n}
+    if current_version_only is not None:
+        out["mismatch/current_version_only"] = float(current_version_only)
     if n == 0:
         return out
     out.update({
-        "mismatch/kl": float(sums[_KL]) / n,
-        "mismatch/mean_abs_diff": float(sums[_ABS]) / n,
-        "mismatch/max_abs_diff": float(sums[_MAX]),
-        "mismatch/frac_over": float(sums[_OVER]) / n,
+        f"{prefix}kl": float(sums[_KL]) / n,
+        f"{prefix}mean_abs_diff": float(sums[_ABS]) / n,
+        f"{prefix}max_abs_diff": float(sums[_MAX]),
+        f"{prefix}frac_over": float(sums[_OVER]) / n,
     })
     return out

@@ -138,19 +138,23 @@ def _reference_logprobs(
     the rollout-training mismatch of the proximal log-probs (empty without them)."""
     if algo.ppo.kl_coef > 0 and ref_engine is None:
         raise ConfigError("algo.ppo.kl_coef > 0 needs a reference model; none was built")
-    sums = torch.zeros(5, dtype=torch.float64)
+    current, every = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
     for pad, batch in zip(padded, batches, strict=True):
         if algo.ppo.decoupled:
             prox = train_engine.forward(batch, mb_spec)
             _attach(batch, "prox_logp", prox)
-            sums += mismatch_sums(pad["logprobs"], prox, pad["loss_mask"], algo.mismatch_threshold,
-                                  pad["versions"], version)
+            args = (pad["logprobs"], prox, pad["loss_mask"], algo.mismatch_threshold)
+            current += mismatch_sums(*args, pad["versions"], version)
+            every += mismatch_sums(*args)
         if ref_engine is not None and algo.ppo.kl_coef > 0:
             _attach(batch, "ref_logp", ref_engine.forward(batch, mb_spec))
     trim_heap()  # the forwards' temporaries, before the update allocates its own
     if not algo.ppo.decoupled:
         return {}
-    return mismatch_stats(reduce_sums(sums), current_version_only=version is not None)
+    stats = mismatch_stats(reduce_sums(current), current_version_only=version is not None)
+    if version is not None:
+        stats.update(mismatch_stats(reduce_sums(every), prefix="mismatch/all_"))
+    return stats
 
 
 def _attach(batch: Any, key: str, padded: torch.Tensor) -> None:
