@@ -7,6 +7,11 @@ than ``max_staleness`` versions old is dropped, requeued or kept according to th
 policy. Nothing here polls: waiters sleep on conditions notified by put, take and version bumps.
 After :meth:`fail` a consumer that would wait raises the failure instead; buffered groups stay.
 
+A consumer may pass a ``group_filter`` (e.g. dynamic sampling, ``agentflow.algo.group_filter``):
+a fresh-enough group it rejects leaves the buffer like a stale-dropped one (``on_discard(group,
+"filter")``: the executor gives its staleness slot back, so another item can start) and the
+consumer keeps waiting for ``n`` groups that pass.
+
 Not here: prioritised or multi-epoch replay (an item is consumed once).
 """
 
@@ -24,7 +29,7 @@ from agentflow._rollout_config import RolloutConfig
 from agentflow._types import Trajectory
 from agentflow._wakeup import Wakeup
 
-__all__ = ["BufferStats", "Group", "ReplayBuffer"]
+__all__ = ["BufferStats", "Group", "GroupFilter", "ReplayBuffer"]
 
 
 @dataclass(slots=True)
@@ -52,12 +57,16 @@ class BufferStats:
     dropped: int = 0
     requeued: int = 0
     kept_stale: int = 0
+    filtered: int = 0
+    filtered_episodes: int = 0
     staleness: Counter[int] = field(default_factory=Counter)
 
 
 # Called (on the loop thread) with a group that left the buffer without being consumed and why:
-# "drop" or "requeue". The executor gives the slot back and resubmits on "requeue".
+# "drop", "requeue" or "filter". The executor gives the slot back and resubmits on "requeue".
 DiscardCallback = Callable[[Group, str], None]
+# A consumer's predicate: train on this group? Runs under the buffer's lock: keep it cheap.
+GroupFilter = Callable[[Group], bool]
 
 
 class ReplayBuffer:
@@ -100,39 +109,71 @@ class ReplayBuffer:
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ consumers
-    def get_batch(self, n: int, timeout: float | None = None, *, version: int | None = None) -> list[Trajectory]:
+    def get_batch(
+        self, n: int, timeout: float | None = None, *, version: int | None = None,
+        group_filter: GroupFilter | None = None,
+    ) -> list[Trajectory]:
         """Block until ``n`` fresh-enough groups are available; return their trajectories.
 
         Call from any thread but the event loop's (use :meth:`aget_batch` there). On timeout the
         groups taken so far go back to the front and ``TimeoutError`` is raised: nothing is lost.
         The same holds when the producer has failed (:meth:`fail`): its error is raised instead of waiting.
+        ``group_filter`` drops the groups it rejects (module docstring).
         """
-        return [t for g in self.get_groups(n, timeout, version=version) for t in g.trajectories]
+        groups = self.get_groups(n, timeout, version=version, group_filter=group_filter)
+        return [t for g in groups for t in g.trajectories]
 
-    def get_groups(self, n: int, timeout: float | None = None, *, version: int | None = None) -> list[Group]:
-        """:meth:`get_batch`, returning the groups (with the data they were generated from)."""
+    def get_groups(
+        self, n: int, timeout: float | None = None, *, version: int | None = None,
+        group_filter: GroupFilter | None = None,
+    ) -> list[Group]:
+        """:meth:`get_batch`, returning the groups (with the data they were generated from).
+
+        Groups discarded while taking (stale or filtered) are handed to ``on_discard`` before the
+        consumer waits, not only when it returns: their slots must free up for the replacements
+        this very call is waiting for (with ``max_staleness=0`` nothing else could start).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         taken: list[Group] = []
         discarded: list[tuple[Group, str]] = []
+        n_filtered = 0
         with self._cond:
             while len(taken) < n:
                 if not self._groups:
+                    n_filtered += sum(1 for _, why in discarded if why == "filter")
+                    self._after_take(discarded)
+                    discarded = []
                     left = None if deadline is None else deadline - time.monotonic()
                     if self._failure is not None or (left is not None and left <= 0):
-                        self._groups.extendleft(reversed(taken))
-                        self._cond.notify_all()
-                        self._after_take(discarded)
+                        ready = len(taken)
+                        self._give_back_taken(taken)
                         if self._failure is not None:
                             raise self._failure
-                        raise TimeoutError(
-                            f"get_batch({n}) timed out after {timeout}s with {len(taken)} group(s) ready; "
-                            "they stay in the buffer. Raise the timeout or check that rollouts are running."
-                        )
+                        raise TimeoutError(self._timeout_message(n, timeout, ready, n_filtered))
                     self._cond.wait(left)
                     continue
-                self._take_one(taken, discarded, version)
+                try:
+                    self._take_one(taken, discarded, version, group_filter)
+                except BaseException:  # the filter raised: nothing taken is lost
+                    self._give_back_taken(taken)
+                    self._after_take(discarded)
+                    raise
         self._after_take(discarded)
         return taken
+
+    def _give_back_taken(self, taken: list[Group]) -> None:
+        """Put groups a consumer took back at the front (it timed out or failed). Caller holds the lock."""
+        self._groups.extendleft(reversed(taken))
+        taken.clear()
+        self._cond.notify_all()
+
+    @staticmethod
+    def _timeout_message(n: int, timeout: float | None, ready: int, filtered: int) -> str:
+        note = (f"; {filtered} group(s) were dropped by the group filter meanwhile (with dynamic sampling, "
+                "every recent group had equal rewards: the task may be too easy or too hard for the policy)"
+                if filtered else "")
+        return (f"get_batch({n}) timed out after {timeout}s with {ready} group(s) ready{note}; they stay "
+                "in the buffer. Raise the timeout or check that rollouts are running.")
 
     async def aget_batch(self, n: int, *, version: int | None = None) -> list[Trajectory]:
         """:meth:`get_batch` for the event loop. Wrap it in ``asyncio.timeout`` for a deadline."""
@@ -156,8 +197,9 @@ class ReplayBuffer:
             raise
         return [t for g in taken for t in g.trajectories]
 
-    def _take_one(self, taken: list[Group], discarded: list[tuple[Group, str]], version: int | None) -> None:
-        """Pop the group with the oldest policy tokens and apply the staleness policy.
+    def _take_one(self, taken: list[Group], discarded: list[tuple[Group, str]], version: int | None,
+                  group_filter: GroupFilter | None = None) -> None:
+        """Pop the group with the oldest policy tokens, apply the staleness policy, then the filter.
 
         Oldest-first (not arrival order) keeps slow episodes from aging past the bound while
         fresher ones overtake them. Caller holds the lock.
@@ -168,6 +210,11 @@ class ReplayBuffer:
         lag = 0 if mv is None else v - mv
         self.stats.staleness[lag] += 1
         if lag <= self.max_staleness or self.policy == "keep":
+            if group_filter is not None and not self._passes(group, group_filter):
+                self.stats.filtered += 1
+                self.stats.filtered_episodes += len(group.trajectories)
+                discarded.append((group, "filter"))
+                return
             if lag > self.max_staleness:
                 self.stats.kept_stale += 1
             self.stats.consumed += 1
@@ -178,6 +225,13 @@ class ReplayBuffer:
         else:
             self.stats.dropped += 1
             discarded.append((group, "drop"))
+
+    def _passes(self, group: Group, group_filter: GroupFilter) -> bool:
+        try:
+            return bool(group_filter(group))
+        except BaseException:
+            self._groups.appendleft(group)  # a failing filter loses nothing
+            raise
 
     def _pop_oldest(self) -> Group:
         groups = self._groups

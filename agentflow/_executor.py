@@ -205,6 +205,7 @@ class WorkflowExecutor:
             "accepted": s.accepted, "rejected": s.n_rejected, "rejected_by_reason": dict(s.rejected),
             "buffered": len(self.buffer), "consumed": b.consumed, "dropped_stale": b.dropped,
             "requeued_stale": b.requeued, "kept_stale": b.kept_stale, "staleness_hist": dict(b.staleness),
+            "filtered": b.filtered, "filtered_episodes": b.filtered_episodes,
         }
 
     # ------------------------------------------------------------------ admission
@@ -226,7 +227,8 @@ class WorkflowExecutor:
             self._room.wake_all()
 
     def _on_discard(self, group: Group, why: str) -> None:
-        """The buffer dropped or requeued an accepted group at consume time."""
+        """The buffer dropped (stale, or rejected by a consumer's group filter) or requeued an
+        accepted group at consume time: its staleness slot is free again."""
         self.staleness.on_give_back()
         if why == "requeue" and group.workflow is not None:
             item = _Item(group.data, group.workflow, group.group_id, requeues=group.requeues + 1)

@@ -15,7 +15,7 @@ from typing import Any
 
 from agentflow._engine_api import SaveLoadMeta, TrainEngine
 from agentflow._types import Trajectory
-from agentflow.algo import AlgoConfig, ppo_update, split_by_tokens, token_advantages
+from agentflow.algo import AlgoConfig, batch_stats, ppo_step, ppo_update, split_by_tokens, token_advantages
 
 __all__ = ["LeadEngine", "Ranks", "StepPlan", "follow"]
 
@@ -52,13 +52,14 @@ class StepPlan:
 
     def step(self, train_engine: TrainEngine, trajs: list[Trajectory]) -> dict[str, float]:
         """One process's whole step: advantages over the batch, then the update."""
-        return self.update(train_engine, token_advantages(trajs, self.algo))
+        return ppo_step(train_engine, self.algo, trajs, max_tokens_per_mb=self.max_tokens_per_mb,
+                        minibatches=self.minibatches, ref_engine=self.ref_engine)
 
     def lead(self, ranks: Ranks, train_engine: TrainEngine, trajs: list[Trajectory]) -> dict[str, float]:
         """Rank 0's step: shard the batch, send the shards, train on shard 0."""
         shards = split_by_tokens(token_advantages(trajs, self.algo), ranks.world)
         ranks.send(("step", shards))  # one broadcast per step; rank r trains on shards[r]
-        return self.update(train_engine, shards[0])
+        return {**batch_stats(trajs, self.algo), **self.update(train_engine, shards[0])}
 
 
 class LeadEngine:
@@ -89,5 +90,8 @@ def follow(ranks: Ranks, plan: StepPlan, train_engine: TrainEngine) -> None:
             plan.update(train_engine, payload[ranks.rank])
         elif kind == "upload":
             train_engine.upload_weights(payload)
+            set_version = getattr(train_engine, "set_version", None)
+            if callable(set_version) and payload.version is not None:  # as rank 0's Trainer does
+                set_version(payload.version)
         elif kind == "save":
             train_engine.save(SaveLoadMeta(path=payload, with_optim=True))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from agentflow._buffer import Group, ReplayBuffer
+from agentflow._buffer import Group, GroupFilter, ReplayBuffer
 from agentflow._executor import WorkflowExecutor
 from agentflow._rollout_config import RolloutConfig
 from agentflow._staleness import StalenessManager
@@ -96,13 +96,22 @@ class Rollout:
         await self.executor.wait_for_room(max_queued)
 
     # ------------------------------------------------------------------ the trainer thread
-    def get_groups(self, n: int, timeout: float | None = None) -> list[Group]:
-        """Thread-safe: block until ``n`` groups are consumable, oldest first (staleness policy applied)."""
-        return self.buffer.get_groups(n, timeout=timeout)
+    def get_groups(self, n: int, timeout: float | None = None, *,
+                   group_filter: GroupFilter | None = None) -> list[Group]:
+        """Thread-safe: block until ``n`` groups are consumable, oldest first (staleness policy applied).
 
-    def get_batch(self, n: int, timeout: float | None = None) -> list[Trajectory]:
+        ``group_filter(group) -> bool`` (e.g. dynamic sampling, ``agentflow.algo.group_filter``)
+        drops the fresh-enough groups it rejects and keeps waiting for ``n`` that pass. A dropped
+        group gives its staleness slot back, like a stale-dropped one: the admission budget
+        ``(eta + v + 1) * B`` keeps counting only groups that are trained on, so another item
+        starts in its place at the current version and the staleness bound still holds.
+        """
+        return self.buffer.get_groups(n, timeout=timeout, group_filter=group_filter)
+
+    def get_batch(self, n: int, timeout: float | None = None, *, group_filter: GroupFilter | None = None
+                  ) -> list[Trajectory]:
         """Thread-safe: :meth:`get_groups`, flattened to trajectories."""
-        return self.buffer.get_batch(n, timeout=timeout)
+        return self.buffer.get_batch(n, timeout=timeout, group_filter=group_filter)
 
     # ------------------------------------------------------------------ weight updates
     async def update_weights(self, meta: WeightUpdateMeta, version: int | None = None) -> None:

@@ -2,7 +2,9 @@
 
 The event loop runs the inference engine, its :class:`Rollout` (executor, buffer, staleness) and a
 feeder that keeps the rollout's queue topped up from a :class:`PromptSource`. A background thread runs the trainer:
-take B groups from the replay buffer, recompute proximal (and reference) log-probs, compute
+take B groups from the replay buffer (passing the optional ``group_filter``, e.g. dynamic sampling,
+which drops groups and waits for more; a dropped group gives its staleness slot back, see
+:meth:`Rollout.get_groups`), recompute proximal (and reference) log-probs, compute
 advantages, run the PPO minibatch updates, step the LR schedule, then publish the weights
 (pause -> upload -> version bump -> resume, on the loop) and log. Evaluation runs on the loop
 beside rollout, pinned to one weight version: the next weight update waits for it.
@@ -30,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agentflow._buffer import Group
+from agentflow._buffer import Group, GroupFilter
 from agentflow._checkpoint import Checkpointer
 from agentflow._data import PromptSource
 from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
@@ -108,6 +110,7 @@ class _RunState:
     step: int = 0
     tokens_trained: int = 0
     episodes_trained: int = 0
+    extra_episodes: int = 0
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -125,6 +128,11 @@ class Trainer:
         run_dir: where metrics and checkpoints go.
         evaluation: optional held-out evaluation.
         progress: show a progress bar.
+        group_filter: ``group_filter(group) -> bool``, applied when groups are taken for a step
+            (``agentflow.algo.group_filter(algo)`` for DAPO's dynamic sampling); the step waits
+            until B groups pass. Logged as ``rollout/filtered_groups`` and ``rollout/filtered_frac``
+            (share of the groups taken this step that were dropped) and ``rollout/extra_episodes``
+            (episodes sampled but not trained on; ``_total``: since the start of this process).
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class Trainer:
         evaluation: EvalSpec | None = None,
         progress: bool = True,
         tokenizer: Any = None,
+        group_filter: GroupFilter | None = None,
     ) -> None:
         self.cfg = config
         self.engine = engine
@@ -154,6 +163,7 @@ class Trainer:
         self.evaluation = evaluation
         self.progress = progress
         self.tokenizer = tokenizer
+        self.group_filter = group_filter
         self.checkpointer = Checkpointer(self.run_dir, keep=config.keep_checkpoints)
         self.state = _RunState()
         self._resume_rollout: dict[str, Any] | None = None
@@ -245,9 +255,10 @@ class Trainer:
     def _one_step(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        groups = self.rollout.get_groups(self.rollout.config.consumer_batch_size, timeout=cfg.batch_timeout_s)
+        groups, filtered = self._take_groups()
         t_wait = time.perf_counter() - t0
         trajs = [t for g in groups for t in g.trajectories]
+        self._sync_train_version()
         stats = self.train_step(trajs)
         trim_heap()
         t_train = time.perf_counter() - t0 - t_wait
@@ -259,8 +270,33 @@ class Trainer:
         self.state.tokens_trained += n_tokens
         self.state.episodes_trained += len(trajs)
         record = self._step_record(groups, trajs, stats, t_wait, t_train, time.perf_counter() - t0)
+        record.update(filtered)
         self.metrics.log(version, record)
         return record
+
+    def _take_groups(self) -> tuple[list[Group], dict[str, Any]]:
+        """This step's B groups, and what the group filter dropped while taking them (metrics)."""
+        n = self.rollout.config.consumer_batch_size
+        b = self.rollout.buffer.stats
+        groups0, episodes0 = b.filtered, b.filtered_episodes
+        groups = self.rollout.get_groups(n, timeout=self.cfg.batch_timeout_s, group_filter=self.group_filter)
+        if self.group_filter is None:
+            return groups, {}
+        dropped, extra = b.filtered - groups0, b.filtered_episodes - episodes0
+        self.state.extra_episodes += extra
+        return groups, {
+            "rollout/filtered_groups": dropped,
+            "rollout/filtered_frac": dropped / (dropped + len(groups)),
+            "rollout/extra_episodes": extra,
+            "rollout/extra_episodes_total": self.state.extra_episodes,
+        }
+
+    def _sync_train_version(self) -> None:
+        """Tell the train engine which policy version its weights are (the mismatch metric of
+        ``agentflow.algo.ppo_update`` compares the tokens generated at that version)."""
+        set_version = getattr(self.train_engine, "set_version", None)
+        if callable(set_version):
+            set_version(self.state.step)
 
     async def _publish(self, version: int, meta: WeightUpdateMeta) -> None:
         """Pause rollout, load the new weights, bump the version, resume; then maybe evaluate."""

@@ -138,7 +138,8 @@ class Trajectory:
         versions: policy version that produced each policy token, -1 on other tokens.
         reward: scalar episode reward.
         group_id: shared by the samples of one prompt (group-relative advantages).
-        info: free metadata (never used by the trainer).
+        info: free metadata. The trainer reads only ``finish_reason`` / ``truncated`` (see
+            :attr:`truncated`), for overlong handling and the truncation-rate metric.
     """
 
     input_ids: list[int]
@@ -235,6 +236,14 @@ class Trajectory:
     @property
     def n_policy_tokens(self) -> int:
         return sum(self.loss_mask)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether generation was cut at the token budget: ``info["truncated"]`` if the workflow set
+        it, else ``info["finish_reason"] == "length"`` (the built-in workflows and the client record
+        the finish reason of the last generation there)."""
+        flag = self.info.get("truncated")
+        return bool(flag) if flag is not None else self.info.get("finish_reason") == "length"
 
     @property
     def min_version(self) -> int | None:

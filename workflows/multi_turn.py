@@ -111,4 +111,5 @@ class MultiTurnWorkflow:
             seq = traj.input_ids
         assert traj is not None
         reward = rewards[-1] * cfg.turn_discount ** (len(rewards) - 1)
-        return traj.with_(reward=reward, info={"task_id": task.id, "turns": len(rewards), "turn_rewards": rewards})
+        return traj.with_(reward=reward, info={"task_id": task.id, "turns": len(rewards), "turn_rewards": rewards,
+                                               "finish_reason": resp.stop_reason})

@@ -117,6 +117,7 @@ class RLVRWorkflow:
         group = uuid.uuid4().hex
         return [
             Trajectory.from_response(resp, r, prompt_ids=prompt, group_id=group,
-                                     info={"task_id": task.id, "completion": text, "rejected": rejected})
+                                     info={"task_id": task.id, "completion": text, "rejected": rejected,
+                                           "finish_reason": resp.stop_reason})
             for (resp, text), r in zip(done, rewards, strict=True) if not isinstance(r, EnvError)
         ]

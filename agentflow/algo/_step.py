@@ -9,13 +9,22 @@ near-equal tokens per rank) and every rank runs :func:`ppo_update` on its shard.
 The batch is laid out once per minibatch: with an engine that has ``prepare(batch, mb_spec)``
 (:class:`agentflow.engines.FSDPEngine`) the padded batch is packed into micro-batches once and the
 proximal forward, the reference forward and the update all run on that packing; other engines get
-the padded batch.
+the padded batch. Options that need more than the default fields add them to the padded batch
+before packing: ``seq_ids`` (sequence-level ratios or weights), ``loss_coef``/``loss_denom`` (a loss
+aggregation other than the token mean, overlong masking; weighted by :func:`loss_weight`).
+
+Metrics returned besides the engine's: :func:`batch_stats` (truncation rate, share of groups
+without signal, overlong penalty) and, whenever the proximal log-probs are computed (decoupled
+PPO), the rollout-training mismatch of :mod:`agentflow.algo._mismatch` over the tokens generated
+at the train engine's current version.
 
 Not here: the loss itself (:mod:`agentflow.algo._loss`), rollout, or the rank plumbing.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -23,13 +32,14 @@ import torch
 from agentflow._engine_api import MicroBatchSpec, TrainEngine
 from agentflow._memory import trim_heap
 from agentflow._types import Trajectory
-from agentflow.algo._advantages import compute_advantages
+from agentflow.algo._advantages import compute_advantages, has_signal, overlong_penalty
 from agentflow.algo._batch import pad_trajectories
 from agentflow.algo._config import AlgoConfig
-from agentflow.algo._loss import PPOLoss, token_count
+from agentflow.algo._loss import PPOLoss, aggregation_weights, loss_weight
+from agentflow.algo._mismatch import mismatch_stats, mismatch_sums, reduce_sums
 from agentflow.errors import ConfigError
 
-__all__ = ["Shard", "ppo_step", "ppo_update", "split_by_tokens", "token_advantages"]
+__all__ = ["Shard", "batch_stats", "ppo_step", "ppo_update", "split_by_tokens", "token_advantages"]
 
 Shard = list[tuple[Trajectory, list[float]]]  # trajectories with their per-token advantages
 
@@ -75,34 +85,76 @@ def _prompt_key(traj: Trajectory) -> tuple[int, ...]:
     return tuple(traj.input_ids[:first])
 
 
-def _padded_batch(items: Shard) -> dict[str, torch.Tensor]:
+def batch_stats(trajs: list[Trajectory], algo: AlgoConfig) -> dict[str, float]:
+    """Whole-batch metrics: ``truncated_frac`` (sequences cut at the token budget,
+    :attr:`Trajectory.truncated`), ``zero_signal_frac`` (groups whose advantages are all 0,
+    :func:`has_signal`; 0 under dynamic sampling, omitted when a trajectory has no group id) and
+    ``overlong_penalty`` (mean soft penalty, when it is on)."""
+    out = {"truncated_frac": statistics.fmean(t.truncated for t in trajs) if trajs else 0.0}
+    groups: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in trajs:
+        groups[t.group_id].append(t)
+    if groups and "" not in groups:
+        out["zero_signal_frac"] = sum(not has_signal(g, algo) for g in groups.values()) / len(groups)
+    if algo.overlong_penalty_window and trajs:
+        lengths = torch.tensor([t.n_policy_tokens for t in trajs], dtype=torch.float32)
+        out["overlong_penalty"] = float(overlong_penalty(lengths, algo).mean())
+    return out
+
+
+def _padded_batch(items: Shard, algo: AlgoConfig) -> dict[str, torch.Tensor]:
     batch = pad_trajectories([t for t, _ in items])
     adv = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
     for i, (_, a) in enumerate(items):
         adv[i, : len(a)] = torch.tensor(a)
     batch["advantages"] = adv
+    ppo = algo.ppo
+    if ppo.needs_seq_ids:
+        rows, width = adv.shape
+        batch["seq_ids"] = torch.arange(rows)[:, None].expand(rows, width).contiguous()
+    drop = torch.tensor([t.truncated for t, _ in items]) if algo.overlong_mask else None
+    agg = aggregation_weights(batch["loss_mask"], ppo.loss_agg, ppo.loss_agg_norm, drop)
+    if agg is not None:
+        batch["loss_coef"], batch["loss_denom"] = agg
     return batch
 
 
-def _prepare(train_engine: TrainEngine, items: Shard, mb_spec: MicroBatchSpec) -> Any:
-    batch = _padded_batch(items)
+def _prepare(train_engine: TrainEngine, batch: dict[str, torch.Tensor], mb_spec: MicroBatchSpec) -> Any:
     prepare = getattr(train_engine, "prepare", None)
     return batch if prepare is None else prepare(batch, mb_spec)  # packed once, reused below
 
 
+def _engine_version(train_engine: TrainEngine) -> int | None:
+    get = getattr(train_engine, "get_version", None)
+    version = get() if callable(get) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
 def _reference_logprobs(
-    train_engine: TrainEngine, algo: AlgoConfig, batches: list[Any], mb_spec: MicroBatchSpec,
-    ref_engine: TrainEngine | None,
-) -> None:
-    """Proximal log-probs of every minibatch before the first update, and the reference's."""
+    train_engine: TrainEngine, algo: AlgoConfig, padded: list[dict[str, torch.Tensor]], batches: list[Any],
+    mb_spec: MicroBatchSpec, ref_engine: TrainEngine | None, version: int | None,
+) -> dict[str, float]:
+    """Proximal log-probs of every minibatch before the first update, and the reference's; returns
+    the rollout-training mismatch of the proximal log-probs (empty without them)."""
     if algo.ppo.kl_coef > 0 and ref_engine is None:
         raise ConfigError("algo.ppo.kl_coef > 0 needs a reference model; none was built")
-    for batch in batches:
+    current, every = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    for pad, batch in zip(padded, batches, strict=True):
         if algo.ppo.decoupled:
-            _attach(batch, "prox_logp", train_engine.forward(batch, mb_spec))
+            prox = train_engine.forward(batch, mb_spec)
+            _attach(batch, "prox_logp", prox)
+            args = (pad["logprobs"], prox, pad["loss_mask"], algo.mismatch_threshold)
+            current += mismatch_sums(*args, pad["versions"], version)
+            every += mismatch_sums(*args)
         if ref_engine is not None and algo.ppo.kl_coef > 0:
             _attach(batch, "ref_logp", ref_engine.forward(batch, mb_spec))
     trim_heap()  # the forwards' temporaries, before the update allocates its own
+    if not algo.ppo.decoupled:
+        return {}
+    stats = mismatch_stats(reduce_sums(current), current_version_only=version is not None)
+    if version is not None:
+        stats.update(mismatch_stats(reduce_sums(every), prefix="mismatch/all_"))
+    return stats
 
 
 def _attach(batch: Any, key: str, padded: torch.Tensor) -> None:
@@ -116,33 +168,44 @@ def _attach(batch: Any, key: str, padded: torch.Tensor) -> None:
 
 def ppo_update(
     train_engine: TrainEngine, algo: AlgoConfig, items: Shard, *, max_tokens_per_mb: int | None = None,
-    minibatches: int = 1, ref_engine: TrainEngine | None = None,
+    minibatches: int = 1, ref_engine: TrainEngine | None = None, version: int | None = None,
 ) -> dict[str, float]:
     """Proximal (and reference) log-probs -> PPO minibatch updates -> LR step, on this rank's shard.
 
     ``items`` are trajectories with their advantages (:func:`token_advantages`); the shard is cut
-    into ``minibatches`` optimiser steps in batch order. Returns the minibatches' mean statistics.
+    into ``minibatches`` optimiser steps in batch order. Returns the minibatches' mean statistics
+    and the ``mismatch/*`` metrics (all ranks combined). ``version`` is the policy version of
+    ``train_engine``'s current weights (updates published so far); the mismatch is measured on the
+    tokens generated at that version. ``None`` = ``train_engine.get_version()`` when it has one
+    (:class:`~agentflow.Trainer` keeps it in sync; a custom loop should call
+    ``train_engine.set_version(v)`` after publishing version ``v``), else every loss token is used.
     Collective under torchrun: every rank calls it once per step with the same ``minibatches``.
     """
     n, k = len(items), minibatches
     if n < k:
         raise ConfigError(f"trainer.ppo_minibatches={k} but this rank has only {n} sequences; lower it")
     mb_spec = MicroBatchSpec(max_tokens_per_mb=max_tokens_per_mb)
-    batches = [_prepare(train_engine, items[i * n // k: (i + 1) * n // k], mb_spec) for i in range(k)]
-    _reference_logprobs(train_engine, algo, batches, mb_spec, ref_engine)
+    padded = [_padded_batch(items[i * n // k: (i + 1) * n // k], algo) for i in range(k)]
+    batches = [_prepare(train_engine, b, mb_spec) for b in padded]
+    version = _engine_version(train_engine) if version is None else version
+    mismatch = _reference_logprobs(train_engine, algo, padded, batches, mb_spec, ref_engine, version)
+    del padded
     loss = PPOLoss(algo.ppo)
     stats: dict[str, float] = {}
     for batch in batches:
-        for key, value in train_engine.train_batch(batch, mb_spec, loss, token_count).items():
+        for key, value in train_engine.train_batch(batch, mb_spec, loss, loss_weight).items():
             stats[key] = stats.get(key, 0.0) + value / k
     train_engine.step_lr_scheduler()
-    return stats
+    return {**stats, **mismatch}
 
 
 def ppo_step(
     train_engine: TrainEngine, algo: AlgoConfig, trajs: list[Trajectory], *, max_tokens_per_mb: int | None = None,
-    minibatches: int = 1, ref_engine: TrainEngine | None = None,
+    minibatches: int = 1, ref_engine: TrainEngine | None = None, version: int | None = None,
 ) -> dict[str, float]:
-    """One train step on one process: :func:`token_advantages`, then :func:`ppo_update`."""
-    return ppo_update(train_engine, algo, token_advantages(trajs, algo), max_tokens_per_mb=max_tokens_per_mb,
-                      minibatches=minibatches, ref_engine=ref_engine)
+    """One train step on one process: :func:`token_advantages`, then :func:`ppo_update`; the
+    statistics include :func:`batch_stats`."""
+    stats = batch_stats(trajs, algo)
+    stats.update(ppo_update(train_engine, algo, token_advantages(trajs, algo), max_tokens_per_mb=max_tokens_per_mb,
+                            minibatches=minibatches, ref_engine=ref_engine, version=version))
+    return stats

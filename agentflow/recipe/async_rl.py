@@ -26,6 +26,7 @@ from agentflow._engine_api import SaveLoadMeta, TrainEngine
 from agentflow._metrics import MetricsLogger
 from agentflow._ranks import LeadEngine, Ranks, StepPlan, follow
 from agentflow._trainer import EvalSpec, Trainer, evaluate
+from agentflow.algo import group_filter
 from agentflow.config import to_dict
 from agentflow.errors import CheckpointError, ConfigError
 from agentflow.recipe import build
@@ -68,6 +69,7 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
         cfg.trainer, engine=engine, train_engine=lead, train_step=step, workflow=workflow,
         prompts=PromptSource(task.train, seed=cfg.data.seed), run_dir=run_dir, metrics=metrics,
         evaluation=EvalSpec(task.eval, eval_workflow), progress=cfg.logging.progress, tokenizer=tokenizer,
+        group_filter=group_filter(cfg.algo),
     )
     if resume:
         trainer.resume_from(_latest_checkpoint(run_dir))

@@ -10,6 +10,7 @@ Not here: building anything from the config (:mod:`agentflow.recipe.build`) or r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -153,7 +154,9 @@ class TrainRecipeConfig:
         workflow: the rollout workflow.
         generation: sampling (``n_samples`` = answers per prompt, the GRPO group size).
         rollout: concurrency and the staleness bound.
-        algo: advantages and the loss.
+        algo: advantages, dynamic sampling, overlong handling and the loss (``docs/algorithms.md``).
+            Budgets left null there (``algo.overlong_penalty_max_tokens``, ``algo.ppo.loss_agg_norm``)
+            are filled in with ``generation.max_new_tokens``.
         train: the FSDP2 train engine (optimiser, schedule, precision).
         trainer: the loop (steps, minibatches, checkpoints, evaluation).
         inference: the inference backend.
@@ -172,6 +175,19 @@ class TrainRecipeConfig:
     inference: InferenceSpec = field(default_factory=InferenceSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "algo", _with_budgets(self.algo, self.generation.max_new_tokens))
+
+
+def _with_budgets(algo: AlgoConfig, max_new_tokens: int) -> AlgoConfig:
+    """Fill the algorithm's token budgets that are left unset with the generation budget."""
+    ppo = algo.ppo
+    if ppo.loss_agg == "seq_sum_norm" and ppo.loss_agg_norm is None:
+        ppo = dataclasses.replace(ppo, loss_agg_norm=float(max_new_tokens))
+    if algo.overlong_penalty_window and algo.overlong_penalty_max_tokens is None:
+        algo = dataclasses.replace(algo, overlong_penalty_max_tokens=max_new_tokens)
+    return algo if ppo is algo.ppo else dataclasses.replace(algo, ppo=ppo)
 
 
 def load_recipe_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> TrainRecipeConfig:

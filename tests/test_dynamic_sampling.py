@@ -1,0 +1,155 @@
+"""Dynamic sampling (DAPO) with FakeEngine: the group filter drops zero-variance groups where the
+trainer consumes them, each dropped group gives its staleness slot back (without that, eta = 0
+would deadlock), trained groups stay within the staleness bound, and the Trainer logs the counts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+
+import pytest
+
+from agentflow import GenerationConfig, Group, ModelRequest, ReplayBuffer, Rollout, RolloutConfig, Trajectory
+from agentflow.algo import AlgoConfig, group_filter
+from agentflow.testing import FakeEngine, random_latency
+
+G = GenerationConfig(max_new_tokens=4)
+KEEP = group_filter(AlgoConfig(dynamic_sampling=True))
+
+
+class TwoSampleWorkflow:
+    """A group of two samples; only every third item's rewards differ (carries signal)."""
+
+    async def arun_episode(self, engine, data):
+        outs = await asyncio.gather(*[engine.agenerate(ModelRequest([1, 2, data % 200 + 3], G)) for _ in range(2)])
+        signal = data % 3 == 0
+        return [Trajectory.from_response(o, reward=float(signal and i == 0), info={"data": data})
+                for i, o in enumerate(outs)]
+
+
+def _traj(reward: float) -> Trajectory:
+    return Trajectory([1, 2], [0, 1], [0.0, -1.0], [-1, 0], reward=reward)
+
+
+def test_buffer_drops_rejected_groups_and_reports_them():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=5))
+    seen: list[tuple[str, str]] = []
+    buf.on_discard = lambda g, why: seen.append((g.group_id, why))
+    for gid, rewards in (("flat", (1.0, 1.0)), ("ok", (1.0, 0.0)), ("single", (1.0,)), ("ok2", (0.0, 0.5))):
+        buf.put_nowait(Group(gid, [_traj(r) for r in rewards]))
+    got = buf.get_groups(2, timeout=1.0, group_filter=KEEP)
+    assert [g.group_id for g in got] == ["ok", "ok2"]
+    assert seen == [("flat", "filter"), ("single", "filter")]
+    assert (buf.stats.filtered, buf.stats.filtered_episodes, buf.stats.consumed) == (2, 3, 2)
+
+
+def test_timeout_names_the_filter_and_a_failing_filter_loses_nothing():
+    buf = ReplayBuffer(RolloutConfig())
+    buf.put_nowait(Group("flat", [_traj(1.0), _traj(1.0)]))
+    with pytest.raises(TimeoutError, match="dropped by the group filter"):
+        buf.get_groups(1, timeout=0.05, group_filter=KEEP)
+    buf.put_nowait(Group("ok", [_traj(1.0), _traj(0.0)]))
+
+    def boom(group):
+        raise ValueError("filter bug")
+
+    with pytest.raises(ValueError, match="filter bug"):
+        buf.get_groups(1, timeout=0.05, group_filter=boom)
+    assert [g.group_id for g in buf.get_groups(1, timeout=0.05)] == ["ok"]
+
+
+def _train(rollout: Rollout, loop, steps: int, batch: int, keep, timeout: float = 10.0) -> list[list[Group]]:
+    """The trainer thread: take a filtered batch, then pause -> bump the version -> resume."""
+    out = []
+    for step in range(steps):
+        out.append(rollout.get_groups(batch, timeout=timeout, group_filter=keep))
+        asyncio.run_coroutine_threadsafe(rollout.update_weights(_Meta(), step + 1), loop).result(timeout)
+    return out
+
+
+class _Meta:
+    version = None
+
+
+@pytest.mark.parametrize("eta", [0, 1])
+async def test_dropped_groups_give_their_staleness_slot_back(eta):
+    batch, steps = 2, 6
+    cfg = RolloutConfig(max_staleness=eta, consumer_batch_size=batch, max_concurrent=4, episode_timeout_s=10.0)
+    async with FakeEngine(latency=random_latency(0.002, seed=eta), rollout=cfg) as engine:
+        rollout = Rollout.of(engine)
+        for i in range(400):
+            rollout.submit(i, TwoSampleWorkflow())
+        loop = asyncio.get_running_loop()
+        batches = await asyncio.to_thread(_train, rollout, loop, steps, batch, KEEP)
+        stats, st = rollout.stats(), rollout.staleness.stats
+    for step, groups in enumerate(batches):
+        assert len(groups) == batch
+        for g in groups:
+            assert g.data % 3 == 0  # only groups with signal are trained on
+            assert step - g.min_version <= eta  # and never staler than the bound
+    assert stats["filtered"] > 0 and stats["filtered_episodes"] == 2 * stats["filtered"]
+    assert st.given_back == stats["filtered"] + stats["dropped_stale"] + stats["requeued_stale"]
+    # the budget counts trained and buffered groups only: (eta + v + 1) * B bounds accepted - given back
+    assert rollout.staleness.accepted <= (eta + steps + 1) * batch
+
+
+async def test_without_the_give_back_eta_zero_deadlocks():
+    """The control: the same run with the buffer's discard callback cut starves at version 0."""
+    cfg = RolloutConfig(max_staleness=0, consumer_batch_size=2, max_concurrent=4)
+    async with FakeEngine(rollout=cfg) as engine:
+        rollout = Rollout.of(engine)
+        rollout.buffer.on_discard = None
+        for i in range(1, 50):  # items 1 and 2 start first; both are flat, so they are dropped
+            rollout.submit(i, TwoSampleWorkflow())
+        with pytest.raises(TimeoutError, match="dropped by the group filter"):
+            await asyncio.to_thread(rollout.get_groups, 2, 0.5, group_filter=KEEP)
+        assert rollout.staleness.stats.started == 2  # nothing else could start
+
+
+class _FakeTrainEngine:
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+
+    def set_version(self, version: int) -> None:
+        self.versions.append(version)
+
+    def upload_weights(self, meta):
+        return meta
+
+    def save(self, meta) -> None:
+        pathlib.Path(meta.path).mkdir(parents=True, exist_ok=True)
+
+
+async def test_trainer_logs_filtered_groups_and_extra_episodes(tmp_path):
+    from agentflow._data import PromptSource
+    from agentflow._metrics import MetricsLogger
+    from agentflow._trainer import Trainer, TrainerConfig
+
+    class Workflow(TwoSampleWorkflow):
+        async def arun_episode(self, engine, data):
+            return await super().arun_episode(engine, data["i"])
+
+    cfg = RolloutConfig(max_staleness=1, consumer_batch_size=2, max_concurrent=4)
+    train_engine = _FakeTrainEngine()
+    metrics = MetricsLogger(tmp_path)
+    trainer = Trainer(
+        TrainerConfig(total_steps=3, batch_timeout_s=10.0, checkpoint_every=0), engine=FakeEngine(rollout=cfg),
+        train_engine=train_engine, train_step=lambda trajs: {"n": float(len(trajs))}, workflow=Workflow(),
+        prompts=PromptSource([{"i": i} for i in range(60)], shuffle=False), run_dir=tmp_path, metrics=metrics,
+        progress=False, group_filter=KEEP,
+    )
+    try:
+        await asyncio.wait_for(trainer.run(), 20)
+    finally:
+        metrics.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "rollout/filtered_groups" in r]
+    assert len(steps) == 3 and train_engine.versions == [0, 1, 2]
+    total = sum(r["rollout/filtered_groups"] for r in steps)
+    assert total >= 3  # two of every three prompts are flat
+    assert steps[-1]["rollout/extra_episodes_total"] == 2 * total
+    for r in steps:
+        n = r["rollout/filtered_groups"]
+        assert r["rollout/filtered_frac"] == pytest.approx(n / (n + 2))
+        assert r["train/n"] == 4.0
