@@ -7,6 +7,7 @@ module builds those sequences and encodes them as server-sent events (``data: {.
 with ``data: [DONE]`` for chat; ``event: <type>`` + ``data: {...}`` for the Responses API). The
 proxy sends the bytes as they are; the in-process client wraps the same bytes in a real
 ``openai.AsyncStream``, so agents iterate exactly the objects the SDK would parse off the network.
+:class:`RawResponse` is what ``with_raw_response.create`` returns in process (LangChain uses it).
 
 Chat chunks: the role, then the content in one delta, then per tool call a delta with its
 index, id, type and name (empty arguments) and one with its arguments, then ``finish_reason``
@@ -28,7 +29,10 @@ try:  # the HTTP library of the installed openai SDK (httpx2 since openai 3)
 except ImportError:  # pragma: no cover - depends on the installed openai version
     import httpx as _http
 
-__all__ = ["async_stream", "chat_chunks", "chat_sse", "response_events", "response_sse", "sse_body"]
+__all__ = [
+    "RawResponse", "async_stream", "chat_chunks", "chat_sse", "raw_response", "response_events", "response_sse",
+    "sse_body",
+]
 
 Json = dict[str, Any]
 
@@ -147,6 +151,40 @@ def async_stream(client: openai.AsyncOpenAI, body: bytes, cast_to: Any, path: st
         200, headers={"content-type": "text/event-stream; charset=utf-8"}, content=body, request=request
     )
     return openai.AsyncStream(cast_to=cast_to, response=response, client=client)
+
+
+class RawResponse:
+    """What ``with_raw_response.create`` gives in process: ``parse()`` returns the reply (a
+    ``ChatCompletion``, ``Response`` or ``AsyncStream``); ``http_response``, ``headers`` and
+    ``status_code`` describe the 200 response the network would have carried."""
+
+    request_id = None
+    retries_taken = 0
+
+    def __init__(self, parsed: Any, http_response: Any) -> None:
+        self._parsed = parsed
+        self.http_response = http_response
+
+    def parse(self) -> Any:
+        return self._parsed
+
+    @property
+    def headers(self) -> Any:
+        return self.http_response.headers
+
+    @property
+    def status_code(self) -> int:
+        return int(self.http_response.status_code)
+
+
+def raw_response(client: openai.AsyncOpenAI, out: Any, path: str) -> RawResponse:
+    """Wrap a reply object made in process as :class:`RawResponse` (JSON body, or the stream's SSE)."""
+    if isinstance(out, openai.AsyncStream):
+        return RawResponse(out, out.response)
+    body = out.model_dump_json(exclude_none=True).encode()
+    http = _http.Response(200, headers={"content-type": "application/json"}, content=body,
+                          request=_http.Request("POST", f"{str(client.base_url).rstrip('/')}{path}"))
+    return RawResponse(out, http)
 
 
 def sse_body(stream: openai.AsyncStream[Any]) -> bytes:

@@ -224,7 +224,7 @@ _STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})  # obfusca
 def _stream_flags(kw: Mapping[str, Any]) -> tuple[bool, bool]:
     """(stream, include_usage) from ``stream`` and ``stream_options``."""
     stream, options = kw.get("stream"), kw.get("stream_options")
-    if stream not in (None, False, True):
+    if stream is not None and not isinstance(stream, bool):
         raise ConfigError(f"stream must be true or false, got {stream!r}")
     if options is None:
         return bool(stream), False
@@ -285,9 +285,21 @@ def _parse_params(
 
 
 # ---------------------------------------------------------------------------------------- client
+class _RawCreate:
+    """``<resource>.with_raw_response``: ``create`` returns a :class:`agentflow._streaming.RawResponse`."""
+
+    def __init__(self, resource: _Completions | _Responses, path: str) -> None:
+        self._resource, self._path = resource, path
+
+    async def create(self, **kwargs: Any) -> _streaming.RawResponse:
+        out = await self._resource.create(**kwargs)
+        return _streaming.raw_response(self._resource._client, out, self._path)
+
+
 class _Completions:
     def __init__(self, client: OpenAIClient) -> None:
         self._client = client
+        self.with_raw_response = _RawCreate(self, "/chat/completions")
 
     async def create(self, **kwargs: Any) -> ChatCompletion | openai.AsyncStream[ChatCompletionChunk]:
         """``chat.completions.create`` over the engine; see :class:`OpenAIClient`."""
@@ -302,10 +314,24 @@ class _Chat:
 class _Responses:
     def __init__(self, client: OpenAIClient) -> None:
         self._client = client
+        self.with_raw_response = _RawCreate(self, "/responses")
 
     async def create(self, **kwargs: Any) -> Response | openai.AsyncStream[ResponseStreamEvent]:
         """``responses.create`` over the engine; see :mod:`agentflow._responses`."""
         return await self._client._respond(kwargs)
+
+
+class _RawClient:
+    """``client.with_raw_response``: the raw-response view of the served resources."""
+
+    def __init__(self, client: OpenAIClient) -> None:
+        self.chat = _RawChat(client.chat.completions.with_raw_response)
+        self.responses = client.responses.with_raw_response
+
+
+@dataclass(frozen=True, slots=True)
+class _RawChat:
+    completions: _RawCreate
 
 
 class OpenAIClient(openai.AsyncOpenAI):
@@ -373,6 +399,16 @@ class OpenAIClient(openai.AsyncOpenAI):
     @cached_property
     def responses(self) -> _Responses:  # type: ignore[override]  # same call shape, served in-process
         return _Responses(self)
+
+    @cached_property
+    def with_raw_response(self) -> _RawClient:  # type: ignore[override]
+        return _RawClient(self)
+
+    @property
+    def with_streaming_response(self) -> Any:  # type: ignore[override]
+        raise AttributeError(
+            "OpenAIClient does not serve with_streaming_response; use create(stream=True) or with_raw_response"
+        )
 
     def copy(self, **_options: Any) -> OpenAIClient:  # type: ignore[override]
         """The client itself: there is no transport, so client options (retries, timeouts, headers)
