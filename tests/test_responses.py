@@ -14,6 +14,7 @@ from _agent_helpers import (
     TOK,
     SampleEngine,
     assert_trained_on_samples,
+    by_last_message,
     turn,
 )
 from openai.types.responses import (
@@ -110,6 +111,23 @@ async def test_streamed_events_are_the_sequence_the_agents_sdk_consumes():
     assert deltas["response.function_call_arguments.done"].output_index == 1
     added = [e.item for e in events if e.type == "response.output_item.added"]
     assert added[1].name == "add" and added[1].arguments == "" and added[1].call_id == call.call_id
+
+
+async def test_text_and_call_items_resent_as_history_continue_the_conversation():
+    """A reply of text + call comes back as a message item and a function_call item: they are one
+    assistant turn, so the next request continues the recorded tokens."""
+    def reply(req):
+        return by_last_message(req) if "<tool_response>" in TOK.decode(req.input_ids) else turn(
+            "Let me add.<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n</tool_call>")
+
+    engine = SampleEngine(reply=reply)
+    client = OpenAIClient(engine, TOK)
+    first = await client.responses.create(input=QUESTION, tools=RESPONSES_TOOLS)
+    assert [item.type for item in first.output] == ["message", "function_call"]
+    history = [{"role": "user", "content": QUESTION}, *(i.model_dump(exclude_none=True) for i in first.output)]
+    second = await client.responses.create(input=[*history, *tool_outputs(first)], tools=RESPONSES_TOOLS)
+    assert second.output_text == "The sum is 3." and client.stats["template_drift"] == 0
+    assert_trained_on_samples(client, engine, chains=1)
 
 
 async def test_responses_and_chat_render_the_same_prompt_tokens():
