@@ -15,9 +15,16 @@ mismatches in ``stats["template_drift"]``. Rewards are attached with :meth:`Open
 and the records become :class:`agentflow.Trajectory` objects with
 :meth:`OpenAIClient.export_trajectories`.
 
-Not covered: streaming, ``n > 1`` (call ``create`` n times), forced tool choice, the Responses and
-legacy Completions APIs (they still point at the dummy base URL and fail to connect). Templating and
-tokenising run on the event loop (fast for chat-sized inputs).
+``stream=True`` returns a real ``openai.AsyncStream`` of ``ChatCompletionChunk`` objects; the
+chunks are emitted all at once after ``engine.agenerate`` returns (engines return whole
+generations), replayed from the finished, recorded reply (:mod:`agentflow._streaming`).
+``responses.create`` serves the Responses API (plain and streamed) by translating it onto the same
+rendering, recording and chaining (:mod:`agentflow._responses`).
+
+Not covered: token-by-token streaming, ``n > 1`` (call ``create`` n times), forced tool choice,
+the legacy Completions API and other endpoints (they still point at the dummy base URL and fail to
+connect), ``with_streaming_response``. Templating and tokenising run on the event loop (fast for
+chat-sized inputs).
 """
 
 from __future__ import annotations
