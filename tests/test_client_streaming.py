@@ -119,6 +119,22 @@ async def test_stream_logprobs_and_early_close():
     assert stream.response.is_closed and len(client.records) == 2
 
 
+async def test_sdk_surface_frameworks_use_in_process():
+    """with_options/copy keep recording into the client; with_raw_response wraps replies and streams."""
+    client = OpenAIClient(SampleEngine(reply=lambda req: turn("hi")), TOK)
+    assert client.with_options(max_retries=0) is client and client.copy(timeout=3) is client
+    raw = await client.with_raw_response.chat.completions.create(messages=QUESTION)
+    assert raw.status_code == 200 and raw.headers["content-type"] == "application/json"
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "hi"
+    assert json.loads(raw.http_response.content)["id"] == completion.id
+    raw = await client.chat.completions.with_raw_response.create(messages=QUESTION, stream=True)
+    assert [c.choices[0].delta.content for c in await collect(raw.parse()) if c.choices][1] == "hi"
+    raw = await client.with_raw_response.responses.create(input="x")
+    assert raw.parse().output_text == "hi" and len(client.records) == 3
+    assert getattr(client, "with_streaming_response", None) is None  # not served: frameworks fall back
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [({"stream": 1}, "stream must be true or false"),
