@@ -4,10 +4,11 @@ agentflow's engines return a whole generation at once (``engine.agenerate``), so
 is the finished ``ChatCompletion`` or ``Response`` replayed as the sequence OpenAI streams: every
 chunk arrives once the generation has ended (a stream adds no time-to-first-token benefit). This
 module builds those sequences and encodes them as server-sent events (``data: {...}`` lines ending
-with ``data: [DONE]`` for chat; ``event: <type>`` + ``data: {...}`` for the Responses API). The
-proxy sends the bytes as they are; the in-process client wraps the same bytes in a real
-``openai.AsyncStream``, so agents iterate exactly the objects the SDK would parse off the network.
-:class:`RawResponse` is what ``with_raw_response.create`` returns in process (LangChain uses it).
+with ``data: [DONE]`` for chat; ``event: <type>`` + ``data: {...}`` for the Responses API): the
+proxy sends those bytes. In process, :class:`ReplayStream` (an ``openai.AsyncStream``) yields the
+same items validated into the SDK's chunk and event classes, without the SDK's per-chunk parsing
+of the bytes (a test checks both give equal objects). :class:`RawResponse` is what
+``with_raw_response.create`` returns in process (LangChain uses it).
 
 Chat chunks: the role, then the content in one delta, then per tool call a delta with its
 index, id, type and name (empty arguments) and one with its arguments, then ``finish_reason``
@@ -18,11 +19,15 @@ Not done here: generating, recording or validating requests (:mod:`agentflow.cli
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+import typing
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import openai
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import ResponseStreamEvent
 
 try:  # the HTTP library of the installed openai SDK (httpx2 since openai 3)
     import httpx2 as _http
@@ -30,8 +35,8 @@ except ImportError:  # pragma: no cover - depends on the installed openai versio
     import httpx as _http
 
 __all__ = [
-    "RawResponse", "async_stream", "chat_chunks", "chat_sse", "raw_response", "response_events", "response_sse",
-    "sse_body",
+    "RawResponse", "ReplayStream", "chat_chunks", "chat_sse", "chat_stream", "parse_event", "raw_response",
+    "response_events", "response_sse", "response_stream", "sse_body",
 ]
 
 Json = dict[str, Any]
@@ -140,17 +145,82 @@ def response_sse(events: Iterable[Mapping[str, Any]]) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------- in process
-def async_stream(client: openai.AsyncOpenAI, body: bytes, cast_to: Any, path: str) -> openai.AsyncStream[Any]:
-    """A real ``openai.AsyncStream`` reading ``body`` (SSE bytes) as if ``POST path`` had returned it.
+_T = TypeVar("_T")
 
-    ``async for``, ``async with``, ``close()`` / ``aclose()`` and ``.response`` (a 200 response whose
-    ``.content`` is ``body``) behave as for a network stream.
+
+class ReplayStream(openai.AsyncStream[_T]):
+    """A finished reply replayed as an ``openai.AsyncStream`` (``isinstance`` checks hold).
+
+    Iterating yields the chunk or event objects, validated into the classes the SDK parses them
+    into; ``async with``, ``close()`` / ``aclose()`` behave as for a network stream (closing ends
+    the iteration). ``.response`` is a 200 ``text/event-stream`` response whose ``.content`` is the
+    SSE encoding of the same items (what the proxy sends), built on first access. Items are
+    validated as they are read (the proxy only encodes them).
     """
-    request = _http.Request("POST", f"{str(client.base_url).rstrip('/')}{path}")
-    response = _http.Response(
-        200, headers={"content-type": "text/event-stream; charset=utf-8"}, content=body, request=request
-    )
-    return openai.AsyncStream(cast_to=cast_to, response=response, client=client)
+
+    def __init__(
+        self, client: openai.AsyncOpenAI, items: list[Json], parse: Callable[[Json], _T],
+        encode: Callable[[list[Json]], bytes], path: str,
+    ) -> None:
+        # The parent's constructor reads a network response; a replay has none (see ``response``).
+        self._client = client
+        self._items, self._parse, self._encode, self._path = items, parse, encode, path
+        self._http: Any = None
+        self._closed = False
+        self._iterator = self._replay()
+
+    async def _replay(self) -> AsyncIterator[_T]:
+        for item in self._items:
+            if self._closed:
+                return
+            yield self._parse(item)
+
+    async def __anext__(self) -> _T:
+        return await self._iterator.__anext__()
+
+    async def __aiter__(self) -> AsyncIterator[_T]:
+        async for item in self._iterator:
+            yield item
+
+    @property
+    def response(self) -> Any:  # type: ignore[override]  # built lazily: in process it is rarely read
+        if self._http is None:
+            self._http = _http.Response(
+                200, headers={"content-type": "text/event-stream; charset=utf-8"},
+                content=self._encode(self._items), request=_request(self._client, self._path),
+            )
+        return self._http
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._http is not None:
+            await self._http.aclose()
+
+
+def chat_stream(client: openai.AsyncOpenAI, chunks: list[Json]) -> ReplayStream[ChatCompletionChunk]:
+    return ReplayStream(client, chunks, ChatCompletionChunk.model_validate, chat_sse, "/chat/completions")
+
+
+def response_stream(client: openai.AsyncOpenAI, events: list[Json]) -> ReplayStream[Any]:
+    return ReplayStream(client, events, parse_event, response_sse, "/responses")
+
+
+@functools.cache
+def _event_classes() -> dict[str, Any]:
+    """Responses stream event classes by their ``type`` (the members of ``ResponseStreamEvent``)."""
+    union = ResponseStreamEvent
+    if typing.get_origin(union) is typing.Annotated:
+        union = typing.get_args(union)[0]
+    return {typing.get_args(cls.model_fields["type"].annotation)[0]: cls for cls in typing.get_args(union)}
+
+
+def parse_event(event: Json) -> Any:
+    """The event object of a Responses stream event (as the SDK parses it off the network)."""
+    return _event_classes()[event["type"]].model_validate(event)
+
+
+def _request(client: openai.AsyncOpenAI, path: str) -> Any:
+    return _http.Request("POST", f"{str(client.base_url).rstrip('/')}{path}")
 
 
 class RawResponse:
@@ -183,13 +253,13 @@ def raw_response(client: openai.AsyncOpenAI, out: Any, path: str) -> RawResponse
         return RawResponse(out, out.response)
     body = out.model_dump_json(exclude_none=True).encode()
     http = _http.Response(200, headers={"content-type": "application/json"}, content=body,
-                          request=_http.Request("POST", f"{str(client.base_url).rstrip('/')}{path}"))
+                          request=_request(client, path))
     return RawResponse(out, http)
 
 
-def sse_body(stream: openai.AsyncStream[Any]) -> bytes:
-    """The SSE bytes behind a stream made by :func:`async_stream` (what the proxy sends)."""
-    return stream.response.content
+def sse_body(stream: ReplayStream[Any]) -> bytes:
+    """The SSE bytes of a replayed stream (what the proxy sends)."""
+    return stream._encode(stream._items)
 
 
 def _dumps(obj: Any) -> str:

@@ -433,7 +433,7 @@ class OpenAIClient(openai.AsyncOpenAI):
         if not p.stream:
             return completion
         chunks = _streaming.chat_chunks(completion.model_dump(mode="json", exclude_none=True), p.include_usage)
-        return _streaming.async_stream(self, _streaming.chat_sse(chunks), ChatCompletionChunk, "/chat/completions")
+        return _streaming.chat_stream(self, chunks)
 
     async def _respond(self, kwargs: Mapping[str, Any]) -> Response | openai.AsyncStream[ResponseStreamEvent]:
         req = _responses.parse_request(_plain(_given(kwargs)), self._conversations, self._who)
@@ -445,7 +445,7 @@ class OpenAIClient(openai.AsyncOpenAI):
         if not req.stream:
             return response
         events = _streaming.response_events(response.model_dump(mode="json", exclude_none=True))
-        return _streaming.async_stream(self, _streaming.response_sse(events), ResponseStreamEvent, "/responses")
+        return _streaming.response_stream(self, events)
 
     async def _complete(self, p: _Params, completion_id: str) -> CompletionRecord:
         """Render, generate, parse and record one completion."""

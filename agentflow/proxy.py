@@ -47,8 +47,6 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import openai
-
 try:
     import uvicorn
     from starlette.applications import Starlette
@@ -404,7 +402,7 @@ def _endpoint(handler: Handler) -> Handler:
 
 def _reply(out: Any) -> Response:
     """A JSON body for a reply object; the SSE bytes of a stream (which the client built in full)."""
-    if isinstance(out, openai.AsyncStream):
+    if isinstance(out, _streaming.ReplayStream):
         return Response(_streaming.sse_body(out), media_type="text/event-stream")
     return JSONResponse(out.model_dump(mode="json", exclude_none=True))
 

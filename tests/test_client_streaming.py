@@ -48,6 +48,7 @@ async def test_stream_is_a_real_async_stream_with_openai_chunks():
         model="m", messages=QUESTION, stream=True, stream_options={"include_usage": True}
     )
     assert isinstance(stream, openai.AsyncStream) and stream.response.status_code == 200
+    assert stream.response.content.endswith(b"data: [DONE]\n\n")
     chunks = await collect(stream)
     assert all(isinstance(c, ChatCompletionChunk) and c.object == "chat.completion.chunk" for c in chunks)
     (rec,) = client.records
@@ -111,12 +112,23 @@ async def test_stream_logprobs_and_early_close():
     lps = chunks[-1].choices[0].logprobs.content
     assert [t.token for t in lps] == ["a", "b", "c", "<|im_end|>"]
     assert [t.logprob for t in lps] == engine.responses[0].output_logprobs
-    # Closing before reading still leaves the completion recorded (it was generated in full).
+    # Closing before reading ends the stream and leaves the completion recorded (it was generated in full).
     stream = await client.chat.completions.create(messages=QUESTION, stream=True)
     async for _ in stream:
         break
     await stream.close()
-    assert stream.response.is_closed and len(client.records) == 2
+    assert [c async for c in stream] == [] and len(client.records) == 2
+
+
+async def test_in_process_chunks_equal_what_the_sdk_parses_from_the_proxy_bytes():
+    """The in-process stream yields validated objects; the SDK parsing the SSE bytes (``.response``,
+    what the proxy sends) gets equal ones."""
+    client = OpenAIClient(SampleEngine(), TOK)
+    stream = await client.chat.completions.create(messages=QUESTION, tools=CHAT_TOOLS, stream=True, logprobs=True,
+                                                  stream_options={"include_usage": True})
+    assert stream.response.headers["content-type"].startswith("text/event-stream")
+    parsed = openai.AsyncStream(cast_to=ChatCompletionChunk, response=stream.response, client=client)
+    assert await collect(parsed) == await collect(stream)
 
 
 async def test_sdk_surface_frameworks_use_in_process():

@@ -22,6 +22,7 @@ from openai.types.responses import (
     ResponseCompletedEvent,
     ResponseFunctionToolCall,
     ResponseOutputMessage,
+    ResponseStreamEvent,
 )
 
 from agentflow import OpenAIClient
@@ -128,6 +129,16 @@ async def test_text_and_call_items_resent_as_history_continue_the_conversation()
     second = await client.responses.create(input=[*history, *tool_outputs(first)], tools=RESPONSES_TOOLS)
     assert second.output_text == "The sum is 3." and client.stats["template_drift"] == 0
     assert_trained_on_samples(client, engine, chains=1)
+
+
+async def test_in_process_events_equal_what_the_sdk_parses_from_the_proxy_bytes():
+    client = OpenAIClient(SampleEngine(reply=lambda req: turn("Let me add.<tool_call>\n{\"name\": \"add\", "
+                                                                  "\"arguments\": {\"a\": 1}}\n</tool_call>")), TOK)
+    stream = await client.responses.create(input=QUESTION, tools=RESPONSES_TOOLS, stream=True,
+                                           include=["message.output_text.logprobs"])
+    parsed = openai.AsyncStream(cast_to=ResponseStreamEvent, response=stream.response, client=client)
+    sdk_events, (_, events) = [e async for e in parsed], await final_of(stream)
+    assert [type(e) for e in sdk_events] == [type(e) for e in events] and sdk_events == events
 
 
 async def test_responses_and_chat_render_the_same_prompt_tokens():
