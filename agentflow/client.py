@@ -15,7 +15,7 @@ mismatches in ``stats["template_drift"]``. Rewards are attached with :meth:`Open
 and the records become :class:`agentflow.Trajectory` objects with
 :meth:`OpenAIClient.export_trajectories`.
 
-``stream=True`` returns a real ``openai.AsyncStream`` of ``ChatCompletionChunk`` objects; the
+``stream=True`` returns an ``openai.AsyncStream`` (a replay) of ``ChatCompletionChunk`` objects; the
 chunks are emitted all at once after ``engine.agenerate`` returns (engines return whole
 generations), replayed from the finished, recorded reply (:mod:`agentflow._streaming`).
 ``responses.create`` serves the Responses API (plain and streamed) by translating it onto the same
@@ -357,7 +357,7 @@ class OpenAIClient(openai.AsyncOpenAI):
     ``tool_calls``, ``tool_parse_failures``, ``template_drift`` and ``template_not_prefix`` (the
     template re-rendered the history differently, so the turn started a new chain).
 
-    ``stream=True`` returns a real ``openai.AsyncStream`` once the whole generation is done (the
+    ``stream=True`` returns an ``openai.AsyncStream`` once the whole generation is done (the
     chunks are replayed from the finished reply, see :mod:`agentflow._streaming`); it is recorded
     exactly as a non-streamed call. ``responses.create`` serves the Responses API over the same
     rendering and recording (:mod:`agentflow._responses`). The client has no transport:
