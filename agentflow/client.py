@@ -70,6 +70,15 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "function_call": (None,),
     "functions": (None,),
 }
+# How to change an agent that sends one of them.
+_HINTS = {
+    "n": "call create n times",
+    "response_format": "structured output needs constrained decoding: drop the agent's output type "
+                       "(Agents SDK: output_type; LangChain: with_structured_output) and parse the text",
+    "tool_choice": "the model decides whether to call a tool (Agents SDK: leave ModelSettings.tool_choice unset)",
+    "top_logprobs": "only the sampled tokens' log-probs exist; use logprobs=True",
+    "seed": "sampling is seeded by the engine, not per request",
+}
 # Accepted and ignored: informational, or transport options of the openai SDK.
 _IGNORED = frozenset(
     {"model", "user", "metadata", "store", "parallel_tool_calls", "service_tier", "extra_headers",
@@ -191,9 +200,10 @@ def _check_params(kw: Mapping[str, Any], who: str) -> None:
     problems = []
     for name, value in kw.items():
         if name in _DEFAULT_ONLY and value not in _DEFAULT_ONLY[name]:
+            hint = f": {_HINTS[name]}" if name in _HINTS else ""
             problems.append(
                 f"{name}={value!r} is not supported by {who}; accepted values: "
-                f"{[v for v in _DEFAULT_ONLY[name] if v is not None]} (or leave it out)"
+                f"{[v for v in _DEFAULT_ONLY[name] if v is not None]} (or leave it out){hint}"
             )
         elif name not in _DEFAULT_ONLY and name not in _IGNORED and name not in _HANDLED:
             problems.append(

@@ -12,6 +12,7 @@ import pytest
 from _agent_helpers import TOK, SampleEngine, assert_trained_on_samples
 
 from agentflow import OpenAIClient
+from agentflow.errors import ConfigError
 from agentflow.proxy import ProxyServer
 
 QUESTION = "What is 1+2?"
@@ -132,3 +133,20 @@ async def test_langchain_chat_openai(langchain, where, api, streamed):
     assert final.text == ANSWER and calls == [(1, 2)]
     assert client.stats["continued"] == 1
     assert_trained_on_samples(client, engine, chains=1)
+
+
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+async def test_agents_sdk_settings_agentflow_cannot_honour_fail_clearly(agents, api):
+    """A structured output type needs constrained decoding: the error names the parameter and the fix."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Sum(pydantic.BaseModel):
+        value: int
+
+    async with served("in_process") as (engine, client, _):
+        model_cls = agents.OpenAIResponsesModel if api == "responses" else agents.OpenAIChatCompletionsModel
+        agent = agents.Agent(name="calculator", output_type=Sum, model=model_cls(model="m", openai_client=client))
+        with pytest.raises(ConfigError) as err:
+            await agents.Runner.run(agent, QUESTION)
+    param = "text=" if api == "responses" else "response_format="
+    assert param in str(err.value) and "output type" in str(err.value) and engine.n_calls == 0
