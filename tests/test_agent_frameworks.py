@@ -31,7 +31,7 @@ async def served(where: str):
         yield engine, session.client, session
 
 
-WHERE = ["in_process", "proxy"]
+WHERE = ["in_process", pytest.param("proxy", marks=pytest.mark.integration)]  # the proxy runs a server
 
 
 # ------------------------------------------------------------------------------------------ OpenAI Agents SDK
