@@ -15,9 +15,16 @@ mismatches in ``stats["template_drift"]``. Rewards are attached with :meth:`Open
 and the records become :class:`agentflow.Trajectory` objects with
 :meth:`OpenAIClient.export_trajectories`.
 
-Not covered: streaming, ``n > 1`` (call ``create`` n times), forced tool choice, the Responses and
-legacy Completions APIs (they still point at the dummy base URL and fail to connect). Templating and
-tokenising run on the event loop (fast for chat-sized inputs).
+``stream=True`` returns an ``openai.AsyncStream`` (a replay) of ``ChatCompletionChunk`` objects; the
+chunks are emitted all at once after ``engine.agenerate`` returns (engines return whole
+generations), replayed from the finished, recorded reply (:mod:`agentflow._streaming`).
+``responses.create`` serves the Responses API (plain and streamed) by translating it onto the same
+rendering, recording and chaining (:mod:`agentflow._responses`).
+
+Not covered: token-by-token streaming, ``n > 1`` (call ``create`` n times), forced tool choice,
+the legacy Completions API and other endpoints (they still point at the dummy base URL and fail to
+connect), ``with_streaming_response``. Templating and tokenising run on the event loop (fast for
+chat-sized inputs).
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import openai
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
 
+from agentflow import _responses, _streaming
 from agentflow._toolcalls import ParsedOutput, ToolParser, get_tool_parser
 from agentflow._types import GenerationConfig, ModelRequest, ModelResponse, Trajectory
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, TrajectoryError
@@ -50,18 +59,25 @@ _NO_NETWORK_URL = "http://agentflow.invalid/v1"  # the parent client needs one; 
 # Parameters accepted only at their default (None means "not given").
 _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
-    "stream": (None, False),
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "seed": (None,),
-    "stream_options": (None,),
     "top_logprobs": (None, 0),
     "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "tool_choice": (None, "auto", "none"),
     "function_call": (None,),
     "functions": (None,),
+}
+# How to change an agent that sends one of them.
+_HINTS = {
+    "n": "call create n times",
+    "response_format": "structured output needs constrained decoding: drop the agent's output type "
+                       "(Agents SDK: output_type; LangChain: with_structured_output) and parse the text",
+    "tool_choice": "the model decides whether to call a tool (Agents SDK: leave ModelSettings.tool_choice unset)",
+    "top_logprobs": "only the sampled tokens' log-probs exist; use logprobs=True",
+    "seed": "sampling is seeded by the engine, not per request",
 }
 # Accepted and ignored: informational, or transport options of the openai SDK.
 _IGNORED = frozenset(
@@ -70,7 +86,7 @@ _IGNORED = frozenset(
 )
 _HANDLED = frozenset(
     {"messages", "tools", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stop",
-     "stop_token_ids", "logprobs", "chat_template_kwargs", "extra_body", "timeout"}
+     "stop_token_ids", "logprobs", "chat_template_kwargs", "extra_body", "timeout", "stream", "stream_options"}
 )
 
 
@@ -164,6 +180,8 @@ class _Params:
     logprobs: bool
     model: str
     timeout: float | None
+    stream: bool = False
+    include_usage: bool = False
 
 
 def _given(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,13 +196,14 @@ def _given(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {**out, **extra}
 
 
-def _check_params(kw: Mapping[str, Any]) -> None:
+def _check_params(kw: Mapping[str, Any], who: str) -> None:
     problems = []
     for name, value in kw.items():
         if name in _DEFAULT_ONLY and value not in _DEFAULT_ONLY[name]:
+            hint = f": {_HINTS[name]}" if name in _HINTS else ""
             problems.append(
-                f"{name}={value!r} is not supported by agentflow's OpenAIClient; accepted values: "
-                f"{[v for v in _DEFAULT_ONLY[name] if v is not None]} (or leave it out)"
+                f"{name}={value!r} is not supported by {who}; accepted values: "
+                f"{[v for v in _DEFAULT_ONLY[name] if v is not None]} (or leave it out){hint}"
             )
         elif name not in _DEFAULT_ONLY and name not in _IGNORED and name not in _HANDLED:
             problems.append(
@@ -216,6 +235,23 @@ def _check_types(kw: Mapping[str, Any]) -> None:
         raise ConfigError(problems)
 
 
+_STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})  # obfuscation: accepted, no padding sent
+
+
+def _stream_flags(kw: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) from ``stream`` and ``stream_options``."""
+    stream, options = kw.get("stream"), kw.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise ConfigError(f"stream must be true or false, got {stream!r}")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise ConfigError("stream_options is only allowed with stream=True; leave it out or set stream=True")
+    if not isinstance(options, Mapping) or not set(options) <= _STREAM_OPTIONS:
+        raise ConfigError(f"stream_options must be a mapping with keys in {sorted(_STREAM_OPTIONS)}, got {options!r}")
+    return True, bool(options.get("include_usage"))
+
+
 def _max_tokens(kw: Mapping[str, Any], default: int) -> int:
     a, b = kw.get("max_tokens"), kw.get("max_completion_tokens")
     if a is not None and b is not None and a != b:
@@ -240,13 +276,14 @@ def _gconfig(kw: Mapping[str, Any], base: GenerationConfig) -> GenerationConfig:
 
 
 def _parse_params(
-    kwargs: Mapping[str, Any], base: GenerationConfig, template_kwargs: dict[str, Any]
+    kwargs: Mapping[str, Any], base: GenerationConfig, template_kwargs: dict[str, Any], who: str
 ) -> _Params:
     kw = _given(kwargs)
     if "messages" not in kw:
         raise ConfigError("create() needs messages=[...]; got none")
-    _check_params(kw)
+    _check_params(kw, who)
     _check_types(kw)
+    stream, include_usage = _stream_flags(kw)
     tools = _plain(kw.get("tools")) or None
     per_call = kw.get("chat_template_kwargs") or {}
     timeout = kw.get("timeout")
@@ -259,15 +296,29 @@ def _parse_params(
         logprobs=bool(kw.get("logprobs")),
         model=str(kw.get("model") or "agentflow"),
         timeout=float(timeout) if isinstance(timeout, int | float) else None,
+        stream=stream,
+        include_usage=include_usage,
     )
 
 
 # ---------------------------------------------------------------------------------------- client
+class _RawCreate:
+    """``<resource>.with_raw_response``: ``create`` returns a :class:`agentflow._streaming.RawResponse`."""
+
+    def __init__(self, resource: _Completions | _Responses, path: str) -> None:
+        self._resource, self._path = resource, path
+
+    async def create(self, **kwargs: Any) -> _streaming.RawResponse:
+        out = await self._resource.create(**kwargs)
+        return _streaming.raw_response(self._resource._client, out, self._path)
+
+
 class _Completions:
     def __init__(self, client: OpenAIClient) -> None:
         self._client = client
+        self.with_raw_response = _RawCreate(self, "/chat/completions")
 
-    async def create(self, **kwargs: Any) -> ChatCompletion:
+    async def create(self, **kwargs: Any) -> ChatCompletion | openai.AsyncStream[ChatCompletionChunk]:
         """``chat.completions.create`` over the engine; see :class:`OpenAIClient`."""
         return await self._client._create(kwargs)
 
@@ -275,6 +326,29 @@ class _Completions:
 class _Chat:
     def __init__(self, client: OpenAIClient) -> None:
         self.completions = _Completions(client)
+
+
+class _Responses:
+    def __init__(self, client: OpenAIClient) -> None:
+        self._client = client
+        self.with_raw_response = _RawCreate(self, "/responses")
+
+    async def create(self, **kwargs: Any) -> Response | openai.AsyncStream[ResponseStreamEvent]:
+        """``responses.create`` over the engine; see :mod:`agentflow._responses`."""
+        return await self._client._respond(kwargs)
+
+
+class _RawClient:
+    """``client.with_raw_response``: the raw-response view of the served resources."""
+
+    def __init__(self, client: OpenAIClient) -> None:
+        self.chat = _RawChat(client.chat.completions.with_raw_response)
+        self.responses = client.responses.with_raw_response
+
+
+@dataclass(frozen=True, slots=True)
+class _RawChat:
+    completions: _RawCreate
 
 
 class OpenAIClient(openai.AsyncOpenAI):
@@ -292,7 +366,15 @@ class OpenAIClient(openai.AsyncOpenAI):
     ``stats`` counts ``completions``, ``continued`` (turns appended to a recorded conversation),
     ``tool_calls``, ``tool_parse_failures``, ``template_drift`` and ``template_not_prefix`` (the
     template re-rendered the history differently, so the turn started a new chain).
+
+    ``stream=True`` returns an ``openai.AsyncStream`` once the whole generation is done (the
+    chunks are replayed from the finished reply, see :mod:`agentflow._streaming`); it is recorded
+    exactly as a non-streamed call. ``responses.create`` serves the Responses API over the same
+    rendering and recording (:mod:`agentflow._responses`). The client has no transport:
+    ``with_options`` / ``copy`` return the client itself, so copies share its records.
     """
+
+    _who = "agentflow's OpenAIClient"  # names the server in error messages (the proxy overrides it)
 
     def __init__(
         self,
@@ -325,30 +407,74 @@ class OpenAIClient(openai.AsyncOpenAI):
         self._parents: set[str] = set()
         self._rewards: dict[str, float] = {}
         self._texts: dict[str, str] = {}
+        self._conversations: dict[str, list[dict[str, Any]]] = {}  # stored Responses, by id
 
     @cached_property
     def chat(self) -> _Chat:  # type: ignore[override]  # same call shape, served in-process
         return _Chat(self)
 
+    @cached_property
+    def responses(self) -> _Responses:  # type: ignore[override]  # same call shape, served in-process
+        return _Responses(self)
+
+    @cached_property
+    def with_raw_response(self) -> _RawClient:  # type: ignore[override]
+        return _RawClient(self)
+
+    @property
+    def with_streaming_response(self) -> Any:  # type: ignore[override]
+        raise AttributeError(
+            "OpenAIClient does not serve with_streaming_response; use create(stream=True) or with_raw_response"
+        )
+
+    def copy(self, **_options: Any) -> OpenAIClient:  # type: ignore[override]
+        """The client itself: there is no transport, so client options (retries, timeouts, headers)
+        do not apply (a request's ``timeout=`` does), and frameworks that call ``with_options``
+        keep recording into this client."""
+        return self
+
+    with_options = copy  # type: ignore[assignment]
+
     # ------------------------------------------------------------------ create
-    async def _create(self, kwargs: Mapping[str, Any]) -> ChatCompletion:
-        p = _parse_params(kwargs, self.gconfig, self.chat_template_kwargs)
+    async def _create(self, kwargs: Mapping[str, Any]) -> ChatCompletion | openai.AsyncStream[ChatCompletionChunk]:
+        p = _parse_params(kwargs, self.gconfig, self.chat_template_kwargs, self._who)
+        rec = await self._complete(p, f"chatcmpl-{uuid.uuid4().hex}")
+        completion = self._completion(rec, p)
+        if not p.stream:
+            return completion
+        chunks = _streaming.chat_chunks(completion.model_dump(mode="json", exclude_none=True), p.include_usage)
+        return _streaming.chat_stream(self, chunks)
+
+    async def _respond(self, kwargs: Mapping[str, Any]) -> Response | openai.AsyncStream[ResponseStreamEvent]:
+        req = _responses.parse_request(_plain(_given(kwargs)), self._conversations, self._who)
+        p = _parse_params(req.chat, self.gconfig, self.chat_template_kwargs, self._who)
+        rec = await self._complete(p, _responses.new_id("resp"))
+        response = _responses.build_response(rec, req, p.model, self._token_logprobs(rec) if req.logprobs else None)
+        if req.store:
+            self._conversations[rec.id] = [*req.history, *req.new, rec.reply]
+        if not req.stream:
+            return response
+        events = _streaming.response_events(response.model_dump(mode="json", exclude_none=True))
+        return _streaming.response_stream(self, events)
+
+    async def _complete(self, p: _Params, completion_id: str) -> CompletionRecord:
+        """Render, generate, parse and record one completion."""
         context = json.dumps([p.tools, p.template_kwargs], sort_keys=True, ensure_ascii=False)
         keys = tuple(_message_key(m) for m in p.messages)
         prompt_ids, parent, delta_ids = self._prompt(p, context, keys)
         resp = await self._generate(ModelRequest(input_ids=prompt_ids, gconfig=p.gconfig), p.timeout)
         text = self._output_text(resp.output_tokens, p.gconfig)
         parsed = self.tool_parser.parse(text) if p.parse_tools else ParsedOutput(content=text or None)
-        finish = _finish_reason(resp, parsed)
         reply = _reply_message(parsed)
         rec = CompletionRecord(
-            id=f"chatcmpl-{uuid.uuid4().hex}", messages=tuple(p.messages), reply=reply,
+            id=completion_id, messages=tuple(p.messages), reply=reply,
             prompt_ids=prompt_ids, delta_ids=delta_ids, output_ids=list(resp.output_tokens),
-            logprobs=list(resp.output_logprobs), versions=list(resp.output_versions), finish_reason=finish,
-            parent=parent.id if parent else None, context=context, key=(context, *keys, _message_key(reply)),
+            logprobs=list(resp.output_logprobs), versions=list(resp.output_versions),
+            finish_reason=_finish_reason(resp, parsed), parent=parent.id if parent else None,
+            context=context, key=(context, *keys, _message_key(reply)),
         )
         self._record(rec, parsed)
-        return self._completion(rec, parsed, p)
+        return rec
 
     async def _generate(self, req: ModelRequest, limit_s: float | None) -> ModelResponse:
         try:
@@ -452,7 +578,7 @@ class OpenAIClient(openai.AsyncOpenAI):
                 return text[: -len(s)]
         return text
 
-    def _completion(self, rec: CompletionRecord, parsed: ParsedOutput, p: _Params) -> ChatCompletion:
+    def _completion(self, rec: CompletionRecord, p: _Params) -> ChatCompletion:
         choice: dict[str, Any] = {"index": 0, "finish_reason": rec.finish_reason, "message": rec.reply}
         if p.logprobs:
             choice["logprobs"] = {"content": self._token_logprobs(rec)}
@@ -488,7 +614,7 @@ class OpenAIClient(openai.AsyncOpenAI):
         except KeyError:
             raise TrajectoryError(
                 f"unknown completion id {completion_id!r}; expected one of the {len(self._records)} ids this "
-                "client returned (ChatCompletion.id)"
+                "client returned (ChatCompletion.id, chunk.id of a stream, or Response.id)"
             ) from None
 
     def set_reward(self, completion_id: str, reward: float) -> None:

@@ -7,7 +7,11 @@ so the lead exports the episode's trajectories with ``session.export_trajectorie
 
 Endpoints (all need ``Authorization: Bearer <key>``):
 
-- ``POST /v1/chat/completions``: a session key; same parameters and errors as ``OpenAIClient``.
+- ``POST /v1/chat/completions``: a session key; same parameters and errors as ``OpenAIClient``;
+  ``"stream": true`` answers with server-sent events (``data: {chunk}`` ... ``data: [DONE]``).
+- ``POST /v1/responses``: a session key; the Responses API as ``OpenAIClient.responses`` (see
+  :mod:`agentflow._responses`); ``"stream": true`` answers with ``event: <type>`` / ``data: {...}``
+  events. ``previous_response_id`` resolves within the session only.
 - ``GET /v1/models``: any valid key.
 - ``POST /v1/sessions/{id}/reward`` with ``{"reward": r, "completion_id": optional}``: that
   session's key (or the admin key); without ``completion_id`` the last completion is rewarded.
@@ -21,7 +25,11 @@ second loop): ``async with ProxyServer(...) as proxy:``, or ``proxy.bind()`` the
 ``tg.create_task(proxy.serve())`` in the caller's TaskGroup and ``proxy.stop()`` to end it.
 Signals stay with the application (uvicorn's handlers are not installed).
 
-Not covered: streaming responses, the Responses API, TLS (put a reverse proxy in front).
+Streams are sent once the generation has ended (the engine returns whole generations; see
+:mod:`agentflow._streaming`), as one response body; errors come before any event, as JSON.
+
+Not covered: token-by-token streaming, ``GET``/``DELETE /v1/responses/{id}``, the legacy
+Completions, embeddings and other endpoints (404), TLS (put a reverse proxy in front).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
         f"agentflow.proxy needs uvicorn and starlette ({e}); install them with: pip install 'agentflow-rl[serve]'"
     ) from e
 
+from agentflow import _streaming
 from agentflow._types import GenerationConfig, Trajectory
 from agentflow.client import ExportStyle, OpenAIClient
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, TrajectoryError
@@ -86,6 +95,12 @@ class Session:
     @property
     def stats(self) -> dict[str, int]:
         return self.client.stats
+
+
+class _SessionClient(OpenAIClient):
+    """A session's recording client; its errors name the proxy, which is what the agent talks to."""
+
+    _who = "agentflow's proxy"
 
 
 class _HTTPError(Exception):
@@ -190,7 +205,7 @@ class ProxyServer:
             id=f"sess-{secrets.token_hex(8)}",
             api_key=f"af-{secrets.token_urlsafe(32)}",
             base_url=self.base_url,
-            client=OpenAIClient(self.engine, self.tokenizer, **kwargs),
+            client=_SessionClient(self.engine, self.tokenizer, **kwargs),
         )
         self._by_key[session.api_key] = session
         self._by_id[session.id] = session
@@ -272,6 +287,7 @@ class ProxyServer:
     def _build_app(self) -> Starlette:
         routes = [
             Route("/v1/chat/completions", _endpoint(self._chat), methods=["POST"]),
+            Route("/v1/responses", _endpoint(self._responses), methods=["POST"]),
             Route("/v1/models", _endpoint(self._models), methods=["GET"]),
             Route("/v1/sessions", _endpoint(self._create_session), methods=["POST"]),
             Route("/v1/sessions/{session_id}", _endpoint(self._session_info), methods=["GET"]),
@@ -311,11 +327,15 @@ class ProxyServer:
             raise _HTTPError(404, f"unknown session {session_id!r}", "not_found_error")
         return session
 
-    async def _chat(self, request: Request) -> JSONResponse:
+    async def _chat(self, request: Request) -> Response:
         session = self._session_for(request)
         body = await _json_object(request)
-        completion = await session.client.chat.completions.create(**body)
-        return JSONResponse(completion.model_dump(mode="json", exclude_none=True))
+        return _reply(await session.client.chat.completions.create(**body))
+
+    async def _responses(self, request: Request) -> Response:
+        session = self._session_for(request)
+        body = await _json_object(request)
+        return _reply(await session.client.responses.create(**body))
 
     async def _models(self, request: Request) -> JSONResponse:
         key = self._key(request)
@@ -378,6 +398,13 @@ def _endpoint(handler: Handler) -> Handler:
             return _error(502, f"inference engine failed: {e}", "engine_error")
 
     return wrapped
+
+
+def _reply(out: Any) -> Response:
+    """A JSON body for a reply object; the SSE bytes of a stream (which the client built in full)."""
+    if isinstance(out, _streaming.ReplayStream):
+        return Response(_streaming.sse_body(out), media_type="text/event-stream")
+    return JSONResponse(out.model_dump(mode="json", exclude_none=True))
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

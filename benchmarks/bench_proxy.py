@@ -1,15 +1,23 @@
-"""Request overhead of the OpenAI-compatible proxy vs the in-process OpenAIClient.
+"""Request overhead of the OpenAI-compatible proxy vs the in-process OpenAIClient, per API and stream mode.
 
 Both run over ``FakeEngine(latency=0)`` (the engine costs nothing), so the figures are the cost of
 agentflow's own layers: templating, tokenising, recording and building the ChatCompletion
 (in-process), plus HTTP, JSON and the openai SDK's request/response handling (proxy). Client and
 server share this process and its event loop, as an agent coroutine talking to the proxy would.
 
-Prints one JSON line per mode:
-  {"bench": "proxy", "mode": ..., "requests": N, "concurrency": C, "req_per_s": ..., "mean_ms": ...,
-   "p50_ms": ..., "p99_ms": ..., "overhead_ms": mean_ms - in-process mean_ms}
+Four variants run in process and through the proxy with the official SDK: chat completions
+(the baseline), chat completions with ``stream=True`` (every chunk read), the Responses API, and
+the Responses API streamed (every event read). The variants of a group alternate in ``--rounds``
+rounds so that load changes on a shared machine hit them alike; ``ratio_vs_chat`` is a variant's
+mean over its group's non-streamed chat mean, measured in the same process (``p50_ratio_vs_chat``:
+the same with medians, steadier under load).
 
-Usage: python benchmarks/bench_proxy.py [--requests 400] [--concurrency 16] [--output-tokens 32]
+Prints one JSON line per mode:
+  {"bench": "proxy", "mode": ..., "api": "chat" | "responses", "stream": bool, "requests": N,
+   "concurrency": C, "req_per_s": ..., "mean_ms": ..., "p50_ms": ..., "p99_ms": ...,
+   "overhead_ms": mean_ms - in-process chat mean_ms, "ratio_vs_chat": ..., "p50_ratio_vs_chat": ...}
+
+Usage: python benchmarks/bench_proxy.py [--requests 400] [--concurrency 16] [--output-tokens 32] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ from agentflow.proxy import ProxyServer
 from agentflow.testing import FakeEngine, byte_tokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+RESPONSES_TOOLS = [{"type": "function", "name": "add", "parameters": {"type": "object"}}]
+INSTRUCTIONS = "You are a calculator."
 
 
 def _messages(i: int) -> list[dict[str, str]]:
-    return [{"role": "system", "content": "You are a calculator."}, {"role": "user", "content": f"What is {i}+2?"}]
+    return [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": f"What is {i}+2?"}]
 
 
 async def _timed(n: int, concurrency: int, call: Callable[[int], Awaitable[object]]) -> tuple[float, list[float]]:
@@ -53,18 +63,71 @@ async def _timed(n: int, concurrency: int, call: Callable[[int], Awaitable[objec
     return time.perf_counter() - t0, lat
 
 
-def _row(mode: str, n: int, c: int, wall: float, lat: list[float], base_ms: float | None) -> dict:
+Call = Callable[[int], Awaitable[object]]
+# (mode suffix, api, stream) of the four variants; "" is the non-streamed chat baseline.
+VARIANTS = [("", "chat", False), ("_stream", "chat", True), ("_responses", "responses", False),
+            ("_responses_stream", "responses", True)]
+
+
+def _row(mode: str, n: int, c: int, wall: float, lat: list[float], base_ms: float | None, **extra: object) -> dict:
     lat_ms = sorted(x * 1e3 for x in lat)
     mean = statistics.fmean(lat_ms)
     return {
-        "bench": "proxy", "mode": mode, "requests": n, "concurrency": c,
+        "bench": "proxy", "mode": mode, **extra, "requests": n, "concurrency": c,
         "req_per_s": round(n / wall, 1), "mean_ms": round(mean, 3),
         "p50_ms": round(lat_ms[len(lat_ms) // 2], 3), "p99_ms": round(lat_ms[int(len(lat_ms) * 0.99) - 1], 3),
         "overhead_ms": None if base_ms is None else round(mean - base_ms, 3),
     }
 
 
-async def main(n: int, concurrency: int, out_tokens: int) -> None:
+def _variant_calls(api: openai.AsyncOpenAI) -> list[Call]:
+    """Chat, chat streamed, Responses, Responses streamed (streams read to the end) against ``api``."""
+
+    async def drain(stream: openai.AsyncStream) -> None:
+        async with stream:
+            async for _ in stream:
+                pass
+
+    def chat(stream: bool) -> Call:
+        async def call(i: int) -> None:
+            out = await api.chat.completions.create(model="agentflow", messages=_messages(i), tools=TOOLS,
+                                                    stream=stream)
+            if stream:
+                await drain(out)
+        return call
+
+    def responses(stream: bool) -> Call:
+        async def call(i: int) -> None:
+            out = await api.responses.create(model="agentflow", instructions=INSTRUCTIONS, input=f"What is {i}+2?",
+                                             tools=RESPONSES_TOOLS, stream=stream)
+            if stream:
+                await drain(out)
+        return call
+
+    return [chat(False), chat(True), responses(False), responses(True)]
+
+
+async def _compare(prefix: str, calls: list[Call], n: int, rounds: int, base_ms: float | None) -> list[dict]:
+    """Run the four variants in alternating rounds (n requests each in all); rows with ratios to chat."""
+    for call in calls:
+        await _timed(20, 1, call)  # warm-up
+    walls, lats = [0.0] * len(calls), [[] for _ in calls]
+    for _ in range(rounds):
+        for k, call in enumerate(calls):
+            wall, lat = await _timed(n // rounds, 1, call)
+            walls[k] += wall
+            lats[k] += lat
+    rows = [_row(prefix + suffix, len(lat), 1, wall, lat, base_ms, api=api, stream=stream)
+            for (suffix, api, stream), wall, lat in zip(VARIANTS, walls, lats, strict=True)]
+    for row in rows:
+        row["ratio_vs_chat"] = round(row["mean_ms"] / rows[0]["mean_ms"], 3)
+        row["p50_ratio_vs_chat"] = round(row["p50_ms"] / rows[0]["p50_ms"], 3)
+        if base_ms is None:
+            row["overhead_ms"] = round(row["mean_ms"] - rows[0]["mean_ms"], 3)
+    return rows
+
+
+async def main(n: int, concurrency: int, out_tokens: int, rounds: int) -> None:
     tok = byte_tokenizer()
     reply = [*tok.encode("x" * (out_tokens - 1), add_special_tokens=False), tok.eos_token_id]
     engine = FakeEngine(reply=lambda req: list(reply))
@@ -74,25 +137,23 @@ async def main(n: int, concurrency: int, out_tokens: int) -> None:
         print(json.dumps(row), flush=True)
 
     async with engine, ProxyServer(engine, tok, gconfig=gconfig) as proxy:
-        # Baselines: the engine alone, then the in-process client.
+        # Baselines: the engine alone, then the in-process client (its chat mean is the overhead base).
         req = ModelRequest(input_ids=tok.encode("hello", add_special_tokens=False), gconfig=gconfig)
         wall, lat = await _timed(n, 1, lambda i: engine.agenerate(req))
         emit(_row("engine_only", n, 1, wall, lat, None))
         local = OpenAIClient(engine, tok, gconfig=gconfig)
-        await _timed(20, 1, lambda i: local.chat.completions.create(messages=_messages(i), tools=TOOLS))  # warm-up
-        wall, lat = await _timed(n, 1, lambda i: local.chat.completions.create(messages=_messages(i), tools=TOOLS))
-        base_ms = statistics.fmean(lat) * 1e3
-        emit(_row("in_process", n, 1, wall, lat, base_ms))
+        rows = await _compare("in_process", _variant_calls(local), n, rounds, None)
+        base_ms = rows[0]["mean_ms"]
+        for row in rows:
+            emit(row)
 
         session = proxy.new_session()
         async with openai.AsyncOpenAI(base_url=session.base_url, api_key=session.api_key, max_retries=0) as sdk:
-            def via_sdk(i: int) -> Awaitable[object]:
-                return sdk.chat.completions.create(model="agentflow", messages=_messages(i), tools=TOOLS)
-
-            await _timed(20, 1, via_sdk)
-            for c in (1, concurrency):
-                wall, lat = await _timed(n, c, via_sdk)
-                emit(_row("proxy_openai_sdk", n, c, wall, lat, base_ms))
+            for row in await _compare("proxy_openai_sdk", _variant_calls(sdk), n, rounds, base_ms):
+                emit(row)
+            calls = _variant_calls(sdk)
+            wall, lat = await _timed(n, concurrency, calls[0])
+            emit(_row("proxy_openai_sdk", n, concurrency, wall, lat, base_ms, api="chat", stream=False))
 
         headers = {"Authorization": f"Bearer {session.api_key}"}
         async with httpx.AsyncClient(base_url=session.base_url, headers=headers) as http:
@@ -102,7 +163,7 @@ async def main(n: int, concurrency: int, out_tokens: int) -> None:
 
             for c in (1, concurrency):
                 wall, lat = await _timed(n, c, via_httpx)
-                emit(_row("proxy_httpx", n, c, wall, lat, base_ms))
+                emit(_row("proxy_httpx", n, c, wall, lat, base_ms, api="chat", stream=False))
 
 
 if __name__ == "__main__":
@@ -110,5 +171,6 @@ if __name__ == "__main__":
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--output-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=4, help="alternations of the four variants (API x stream)")
     args = ap.parse_args()
-    asyncio.run(main(args.requests, args.concurrency, args.output_tokens))
+    asyncio.run(main(args.requests, args.concurrency, args.output_tokens, args.rounds))

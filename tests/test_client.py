@@ -93,7 +93,9 @@ async def test_openai_sentinels_are_treated_as_not_given():
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"stream": True}, "stream=True"),
+        ({"stream": "yes"}, "stream must be true or false"),
+        ({"stream_options": {"include_usage": True}}, "only allowed with stream=True"),
+        ({"stream": True, "stream_options": {"chunk_size": 3}}, "stream_options must be"),
         ({"n": 2}, "n=2"),
         ({"seed": 1}, "seed=1"),
         ({"tool_choice": "required"}, "tool_choice='required'"),
