@@ -14,7 +14,7 @@ Chat chunks: the role, then the content in one delta, then per tool call a delta
 index, id, type and name (empty arguments) and one with its arguments, then ``finish_reason``
 (with the log-probs when asked), then with ``include_usage`` a chunk with no choices and the usage.
 
-Not done here: generating, recording or validating requests (:mod:`agentflow.client`).
+Not here: generating, recording or validating requests (:mod:`agentflow.client`).
 """
 
 from __future__ import annotations
