@@ -203,3 +203,105 @@ def test_a_workflow_without_arun_episode_fails_at_once(tmp_path):
     assert out.returncode == 2
     assert "NoEpisode, which has no arun_episode" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()  # nothing was written for a run that could not start
+
+
+# ------------------------------------------------------------------------------------ CLI messages (13)
+@pytest.fixture
+def cli(capsys):
+    """Run ``agentflow.cli.main`` in-process; returns (exit code, stderr). Restores SIGTERM's handler."""
+    import signal
+
+    from agentflow.cli import main
+
+    def run(*argv: str) -> tuple[int, str]:
+        before = signal.getsignal(signal.SIGTERM)
+        try:
+            code = main(list(argv))
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        return code, capsys.readouterr().err
+
+    return run
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("model: [1\n", "cannot parse .* as YAML: while parsing a flow sequence"),
+    ("- 1\n- 2\n", "holds a YAML list at the top level; expected a mapping"),
+])
+def test_bad_yaml_files_get_a_message(tmp_path, cli, content, expected):
+    import re
+
+    (tmp_path / "c.yaml").write_text(content)
+    code, err = cli("train", str(tmp_path / "c.yaml"), f"logging.run_dir={tmp_path}/run")
+    assert code == 2 and re.search(expected, err), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("threads=-2", "threads must be >= 0"),
+    ("model.tiny_hidden_size=-8", "model.tiny_hidden_size must be a positive multiple of 8"),
+    ("trainer.batch_timeout_s=.inf", "trainer.batch_timeout_s must be a finite number"),
+    ("workflow.options.bogus=1", "workflow.options.bogus: unknown option of workflow 'rlvr'; accepted: "),
+    ("inference.backend=remote", "trainer.weight_update=mem needs the in-process engine"),
+])
+def test_bad_values_get_a_message_before_anything_runs(tmp_path, cli, override, expected):
+    extra = ["inference.addresses=[127.0.0.1:9]"] if "remote" in override else []
+    code, err = cli("train", TINY, f"logging.run_dir={tmp_path}/run", override, *extra)
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_workflow_file_with_a_syntax_error_gets_a_message(tmp_path, cli):
+    (tmp_path / "wf.py").write_text("class X(:\n")
+    code, err = cli("train", TINY, f"logging.run_dir={tmp_path}/run", f"workflow.name={tmp_path}/wf.py:X")
+    assert code == 2 and "has a syntax error at line 1" in err, err
+
+
+def test_a_run_dir_that_is_a_file_gets_a_message(tmp_path, cli):
+    (tmp_path / "file").write_text("")
+    code, err = cli("train", TINY, f"logging.run_dir={tmp_path}/file")
+    assert code == 2 and "is a file; expected a directory" in err, err
+
+
+def test_serve_with_a_bad_model_path_gets_a_message(tmp_path, cli):
+    code, err = cli("serve", "--model", str(tmp_path / "missing"))
+    assert code == 2 and "agentflow serve: error:" in err and "Traceback" not in err, err
+
+
+def test_bent_options_are_warned_at_start(caplog):
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe._startup import warn_bent_options
+
+    cfg = load_recipe_config([TINY], ["rollout.consumer_batch_size=16", "generation.max_new_tokens=200"])
+    with caplog.at_level("WARNING"):
+        warnings = warn_bent_options(cfg, n_train=10)
+    assert len(warnings) == 2
+    assert "larger than the 10 training prompts" in caplog.text and "outputs are cut at max_seq_len" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ the run directory (9)
+def test_a_run_dir_without_a_checkpoint_starts_fresh(tmp_path, cli):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")  # what a run that failed before its first checkpoint left
+    code, err = cli("train", TINY, f"logging.run_dir={run}", "--resume")
+    assert code == 2 and "nothing to resume" in err and "without --resume" in err, err
+    assert (run / "config.json").read_text() == "{}"  # untouched by the failed start
+    code, err = cli("train", TINY, f"logging.run_dir={run}", "trainer.total_steps=2", "trainer.eval_every=0")
+    assert code == 0, err
+    assert Checkpointer(run).latest().name == "step-000002"
+    assert list(run.glob("metrics.stale-*.jsonl"))
+
+
+@pytest.mark.integration
+def test_resume_with_another_model_size_names_the_change_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    out = _agentflow("train", TINY, f"logging.run_dir={run}", "trainer.total_steps=2", "trainer.eval_every=0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = (run / "config.json").read_text()
+    out = _agentflow("train", TINY, f"logging.run_dir={run}", "trainer.total_steps=4", "model.tiny_hidden_size=32",
+                     "--resume")
+    assert out.returncode == 2 and "cannot resume from" in out.stderr, out.stderr[-2000:]
+    assert "model.tiny_hidden_size: 64 in the checkpoint's run, 32 now" in out.stderr
+    assert (run / "config.json").read_text() == config

@@ -72,12 +72,23 @@ def workflow(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: Genera
         from agentflow.workflows.rlvr import RLVRConfig, RLVRWorkflow
 
         options = {"truncated_reward": 0.0, **spec.options}  # an unfinished answer earns nothing
+        accepted = [f.name for f in dataclasses.fields(RLVRConfig) if f.name != "gconfig"]
+        _check_options(spec, accepted, has_kwargs=False)
         return RLVRWorkflow(tokenizer, reward_fn, RLVRConfig(gconfig=gconfig, **options))
     cls = import_object(spec.name)
     offered = {"tokenizer": tokenizer, "reward_fn": reward_fn, "gconfig": gconfig}
     params = inspect.signature(cls).parameters
+    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    _check_options(spec, [p for p in params if p not in offered], has_kwargs=has_kwargs)
     kwargs = {k: v for k, v in offered.items() if k in params and k not in spec.options}
     return cls(**kwargs, **spec.options)
+
+
+def _check_options(spec: WorkflowSpec, accepted: list[str], *, has_kwargs: bool) -> None:
+    unknown = [k for k in spec.options if k not in accepted and k not in ("tokenizer", "reward_fn", "gconfig")]
+    if unknown and not has_kwargs:
+        raise ConfigError([f"workflow.options.{k}: unknown option of workflow {spec.name!r}; accepted: "
+                           f"{', '.join(accepted) or 'none'}" for k in unknown])
 
 
 def import_object(ref: str) -> Any:
@@ -100,7 +111,13 @@ def _import_file(where: str) -> Any:
         raise ConfigError(f"cannot import {where!r} as a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"workflow file {where!r} has a syntax error at line {e.lineno}: {e.msg}; "
+                          f"{(e.text or '').strip()!r}") from e
+    except Exception as e:  # the file's own top-level code failed
+        raise ConfigError(f"importing workflow file {where!r} failed: {type(e).__name__}: {e}") from e
     return module
 
 

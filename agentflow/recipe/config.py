@@ -43,6 +43,16 @@ class ModelSpec:
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tiny_hidden_size < 8 or self.tiny_hidden_size % 8:
+            problems.append(f"model.tiny_hidden_size must be a positive multiple of 8 (4 heads of even size), "
+                            f"got {self.tiny_hidden_size}")
+        if self.tiny_layers < 1:
+            problems.append(f"model.tiny_layers must be >= 1, got {self.tiny_layers}")
+        if problems:
+            raise ConfigError(problems)
+
 
 @dataclass(frozen=True, slots=True)
 class DataSpec:
@@ -166,6 +176,16 @@ class TrainRecipeConfig:
     inference: InferenceSpec = field(default_factory=InferenceSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.threads < 0:
+            problems.append(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        if self.inference.backend == "remote" and self.trainer.weight_update == "mem":
+            problems.append("trainer.weight_update=mem needs the in-process engine (inference.backend=local); with "
+                            "inference.backend=remote use trainer.weight_update=disk or nccl")
+        if problems:
+            raise ConfigError(problems)
 
 
 def load_recipe_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> TrainRecipeConfig:
