@@ -19,6 +19,7 @@ Not here: building engines, workflows or datasets from a config (``agentflow.rec
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import pathlib
@@ -33,6 +34,7 @@ from agentflow._buffer import Group
 from agentflow._checkpoint import Checkpointer
 from agentflow._data import PromptSource
 from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
+from agentflow._guard import guard_workflow
 from agentflow._memory import peak_rss_gib, rss_gib, trim_heap
 from agentflow._metrics import MetricsLogger
 from agentflow._rollout import Rollout
@@ -42,6 +44,7 @@ from agentflow.errors import ConfigError, EngineError, WorkflowError
 __all__ = ["EvalSpec", "Trainer", "TrainerConfig"]
 
 log = logging.getLogger("agentflow.trainer")
+_MAX_LOGGED_REJECTIONS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,8 @@ class TrainerConfig:
             gradient norm) after which the run fails with the reason; null = never.
         stop_grace_s: after SIGINT/SIGTERM, seconds the run may take to stop cleanly (finish the
             step in progress and write a final checkpoint) before the process exits at once.
+        loop_block_warn_s: warn (naming the workflow, at most once a minute) when one episode holds
+            the event loop this long without awaiting.
     """
 
     total_steps: int = 40
@@ -81,6 +86,7 @@ class TrainerConfig:
     max_queued: int = 64
     max_skipped_steps: int | None = 3
     stop_grace_s: float = 8.0
+    loop_block_warn_s: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,7 +96,7 @@ class TrainerConfig:
                 problems.append(f"trainer.{name} must be >= {lo}, got {getattr(self, name)}")
         if self.max_tokens_per_mb is not None and self.max_tokens_per_mb < 16:
             problems.append(f"trainer.max_tokens_per_mb must be >= 16 or null, got {self.max_tokens_per_mb}")
-        for name in ("batch_timeout_s", "update_timeout_s", "stop_grace_s"):
+        for name in ("batch_timeout_s", "update_timeout_s", "stop_grace_s", "loop_block_warn_s"):
             if not 0 < getattr(self, name) < math.inf:
                 problems.append(f"trainer.{name} must be a finite number of seconds > 0, got {getattr(self, name)}")
         if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
@@ -116,6 +122,7 @@ class _RunState:
     step: int = 0
     saved_step: int = 0  # the step of the newest checkpoint written or resumed from
     skipped_in_a_row: int = 0
+    rejected_invalid: int = 0  # trajectories refused at consume time (token ids outside the vocabulary)
     tokens_trained: int = 0
     episodes_trained: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -157,10 +164,12 @@ class Trainer:
         self.rollout = Rollout.of(engine)
         self.train_engine = train_engine
         self.train_step = train_step
-        self.workflow = workflow
+        self.workflow = guard_workflow(workflow, block_warn_s=config.loop_block_warn_s)  # SystemExit, blocking
         self.prompts = prompts
         self.run_dir = pathlib.Path(run_dir)
         self.metrics = metrics
+        if evaluation is not None:
+            evaluation = dataclasses.replace(evaluation, workflow=guard_workflow(evaluation.workflow))
         self.evaluation = evaluation
         self.progress = progress
         self.tokenizer = tokenizer
@@ -170,6 +179,7 @@ class Trainer:
         self._eval_task: asyncio.Task[None] | None = None
         self._stop = threading.Event()
         self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")
+        self._vocab_size = _vocab_size(train_engine)
         if not callable(getattr(workflow, "arun_episode", None)):
             raise WorkflowError(f"expected a workflow with `async def arun_episode(engine, data)`, got "
                                 f"{type(workflow).__name__}, which has no arun_episode method")
@@ -273,7 +283,7 @@ class Trainer:
     def _one_step(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        groups = self.rollout.get_groups(self.rollout.config.consumer_batch_size, timeout=cfg.batch_timeout_s)
+        groups = self._valid_groups(cfg.batch_timeout_s)
         t_wait = time.perf_counter() - t0
         trajs = [t for g in groups for t in g.trajectories]
         stats = self.train_step(trajs)
@@ -289,6 +299,36 @@ class Trainer:
         record = self._step_record(groups, trajs, stats, t_wait, t_train, time.perf_counter() - t0)
         self.metrics.log(version, record)
         return record
+
+    def _valid_groups(self, timeout: float) -> list[Group]:
+        """A batch of groups whose every token id is inside the policy's vocabulary. A trajectory
+        outside it is rejected with a logged reason (it would end the run with an IndexError in
+        the train engine); a group left empty is replaced by waiting for another."""
+        want = self.rollout.config.consumer_batch_size
+        deadline = time.monotonic() + timeout
+        kept: list[Group] = []
+        while len(kept) < want:
+            left = deadline - time.monotonic()
+            for g in self.rollout.get_groups(want - len(kept), timeout=max(left, 0.001)):
+                good = [t for t in g.trajectories if self._in_vocab(t, g.group_id)]
+                if good:
+                    g.trajectories = good
+                    kept.append(g)
+        return kept
+
+    def _in_vocab(self, traj: Trajectory, group_id: str) -> bool:
+        vocab = self._vocab_size
+        if vocab is None or not traj.input_ids:
+            return True
+        lo, hi = min(traj.input_ids), max(traj.input_ids)
+        if 0 <= lo and hi < vocab:
+            return True
+        self.state.rejected_invalid += 1
+        if self.state.rejected_invalid <= _MAX_LOGGED_REJECTIONS:
+            log.warning("rejected a trajectory of group %s: token ids span [%d, %d], expected ids in [0, %d) (the "
+                        "policy's vocabulary); tokenize tool and user turns with the policy's tokenizer",
+                        group_id, lo, hi, vocab)
+        return False
 
     async def _publish(self, version: int, meta: WeightUpdateMeta) -> None:
         """Pause rollout, load the new weights, bump the version, resume; then maybe evaluate."""
@@ -370,6 +410,7 @@ class Trainer:
             "rollout/episodes": len(trajs),
             "rollout/gen_tokens_mean": gen_tokens / max(1, len(trajs)),
             "rollout/rejected": ex["rejected"],
+            "rollout/rejected_invalid": self.state.rejected_invalid,
             "rollout/dropped_stale": ex["dropped_stale"],
             "rollout/running": ex["running"],
             "time/wait_s": t_wait,
@@ -408,6 +449,19 @@ async def evaluate(
         for item in data:
             tg.create_task(one(item))
     return rewards
+
+
+def _vocab_size(train_engine: Any) -> int | None:
+    """Rows of the policy's input embedding (None when the engine does not expose its model)."""
+    model = getattr(train_engine, "model", None)
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        emb = get()
+        n = getattr(emb, "num_embeddings", None)
+        if isinstance(n, int):
+            return n
+    n = getattr(getattr(model, "config", None), "vocab_size", None)
+    return n if isinstance(n, int) else None
 
 
 class _Stopped(Exception):

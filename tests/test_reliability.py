@@ -305,3 +305,94 @@ def test_resume_with_another_model_size_names_the_change_and_changes_nothing(tmp
     assert out.returncode == 2 and "cannot resume from" in out.stderr, out.stderr[-2000:]
     assert "model.tiny_hidden_size: 64 in the checkpoint's run, 32 now" in out.stderr
     assert (run / "config.json").read_text() == config
+
+
+# ------------------------------------------------------------------------------------ bad episodes (2, 4, 5)
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"reward": 1e300}, "within ±1e\\+09"),
+    ({"reward": float("nan")}, "finite"),
+    ({"logprobs": [0.0, float("nan")]}, "token 1: log-prob nan"),
+    ({"logprobs": [0.0, float("-inf")]}, "token 1: log-prob -inf"),
+    ({"loss_mask": [1, 1], "versions": [0, 0]}, r"loss_mask\[0\] = 1"),
+])
+def test_trajectories_that_would_skip_or_crash_training_are_refused_when_built(fields, expected):
+    from agentflow import Trajectory, TrajectoryError
+
+    args = {"input_ids": [1, 2], "loss_mask": [0, 1], "logprobs": [0.0, -0.5], "versions": [-1, 0], "reward": 1.0}
+    with pytest.raises(TrajectoryError, match=expected):
+        Trajectory(**{**args, **fields})
+
+
+class _Episodes:
+    """Each item's ``kind`` says what its episode does."""
+
+    async def arun_episode(self, engine, data):
+        import time
+
+        from agentflow import Trajectory
+
+        if data["kind"] == "exit":
+            raise SystemExit(3)
+        if data["kind"] == "block":
+            time.sleep(0.3)  # noqa: ASYNC251  (the blocking call the guard must name)
+        reward = 1e300 if data["kind"] == "huge" else 1.0
+        return Trajectory([1, 2], [0, 1], [0.0, -0.5], [-1, 0], reward=reward)
+
+
+async def test_bad_episodes_are_rejected_with_a_reason_and_the_loop_block_is_named(caplog):
+    from agentflow import Rollout, RolloutConfig
+    from agentflow._guard import guard_workflow
+    from agentflow.testing import FakeEngine
+
+    wf = guard_workflow(_Episodes(), block_warn_s=0.2)
+    kinds = ["exit", "huge", "block", "ok"]
+    async with FakeEngine(rollout=RolloutConfig(max_staleness=10, consumer_batch_size=1)) as engine:
+        rollout = Rollout.of(engine)
+        with caplog.at_level("WARNING", logger="agentflow.executor"):
+            trajs = await rollout.rollout([{"kind": k} for k in kinds], wf)
+    assert len(trajs) == 2  # "block" (slow but fine) and "ok"
+    reasons = rollout.stats()["rejected_by_reason"]
+    assert reasons == {"WorkflowError": 1, "TrajectoryError": 1}, reasons
+    assert "SystemExit(3)" in caplog.text
+    assert "workflow _Episodes blocked the event loop for 0.3s" in caplog.text
+
+
+def _fake_trainer(**state):
+    from types import SimpleNamespace
+
+    from agentflow._trainer import Trainer, TrainerConfig, _RunState
+
+    t = SimpleNamespace(cfg=TrainerConfig(max_skipped_steps=3), state=_RunState(**state), _vocab_size=10)
+    t._in_vocab = lambda traj, gid: Trainer._in_vocab(t, traj, gid)
+    return t, Trainer
+
+
+def test_consecutive_skipped_steps_fail_the_run_with_the_reason():
+    from agentflow import EngineError
+
+    t, trainer = _fake_trainer()
+    skipped = {"train/skipped": 1.0, "train/grad_norm": float("nan"), "reward/mean": 0.5}
+    trainer._check_skipped(t, skipped)
+    trainer._check_skipped(t, {"train/skipped": 0.0})  # a step that trained resets the count
+    trainer._check_skipped(t, skipped)
+    trainer._check_skipped(t, skipped)
+    with pytest.raises(EngineError, match=r"3 steps in a row skipped.*grad_norm=nan.*max_skipped_steps"):
+        trainer._check_skipped(t, skipped)
+
+
+def test_token_ids_outside_the_vocabulary_reject_the_trajectory_not_the_run(caplog):
+    from types import SimpleNamespace
+
+    from agentflow import Trajectory
+    from agentflow._buffer import Group
+
+    t, trainer = _fake_trainer()
+    good = Trajectory([1, 2], [0, 1], [0.0, -0.5], [-1, 0])
+    bad = Trajectory([1, 99], [0, 1], [0.0, -0.5], [-1, 0])
+    batches = [[Group("a", [bad]), Group("b", [good, bad])], [Group("c", [good])]]
+    t.rollout = SimpleNamespace(config=SimpleNamespace(consumer_batch_size=2),
+                                get_groups=lambda n, timeout: batches.pop(0)[:n])
+    with caplog.at_level("WARNING", logger="agentflow.trainer"):
+        groups = trainer._valid_groups(t, 10.0)
+    assert [g.group_id for g in groups] == ["b", "c"] and groups[0].trajectories == [good]
+    assert t.state.rejected_invalid == 2 and "token ids span [1, 99], expected ids in [0, 10)" in caplog.text
