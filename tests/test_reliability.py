@@ -396,3 +396,100 @@ def test_token_ids_outside_the_vocabulary_reject_the_trajectory_not_the_run(capl
         groups = trainer._valid_groups(t, 10.0)
     assert [g.group_id for g in groups] == ["b", "c"] and groups[0].trajectories == [good]
     assert t.state.rejected_invalid == 2 and "token ids span [1, 99], expected ids in [0, 10)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ agentflow serve (11)
+async def _serve_client(limits=None, latency: float = 0.0):
+    import httpx
+
+    from agentflow.engines._serve_guard import ServeLimits
+    from agentflow.engines.sglang_server import ServerConfig, build_app
+    from agentflow.testing import FakeEngine, byte_tokenizer
+
+    engine = FakeEngine(latency=latency)
+    await engine.__aenter__()
+    limits = limits or ServeLimits(vocab_size=259)
+    app = build_app(engine, model_path="fake", tokenizer=byte_tokenizer(), config=ServerConfig(chunk_tokens=2),
+                    manage_engine=False, limits=limits)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return engine, app, client
+
+
+async def test_serve_api_key_has_sglang_semantics():
+    from agentflow.engines._serve_guard import ServeLimits
+
+    engine, _, c = await _serve_client(ServeLimits(api_key="k1", admin_api_key="admin"))
+    try:
+        gen = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}
+        r = await c.post("/generate", json=gen)
+        assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}
+        assert (await c.post("/generate", json=gen, headers={"Authorization": "bearer k1"})).status_code == 200
+        assert (await c.post("/generate", json=gen, headers={"x-api-key": "k1"})).status_code == 200
+        assert (await c.get("/health")).status_code == 200  # probes need no key
+        upd = {"model_path": "/elsewhere", "weight_version": "999"}
+        for headers in ({}, {"Authorization": "Bearer k1"}):  # the control routes need the admin key
+            r = await c.post("/update_weights_from_disk", json=upd, headers=headers)
+            assert r.status_code == 401
+        r = await c.post("/pause_generation", json={}, headers={"Authorization": "Bearer admin"})
+        assert r.status_code == 200
+    finally:
+        await c.aclose()
+        await engine.__aexit__(None, None, None)
+
+
+def test_serve_refuses_a_public_bind_without_a_key():
+    from agentflow import ConfigError
+    from agentflow.engines._serve_guard import ServeLimits, check_bind
+
+    with pytest.raises(ConfigError, match=r"non-loopback host '0\.0\.0\.0' without --api-key"):
+        check_bind("0.0.0.0", ServeLimits())
+    check_bind("0.0.0.0", ServeLimits(api_key="secret"))
+    check_bind("127.0.0.1", ServeLimits())
+
+
+@pytest.mark.parametrize(("body", "status", "expected"), [
+    ({"input_ids": [1], "sampling_params": {"n": 3000}}, 400, "sampling_params.n=3000 is larger than"),
+    ({"input_ids": [[1]] * 300}, 400, "would start 300 sequences"),
+    ({"input_ids": [1], "sampling_params": {"max_new_tokens": 10**6}}, 400, "max_new_tokens=1000000 is larger"),
+    ({"input_ids": [1, 100000]}, 400, "token id 100000; expected ids in [0, 259)"),
+    ({"input_ids": [1], "pad": "x" * (5 << 20)}, 413, "larger than the server's limit"),
+])
+async def test_serve_caps_requests_with_4xx(body, status, expected):
+    from agentflow.engines._serve_guard import ServeLimits
+
+    engine, app, c = await _serve_client(ServeLimits(vocab_size=259, max_new_tokens=4096))
+    try:
+        r = await c.post("/generate", json=body)
+        assert r.status_code == status, r.text
+        assert expected in json.dumps(r.json()), r.text
+        assert not app.state.server.running
+    finally:
+        await c.aclose()
+        await engine.__aexit__(None, None, None)
+
+
+@pytest.mark.integration
+async def test_serve_aborts_generations_whose_client_went_away():
+    import asyncio
+
+    import httpx
+    from _sglang_helpers import ServerThread
+
+    from agentflow.engines.sglang_server import ServerConfig, build_app
+    from agentflow.testing import FakeEngine, byte_tokenizer
+
+    engine = FakeEngine(latency=0.05)
+    app = build_app(engine, model_path="fake", tokenizer=byte_tokenizer(), config=ServerConfig(chunk_tokens=2))
+    srv = await asyncio.to_thread(ServerThread(app).start)
+    try:
+        body = {"input_ids": [1], "sampling_params": {"max_new_tokens": 2000, "n": 8}}
+        async with httpx.AsyncClient(timeout=0.5) as c:
+            with pytest.raises(httpx.TimeoutException):
+                await c.post(f"http://{srv.address}/generate", json=body)
+        for _ in range(100):
+            if not app.state.server.running:
+                break
+            await asyncio.sleep(0.05)
+        assert not app.state.server.running  # all 8 generations stopped with their client
+    finally:
+        await asyncio.to_thread(srv.stop)
