@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
-import json
 import logging
 import secrets
 import socket
@@ -50,6 +49,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
         f"agentflow.proxy needs uvicorn and starlette ({e}); install them with: pip install 'agentflow-rl[serve]'"
     ) from e
 
+from agentflow._proxy_guard import RequestError, check_chat_body, check_reward_body, read_body
 from agentflow._types import GenerationConfig, Trajectory
 from agentflow.client import ExportStyle, OpenAIClient
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, TrajectoryError
@@ -314,6 +314,7 @@ class ProxyServer:
     async def _chat(self, request: Request) -> JSONResponse:
         session = self._session_for(request)
         body = await _json_object(request)
+        check_chat_body(body)  # a JSON 400 naming the field, not a 500
         completion = await session.client.chat.completions.create(**body)
         return JSONResponse(completion.model_dump(mode="json", exclude_none=True))
 
@@ -338,8 +339,7 @@ class ProxyServer:
     async def _reward(self, request: Request) -> JSONResponse:
         s = self._authorize_session(request, request.path_params["session_id"])
         body = await _json_object(request)
-        if "reward" not in body:
-            raise ConfigError('reward body must be {"reward": <number>, "completion_id": <optional id>}')
+        check_reward_body(body)  # 422 for a reward that would break training
         cid = body.get("completion_id")
         if cid is None:
             s.set_last_reward(body["reward"])
@@ -369,6 +369,8 @@ def _endpoint(handler: Handler) -> Handler:
             return await handler(request)
         except _HTTPError as e:
             return _error(e.status, e.message, e.kind)
+        except RequestError as e:
+            return _error(e.status, e.message, "invalid_request_error")
         except (ConfigError, TrajectoryError) as e:
             return _error(400, str(e), "invalid_request_error")
         except EngineTimeout as e:
@@ -376,15 +378,11 @@ def _endpoint(handler: Handler) -> Handler:
         except EngineError as e:
             log.exception("engine error while serving a chat completion")
             return _error(502, f"inference engine failed: {e}", "engine_error")
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a body the checks did not foresee
+            return _error(400, f"malformed request: {type(e).__name__}: {e}", "invalid_request_error")
 
     return wrapped
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"request body is not valid JSON ({e})") from e
-    if not isinstance(body, dict):
-        raise ConfigError(f"request body must be a JSON object, got {type(body).__name__}")
-    return body
+    return await read_body(request)  # capped; large bodies parsed off the loop

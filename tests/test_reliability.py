@@ -493,3 +493,53 @@ async def test_serve_aborts_generations_whose_client_went_away():
         assert not app.state.server.running  # all 8 generations stopped with their client
     finally:
         await asyncio.to_thread(srv.stop)
+
+
+# ------------------------------------------------------------------------------------ the proxy (4, 12)
+@pytest.fixture
+async def proxy_session():
+    from agentflow.proxy import ProxyServer
+    from agentflow.testing import FakeEngine, byte_tokenizer
+
+    engine = FakeEngine()
+    async with engine, ProxyServer(engine, byte_tokenizer()) as server:
+        yield server.new_session()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("body", "status", "field"), [
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": "abc"}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": 5}, 400, "stop_token_ids"),
+    ({"messages": [{"role": "user", "content": "hi"}], "self": 1}, 400, "self"),
+    ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, None),
+])
+async def test_proxy_answers_malformed_bodies_with_a_json_4xx_naming_the_field(proxy_session, body, status, field):
+    import httpx
+
+    s = proxy_session
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{s.base_url}/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {s.api_key}"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    if field:
+        assert repr(field) in err["message"], err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("reward", [1e300, 1e308, "NaN"])
+async def test_proxy_answers_a_reward_that_would_break_training_with_422(proxy_session, reward):
+    import httpx
+
+    s = proxy_session
+    headers = {"Authorization": f"Bearer {s.api_key}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{s.base_url}/chat/completions", headers=headers,
+                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        r = await http.post(f"{s.base_url}/sessions/{s.id}/reward", headers=headers,
+                            content=f'{{"reward": {reward}}}')
+    assert r.status_code == 422, r.text
+    assert "within ±1e+09" in r.json()["error"]["message"]
