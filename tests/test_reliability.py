@@ -543,3 +543,54 @@ async def test_proxy_answers_a_reward_that_would_break_training_with_422(proxy_s
                             content=f'{{"reward": {reward}}}')
     assert r.status_code == 422, r.text
     assert "within ±1e+09" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------ disk full, read-only (6)
+@pytest.mark.parametrize(("errno_name", "expected"), [("ENOSPC", "the file system is full"),
+                                                      ("EROFS", "the directory is not writable")])
+def test_a_failed_save_says_what_ran_out_and_keeps_the_previous_checkpoint(tmp_path, errno_name, expected):
+    import errno
+
+    ck = Checkpointer(tmp_path)
+    _save(ck, 2)
+
+    def save_model(path):  # what torch's writer raises, with the OS error as its cause
+        path.mkdir(parents=True)
+        (path / "partial.bin").write_bytes(b"x" * 100)
+        try:
+            raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos") from e
+
+    with pytest.raises(CheckpointError, match=rf"{expected}.*step-000002 is kept.*--resume"):
+        ck.save(4, save_model=save_model, trainer_state={"step": 4}, rollout_state={})
+    assert not list((tmp_path / "checkpoints").glob(".tmp-step-*"))
+    assert ck.latest_intact().name == "step-000002"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_really_full_disk_is_named(tmp_path):
+    """A 1 MiB tmpfs in a private mount namespace: the save hits ENOSPC for real."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    script = (
+        "import os, subprocess, sys, pathlib\n"
+        f"root = pathlib.Path({str(tmp_path / 'full')!r}); root.mkdir()\n"
+        "subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(root)], check=True)\n"
+        "from agentflow._checkpoint import Checkpointer\n"
+        "from agentflow.errors import CheckpointError\n"
+        "ck = Checkpointer(root)\n"
+        "try:\n"
+        "    ck.save(1, save_model=lambda p: (p.mkdir(parents=True), (p / 'w').write_bytes(b'x' * (4 << 20))),\n"
+        "            trainer_state={'step': 1}, rollout_state={})\n"
+        "except CheckpointError as e:\n"
+        "    print(e); print(sorted(x.name for x in (root / 'checkpoints').iterdir()))\n"
+    )
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "mount" in out.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr[-200:]}")
+    assert "the file system is full" in out.stdout, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("[]"), out.stdout  # the partial directory is gone
