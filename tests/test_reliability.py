@@ -294,6 +294,11 @@ def test_a_run_dir_without_a_checkpoint_starts_fresh(tmp_path, cli):
     assert list(run.glob("metrics.stale-*.jsonl"))
 
 
+def test_an_uncreatable_run_dir_gets_a_message(cli):
+    code, err = cli("train", TINY, "logging.run_dir=/proc/agentflow-run", "trainer.total_steps=1")
+    assert code == 2 and "cannot create logging.run_dir=/proc/agentflow-run" in err, err
+
+
 @pytest.mark.integration
 def test_resume_with_another_model_size_names_the_change_and_changes_nothing(tmp_path):
     run = tmp_path / "run"

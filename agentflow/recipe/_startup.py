@@ -68,7 +68,11 @@ def _check_writable(run_dir: pathlib.Path) -> None:
 def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
     """Create the run directory and write ``config.json`` (the run is known to be startable)."""
     run_dir = pathlib.Path(cfg.logging.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create logging.run_dir={run_dir} ({e.strerror}); point logging.run_dir at a "
+                          "writable directory") from e
     stale = run_dir / "metrics.jsonl"
     if not resumed and stale.exists():
         aside = run_dir / f"metrics.stale-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
