@@ -599,3 +599,15 @@ def test_a_really_full_disk_is_named(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr[-200:]}")
     assert "the file system is full" in out.stdout, out.stdout + out.stderr
     assert out.stdout.strip().endswith("[]"), out.stdout  # the partial directory is gone
+
+
+def test_a_train_state_holding_objects_is_refused_not_executed(tmp_path, monkeypatch):
+    import torch
+
+    from agentflow.engines.fsdp import _load_plain
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"optimizer": _Evil()}, tmp_path / "agentflow_train_state.pt")
+    with pytest.raises(CheckpointError, match="will not unpickle"):
+        _load_plain(str(tmp_path / "agentflow_train_state.pt"))
+    assert not (tmp_path / "PWNED").exists()
