@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import pathlib
@@ -36,15 +37,17 @@ from agentflow._buffer import Group, GroupFilter
 from agentflow._checkpoint import Checkpointer
 from agentflow._data import PromptSource
 from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
+from agentflow._guard import guard_workflow
 from agentflow._memory import peak_rss_gib, rss_gib, trim_heap
 from agentflow._metrics import MetricsLogger
 from agentflow._rollout import Rollout
 from agentflow._types import Trajectory
-from agentflow.errors import ConfigError, EngineError
+from agentflow.errors import ConfigError, EngineError, WorkflowError
 
 __all__ = ["EvalSpec", "Trainer", "TrainerConfig"]
 
 log = logging.getLogger("agentflow.trainer")
+_MAX_LOGGED_REJECTIONS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,12 @@ class TrainerConfig:
         batch_timeout_s: deadline for one batch of rollouts to arrive (fails loudly when exceeded).
         update_timeout_s: deadline for one weight update.
         max_queued: prompts the feeder keeps waiting in the executor's queue.
+        max_skipped_steps: consecutive steps whose every optimiser step was skipped (a non-finite
+            gradient norm) after which the run fails with the reason; null = never.
+        stop_grace_s: after SIGINT/SIGTERM, seconds the run may take to stop cleanly (finish the
+            step in progress and write a final checkpoint) before the process exits at once.
+        loop_block_warn_s: warn (naming the workflow, at most once a minute) when one episode holds
+            the event loop this long without awaiting.
     """
 
     total_steps: int = 40
@@ -78,6 +87,9 @@ class TrainerConfig:
     batch_timeout_s: float = 1800.0
     update_timeout_s: float = 600.0
     max_queued: int = 64
+    max_skipped_steps: int | None = 3
+    stop_grace_s: float = 8.0
+    loop_block_warn_s: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -87,9 +99,11 @@ class TrainerConfig:
                 problems.append(f"trainer.{name} must be >= {lo}, got {getattr(self, name)}")
         if self.max_tokens_per_mb is not None and self.max_tokens_per_mb < 16:
             problems.append(f"trainer.max_tokens_per_mb must be >= 16 or null, got {self.max_tokens_per_mb}")
-        for name in ("batch_timeout_s", "update_timeout_s"):
-            if not getattr(self, name) > 0:
-                problems.append(f"trainer.{name} must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("batch_timeout_s", "update_timeout_s", "stop_grace_s", "loop_block_warn_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                problems.append(f"trainer.{name} must be a finite number of seconds > 0, got {getattr(self, name)}")
+        if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
+            problems.append(f"trainer.max_skipped_steps must be >= 1 or null, got {self.max_skipped_steps}")
         ConfigError.check(problems)
 
 
@@ -108,6 +122,9 @@ StepFn = Callable[[list[Trajectory]], dict[str, float]]
 @dataclass(slots=True)
 class _RunState:
     step: int = 0
+    saved_step: int = 0  # the step of the newest checkpoint written or resumed from
+    skipped_in_a_row: int = 0
+    rejected_invalid: int = 0  # trajectories refused at consume time (token ids outside the vocabulary)
     tokens_trained: int = 0
     episodes_trained: int = 0
     extra_episodes: int = 0
@@ -156,10 +173,12 @@ class Trainer:
         self.rollout = Rollout.of(engine)
         self.train_engine = train_engine
         self.train_step = train_step
-        self.workflow = workflow
+        self.workflow = guard_workflow(workflow, block_warn_s=config.loop_block_warn_s)  # SystemExit, blocking
         self.prompts = prompts
         self.run_dir = pathlib.Path(run_dir)
         self.metrics = metrics
+        if evaluation is not None:
+            evaluation = dataclasses.replace(evaluation, workflow=guard_workflow(evaluation.workflow))
         self.evaluation = evaluation
         self.progress = progress
         self.tokenizer = tokenizer
@@ -169,6 +188,11 @@ class Trainer:
         self._resume_rollout: dict[str, Any] | None = None
         self._eval_task: asyncio.Task[None] | None = None
         self._stop = threading.Event()
+        self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")
+        self._vocab_size = _vocab_size(train_engine)
+        if not callable(getattr(workflow, "arun_episode", None)):
+            raise WorkflowError(f"expected a workflow with `async def arun_episode(engine, data)`, got "
+                                f"{type(workflow).__name__}, which has no arun_episode method")
 
     # ------------------------------------------------------------------ resume
     def resume_from(self, path: pathlib.Path) -> None:
@@ -178,7 +202,7 @@ class Trainer:
         trainer_state, rollout_state = self.checkpointer.load(path)
         self.train_engine.load(SaveLoadMeta(path=str(path / "model"), with_optim=True))
         self.prompts.load_state_dict(trainer_state["data"])
-        self.state.step = trainer_state["step"]
+        self.state.step = self.state.saved_step = trainer_state["step"]
         self.state.tokens_trained = trainer_state.get("tokens_trained", 0)
         self.state.episodes_trained = trainer_state.get("episodes_trained", 0)
         self._resume_rollout = rollout_state
@@ -212,13 +236,22 @@ class Trainer:
             feeder = tg.create_task(self._feed())
             try:
                 await asyncio.to_thread(self._train_thread, asyncio.get_running_loop())
-                if self._eval_task is not None:  # the last version's evaluation
+                if self._eval_task is not None and not self.stopped_by:  # the last version's evaluation
                     await self._eval_task
             finally:
                 self._stop.set()
+                self.rollout.buffer.fail(_Stopped("the run is ending"))  # wakes the trainer thread if it still waits
                 feeder.cancel()
                 if self._eval_task is not None:
                     self._eval_task.cancel()
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stop after the step in progress (thread-safe): the trainer thread stops waiting for
+        rollouts at once and, if a step finished since the last checkpoint, writes a final one."""
+        if self.stopped_by is None:
+            self.stopped_by = reason
+        self._stop.set()
+        self.rollout.buffer.fail(_Stopped(reason))
 
     async def _restore_rollout(self) -> None:
         version = self.state.step
@@ -241,13 +274,19 @@ class Trainer:
         bar = _progress_bar(self.cfg.total_steps, self.state.step) if self.progress else None
         try:
             while self.state.step < self.cfg.total_steps and not self._stop.is_set():
-                record = self._one_step(loop)
+                try:
+                    record = self._one_step(loop)
+                except _Stopped:
+                    break
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(record))
                 due = self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0
                 if due or self.state.step == self.cfg.total_steps:
                     self._checkpoint(loop)
+                self._check_skipped(record)
+            if self.stopped_by and self.state.step > self.state.saved_step:
+                self._checkpoint(loop)  # the final checkpoint of an interrupted run
         finally:
             if bar is not None:
                 bar.close()
@@ -276,10 +315,9 @@ class Trainer:
 
     def _take_groups(self) -> tuple[list[Group], dict[str, Any]]:
         """This step's B groups, and what the group filter dropped while taking them (metrics)."""
-        n = self.rollout.config.consumer_batch_size
         b = self.rollout.buffer.stats
         groups0, episodes0 = b.filtered, b.filtered_episodes
-        groups = self.rollout.get_groups(n, timeout=self.cfg.batch_timeout_s, group_filter=self.group_filter)
+        groups = self._valid_groups(self.cfg.batch_timeout_s)
         if self.group_filter is None:
             return groups, {}
         dropped, extra = b.filtered - groups0, b.filtered_episodes - episodes0
@@ -297,6 +335,37 @@ class Trainer:
         set_version = getattr(self.train_engine, "set_version", None)
         if callable(set_version):
             set_version(self.state.step)
+
+    def _valid_groups(self, timeout: float) -> list[Group]:
+        """A batch of groups whose every token id is inside the policy's vocabulary. A trajectory
+        outside it is rejected with a logged reason (it would end the run with an IndexError in
+        the train engine); a group left empty is replaced by waiting for another."""
+        want = self.rollout.config.consumer_batch_size
+        deadline = time.monotonic() + timeout
+        kept: list[Group] = []
+        while len(kept) < want:
+            left = deadline - time.monotonic()
+            for g in self.rollout.get_groups(want - len(kept), timeout=max(left, 0.001),
+                                             group_filter=self.group_filter):
+                good = [t for t in g.trajectories if self._in_vocab(t, g.group_id)]
+                if good:
+                    g.trajectories = good
+                    kept.append(g)
+        return kept
+
+    def _in_vocab(self, traj: Trajectory, group_id: str) -> bool:
+        vocab = self._vocab_size
+        if vocab is None or not traj.input_ids:
+            return True
+        lo, hi = min(traj.input_ids), max(traj.input_ids)
+        if 0 <= lo and hi < vocab:
+            return True
+        self.state.rejected_invalid += 1
+        if self.state.rejected_invalid <= _MAX_LOGGED_REJECTIONS:
+            log.warning("rejected a trajectory of group %s: token ids span [%d, %d], expected ids in [0, %d) (the "
+                        "policy's vocabulary); tokenize tool and user turns with the policy's tokenizer",
+                        group_id, lo, hi, vocab)
+        return False
 
     async def _publish(self, version: int, meta: WeightUpdateMeta) -> None:
         """Pause rollout, load the new weights, bump the version, resume; then maybe evaluate."""
@@ -331,6 +400,22 @@ class Trainer:
 
         self.checkpointer.save(self.state.step, save_model=save_model, trainer_state=trainer_state,
                                rollout_state=rollout_state)
+        self.state.saved_step = self.state.step
+
+    def _check_skipped(self, record: dict[str, Any]) -> None:
+        """Fail after ``max_skipped_steps`` steps in a row that changed no weight."""
+        limit = self.cfg.max_skipped_steps
+        skipped = record.get("train/skipped", 0.0) >= 1.0
+        self.state.skipped_in_a_row = self.state.skipped_in_a_row + 1 if skipped else 0
+        if limit is None or self.state.skipped_in_a_row < limit:
+            return
+        raise EngineError(
+            f"{self.state.skipped_in_a_row} steps in a row skipped their update because the gradient norm was "
+            f"not finite (last: train/grad_norm={record.get('train/grad_norm')}, reward/mean="
+            f"{record.get('reward/mean')}), so the run stopped at step {self.state.step} instead of training on. "
+            "Expected finite rewards, log-probs and losses: check the reward function's range and the "
+            "learning rate, or raise trainer.max_skipped_steps (null disables this check)."
+        )
 
     async def _snapshot_rollout(self) -> dict[str, Any]:
         """Buffer, in-flight prompts and data position, read in one step on the loop (consistent)."""
@@ -362,6 +447,7 @@ class Trainer:
             "rollout/episodes": len(trajs),
             "rollout/gen_tokens_mean": gen_tokens / max(1, len(trajs)),
             "rollout/rejected": ex["rejected"],
+            "rollout/rejected_invalid": self.state.rejected_invalid,
             "rollout/dropped_stale": ex["dropped_stale"],
             "rollout/running": ex["running"],
             "time/wait_s": t_wait,
@@ -407,6 +493,23 @@ async def evaluate(
         for item in data:
             tg.create_task(one(item))
     return rewards
+
+
+def _vocab_size(train_engine: Any) -> int | None:
+    """Rows of the policy's input embedding (None when the engine does not expose its model)."""
+    model = getattr(train_engine, "model", None)
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        emb = get()
+        n = getattr(emb, "num_embeddings", None)
+        if isinstance(n, int):
+            return n
+    n = getattr(getattr(model, "config", None), "vocab_size", None)
+    return n if isinstance(n, int) else None
+
+
+class _Stopped(Exception):
+    """Raised in the trainer thread's wait for rollouts once a stop was requested."""
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -22,6 +22,7 @@ __all__ = ["GenerationConfig", "ModelRequest", "ModelResponse", "StopReason", "T
 StopReason = Literal["stop", "length", "tool_calls", "abort"]
 _STOP_REASONS = ("stop", "length", "tool_calls", "abort")
 _MINUS_ONE, _ZERO = -1, 0
+REWARD_LIMIT = 1e9  # |reward| above this overflows float32 advantage statistics (variance of 1e300 is inf)
 _RID_PREFIX = uuid.uuid4().hex[:12]
 _rid_counter = itertools.count()
 
@@ -30,6 +31,17 @@ def new_rid() -> str:
     """A process-unique request id. Fixed width, so no id is a prefix of another (SGLang's abort
     matches rids by prefix)."""
     return f"{_RID_PREFIX}-{next(_rid_counter):012x}"
+
+
+def check_reward(reward: Any) -> float:
+    """``reward`` as a float; :class:`TrajectoryError` unless it is a finite number within ±REWARD_LIMIT."""
+    if isinstance(reward, bool) or not isinstance(reward, int | float):
+        raise TrajectoryError(f"reward must be a number, got {type(reward).__name__} {reward!r}")
+    if not (math.isfinite(reward) and abs(reward) <= REWARD_LIMIT):
+        raise TrajectoryError(f"reward must be finite and within ±{REWARD_LIMIT:g}, got {reward!r} (larger rewards "
+                              "overflow the float32 advantage statistics and every update is skipped); "
+                              "rescale the reward")
+    return float(reward)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +183,14 @@ class Trajectory:
                         f"token {i}: loss_mask={m}, version={v}; expected loss_mask in {{0, 1}}, "
                         "version >= 0 on policy tokens (mask 1) and -1 elsewhere"
                     )
-        if not math.isfinite(self.reward):
-            raise TrajectoryError(f"reward must be finite, got {self.reward}")
+        check_reward(self.reward)
+        if not math.isfinite(sum(self.logprobs)):  # one C-speed pass; the loop below only names the token
+            i, lp = next((i, lp) for i, lp in enumerate(self.logprobs) if not math.isfinite(lp))
+            raise TrajectoryError(f"token {i}: log-prob {lp}; expected finite log-probs (a NaN or infinite "
+                                  "log-prob makes the update skip); check the engine that produced them")
+        if n and mask[0] == 1:
+            raise TrajectoryError("loss_mask[0] = 1; expected the first token to be prompt (loss_mask 0): nothing "
+                                  "predicts the first token, so it cannot be trained on")
 
     # ----------------------------------------------------------------------------- builders
     @classmethod

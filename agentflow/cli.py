@@ -12,14 +12,37 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every error agentflow raises on purpose becomes one message and exit code 2,
+    an interrupt (Ctrl-C, SIGTERM) one line and 128 + the signal's number."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "train"
+    from agentflow.errors import AgentflowError, Interrupted
+
+    _sigterm_as_interrupt()
+    try:
+        return _dispatch(argv)
+    except Interrupted as e:
+        _say(f"agentflow {command}: interrupted by {e}")
+        return e.exit_code
+    except AgentflowError as e:
+        _say(f"agentflow {command}: error: {e}")
+        return 2
+    except KeyboardInterrupt as e:
+        _say(f"agentflow {command}: interrupted{f' by {e}' if str(e) else ''} before the run started; nothing "
+             "was written")
+        return 130 if not str(e) else 143
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "serve":  # the server owns its flags
         from agentflow.engines.sglang_server import serve_main
 
@@ -31,13 +54,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from agentflow.errors import AgentflowError
+    return int(args.func(args) or 0)
 
-    try:
-        return int(args.func(args) or 0)
-    except AgentflowError as e:
-        print(f"agentflow {args.command}: error: {e}", file=sys.stderr)  # noqa: T201
-        return 2
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)  # noqa: T201
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM before the training loop runs ends like Ctrl-C (one line, no traceback); the loop
+    installs its own handlers while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _parser() -> argparse.ArgumentParser:

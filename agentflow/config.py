@@ -34,15 +34,7 @@ def merge_sources(paths: Sequence[str | pathlib.Path] = (), overrides: Sequence[
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    parts = []
-    for p in paths:
-        path = pathlib.Path(p)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; expected a YAML file path")
-        try:
-            parts.append(OmegaConf.load(path))
-        except (OmegaConfBaseException, ValueError, OSError) as e:
-            raise ConfigError(f"cannot parse {str(path)!r} as YAML: {e}") from e
+    parts = [_load_yaml(pathlib.Path(p)) for p in paths]
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise ConfigError([f"override {o!r} is not of the form key.path=value" for o in bad])
@@ -50,11 +42,30 @@ def merge_sources(paths: Sequence[str | pathlib.Path] = (), overrides: Sequence[
         parts.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*parts) if parts else OmegaConf.create({})
         out = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, TypeError) as e:
         raise ConfigError(f"cannot merge the configuration: {e}") from e
     if not isinstance(out, dict):
         raise ConfigError(f"the configuration must be a mapping at the top level, got {type(out).__name__}")
     return out
+
+
+def _load_yaml(path: pathlib.Path) -> Any:
+    """One YAML file as an OmegaConf mapping; a message naming the file for anything else."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; expected a YAML file path")
+    try:
+        loaded = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as e:
+        where = " ".join(str(e).split())
+        raise ConfigError(f"cannot parse {str(path)!r} as YAML: {where}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{str(path)!r} holds a YAML {type(loaded).__name__.removesuffix('Config').lower()} at "
+                          "the top level; expected a mapping of sections (model:, data:, trainer:, ...)")
+    return loaded
 
 
 def load_config(cls: type[T], paths: Sequence[str | pathlib.Path] = (), overrides: Sequence[str] = ()) -> T:

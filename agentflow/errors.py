@@ -11,7 +11,8 @@ Every error agentflow raises on purpose derives from :class:`AgentflowError`::
     ├── TrajectoryError        a trajectory's fields are inconsistent
     ├── EnvError               an environment failed (reward, tool, dataset)
     │   └── SandboxError       the code sandbox could not run the code at all
-    └── CheckpointError        a checkpoint is missing, partial or from another run
+    ├── CheckpointError        a checkpoint is missing, partial or from another run
+    └── Interrupted            the run was stopped by a signal (``exit_code`` = 128 + its number)
 
 Messages say what was expected, what was received and how to fix it.
 
@@ -30,6 +31,7 @@ __all__ = [
     "EngineError",
     "EngineTimeout",
     "EnvError",
+    "Interrupted",
     "SandboxError",
     "ServerError",
     "TrajectoryError",
@@ -92,3 +94,11 @@ class SandboxError(EnvError):
 
 class CheckpointError(AgentflowError):
     """A checkpoint is missing, partial, or does not match the run."""
+
+
+class Interrupted(AgentflowError):
+    """The run stopped on SIGINT/SIGTERM; the message says where it stands. ``exit_code``: 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)

@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
-import json
 import logging
 import secrets
 import socket
@@ -59,6 +58,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
     ) from e
 
 from agentflow import _streaming
+from agentflow._proxy_guard import RequestError, check_chat_body, check_reward_body, read_body
 from agentflow._types import GenerationConfig, Trajectory
 from agentflow.client import ExportStyle, OpenAIClient
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, TrajectoryError
@@ -330,6 +330,7 @@ class ProxyServer:
     async def _chat(self, request: Request) -> Response:
         session = self._session_for(request)
         body = await _json_object(request)
+        check_chat_body(body)  # a JSON 400 naming the field, not a 500
         return _reply(await session.client.chat.completions.create(**body))
 
     async def _responses(self, request: Request) -> Response:
@@ -358,8 +359,7 @@ class ProxyServer:
     async def _reward(self, request: Request) -> JSONResponse:
         s = self._authorize_session(request, request.path_params["session_id"])
         body = await _json_object(request)
-        if "reward" not in body:
-            raise ConfigError('reward body must be {"reward": <number>, "completion_id": <optional id>}')
+        check_reward_body(body)  # 422 for a reward that would break training
         cid = body.get("completion_id")
         if cid is None:
             s.set_last_reward(body["reward"])
@@ -389,6 +389,8 @@ def _endpoint(handler: Handler) -> Handler:
             return await handler(request)
         except _HTTPError as e:
             return _error(e.status, e.message, e.kind)
+        except RequestError as e:
+            return _error(e.status, e.message, "invalid_request_error")
         except (ConfigError, TrajectoryError) as e:
             return _error(400, str(e), "invalid_request_error")
         except EngineTimeout as e:
@@ -396,6 +398,8 @@ def _endpoint(handler: Handler) -> Handler:
         except EngineError as e:
             log.exception("engine error while serving a chat completion")
             return _error(502, f"inference engine failed: {e}", "engine_error")
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a body the checks did not foresee
+            return _error(400, f"malformed request: {type(e).__name__}: {e}", "invalid_request_error")
 
     return wrapped
 
@@ -408,10 +412,4 @@ def _reply(out: Any) -> Response:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"request body is not valid JSON ({e})") from e
-    if not isinstance(body, dict):
-        raise ConfigError(f"request body must be a JSON object, got {type(body).__name__}")
-    return body
+    return await read_body(request)  # capped; large bodies parsed off the loop

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 import agentflow
 from agentflow._engine_api import WeightUpdateMeta
+from agentflow.engines._serve_guard import check_items, read_json, until_disconnect
 from agentflow.engines._sglang_protocol import ContractError, parse_generate
 
 if TYPE_CHECKING:
@@ -222,11 +223,12 @@ def add_routes(server: SGLangServer, *, manage_engine: bool) -> FastAPI:  # noqa
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
-        except json.JSONDecodeError as e:
+            body = await read_json(request)  # large bodies are parsed off the loop
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return _http_error(400, f"JSON decode error: {e}")
         try:
             items, is_batch, stream = parse_generate(body, server.tokenizer)
+            check_items(items, request.app.state.limits)  # n, sequences, max_new_tokens, vocabulary
             for it in items:
                 server.check_context(it)
         except ContractError as e:
@@ -241,8 +243,9 @@ def add_routes(server: SGLangServer, *, manage_engine: bool) -> FastAPI:  # noqa
             return _error(400, str(e))
         if stream:
             return StreamingResponse(_stream(server, runs, is_batch), media_type="text/event-stream")
-        try:
-            return await _collect(server, runs, is_batch)
+        try:  # a client that disconnects aborts its generations
+            return await until_disconnect(request, _collect(server, runs, is_batch),
+                                          lambda: [server.abort(r.item.rid) for r in runs])
         finally:
             server.unregister(runs)
             await server.gate.leave()

@@ -471,7 +471,7 @@ class FSDPEngine(TrainEngine):
         state_path = os.path.join(meta.path, _TRAIN_STATE)
         if not os.path.exists(state_path):
             raise CheckpointError(f"{state_path} is missing; expected a checkpoint saved with with_optim=True")
-        state = torch.load(state_path, weights_only=False)
+        state = _load_plain(state_path)
         assert self.optimizer is not None and self.lr_scheduler is not None
         set_optimizer_state_dict(self._model(), self.optimizer, state["optimizer"],
                                  options=self._options(full_state_dict=True))
@@ -479,7 +479,7 @@ class FSDPEngine(TrainEngine):
         self.version = int(state["version"])
         rng = os.path.join(meta.path, f"rng_rank{self.rank}.pt")
         if state["world_size"] == self.world_size and os.path.exists(rng):
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(_load_plain(rng))
 
     # ------------------------------------------------------------------ weight hand-off
     def upload_weights(self, meta: WeightUpdateMeta) -> WeightUpdateMeta:
@@ -592,6 +592,16 @@ def _global_means(sums: Mapping[str, float], total: float) -> dict[str, float]:
     out = {k: sums[k] / total for k in keys}
     out["loss_weight"] = total
     return out
+
+
+def _load_plain(path: str) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only``: it cannot run code)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # truncated archive, or an object weights_only refuses
+        raise CheckpointError(f"cannot load {path} as tensors and plain data ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged or holds "
+                              "objects agentflow will not unpickle") from e
 
 
 def _rng_state() -> dict[str, Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -39,6 +40,7 @@ from typing import Any, TypeVar
 
 from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
 from agentflow._types import GenerationConfig, ModelRequest, ModelResponse
+from agentflow.engines._serve_guard import ServeLimits, check_bind, install_guards
 from agentflow.engines._sglang_protocol import (
     GenerateItem,
     abort_finish,
@@ -412,14 +414,25 @@ def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
 
 def build_app(
     engine: InferenceEngine, *, model_path: str, tokenizer: Any, config: ServerConfig | None = None,
-    manage_engine: bool = True,
+    manage_engine: bool = True, limits: ServeLimits | None = None,
 ) -> Any:
     """The FastAPI app. ``manage_engine``: enter/exit ``engine`` in the app's lifespan (set False
-    when the caller already runs ``async with engine:`` on the same loop)."""
+    when the caller already runs ``async with engine:`` on the same loop). ``limits``: API keys and
+    request caps (default: no key; caps of :class:`ServeLimits`, the vocabulary from the model)."""
     from agentflow.engines._sglang_routes import add_routes
 
-    return add_routes(SGLangServer(engine, tokenizer, model_path, config or ServerConfig()),
-                      manage_engine=manage_engine)
+    app = add_routes(SGLangServer(engine, tokenizer, model_path, config or ServerConfig()),
+                     manage_engine=manage_engine)
+    install_guards(app, limits or ServeLimits(vocab_size=_vocab_size(engine, tokenizer)))
+    return app
+
+
+def _vocab_size(engine: Any, tokenizer: Any) -> int | None:
+    cfg = getattr(getattr(engine, "model", None), "config", None)
+    n = getattr(cfg, "vocab_size", None)
+    if isinstance(n, int):
+        return n
+    return len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -437,6 +450,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-version", default="default")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds (sglang backend)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--api-key", default=None, help="required on every route but /health* (as SGLang's --api-key)")
+    p.add_argument("--admin-api-key", default=None, help="required on the weight-update and pause routes")
+    p.add_argument("--max-body-bytes", type=int, default=ServeLimits().max_body_bytes)
+    p.add_argument("--max-n", type=int, default=ServeLimits().max_n, help="largest sampling_params.n")
+    p.add_argument("--max-sequences", type=int, default=ServeLimits().max_sequences,
+                   help="most sequences (prompts x n) one /generate call may start")
     return p.parse_args(argv)
 
 
@@ -450,10 +469,14 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         return run_sglang(args)
     import uvicorn
 
+    limits = ServeLimits(api_key=args.api_key, admin_api_key=args.admin_api_key, max_body_bytes=args.max_body_bytes,
+                         max_n=args.max_n, max_sequences=args.max_sequences)
+    check_bind(args.host, limits)  # before loading the model
     engine, tokenizer, model_path, ctx = _local_engine(args.model, args.max_running_requests, args.context_length)
     config = ServerConfig(chunk_tokens=args.chunk_tokens, weight_version=args.weight_version,
                           context_length=ctx, host=args.host, port=args.port)
-    app = build_app(engine, model_path=model_path, tokenizer=tokenizer, config=config)
+    limits = dataclasses.replace(limits, vocab_size=_vocab_size(engine, tokenizer), max_new_tokens=ctx)
+    app = build_app(engine, model_path=model_path, tokenizer=tokenizer, config=config, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

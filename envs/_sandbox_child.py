@@ -5,15 +5,17 @@ imported by it: this file must work with the standard library alone, before any 
 Steps, each before the first line of user code runs:
 
 1. resource limits (soft = hard, so the code cannot raise them back; CPU hard = soft + 1 s): CPU seconds, address space,
-   processes, file size, open files, core size 0;
+   processes, file size, open files, core size 0; then, inside the sandbox's own mount namespace,
+   a tmpfs of ``max_disk_mb`` / ``max_files`` over the cwd (``main.py`` copied in);
 2. ``PR_SET_NO_NEW_PRIVS`` and ``PR_SET_PDEATHSIG(SIGKILL)`` (dies with its parent);
 3. Landlock (Linux >= 5.13, when the kernel has it): writes only beneath the cwd (and ``/dev/null``),
-   reads everywhere except ``/proc`` and ``/sys`` (other processes' environments), no TCP
-   connect/bind (ABI >= 4), no signals to or abstract sockets of processes outside the sandbox
-   (ABI >= 6);
-4. a seccomp filter that refuses new processes (fork, vfork, clone without ``CLONE_THREAD``,
-   clone3) when ``max_processes == 1``: threads still work, and this bounds fork bombs even for
-   uid 0, where the kernel does not enforce ``RLIMIT_NPROC``.
+   reads everywhere except ``/proc`` and ``/sys`` (other processes' environments) and credential
+   files (``_SECRETS``), no TCP connect/bind (ABI >= 4), no signals to or abstract sockets of
+   processes outside the sandbox (ABI >= 6);
+4. a seccomp filter: no ``socket(AF_UNIX)``, ``unshare``, ``setns``, ``io_uring_setup`` or
+   ``clone(CLONE_NEWUSER)``; when ``max_processes == 1`` also no new processes (fork, vfork, clone
+   without ``CLONE_THREAD``): threads still work, and this bounds fork bombs even for uid 0, where
+   the kernel does not enforce ``RLIMIT_NPROC``.
 
 This script forks first: the parent only waits and reports the child's exit status or signal as
 one JSON object on the status fd (``argv[2]``); through ``unshare --fork`` a signal death would be
@@ -88,6 +90,37 @@ def _add_path_rule(ruleset: int, path: str, rights: int, handled: int) -> None:
         os.close(fd)
 
 
+_SECRETS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers", "/etc/sudoers.d",
+            "/etc/ssh", "/root/.ssh", "/root/.gnupg")
+
+
+def _secrets() -> set[str]:
+    """Paths never readable in the sandbox (what root could otherwise read), plus /proc and /sys."""
+    homes = [f"/home/{h}/{d}" for h in _listdir("/home") for d in (".ssh", ".gnupg")]
+    return {"/proc", "/sys", *_SECRETS, *homes}
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def _allow_reads_except(ruleset: int, root: str, read: int, handled: int, denied: set[str]) -> None:
+    """Allow ``read`` beneath ``root`` except the ``denied`` paths: a directory holding one gets
+    only a listing right, and a rule per other entry (recursively where another is deeper)."""
+    for entry in _listdir(root):
+        path = os.path.join(root, entry)
+        if path in denied:
+            continue
+        if any(d.startswith(path + "/") for d in denied) and os.path.isdir(path) and not os.path.islink(path):
+            _add_path_rule(ruleset, path, _FS_READ_DIR, handled)
+            _allow_reads_except(ruleset, path, read, handled, denied)
+        else:
+            _add_path_rule(ruleset, path, read, handled)
+
+
 def landlock(cwd: str) -> int:
     """Apply the Landlock policy; return the ABI used (0 = kernel without Landlock)."""
     abi = _landlock_abi()
@@ -100,9 +133,7 @@ def landlock(cwd: str) -> int:
     buf = ctypes.create_string_buffer(attr, len(attr))
     ruleset = _check(_libc.syscall(_LL_CREATE, buf, ctypes.c_size_t(len(attr)), 0), "landlock_create_ruleset")
     read = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
-    for entry in sorted(os.listdir("/")):
-        if entry not in ("proc", "sys"):
-            _add_path_rule(ruleset, "/" + entry, read, handled)
+    _allow_reads_except(ruleset, "/", read, handled, _secrets())
     _add_path_rule(ruleset, f"/proc/{os.getpid()}", read, handled)
     _add_path_rule(ruleset, "/dev/null", _FILE_RIGHTS, handled)
     _add_path_rule(ruleset, cwd, handled, handled)
@@ -112,36 +143,69 @@ def landlock(cwd: str) -> int:
 
 
 # ------------------------------------------------------------------------------------ seccomp
-# arch audit value, clone, fork, vfork, clone3 (None = no such syscall on that architecture)
-_ARCHES = {"x86_64": (0xC000003E, 56, 57, 58, 435), "aarch64": (0xC00000B7, 220, None, None, 435)}
+# arch audit value, then syscall numbers: clone, fork, vfork, clone3, socket, unshare, setns, io_uring_setup
+# (None = no such syscall on that architecture)
+_ARCHES = {
+    "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435, "socket": 41, "unshare": 272,
+                            "setns": 308, "io_uring_setup": 425}),
+    "aarch64": (0xC00000B7, {"clone": 220, "fork": None, "vfork": None, "clone3": 435, "socket": 198,
+                             "unshare": 97, "setns": 268, "io_uring_setup": 425}),
+}
 _LD_W_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
-_CLONE_THREAD, _EPERM, _ENOSYS = 0x00010000, 1, 38
+_CLONE_THREAD, _CLONE_NEWUSER, _AF_UNIX, _EPERM, _ENOSYS = 0x00010000, 0x10000000, 1, 1, 38
+_RETURNS = {"deny": _ERRNO | _EPERM, "nosys": _ERRNO | _ENOSYS, "allow": _ALLOW}
 
 
-def _no_fork_program(arch: int, clone: int, fork: int | None, vfork: int | None, clone3: int) -> list[tuple]:
-    """BPF: wrong arch or x32 -> EPERM; fork/vfork -> EPERM; clone3 -> ENOSYS (libc falls back to
-    clone); clone -> allowed only with CLONE_THREAD; everything else allowed."""
-    deny, nosys, allow = ("deny",), ("nosys",), ("allow",)
-    prog: list[tuple] = [
-        (_LD_W_ABS, 0, 0, 4), (_JEQ, 1, 0, arch), deny,
-        (_LD_W_ABS, 0, 0, 0), (_JGE, 0, 1, 0x40000000), deny,
-    ]
-    for nr in (fork, vfork):
-        if nr is not None:
-            prog += [(_JEQ, 0, 1, nr), deny]
-    prog += [(_JEQ, 0, 1, clone3), nosys, (_JEQ, 0, 4, clone), (_LD_W_ABS, 0, 0, 16),
-             (_JSET, 0, 1, _CLONE_THREAD), allow, deny, allow]
-    ret = {"deny": _ERRNO | _EPERM, "nosys": _ERRNO | _ENOSYS, "allow": _ALLOW}
-    return [(_RET, 0, 0, ret[op[0]]) if len(op) == 1 else op for op in prog]
+def _assemble(prog: list) -> list[tuple]:
+    """Resolve ``("jeq", k, "label_true", "label_false")`` jumps (None = next) and ``("ret", what)``."""
+    out, labels, i = [], {}, 0
+    for op in prog:
+        if op[0] == "label":
+            labels[op[1]] = i
+        else:
+            i += 1
+    for op in prog:
+        if op[0] == "label":
+            continue
+        pc = len(out)
+        if op[0] == "ld":
+            out.append((_LD_W_ABS, 0, 0, op[1]))
+        elif op[0] == "ret":
+            out.append((_RET, 0, 0, _RETURNS[op[1]]))
+        else:
+            code = {"jeq": _JEQ, "jge": _JGE, "jset": _JSET}[op[0]]
+            jt = 0 if op[2] is None else labels[op[2]] - pc - 1
+            jf = 0 if op[3] is None else labels[op[3]] - pc - 1
+            out.append((code, jt, jf, op[1]))
+    return out
 
 
-def seccomp_no_fork() -> bool:
-    """Install the no-new-process filter; False when the architecture is not covered."""
+def _filter_program(arch: int, nr: dict, no_fork: bool) -> list[tuple]:
+    """BPF: wrong arch or x32 -> EPERM; unshare, setns, io_uring -> EPERM (no new namespaces, no
+    io_uring side door); socket(AF_UNIX) -> EPERM (no host UNIX sockets; socketpair still works);
+    clone3 -> ENOSYS (libc falls back to clone, whose flags can be read). With ``no_fork``: fork,
+    vfork -> EPERM, clone only with CLONE_THREAD; else clone with CLONE_NEWUSER -> EPERM."""
+    prog: list = [("ld", 4), ("jeq", arch, None, "deny"), ("ld", 0), ("jge", 0x40000000, "deny", None)]
+    for name in ("unshare", "setns", "io_uring_setup") + (("fork", "vfork") if no_fork else ()):
+        if nr[name] is not None:
+            prog.append(("jeq", nr[name], "deny", None))
+    prog += [("jeq", nr["clone3"], "nosys", None), ("jeq", nr["socket"], "socket", None),
+             ("jeq", nr["clone"], "clone", "allow"),
+             ("label", "socket"), ("ld", 16), ("jeq", _AF_UNIX, "deny", "allow"),
+             ("label", "clone"), ("ld", 16)]
+    prog += [("jset", _CLONE_THREAD, "allow", "deny")] if no_fork else [("jset", _CLONE_NEWUSER, "deny", "allow")]
+    prog += [("label", "allow"), ("ret", "allow"), ("label", "deny"), ("ret", "deny"),
+             ("label", "nosys"), ("ret", "nosys")]
+    return _assemble(prog)
+
+
+def install_seccomp(no_fork: bool) -> bool:
+    """Install the filter; False when the architecture is not covered."""
     spec = _ARCHES.get(os.uname().machine)
     if spec is None:
         return False
-    prog = _no_fork_program(*spec)
+    prog = _filter_program(spec[0], spec[1], no_fork)
     raw = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
     filt = ctypes.create_string_buffer(raw, len(raw))
     fprog = struct.pack("@HP", len(prog), ctypes.addressof(filt))  # struct sock_fprog, native layout
@@ -150,14 +214,33 @@ def seccomp_no_fork() -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------------ a private disk
+_MS_NOSUID, _MS_NODEV = 2, 4
+
+
+def private_disk(cwd: str, max_disk_mb: int, max_files: int, uid: int) -> None:
+    """Replace the cwd by a tmpfs of ``max_disk_mb`` and ``max_files`` inodes holding main.py (only
+    inside the sandbox's own mount namespace: the host never sees it)."""
+    with open("main.py", "rb") as f:
+        src = f.read()
+    opts = f"size={max_disk_mb}m,nr_inodes={max_files + 2},mode=0700,uid={uid},gid={uid}".encode()
+    _check(_libc.mount(b"tmpfs", cwd.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts), "mount(tmpfs)")
+    os.chdir(cwd)  # enter the new mount
+    with open("main.py", "wb") as f:
+        f.write(src)
+
+
 # ------------------------------------------------------------------------------------ main
 def lock_down(lim: dict) -> None:
+    cwd = os.getcwd()
     set_limits(lim)
+    if lim["private_disk"]:
+        private_disk(cwd, lim["max_disk_mb"], lim["max_files"], os.geteuid())
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if lim["landlock"]:
         landlock(os.getcwd())
-    if lim["max_processes"] == 1 and not seccomp_no_fork():
+    if not install_seccomp(no_fork=lim["max_processes"] == 1) and lim["max_processes"] == 1:
         raise OSError(f"no seccomp filter for architecture {os.uname().machine}; set max_processes > 1")
 
 

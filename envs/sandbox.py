@@ -15,23 +15,34 @@ runs it with ``python -I -u`` under these layers, each applied where the machine
   namespace has only a down loopback), a PID namespace with its own ``/proc`` (the code cannot see,
   signal or read the environment of host processes; killing the namespace kills every process in
   it, including ones that called ``setsid``);
+- **a private disk** (with namespaces): the work dir is a tmpfs of ``max_disk_mb`` megabytes and
+  ``max_files`` inodes inside the sandbox's own mount namespace, so total bytes written and files
+  created are capped (writes past either fail with ``ENOSPC``) and vanish with the run;
 - **Landlock** (Linux >= 5.13): writes only beneath the temp dir, no reads of ``/proc``/``/sys``
-  except its own, no TCP connect/bind, no signals to processes outside the sandbox;
-- **seccomp** (x86-64, aarch64): with ``max_processes=1`` (the default) no new processes at all
-  (threads are fine). This is what bounds fork bombs for uid 0, for which the kernel does not
-  enforce ``RLIMIT_NPROC``.
+  except its own, nor of credential files (``/etc/shadow``, ``/etc/gshadow``, ``/etc/sudoers*``,
+  ``/etc/ssh``, ``~/.ssh`` and ``~/.gnupg`` of root and of ``/home/*``) even as root, no TCP
+  connect/bind, no signals to processes outside the sandbox;
+- **seccomp** (x86-64, aarch64), always: no ``socket(AF_UNIX)`` (host UNIX sockets such as a Docker
+  socket, an ssh-agent, X11 or a database are unreachable; ``socketpair`` still works), no
+  ``unshare``/``setns``/``clone(CLONE_NEWUSER)`` (no user or other namespaces), no io_uring;
+  with ``max_processes=1`` (the default) no new processes at all (threads are fine). This is what
+  bounds fork bombs for uid 0, for which the kernel does not enforce ``RLIMIT_NPROC``.
 
 What is NOT isolated (this is a guard against buggy or reward-hacking model code, not a security
 boundary against a determined attacker; use a VM or gVisor for that):
 
-- **reads**: the code can read every file the parent's user can read outside ``/proc`` and
-  ``/sys`` (model weights, ``~/.ssh`` when run as that user, the source tree);
+- **reads**: the code can read every file the parent's user can read outside ``/proc``, ``/sys``
+  and the credential files above (model weights, the source tree, other users' files when run as
+  root); without Landlock, the credential files too (``/etc/shadow`` when run as root);
 - **without Landlock** it can write anywhere the parent's user can (``/tmp``, the home dir), and
   **without namespaces** it can reach the network, see host processes and read
   ``/proc/<pid>/environ`` of processes of the same user;
 - **with ``max_processes > 1`` as uid 0** nothing but the deadline bounds the number of processes;
 - CPU and memory are bounded per process only (no cgroup): ``max_processes`` processes may each
-  use ``memory_mb``; disk use is bounded per file (``max_file_mb``), not in total;
+  use ``memory_mb``; **without namespaces** disk use is bounded per file (``max_file_mb``), not
+  in total nor in file count (no private tmpfs);
+- **without seccomp** (other architectures, with ``max_processes > 1``): host UNIX sockets stay
+  reachable and user namespaces can be created where the kernel allows them;
 - the kernel itself: a kernel exploit escapes all of the above. UDP without namespaces is open.
 
 Not here: deciding what the output means (see :mod:`agentflow.envs.tools` and the code workflow).
@@ -90,6 +101,9 @@ class SandboxLimits:
         max_file_mb: largest file the code may write (``RLIMIT_FSIZE``).
         max_open_files: ``RLIMIT_NOFILE``.
         network: False = no network (namespace and Landlock where available).
+        max_disk_mb: total bytes the code may write (its work dir is a tmpfs of this size; needs
+            namespaces, see :func:`detect_isolation`).
+        max_files: files and directories the code may create (the tmpfs's inode count).
     """
 
     timeout_s: float = 10.0
@@ -100,6 +114,8 @@ class SandboxLimits:
     max_file_mb: int = 16
     max_open_files: int = 64
     network: bool = False
+    max_disk_mb: int = 64
+    max_files: int = 1000
 
     def __post_init__(self) -> None:
         problems = [
@@ -107,6 +123,7 @@ class SandboxLimits:
             for name, value in (("timeout_s", self.timeout_s), ("memory_mb", self.memory_mb),
                                 ("max_output_bytes", self.max_output_bytes), ("max_processes", self.max_processes),
                                 ("max_file_mb", self.max_file_mb), ("max_open_files", self.max_open_files),
+                                ("max_disk_mb", self.max_disk_mb), ("max_files", self.max_files),
                                 ("cpu_s", 1 if self.cpu_s is None else self.cpu_s))
             if not (isinstance(value, int | float) and value > 0 and math.isfinite(value))
         ]
@@ -115,12 +132,13 @@ class SandboxLimits:
         if problems:
             raise ConfigError(problems)
 
-    def child_args(self, landlock: bool) -> str:
+    def child_args(self, landlock: bool, private_disk: bool = False) -> str:
         cpu = self.cpu_s if self.cpu_s is not None else math.ceil(self.timeout_s) + 1
         return json.dumps({
             "cpu_s": int(cpu), "memory_mb": int(self.memory_mb), "max_processes": int(self.max_processes),
             "max_file_mb": int(self.max_file_mb), "max_open_files": int(self.max_open_files),
-            "landlock": landlock,
+            "landlock": landlock, "private_disk": private_disk, "max_disk_mb": int(self.max_disk_mb),
+            "max_files": int(self.max_files),
         })
 
 
@@ -260,7 +278,7 @@ class _Run:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.iso.unshare, sys.executable, "-I", "-u", _CHILD,
-                self.limits.child_args(self.iso.landlock_abi > 0), str(status_w),
+                self.limits.child_args(self.iso.landlock_abi > 0, bool(self.iso.unshare)), str(status_w),
                 stdin=stdin, stdout=out_w, stderr=err_w, cwd=self.workdir, env=_scrubbed_env(self.workdir),
                 start_new_session=True, pass_fds=(status_w,),
             )
@@ -418,6 +436,8 @@ async def run_python(
     max_open_files: int = 64,
     network: bool = False,
     pool: SandboxPool | None = None,
+    max_disk_mb: int = 64,
+    max_files: int = 1000,
 ) -> SandboxResult:
     """Run ``code`` as a Python script in the sandbox; see :class:`SandboxLimits` for the limits.
 
@@ -426,5 +446,5 @@ async def run_python(
     ``pool`` (default: this loop's pool, one slot per CPU).
     """
     limits = SandboxLimits(timeout_s, memory_mb, max_output_bytes, cpu_s, max_processes, max_file_mb,
-                           max_open_files, network)
+                           max_open_files, network, max_disk_mb, max_files)
     return await (pool or default_pool()).run(code, stdin=stdin, limits=limits)

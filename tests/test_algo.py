@@ -86,9 +86,8 @@ def test_batch_normalize_over_loss_tokens_only():
 
 
 def test_pad_trajectories_rejects_loss_on_first_token():
-    bad = Trajectory(input_ids=[1, 2], loss_mask=[1, 1], logprobs=[-1.0, -1.0], versions=[0, 0])
-    with pytest.raises(TrajectoryError, match=r"loss_mask\[0\]"):
-        pad_trajectories([bad])
+    with pytest.raises(TrajectoryError, match=r"loss_mask\[0\]"):  # refused when built, before padding
+        pad_trajectories([Trajectory(input_ids=[1, 2], loss_mask=[1, 1], logprobs=[-1.0, -1.0], versions=[0, 0])])
 
 
 def test_ppo_loss_matches_hand_computed_clipping():

@@ -33,9 +33,10 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
 def test_a_torn_save_leaves_the_previous_checkpoint(tmp_path):
     ck = Checkpointer(tmp_path)
     _save(ck, 2)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointError, match=r"killed mid-save.*step-000002 is kept"):
         _save(ck, 4, fail=True)
     assert ck.latest().name == "step-000002"
+    assert not (tmp_path / "checkpoints" / ".tmp-step-000004").exists()  # the partial directory is removed
     with pytest.raises(CheckpointError, match="COMPLETE"):
         ck.load(tmp_path / "checkpoints" / ".tmp-step-000004")
 

@@ -270,3 +270,94 @@ def test_limits_are_validated():
         SandboxLimits(timeout_s=0)
     with pytest.raises(ConfigError, match="memory_mb"):
         SandboxLimits(memory_mb=8)
+
+
+# ------------------------------------------------------------------------------------ host sockets, users, disk
+def _listen_unix(path: str):
+    import socket
+
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    os.chmod(path, 0o777)
+    srv.listen(1)
+    srv.settimeout(4)
+    return srv
+
+
+async def test_host_unix_sockets_are_unreachable(tmp_path):
+    """A socket file a host process listens on (a Docker socket, an ssh-agent, X11, a database)."""
+    path = str(tmp_path / "host.sock")
+    srv = _listen_unix(path)
+    got: list = []
+
+    def accept():
+        try:
+            conn, _ = srv.accept()
+            got.append(conn.recv(64))
+        except OSError as e:  # the timeout: nobody connected
+            got.append(type(e).__name__)
+
+    acceptor = asyncio.create_task(asyncio.to_thread(accept))
+    src = f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({path!r})\ns.sendall(b'from the sandbox')\n"
+    r = await run_python(src, **FAST)
+    await acceptor
+    srv.close()
+    iso = await detect_isolation()
+    if not iso.seccomp:
+        pytest.skip("no seccomp filter on this architecture: host UNIX sockets stay reachable (documented)")
+    assert r.status == "error" and "Operation not permitted" in r.stderr
+    assert got == ["TimeoutError"]
+
+
+async def test_socketpair_still_works():
+    r = await run_python("import socket\na, b = socket.socketpair()\na.send(b'x')\nprint(b.recv(1))", **FAST)
+    assert r.ok and r.stdout == "b'x'\n", r.stderr
+
+
+async def test_no_user_namespaces():
+    src = code("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(libc.unshare(0x10000000), ctypes.get_errno())   # CLONE_NEWUSER
+    """)
+    r = await run_python(src, **FAST)
+    if not (await detect_isolation()).seccomp:
+        pytest.skip("no seccomp filter on this architecture (documented)")
+    assert r.stdout == "-1 1\n", r.stdout + r.stderr
+
+
+async def test_shadow_is_unreadable_even_as_root():
+    if not (await detect_isolation()).writes_isolated:
+        pytest.skip("no Landlock: /etc/shadow is as readable as the parent's user can read it (documented)")
+    r = await run_python("print(open('/etc/shadow').read()[:1])", **FAST)
+    assert r.status == "error" and "PermissionError" in r.stderr
+    r = await run_python("print(bool(open('/etc/passwd').read()))", **FAST)
+    assert r.stdout == "True\n"  # the rest of /etc stays readable
+
+
+async def test_file_count_and_total_bytes_are_capped():
+    if not (await detect_isolation()).unshare:
+        pytest.skip("no namespaces: no private tmpfs, only the per-file size cap holds (documented)")
+    files = code("""
+        n = 0
+        try:
+            while True:
+                open(f"f{n}", "w").close()
+                n += 1
+        except OSError as e:
+            print(n, e.errno)
+    """)
+    r = await run_python(files, max_files=200, **FAST)
+    assert r.ok and r.stdout == "200 28\n", r.stdout + r.stderr  # ENOSPC at the cap
+    total = code("""
+        n = 0
+        try:
+            for i in range(64):
+                with open(f"b{i}", "wb") as f:
+                    f.write(b"x" * (1 << 20))
+                n += 1
+        except OSError as e:
+            print(n, e.errno)
+    """)
+    r = await run_python(total, max_disk_mb=8, **FAST)
+    assert r.ok and r.stdout.split()[1] == "28" and int(r.stdout.split()[0]) <= 8, r.stdout + r.stderr

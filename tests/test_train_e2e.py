@@ -85,9 +85,7 @@ def test_sigkill_then_resume_skips_and_repeats_no_prompt(tmp_path):
     assert len(consumed) == len(set(consumed)), "a prompt was trained on twice"
     final = run / "checkpoints" / "step-000008"
     trainer_state = json.loads((final / "trainer.json").read_text())
-    import pickle
-
-    rollout = pickle.loads((final / "rollout.pkl").read_bytes())
+    rollout = json.loads((final / "rollout.json").read_text())
     in_flight = [g["data"]["prompt_id"] for g in rollout["buffer"]["groups"]]
     in_flight += [p["data"]["prompt_id"] for p in rollout["pending"]]
     handed_out = _prompt_stream(trainer_state["data"]["pos"])

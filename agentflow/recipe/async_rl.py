@@ -20,16 +20,23 @@ import pathlib
 import time
 from typing import Any
 
-from agentflow._checkpoint import Checkpointer
 from agentflow._data import PromptSource
 from agentflow._engine_api import SaveLoadMeta, TrainEngine
 from agentflow._metrics import MetricsLogger
 from agentflow._ranks import LeadEngine, Ranks, StepPlan, follow
+from agentflow._stop import GracefulStop
 from agentflow._trainer import EvalSpec, Trainer, evaluate
 from agentflow.algo import group_filter
 from agentflow.config import to_dict
-from agentflow.errors import CheckpointError, ConfigError
+from agentflow.errors import CheckpointError, Interrupted
 from agentflow.recipe import build
+from agentflow.recipe._startup import (
+    check_run_dir,
+    commit_run_dir,
+    describe_config_change,
+    resume_failure,
+    warn_bent_options,
+)
 from agentflow.recipe.config import TrainRecipeConfig
 
 __all__ = ["evaluate_model", "train"]
@@ -37,7 +44,8 @@ __all__ = ["evaluate_model", "train"]
 
 def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     """Run ``agentflow train``; returns a one-line summary."""
-    run_dir = _prepare_run_dir(cfg, resume)
+    checkpoint = check_run_dir(cfg, resume)  # nothing is written before the run is known to start
+    run_dir = pathlib.Path(cfg.logging.run_dir)
     if cfg.threads:
         import torch
 
@@ -50,15 +58,14 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
                     minibatches=cfg.trainer.ppo_minibatches, ref_engine=ref_engine)
     ranks = Ranks() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     if ranks is not None and ranks.rank > 0:
-        return _follower(ranks, plan, train_engine, ref_engine, run_dir, resume)
+        return _follower(ranks, plan, train_engine, ref_engine, run_dir, checkpoint)
 
     engine = build.inference_engine(cfg, model, tokenizer)
     task = build.task_data(cfg.data)
     workflow = build.workflow(cfg.workflow, tokenizer, task.reward, cfg.generation)
     eval_workflow = build.workflow(cfg.workflow, tokenizer, task.eval_reward,
                                    cfg.generation.new(n_samples=cfg.trainer.eval_samples))
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                            wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+    warn_bent_options(cfg, len(task.train))
     if ranks is None:
         step: Any = lambda trajs: plan.step(train_engine, trajs)  # noqa: E731
         lead: Any = train_engine
@@ -67,38 +74,52 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
         lead = LeadEngine(train_engine, ranks)
     trainer = Trainer(
         cfg.trainer, engine=engine, train_engine=lead, train_step=step, workflow=workflow,
-        prompts=PromptSource(task.train, seed=cfg.data.seed), run_dir=run_dir, metrics=metrics,
+        prompts=PromptSource(task.train, seed=cfg.data.seed), run_dir=run_dir,
+        metrics=MetricsLogger(run_dir, enabled=False),  # the real one once the run is known to start
         evaluation=EvalSpec(task.eval, eval_workflow), progress=cfg.logging.progress, tokenizer=tokenizer,
         group_filter=group_filter(cfg.algo),
     )
-    if resume:
-        trainer.resume_from(_latest_checkpoint(run_dir))
+    if checkpoint is not None:
+        _resume(trainer, checkpoint, cfg)
+    commit_run_dir(cfg, resumed=checkpoint is not None)
+    trainer.metrics = metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                              wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
 
     t0 = time.perf_counter()
+    stop = GracefulStop(trainer.request_stop, lambda: _where(trainer), grace_s=cfg.trainer.stop_grace_s)
     try:
-        asyncio.run(trainer.run())
+        asyncio.run(_run_until_stopped(trainer, stop))
     finally:
         if ranks is not None:
             ranks.send(("stop", None))
         metrics.close()
         _destroy(train_engine, ref_engine)
+    if trainer.stopped_by:
+        raise Interrupted(f"{trainer.stopped_by}: stopped after {time.perf_counter() - t0:.0f}s; {_where(trainer)}",
+                          exit_code=stop.exit_code or 130)
     return f"trained {trainer.state.step} steps in {time.perf_counter() - t0:.0f}s; run directory: {run_dir}"
 
 
-def _prepare_run_dir(cfg: TrainRecipeConfig, resume: bool) -> pathlib.Path:
-    run_dir = pathlib.Path(cfg.logging.run_dir)
-    if run_dir.exists() and any(run_dir.glob("metrics.jsonl")) and not resume:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or set logging.run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
-    return run_dir
+async def _run_until_stopped(trainer: Trainer, stop: GracefulStop) -> None:
+    async with stop:
+        await trainer.run()
 
 
-def _latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path:
-    latest = Checkpointer(run_dir).latest()
-    if latest is None:
-        raise CheckpointError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
-    return latest
+def _where(trainer: Trainer) -> str:
+    """Where an interrupted run stands: its step and the checkpoint ``--resume`` would use."""
+    latest = trainer.checkpointer.latest()
+    ckpt = f"last complete checkpoint: {latest}; continue with --resume" if latest else "no checkpoint was written"
+    return f"at step {trainer.state.step}; {ckpt}"
+
+
+def _resume(trainer: Trainer, checkpoint: pathlib.Path, cfg: TrainRecipeConfig) -> None:
+    """Load ``checkpoint``; a failure names the checkpoint and what changed in the configuration."""
+    try:
+        trainer.resume_from(checkpoint)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # e.g. tensor shapes of another model size
+        raise resume_failure(e, checkpoint, describe_config_change(cfg, checkpoint.parents[1])) from e
 
 
 def _destroy(train_engine: TrainEngine, ref_engine: TrainEngine | None) -> None:
@@ -108,10 +129,10 @@ def _destroy(train_engine: TrainEngine, ref_engine: TrainEngine | None) -> None:
 
 
 def _follower(ranks: Ranks, plan: StepPlan, train_engine: TrainEngine, ref_engine: TrainEngine | None,
-              run_dir: pathlib.Path, resume: bool) -> str:
+              run_dir: pathlib.Path, checkpoint: pathlib.Path | None) -> str:
     """Ranks > 0 under torchrun: load the checkpoint, then mirror rank 0's collective calls."""
-    if resume:
-        train_engine.load(SaveLoadMeta(path=str(_latest_checkpoint(run_dir) / "model"), with_optim=True))
+    if checkpoint is not None:
+        train_engine.load(SaveLoadMeta(path=str(checkpoint / "model"), with_optim=True))
     try:
         follow(ranks, plan, train_engine)
     finally:

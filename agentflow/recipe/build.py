@@ -69,22 +69,28 @@ def task_data(spec: DataSpec) -> TaskData:
     return build_task(spec)
 
 
-def _rlvr(tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig, options: dict[str, Any]) -> Any:
+def _config_fields(cls: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "gconfig"]
+
+
+def _rlvr(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
     from agentflow.workflows.rlvr import RLVRConfig, RLVRWorkflow
 
-    options = {"truncated_reward": 0.0, **options}  # an unfinished answer earns nothing
+    _check_options(spec, _config_fields(RLVRConfig), has_kwargs=False)
+    options = {"truncated_reward": 0.0, **spec.options}  # an unfinished answer earns nothing
     return RLVRWorkflow(tokenizer, reward_fn, RLVRConfig(gconfig=gconfig, **options))
 
 
-def _agent_command(tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig, options: dict[str, Any]) -> Any:
+def _agent_command(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
     from agentflow.workflows.agent_command import AgentCommandConfig, AgentCommandWorkflow
 
-    config = AgentCommandConfig(**{"gconfig": gconfig.new(n_samples=1), **options})
+    _check_options(spec, _config_fields(AgentCommandConfig), has_kwargs=False)
+    config = AgentCommandConfig(**{"gconfig": gconfig.new(n_samples=1), **spec.options})
     return AgentCommandWorkflow(tokenizer, reward_fn, config)
 
 
 # built-in workflow names for ``workflow.name``; anything else is ``module:Class`` or ``file.py:Class``
-WORKFLOWS: dict[str, Callable[[Any, Any, GenerationConfig, dict[str, Any]], Any]] = {
+WORKFLOWS: dict[str, Callable[[WorkflowSpec, Any, Any, GenerationConfig], Any]] = {
     "rlvr": _rlvr,
     "agent_command": _agent_command,
 }
@@ -95,12 +101,21 @@ def workflow(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: Genera
     built with ``options`` and whichever of ``tokenizer``, ``reward_fn`` and ``gconfig`` its
     constructor accepts."""
     if spec.name in WORKFLOWS:
-        return WORKFLOWS[spec.name](tokenizer, reward_fn, gconfig, dict(spec.options))
+        return WORKFLOWS[spec.name](spec, tokenizer, reward_fn, gconfig)
     cls = import_object(spec.name)
     offered = {"tokenizer": tokenizer, "reward_fn": reward_fn, "gconfig": gconfig}
     params = inspect.signature(cls).parameters
+    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    _check_options(spec, [p for p in params if p not in offered], has_kwargs=has_kwargs)
     kwargs = {k: v for k, v in offered.items() if k in params and k not in spec.options}
     return cls(**kwargs, **spec.options)
+
+
+def _check_options(spec: WorkflowSpec, accepted: list[str], *, has_kwargs: bool) -> None:
+    unknown = [k for k in spec.options if k not in accepted and k not in ("tokenizer", "reward_fn", "gconfig")]
+    if unknown and not has_kwargs:
+        raise ConfigError([f"workflow.options.{k}: unknown option of workflow {spec.name!r}; accepted: "
+                           f"{', '.join(accepted) or 'none'}" for k in unknown])
 
 
 def import_object(ref: str) -> Any:
@@ -124,7 +139,13 @@ def _import_file(where: str) -> Any:
         raise ConfigError(f"cannot import {where!r} as a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"workflow file {where!r} has a syntax error at line {e.lineno}: {e.msg}; "
+                          f"{(e.text or '').strip()!r}") from e
+    except Exception as e:  # the file's own top-level code failed
+        raise ConfigError(f"importing workflow file {where!r} failed: {type(e).__name__}: {e}") from e
     return module
 
 

@@ -44,6 +44,16 @@ class ModelSpec:
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tiny_hidden_size < 8 or self.tiny_hidden_size % 8:
+            problems.append(f"model.tiny_hidden_size must be a positive multiple of 8 (4 heads of even size), "
+                            f"got {self.tiny_hidden_size}")
+        if self.tiny_layers < 1:
+            problems.append(f"model.tiny_layers must be >= 1, got {self.tiny_layers}")
+        if problems:
+            raise ConfigError(problems)
+
 
 @dataclass(frozen=True, slots=True)
 class DataSpec:
@@ -178,6 +188,13 @@ class TrainRecipeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algo", _with_budgets(self.algo, self.generation.max_new_tokens))
+        problems = []
+        if self.threads < 0:
+            problems.append(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        if self.inference.backend == "remote" and self.trainer.weight_update == "mem":
+            problems.append("trainer.weight_update=mem needs the in-process engine (inference.backend=local); with "
+                            "inference.backend=remote use trainer.weight_update=disk or nccl")
+        ConfigError.check(problems)
 
 
 def _with_budgets(algo: AlgoConfig, max_new_tokens: int) -> AlgoConfig:

@@ -1,0 +1,123 @@
+"""Before ``agentflow train`` changes anything: is the run startable, and what will it bend?
+
+:func:`check_run_dir` decides, without writing, whether the run directory can take this run (it
+is a directory or does not exist, it is writable, ``--resume`` has an intact checkpoint to use, a
+plain run does not clobber checkpoints) and returns the checkpoint to resume from.
+:func:`commit_run_dir` is called once everything is built and loaded: only then is the directory
+created and ``config.json`` written; a fresh run moves a stale ``metrics.jsonl`` (from a run that
+stopped before its first checkpoint) aside. :func:`warn_bent_options` logs, at start, each option
+the run will silently bend.
+
+Not here: building the run (:mod:`agentflow.recipe.build`) or running it (:mod:`agentflow.recipe.async_rl`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+
+from agentflow._checkpoint import Checkpointer
+from agentflow.config import to_dict
+from agentflow.errors import CheckpointError, ConfigError
+from agentflow.recipe.config import TrainRecipeConfig
+
+__all__ = ["check_run_dir", "commit_run_dir", "describe_config_change", "resume_failure", "warn_bent_options"]
+
+log = logging.getLogger("agentflow.train")
+
+
+def check_run_dir(cfg: TrainRecipeConfig, resume: bool) -> pathlib.Path | None:
+    """The checkpoint to resume from (None = start fresh); raises with the fix when the run
+    directory cannot take this run. Writes nothing."""
+    run_dir = pathlib.Path(cfg.logging.run_dir)
+    _check_writable(run_dir)
+    ckpts = Checkpointer(run_dir)
+    if resume:
+        latest = ckpts.latest_intact()
+        if latest is None:
+            what = "an earlier run that stopped before its first checkpoint" if (run_dir / "metrics.jsonl").exists() \
+                else "no run"
+            raise CheckpointError(f"--resume: {run_dir} holds {what}, so there is nothing to resume (expected "
+                                  f"a complete checkpoint under {run_dir}/checkpoints). Run the same command "
+                                  "without --resume to start afresh.")
+        return latest
+    latest = ckpts.latest()
+    if latest is not None:
+        raise ConfigError(f"logging.run_dir={run_dir} already holds a run with checkpoints (newest: {latest.name}); "
+                          "pass --resume to continue it, or set logging.run_dir to a new directory")
+    return None
+
+
+def _check_writable(run_dir: pathlib.Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"logging.run_dir={run_dir} is a file; expected a directory or a path that does not "
+                          "exist yet. Point logging.run_dir elsewhere.")
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"logging.run_dir={run_dir}: {probe} is a file, so the directory cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"logging.run_dir={run_dir} is not writable ({probe} denies writing, or its file "
+                          "system is read-only); point logging.run_dir at a writable directory")
+
+
+def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
+    """Create the run directory and write ``config.json`` (the run is known to be startable)."""
+    run_dir = pathlib.Path(cfg.logging.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create logging.run_dir={run_dir} ({e.strerror}); point logging.run_dir at a "
+                          "writable directory") from e
+    stale = run_dir / "metrics.jsonl"
+    if not resumed and stale.exists():
+        aside = run_dir / f"metrics.stale-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        stale.rename(aside)
+        log.warning("%s had no checkpoint (its run stopped before the first one): starting afresh; its metrics "
+                    "were moved to %s", run_dir, aside.name)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+    return run_dir
+
+
+def describe_config_change(cfg: TrainRecipeConfig, run_dir: pathlib.Path) -> str:
+    """The model settings that differ from the run's saved ``config.json`` (why a resume failed)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    now = to_dict(cfg)
+    diffs = [f"{section}.{k}: {v!r} in the checkpoint's run, {now[section].get(k)!r} now"
+             for section in ("model", "train") for k, v in (saved.get(section) or {}).items()
+             if now.get(section, {}).get(k) != v]
+    return "; ".join(diffs)
+
+
+def warn_bent_options(cfg: TrainRecipeConfig, n_train: int) -> list[str]:
+    """Log (and return) a warning for each option this run will silently bend."""
+    warnings: list[str] = []
+    b = cfg.rollout.consumer_batch_size
+    if b > n_train:
+        warnings.append(f"rollout.consumer_batch_size={b} is larger than the {n_train} training prompts: every step "
+                        "repeats prompts (the same prompt twice in one batch). Lower it or add data.")
+    if cfg.inference.backend == "local":
+        cap, new = cfg.inference.local.max_seq_len, cfg.generation.max_new_tokens
+        if new >= cap:
+            warnings.append(f"generation.max_new_tokens={new} is not below inference.local.max_seq_len={cap}: "
+                            "outputs are cut at max_seq_len minus the prompt. Raise max_seq_len or lower "
+                            "max_new_tokens.")
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
+def resume_failure(e: BaseException, checkpoint: pathlib.Path, change: str) -> CheckpointError:
+    """A resume that failed while loading: say which checkpoint, and what changed since."""
+    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    hint = f" The configuration changed: {change}." if change else ""
+    return CheckpointError(f"cannot resume from {checkpoint} ({why}).{hint} Resume with the configuration the "
+                           "run was started with, or start a new run in another logging.run_dir.")
+
