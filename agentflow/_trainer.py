@@ -463,8 +463,8 @@ class Trainer:
 
 async def _enter_workflows(stack: contextlib.AsyncExitStack, *workflows: Any) -> None:
     """Enter the workflows that hold resources for the run (``async with workflow:``, e.g. a proxy)."""
-    for wf in dict.fromkeys(w for w in workflows if w is not None):
-        if hasattr(wf, "__aenter__"):
+    for wf in dict.fromkeys(getattr(w, "inner", w) for w in workflows if w is not None):  # a guard wraps it
+        if hasattr(type(wf), "__aenter__"):
             await stack.enter_async_context(wf)
 
 
