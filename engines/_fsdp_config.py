@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agentflow import ConfigError
+from agentflow.engines._lora import LoRAConfig
 
 __all__ = ["FSDPEngineConfig", "lr_factor"]
 
@@ -47,6 +48,9 @@ class FSDPEngineConfig:
         weight_update_dtype: dtype of uploaded weights (None = the parameter dtype).
         weight_bucket_mb: MiB of parameters gathered at once during an ``nccl`` upload.
         trust_remote_code: passed to ``from_pretrained``.
+        lora: train a LoRA adapter (rank, alpha, dropout, target modules; PEFT) on the frozen
+            model instead of every weight; null = full fine-tuning. Only the adapter is in the
+            optimizer, uploaded to inference engines and saved in checkpoints (docs/lora.md).
     """
 
     path: str | None = None
@@ -72,6 +76,7 @@ class FSDPEngineConfig:
     weight_update_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     weight_bucket_mb: int = 512
     trust_remote_code: bool = False
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
