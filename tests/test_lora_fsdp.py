@@ -158,7 +158,7 @@ def test_save_load_resumes_the_next_step_bit_identically(tiny, make_engine, tmp_
 def test_loading_an_adapter_of_another_rank_is_a_clear_error(make_engine, tmp_path):
     make_engine().save(SaveLoadMeta(path=str(tmp_path), with_optim=False))
     other = make_engine(lora=LoRAConfig(rank=8))
-    with pytest.raises(CheckpointError, match="rank 4.*rank 8"):
+    with pytest.raises(CheckpointError, match=r"rank 4.*rank 8"):
         other.load(SaveLoadMeta(path=str(tmp_path), with_optim=False))
 
 
