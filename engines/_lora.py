@@ -39,6 +39,7 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "DEFAULT_TARGETS",
+    "TRAIN_ADAPTER",
     "LoRAConfig",
     "adapter_config_dict",
     "add_lora",
@@ -58,6 +59,7 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAIN_ADAPTER = "default"  # PEFT's adapter name inside a train engine's model
 _PEFT_PREFIX = "base_model.model."
 _LORA_PARTS = ("lora_A", "lora_B")
 
@@ -142,13 +144,14 @@ def check_targets(model: torch.nn.Module, targets: Sequence[str], where: str = "
 
 
 def add_lora(model: torch.nn.Module, cfg: LoRAConfig) -> Any:
-    """Wrap ``model`` (in place) with a trainable LoRA adapter named ``cfg.name``; return the
-    ``PeftModel``. The base weights are frozen (``requires_grad=False``)."""
+    """Wrap ``model`` (in place) with a trainable LoRA adapter; return the ``PeftModel``. The base
+    weights are frozen (``requires_grad=False``). Inside the model the adapter is PEFT's
+    :data:`TRAIN_ADAPTER` (``cfg.name`` is where it is served; any string, unlike PEFT's names)."""
     _import_peft()
     from peft import get_peft_model
 
     check_targets(model, cfg.target_modules)
-    return get_peft_model(model, cfg.peft(), adapter_name=cfg.name)
+    return get_peft_model(model, cfg.peft(), adapter_name=TRAIN_ADAPTER)
 
 
 # ----------------------------------------------------------------------------------- names

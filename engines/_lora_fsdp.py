@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from agentflow.engines._lora import (
+    TRAIN_ADAPTER,
     LoRAConfig,
     adapter_config_dict,
     check_fits,
@@ -48,7 +49,7 @@ def adapter_state_dict(model: torch.nn.Module, cfg: LoRAConfig, dtype: torch.dty
 
     sd = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True,
                                                       ignore_frozen_params=True))
-    out = {to_peft_key(k, cfg.name): (v.to(dtype) if dtype is not None else v) for k, v in sd.items()}
+    out = {to_peft_key(k, TRAIN_ADAPTER): (v.to(dtype) if dtype is not None else v) for k, v in sd.items()}
     return out if dist.get_rank() == 0 else {}
 
 
@@ -94,13 +95,13 @@ def load_adapter_tensors(model: torch.nn.Module, cfg: LoRAConfig, tensors: Mappi
     if dist.get_rank() == 0:
         _check_same_adapter(model, cfg, {"r": cfg.rank, "target_modules": list(cfg.target_modules)}, tensors,
                             "<tensors>")
-    sd = {from_peft_key(k, cfg.name): v for k, v in tensors.items()}
+    sd = {from_peft_key(k, TRAIN_ADAPTER): v for k, v in tensors.items()}
     set_model_state_dict(model, sd, options=_options(full_state_dict=True, broadcast_from_rank0=True, strict=False))
 
 
 def _check_same_adapter(model: torch.nn.Module, cfg: LoRAConfig, config: Mapping[str, Any],
                         tensors: Mapping[str, torch.Tensor], path: str) -> None:
-    expected = {to_peft_key(n, cfg.name) for n, p in model.named_parameters() if p.requires_grad}
+    expected = {to_peft_key(n, TRAIN_ADAPTER) for n, p in model.named_parameters() if p.requires_grad}
     missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if int(config.get("r", -1)) != cfg.rank or missing or unknown:
         raise CheckpointError(
