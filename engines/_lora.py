@@ -39,6 +39,7 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "DEFAULT_TARGETS",
+    "LORA_KEY",
     "TRAIN_ADAPTER",
     "LoRAConfig",
     "adapter_config_dict",
@@ -60,6 +61,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN_ADAPTER = "default"  # PEFT's adapter name inside a train engine's model
+LORA_KEY = "lora"  # ModelRequest.metadata key naming the adapter of a request (None = the base model)
 _PEFT_PREFIX = "base_model.model."
 _LORA_PARTS = ("lora_A", "lora_B")
 

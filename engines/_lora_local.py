@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 
-from agentflow.engines._lora import check_fits, check_limits, config_rank, config_targets, from_peft_key
+from agentflow.engines._lora import LORA_KEY, check_fits, check_limits, config_rank, config_targets, from_peft_key
 from agentflow.errors import EngineError
 
 __all__ = ["BASE", "LORA_KEY", "AdapterSet", "LoraLimits"]
 
-LORA_KEY = "lora"  # ModelRequest.metadata key naming the adapter of a request
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 _UNSET = object()
 

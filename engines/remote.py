@@ -19,6 +19,8 @@ closed in ``destroy``. What it does:
 - **Versions**: each token carries the version that generated it: the server's per-token
   ``weight_versions`` spans or ``weight_version`` when they parse as ints, else the engine's own
   version at the time of the response.
+- **LoRA** (``_lora_client.py``): an adapter update (``meta.adapter``) -> ``/load_lora_adapter``;
+  each request's adapter goes in ``lora_path``.
 - **Weights**: ``"disk"`` -> ``/update_weights_from_disk`` on every server; ``"nccl"`` ->
   ``/init_weights_update_group`` (once per group) + ``/update_weights_from_distributed`` while the
   trainer (rank 0) broadcasts the tensors of ``meta.state_dict`` in its order.
@@ -46,6 +48,7 @@ import tenacity
 from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
 from agentflow._rollout_config import RolloutConfig
 from agentflow._types import ModelRequest, ModelResponse, StopReason
+from agentflow.engines._lora_client import lora_request_fields, update_remote_adapter
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, ServerError
 
 __all__ = ["RemoteEngineConfig", "RemoteSGLangEngine"]
@@ -409,7 +412,7 @@ class RemoteSGLangEngine(InferenceEngine):
                     "top_k": g.top_k if g.top_k > 0 else -1, "stop": list(g.stop) or None,
                     "stop_token_ids": list(g.stop_token_ids) or None,
                 },
-                "return_logprob": True, "stream": False,
+                "return_logprob": True, "stream": False, **lora_request_fields(self, req),
             }
             body = await self._generate_call(payload, key)
             finish = self._absorb(body, got, loop.time())
@@ -517,7 +520,9 @@ class RemoteSGLangEngine(InferenceEngine):
 
     # ------------------------------------------------------------------ weights
     async def aupdate_weights(self, meta: WeightUpdateMeta) -> None:
-        if meta.type == "disk":
+        if meta.adapter is not None:
+            await update_remote_adapter(self, meta)
+        elif meta.type == "disk":
             await self._update_from_disk(meta)
         elif meta.type == "nccl":
             await self._update_from_distributed(meta)
