@@ -78,6 +78,9 @@ class LoRAConfig:
             e.g. ``q_proj``); the model must have every one of them.
         name: the adapter's name where it is served (``lora_name`` on SGLang servers, the
             ``lora`` key of ``ModelRequest.metadata`` in the local engine).
+        base_model: the base model that ``adapter_config.json`` names (what ``agentflow eval`` and
+            ``agentflow merge-lora`` load under the adapter); null = the directory the model was
+            loaded from (``agentflow train`` fills in ``model.path``).
     """
 
     rank: int = 16
@@ -85,6 +88,7 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     name: str = "policy"
+    base_model: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))

@@ -451,7 +451,7 @@ class FSDPEngine(TrainEngine):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         if self.config.lora is not None:
-            base = base_model_path(self._model(), meta.base_model_path)
+            base = base_model_path(self._model(), meta.base_model_path or self.config.lora.base_model)
             save_adapter(self._model(), self.config.lora, meta.path, base)
             tokenizer = meta.tokenizer or self.tokenizer
             if self.rank == 0 and tokenizer is not None:
@@ -531,7 +531,7 @@ class FSDPEngine(TrainEngine):
         from agentflow.engines._lora import adapter_config_dict
 
         lora = self._lora()
-        base = base_model_path(self._model(), None)
+        base = base_model_path(self._model(), lora.base_model)
         fields: dict[str, Any] = {"adapter": lora.name, "lora_config": adapter_config_dict(lora, base)}
         if meta.type == "mem":
             sd = self.adapter_state_dict(dtype)
