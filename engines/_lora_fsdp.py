@@ -33,7 +33,7 @@ from agentflow.engines._lora import (
 from agentflow.errors import CheckpointError
 
 __all__ = ["ReferencePolicy", "adapter_disabled", "adapter_state_dict", "base_model_path", "load_adapter",
-           "load_adapter_tensors", "save_adapter"]
+           "load_adapter_tensors", "save_adapter", "share_frozen_weights"]
 
 
 def _options(**kw: bool) -> Any:
@@ -135,6 +135,28 @@ class ReferencePolicy:
 
     def destroy(self) -> None:
         """Nothing to release: the weights belong to the train engine."""
+
+
+def share_frozen_weights(engine_model: torch.nn.Module, other: torch.nn.Module) -> int:
+    """Point ``other``'s parameters (a plain HF model of the same architecture, e.g. the in-process
+    inference engine's) at the engine's frozen base weights, so the base is held once; return the
+    bytes freed. Only at world size 1 with equal dtype and device (else 0, nothing shared). The
+    frozen weights never change, so the inference thread may read them while the engine trains;
+    a full-weight update of ``other`` would write into them, so use adapter-only updates."""
+    if dist.get_world_size() != 1:
+        return 0
+    frozen = {k.replace(".base_layer.", "."): p for k, p in engine_model.named_parameters() if not p.requires_grad}
+    freed = 0
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            src = frozen.get(name)
+            local = src.to_local() if src is not None and hasattr(src, "to_local") else src
+            if local is None or local.shape != p.shape or local.dtype != p.dtype or local.device != p.device:
+                continue
+            if local.data_ptr() != p.data_ptr():
+                freed += p.numel() * p.element_size()
+                p.data = local
+    return freed
 
 
 def adapter_bytes(sd: Mapping[str, torch.Tensor]) -> int:

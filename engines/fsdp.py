@@ -65,6 +65,7 @@ from agentflow.engines._lora_fsdp import (
     load_adapter,
     load_adapter_tensors,
     save_adapter,
+    share_frozen_weights,
 )
 from agentflow.engines._packing import (
     MicroBatch,
@@ -511,6 +512,14 @@ class FSDPEngine(TrainEngine):
     def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Set the adapter from full tensors under PEFT's names (read on rank 0). Collective."""
         load_adapter_tensors(self._model(), self._lora(), tensors)
+
+    def share_base_with(self, model: torch.nn.Module) -> int:
+        """Let ``model`` (an inference engine's copy of the base model, HF names) use this LoRA
+        engine's frozen base weights instead of its own, so they are held once; returns the bytes
+        freed (0 unless world size 1 and the same dtype and device). Only adapter-only updates may
+        reach ``model`` afterwards (a full update would write into the train engine's base)."""
+        self._lora()
+        return share_frozen_weights(self._model(), model)
 
     def reference(self) -> ReferencePolicy:
         """The KL reference policy of a LoRA engine: this model with the adapter disabled (the base

@@ -175,3 +175,18 @@ def test_lora_config_is_checked():
         LoRAConfig(rank=0)
     with pytest.raises(ConfigError, match="dropout must be in"):
         LoRAConfig(dropout=1.5)
+
+
+def test_inference_model_can_share_the_frozen_base(tiny, make_engine):
+    eng = make_engine(lr=1e-2)
+    inference = copy.deepcopy(tiny[0])
+    freed = eng.share_base_with(inference)
+    assert freed == sum(p.numel() * 4 for p in inference.parameters())  # every base weight is held once
+    trajs = make_trajs(7, LENS)
+    with torch.no_grad():
+        before = reference_logprobs(inference, pad_trajectories(trajs))
+    trained_adapter(eng, trajs)  # the adapter moves, the shared base does not
+    with torch.no_grad():
+        after = reference_logprobs(inference, pad_trajectories(trajs))
+    assert torch.equal(before, after)
+    torch.testing.assert_close(after, reference_logprobs(tiny[0], pad_trajectories(trajs)).detach(), atol=0, rtol=0)

@@ -51,6 +51,7 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
         return _follower(ranks, plan, train_engine, ref_engine, run_dir, resume)
 
     engine = build.inference_engine(cfg, model, tokenizer)
+    build.share_lora_base(cfg, train_engine, model)
     task = build.task_data(cfg.data)
     workflow = build.workflow(cfg.workflow, tokenizer, task.reward, cfg.generation)
     eval_workflow = build.workflow(cfg.workflow, tokenizer, task.eval_reward,

@@ -27,7 +27,7 @@ from agentflow.errors import ConfigError
 from agentflow.recipe.config import DataSpec, ModelSpec, TrainRecipeConfig, WorkflowSpec
 
 __all__ = ["import_object", "inference_engine", "merge_lora", "model_and_tokenizer", "policy_for_eval",
-           "reference_engine", "task_data", "train_engine", "workflow"]
+           "reference_engine", "share_lora_base", "task_data", "train_engine", "workflow"]
 
 
 def model_and_tokenizer(path: str, spec: ModelSpec | None = None) -> tuple[Any, Any]:
@@ -82,6 +82,14 @@ def reference_engine(cfg: TrainRecipeConfig, policy: FSDPEngine, model: Any, tok
     if cfg.train.lora is not None:
         return policy.reference()
     return train_engine(cfg, copy.deepcopy(model), tokenizer)
+
+
+def share_lora_base(cfg: TrainRecipeConfig, policy: FSDPEngine, model: Any) -> int:
+    """With LoRA and the in-process inference engine, let the inference model use the train
+    engine's frozen base weights (held once; only the adapter changes). Returns the bytes freed."""
+    if cfg.train.lora is None or cfg.inference.backend != "local":
+        return 0
+    return policy.share_base_with(model)
 
 
 def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> InferenceEngine:
