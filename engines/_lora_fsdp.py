@@ -159,7 +159,7 @@ def share_frozen_weights(engine_model: torch.nn.Module, other: torch.nn.Module) 
     return freed
 
 
-def adapter_bytes(sd: Mapping[str, torch.Tensor]) -> int:
+def tensor_bytes(sd: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 

@@ -58,7 +58,6 @@ from agentflow.engines._logprobs import install_passthrough_head, token_logprobs
 from agentflow.engines._lora import add_lora
 from agentflow.engines._lora_fsdp import (
     ReferencePolicy,
-    adapter_bytes,
     adapter_path_ok,
     adapter_state_dict,
     base_model_path,
@@ -66,6 +65,7 @@ from agentflow.engines._lora_fsdp import (
     load_adapter_tensors,
     save_adapter,
     share_frozen_weights,
+    tensor_bytes,
 )
 from agentflow.engines._packing import (
     MicroBatch,
@@ -544,7 +544,7 @@ class FSDPEngine(TrainEngine):
         fields: dict[str, Any] = {"adapter": lora.name, "lora_config": adapter_config_dict(lora, base)}
         if meta.type == "mem":
             sd = self.adapter_state_dict(dtype)
-            nbytes = int(_dist.all_reduce_float(float(adapter_bytes(sd)), dist.ReduceOp.MAX))
+            nbytes = int(_dist.all_reduce_float(float(tensor_bytes(sd)), dist.ReduceOp.MAX))
             return dataclasses.replace(meta, state_dict=sd if self.rank == 0 else None, nbytes=nbytes, **fields)
         if meta.type == "disk":
             n = save_adapter(self._model(), lora, adapter_path_ok(meta.path), base, dtype)
@@ -573,7 +573,7 @@ class FSDPEngine(TrainEngine):
             return self._upload_adapter(meta, dtype)
         if meta.type == "mem":
             sd = self.full_state_dict(dtype)
-            nbytes = int(_dist.all_reduce_float(float(adapter_bytes(sd)), dist.ReduceOp.MAX))
+            nbytes = int(_dist.all_reduce_float(float(tensor_bytes(sd)), dist.ReduceOp.MAX))
             return dataclasses.replace(meta, state_dict=sd if self.rank == 0 else None, nbytes=nbytes)
         if meta.type == "disk":
             assert meta.path is not None
