@@ -26,6 +26,7 @@ from agentflow.engines._lora import (
     check_fits,
     from_peft_key,
     is_adapter_dir,
+    is_lora_param,
     read_adapter,
     to_peft_key,
     write_adapter,
@@ -49,7 +50,9 @@ def adapter_state_dict(model: torch.nn.Module, cfg: LoRAConfig, dtype: torch.dty
 
     sd = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True,
                                                       ignore_frozen_params=True))
-    out = {to_peft_key(k, TRAIN_ADAPTER): (v.to(dtype) if dtype is not None else v) for k, v in sd.items()}
+    # (a tied output embedding comes through ignore_frozen_params under its second name: drop it)
+    out = {to_peft_key(k, TRAIN_ADAPTER): (v.to(dtype) if dtype is not None else v) for k, v in sd.items()
+           if is_lora_param(k)}
     return out if dist.get_rank() == 0 else {}
 
 

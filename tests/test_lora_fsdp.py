@@ -190,3 +190,18 @@ def test_inference_model_can_share_the_frozen_base(tiny, make_engine):
         after = reference_logprobs(inference, pad_trajectories(trajs))
     assert torch.equal(before, after)
     torch.testing.assert_close(after, reference_logprobs(tiny[0], pad_trajectories(trajs)).detach(), atol=0, rtol=0)
+
+
+def test_tied_embeddings_stay_out_of_the_adapter(tiny):
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(tiny[0].config)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    eng = FSDPEngine(FSDPEngineConfig(device="cpu", lora=LORA), model=LlamaForCausalLM(cfg))
+    eng.initialize()
+    try:
+        sd = eng.upload_weights(WeightUpdateMeta(type="mem")).state_dict
+        assert sd and all(".lora_A." in k or ".lora_B." in k for k in sd)
+    finally:
+        eng.destroy()
