@@ -48,9 +48,10 @@ class FSDPEngineConfig:
         weight_update_dtype: dtype of uploaded weights (None = the parameter dtype).
         weight_bucket_mb: MiB of parameters gathered at once during an ``nccl`` upload.
         trust_remote_code: passed to ``from_pretrained``.
-        lora: train a LoRA adapter (rank, alpha, dropout, target modules; PEFT) on the frozen
-            model instead of every weight; null = full fine-tuning. Only the adapter is in the
-            optimizer, uploaded to inference engines and saved in checkpoints (docs/lora.md).
+        lora: train a LoRA adapter (PEFT) on the frozen model instead of every weight; null = full
+            fine-tuning. Turn it on with any of train.lora.rank (16), .alpha (32), .dropout (0),
+            .target_modules (the attention and MLP projections), .name (policy). Only the adapter
+            is in the optimizer, uploaded to inference engines and saved in checkpoints (docs/lora.md).
     """
 
     path: str | None = None

@@ -92,6 +92,7 @@ class AdapterSet:
             )
         check_limits(config, name, self.limits.max_rank, self.limits.target_modules)
         check_fits(self.base, tensors, config, what=f"adapter {name!r}")
+        _check_coverage(self.base, name, config, tensors)
 
     def load(self, name: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
         """(Decode thread.) Create adapter ``name`` if new (or if its rank/targets changed), then copy
@@ -147,14 +148,32 @@ class AdapterSet:
                     "default": n == self.default} for n, c in self.configs.items()}
 
 
-def _shape_of(config: Mapping[str, Any]) -> tuple[int, tuple[str, ...]]:
-    return config_rank(config), tuple(sorted(config_targets(config)))
+def _shape_of(config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What fixes an adapter's modules: a new version that differs here is created afresh."""
+    return (config_rank(config), tuple(sorted(config_targets(config))), float(config.get("lora_alpha", 8)),
+            bool(config.get("use_rslora", False)))
+
+
+def _check_coverage(model: torch.nn.Module, name: str, config: Mapping[str, Any],
+                    tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every targeted linear layer of ``model`` has its two tensors in ``tensors``, and no others."""
+    targets = set(config_targets(config))
+    modules = {n.removesuffix(".base_layer") for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.removesuffix(".base_layer").rsplit(".", 1)[-1] in targets}
+    wanted = {f"base_model.model.{m}.{part}.weight" for m in modules for part in ("lora_A", "lora_B")}
+    missing, unknown = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+    if missing or unknown:
+        raise EngineError(
+            f"LoRA adapter {name!r} does not cover the layers its config targets ({sorted(targets)}): missing "
+            f"{missing[:3]}, unexpected {unknown[:3]}; expected the tensors of an adapter_model.safetensors for "
+            "this config and this base model"
+        )
 
 
 def _peft_config(config: Mapping[str, Any]) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=config_rank(config), lora_alpha=float(config.get("lora_alpha", 2 * config_rank(config))),
+    return LoraConfig(r=config_rank(config), lora_alpha=float(config.get("lora_alpha", 8)),  # PEFT's default
                       target_modules=config_targets(config), lora_dropout=0.0, bias="none",
                       use_rslora=bool(config.get("use_rslora", False)))
 

@@ -148,7 +148,12 @@ async def test_clear_errors_for_limits_unknown_and_mismatched_adapters(tiny):
         wide, _ = tiny_wide_base()
         with pytest.raises(EngineError, match="does not match the base model"):
             await eng.aupdate_weights(mem_meta("w", random_adapter(wide, seed=7)))
-        await eng.aupdate_weights(mem_meta("a", random_adapter(model, seed=8)))
+        config, tensors = random_adapter(model, seed=8)
+        partial = dict(list(tensors.items())[1:])
+        with pytest.raises(EngineError, match="does not cover the layers its config targets"):
+            await eng.aupdate_weights(mem_meta("p", (config, partial)))
+        assert eng.adapters == {}  # nothing half-loaded
+        await eng.aupdate_weights(mem_meta("a", (config, tensors)))
         with pytest.raises(EngineError, match="the limit is 1"):
             await eng.aupdate_weights(mem_meta("b", random_adapter(model, seed=9)))
         with pytest.raises(EngineError, match="'nope', which is not loaded; loaded: \\['a'\\]"):
