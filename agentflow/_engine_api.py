@@ -88,6 +88,11 @@ class WeightUpdateMeta:
     ``type``: ``"mem"`` (a state dict in this process, no copy to disk), ``"disk"`` (an HF
     checkpoint directory at ``path``) or ``"nccl"`` (broadcast from train rank 0 over a process
     group at ``master_address:master_port``). ``version`` is the policy version the weights are.
+
+    LoRA: ``adapter`` names the adapter when only its tensors travel (``state_dict`` then holds
+    them under PEFT's names, ``path`` is a PEFT adapter directory) and ``lora_config`` is its
+    ``adapter_config.json`` content; None = full weights. ``nbytes``, filled in by the train engine's
+    ``upload_weights``, is the size of the tensors moved (for metrics).
     """
 
     type: Literal["mem", "disk", "nccl"]
@@ -98,6 +103,9 @@ class WeightUpdateMeta:
     master_port: int = 0
     group_name: str = "agentflow_weight_update"
     timeout_s: float = 600.0
+    adapter: str | None = None
+    lora_config: Mapping[str, Any] | None = field(default=None, repr=False)
+    nbytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.type == "disk" and not self.path:

@@ -310,6 +310,8 @@ class Trainer:
         self.state.episodes_trained += len(trajs)
         record = self._step_record(groups, trajs, stats, t_wait, t_train, time.perf_counter() - t0)
         record.update(filtered)
+        if meta.nbytes is not None:  # what the weight update moved (the adapter only, with LoRA)
+            record["weights/update_mib"] = meta.nbytes / 2**20
         self.metrics.log(version, record)
         return record
 

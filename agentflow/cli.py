@@ -1,4 +1,4 @@
-"""The ``agentflow`` command: ``train``, ``eval``, ``serve``, ``plot``.
+"""The ``agentflow`` command: ``train``, ``eval``, ``serve``, ``plot``, ``merge-lora``.
 
 ``agentflow train [CONFIG.yaml ...] [key=value ...]`` trains with the built-in recipe; with no
 config it trains the embedded SmolLM2-135M on one-digit addition. ``agentflow train --help``
@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("-v", "--verbose", action="store_true")
     plot.set_defaults(func=_cmd_plot)
 
+    merge = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model (an HF checkpoint)")
+    merge.add_argument("adapter", help="a LoRA adapter directory or a LoRA run checkpoint (runs/X/checkpoints/step-N)")
+    merge.add_argument("out", help="directory of the merged HF checkpoint")
+    merge.add_argument("--base", default=None,
+                       help="base model (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("-v", "--verbose", action="store_true")
+    merge.set_defaults(func=_cmd_merge_lora)
+
     sub.add_parser("serve", help="serve a model over SGLang's HTTP protocol (see `agentflow serve --help`)")
     return p
 
@@ -124,6 +132,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     files, overrides = _split(args.items)
     cfg = load_recipe_config(files, overrides)
     print(evaluate_model(cfg, model=args.model, n=args.n))  # noqa: T201
+    return 0
+
+
+def _cmd_merge_lora(args: argparse.Namespace) -> int:
+    from agentflow.recipe.build import merge_lora
+
+    print(merge_lora(args.adapter, args.out, args.base))  # noqa: T201
     return 0
 
 

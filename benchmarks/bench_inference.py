@@ -10,6 +10,10 @@ for (padding and tokens past a request's own limit do not count):
   ``max_new`` (shuffled, seeded). ``generate`` runs them in arrival order, ``batch`` at a time, each
   batch padded to its longest request; LocalEngine (``max_batch_size=batch``) refills a row the
   step a request finishes.
+- ``lora``: LocalEngine with LoRA adapters (rank ``--lora-rank`` on every attention and MLP
+  projection, random weights): ``batch`` requests all on one adapter vs the same requests spread
+  round-robin over 2 and 4 adapters (one batch mixing them: PEFT runs each adapter on its own
+  rows), and the base model alone in the same engine; tokens/s and the ratio to one adapter.
 - ``rss``: a fresh subprocess loads the model, serves ``batch`` concurrent requests with
   LocalEngine, and reports its peak RSS (``ru_maxrss``) before and after serving.
 
@@ -169,6 +173,63 @@ async def _serve(engine: Any, reqs: list[tuple[list[int], int]]) -> None:
             raise RuntimeError(f"expected {m} tokens, got {o.output_len} ({o.stop_reason})")
 
 
+def random_adapter(model: Any, rank: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(adapter_config, tensors under PEFT's names) of a random LoRA adapter on every projection."""
+    import torch
+
+    from agentflow.engines._lora import DEFAULT_TARGETS
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in DEFAULT_TARGETS:
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(DEFAULT_TARGETS)}
+    return config, tensors
+
+
+def bench_lora(model: Any, tok: Any, args: argparse.Namespace) -> None:
+    import copy
+
+    from agentflow import WeightUpdateMeta
+
+    host = EngineHost(copy.deepcopy(model), tok, args.batch, args.dtype)  # adapters wrap the model in place
+    try:
+        for i in range(4):
+            config, tensors = random_adapter(model, args.lora_rank, seed=i)
+            meta = WeightUpdateMeta(type="mem", state_dict=tensors, lora_config=config, adapter=f"a{i}")
+            host.loop.run_until_complete(host.engine.aupdate_weights(meta))
+        ps = prompts(tok, args.batch)
+        runs = {f"{k}_adapters": [(p, args.max_new, f"a{j % k}") for j, p in enumerate(ps)] for k in (1, 2, 4)}
+        runs["base"] = [(p, args.max_new, None) for p in ps]
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for reqs in runs.values():  # warm-up
+            _local_lora(host, reqs)
+        for _ in range(args.reps):
+            for k, reqs in runs.items():
+                times[k].append(timed(lambda reqs=reqs: _local_lora(host, reqs)))
+        useful = args.batch * args.max_new
+        tps = {k: useful / statistics.median(v) for k, v in times.items()}
+        emit(bench="lora", useful_tokens=useful, tokens_per_s={k: round(v, 1) for k, v in tps.items()},
+             ratio_vs_1_adapter={k: round(v / tps["1_adapters"], 3) for k, v in tps.items()},
+             lora_rank=args.lora_rank, batch=args.batch, max_new=args.max_new, reps=args.reps, dtype=args.dtype,
+             threads=args.threads)
+    finally:
+        host.close()
+
+
+def _local_lora(host: EngineHost, reqs: list[tuple[list[int], int, str | None]]) -> None:
+    from agentflow import GenerationConfig, ModelRequest
+
+    async def run() -> None:
+        await asyncio.gather(*[host.engine.agenerate(ModelRequest(p, GenerationConfig(max_new_tokens=m, greedy=True),
+                                                                  metadata={"lora": a})) for p, m, a in reqs])
+
+    host.loop.run_until_complete(run())
+
+
 def _diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
@@ -233,7 +294,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads; use 1 on a shared machine (2 OpenMP threads on busy cores collapse)")
-    ap.add_argument("--only", choices=["equal", "mixed", "rss", "remote"], action="append")
+    ap.add_argument("--only", choices=["equal", "mixed", "rss", "remote", "lora"], action="append")
+    ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -244,7 +306,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    only = set(args.only or ["equal", "mixed", "rss", "remote"])
+    only = set(args.only or ["equal", "mixed", "rss", "remote", "lora"])
     if only & {"equal", "mixed"}:
         model, tok = load(args.dtype)
         host = EngineHost(model, tok, args.batch, args.dtype)
@@ -255,6 +317,8 @@ def main() -> None:
                 bench_mixed(model, tok, host, args)
         finally:
             host.close()
+    if "lora" in only:
+        bench_lora(*load(args.dtype), args)
     if "rss" in only:
         bench_rss(args)
     if "remote" in only:

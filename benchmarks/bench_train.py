@@ -5,6 +5,11 @@ Prints JSON lines:
 - ``{"bench": "packing", ...}``: the micro-batch plan of a long-tailed length mix under a token
   budget: ``fill`` = real tokens / (micro-batches x budget), ``vs_lower_bound`` = minimal
   micro-batch count / count used, and the padded loop's real / processed tokens.
+- ``{"bench": "lora_step", ...}``: one FSDPEngine step with a LoRA adapter (``train.lora``, rank
+  ``--lora-rank`` on every attention and MLP projection) vs full fine-tuning of the same model on
+  the same batch, interleaved: median wall and CPU seconds per step, trainable parameters, and the
+  optimizer state's bytes (AdamW's two moments: of the adapter only with LoRA). ``--model
+  smollm2-135m`` runs it on the embedded model instead of the tiny one.
 - ``{"bench": "train_step", ...}``: tokens/s of ``FSDPEngine.train_batch`` (world size 1, gloo,
   packed rows, chunked log-probs) and of a plain loop over the *same* model weights, data and
   micro-batch count (padded batches with an attention mask, full-vocabulary log-softmax, AdamW),
@@ -13,7 +18,7 @@ Prints JSON lines:
   machine disturb much less than wall time. ``*_vs_sorted``: against the same loop with the
   sequences sorted by length before chunking (less padding, a stronger baseline).
 
-Run: ``python benchmarks/bench_train.py [--steps 3] [--seqs 32] [--threads 2]``.
+Run: ``python benchmarks/bench_train.py [--steps 3] [--seqs 32] [--threads 2] [--only lora]``.
 """
 
 from __future__ import annotations
@@ -132,6 +137,52 @@ def bench_train(args: argparse.Namespace) -> None:
     }))
 
 
+def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def bench_lora(args: argparse.Namespace) -> None:
+    from agentflow.engines._lora import LoRAConfig
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        from agentflow.engines.model_loading import load_model
+
+        model, _ = load_model(args.model)
+    else:
+        model, _ = tiny_model_and_tokenizer(seed=0, hidden_size=args.hidden, num_layers=args.layers)
+    trajs = make_batch(long_tailed_lengths(args.seqs, seed=0), seed=0)
+    spec = MicroBatchSpec(n_mbs=args.n_mbs)
+    engines = {"full": FSDPEngine(FSDPEngineConfig(lr=1e-5, device="cpu"), model=copy.deepcopy(model)),
+               "lora": FSDPEngine(FSDPEngineConfig(lr=1e-4, device="cpu", lora=LoRAConfig(rank=args.lora_rank)),
+                                  model=copy.deepcopy(model))}
+    wall: dict[str, list[float]] = {k: [] for k in engines}
+    cpu: dict[str, list[float]] = {k: [] for k in engines}
+    for e in engines.values():
+        e.initialize()
+    for step in range(args.steps + 1):  # step 0 warms up both
+        for name in list(engines) if step % 2 == 0 else list(engines)[::-1]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            engines[name].train_batch(trajs, spec, sft_loss, token_count)
+            if step > 0:
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    row: dict[str, object] = {"bench": "lora_step", "model": args.model or "tiny", "hidden": model.config.hidden_size,
+                              "layers": model.config.num_hidden_layers,
+                              "lora_rank": args.lora_rank, "n_seqs": len(trajs), "real_tokens": sum(map(len, trajs)),
+                              "threads": args.threads, "steps": args.steps}
+    for name, e in engines.items():
+        assert e.optimizer is not None
+        row[f"{name}_s"] = round(statistics.median(wall[name]), 3)
+        row[f"{name}_cpu_s"] = round(statistics.median(cpu[name]), 3)
+        row[f"{name}_trainable_params"] = sum(p.numel() for p in e.model.parameters() if p.requires_grad)
+        row[f"{name}_optimizer_mib"] = round(optimizer_bytes(e.optimizer) / 2**20, 3)
+        e.destroy()
+    row["step_ratio_full_over_lora"] = round(float(row["full_s"]) / float(row["lora_s"]), 3)  # type: ignore[arg-type]
+    print(json.dumps(row))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3)
@@ -140,10 +191,18 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--model", default=None, help="lora bench: a model to load (e.g. smollm2-135m) instead of tiny")
+    p.add_argument("--only", choices=["packing", "train", "lora"], action="append")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    bench_packing(args)
-    bench_train(args)
+    only = set(args.only or ["packing", "train", "lora"])
+    if "packing" in only:
+        bench_packing(args)
+    if "train" in only:
+        bench_train(args)
+    if "lora" in only:
+        bench_lora(args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agentflow import ConfigError
+from agentflow.engines._lora import LoRAConfig
 
 __all__ = ["FSDPEngineConfig", "lr_factor"]
 
@@ -49,6 +50,10 @@ class FSDPEngineConfig:
         weight_update_dtype: dtype of uploaded weights (None = the parameter dtype).
         weight_bucket_mb: MiB of parameters gathered at once during an ``nccl`` upload.
         trust_remote_code: passed to ``from_pretrained``.
+        lora: train a LoRA adapter (PEFT) on the frozen model instead of every weight; null = full
+            fine-tuning. Turn it on with any of train.lora.rank (16), .alpha (32), .dropout (0),
+            .target_modules (the attention and MLP projections), .name (policy). Only the adapter
+            is in the optimizer, uploaded to inference engines and saved in checkpoints (docs/lora.md).
     """
 
     path: str | None = None
@@ -74,6 +79,7 @@ class FSDPEngineConfig:
     weight_update_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     weight_bucket_mb: int = 512
     trust_remote_code: bool = False
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))

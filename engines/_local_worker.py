@@ -13,6 +13,10 @@ version of the weights that produced token ``i``. On a weight update with
 prefilled again (prompt + tokens so far) under the new weights, the re-issue semantics of
 ``docs/inference.md``; otherwise it continues on its old-weight KV cache (SGLang's ``in_place`` mode).
 
+LoRA: each sequence may name an adapter (``Seq.adapter``, None = the base model); with adapters
+loaded (``DecodeWorker.adapters``, see ``_lora_local.py``) every forward passes one adapter name per
+row, so a batch mixes adapters, and identical contexts share a prefill only under the same adapter.
+
 Stop strings are matched on the decoded text of the last few output tokens after every token; the
 token that completes a match is kept (``output_tokens`` ends with it) and the request stops with
 ``"stop"``. Callers that show text cut it at the match (SGLang does the same).
@@ -37,6 +41,7 @@ import torch
 from agentflow._types import ModelRequest, ModelResponse, StopReason
 from agentflow.engines._local_kv import SlotKVCache, causal_prefill_mask, decode_mask
 from agentflow.engines._local_sampling import RowParams, sample
+from agentflow.engines._lora_local import AdapterSet
 from agentflow.errors import EngineError
 
 if TYPE_CHECKING:
@@ -76,6 +81,7 @@ class Seq:
     cancelled: bool = False  # set from the loop; read by the worker
     aborted: bool = False  # set from the loop; read by the worker
     n_prefills: int = 0
+    adapter: str | None = None  # LoRA adapter (None = the base model)
 
     @property
     def context(self) -> list[int]:
@@ -112,6 +118,7 @@ class DecodeWorker:
         version: Callable[[], int],
     ) -> None:
         self.model = model
+        self.adapters: AdapterSet | None = None  # set by the engine; the worker only reads it
         self.tokenizer = tokenizer
         self.limits = limits
         self.loop = loop
@@ -256,22 +263,22 @@ class DecodeWorker:
     def _admit(self) -> None:
         """Prefill as many waiting sequences as fit into free rows and the prefill budget.
 
-        Sequences with the same context (the samples of one prompt, submitted together) are
-        prefilled once; the others get a copy of its KV rows and its last logits, so they cost
+        Sequences with the same context and adapter (the samples of one prompt, submitted together)
+        are prefilled once; the others get a copy of its KV rows and its last logits, so they cost
         neither prefill compute nor prefill budget.
         """
         batch: list[Seq] = []
-        contexts: set[tuple[int, ...]] = set()
+        contexts: set[tuple[Any, ...]] = set()
         longest = 0
         free = self.limits.max_batch_size - len(self.running)
         while self.waiting and len(batch) < free:
-            ctx = tuple(self.waiting[0].context)
-            new = ctx not in contexts
-            if new and contexts and (len(contexts) + 1) * max(longest, len(ctx)) > self.limits.max_prefill_tokens:
+            key, n = _prefill_key(self.waiting[0]), len(self.waiting[0].context)
+            new = key not in contexts
+            if new and contexts and (len(contexts) + 1) * max(longest, n) > self.limits.max_prefill_tokens:
                 break
             batch.append(self.waiting.popleft())
-            contexts.add(ctx)
-            longest = max(longest, len(ctx))
+            contexts.add(key)
+            longest = max(longest, n)
         if not batch:
             return
         if self.running:
@@ -280,11 +287,11 @@ class DecodeWorker:
 
     def _prefill(self, batch: list[Seq], longest: int) -> None:
         start, version = len(self.running), self._version()
-        firsts: dict[tuple[int, ...], int] = {}
+        firsts: dict[tuple[Any, ...], int] = {}
         uniques: list[Seq] = []
         copies: list[tuple[Seq, int]] = []  # (sequence, index of the unique sequence it copies)
         for seq in batch:
-            k = firsts.setdefault(tuple(seq.context), len(uniques))
+            k = firsts.setdefault(_prefill_key(seq), len(uniques))
             if k == len(uniques):
                 uniques.append(seq)
             else:
@@ -301,8 +308,8 @@ class DecodeWorker:
         self.cache.set_prefill(start, len(uniques))
         mask = causal_prefill_mask(longest, self.device, additive_dtype=self._additive)
         positions = torch.arange(longest, device=self.device)[None].expand(len(uniques), -1)
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
-                         use_cache=True, logits_to_keep=last)
+        out = self._forward(uniques, input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                            use_cache=True, logits_to_keep=last)
         logits = out.logits[:, -1]
         if copies:
             src = [k for _, k in copies]
@@ -325,12 +332,21 @@ class DecodeWorker:
         self.cache.reserve(kv_len)
         self.cache.set_decode(positions, kv_len)
         mask = decode_mask(positions, kv_len, additive_dtype=self._additive)
-        out = self.model(input_ids=last, position_ids=positions[:, None], attention_mask=mask,
-                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self._forward(rows, input_ids=last, position_ids=positions[:, None], attention_mask=mask,
+                            cache=self.cache, use_cache=True, logits_to_keep=1)
         for seq in rows:
             seq.kv_len += 1
         self.batch_sizes[len(rows)] += 1
         self._take_tokens(list(rows), out.logits[:, -1], version, first_row=0)
+
+    def _forward(self, rows: list[Seq], **kwargs: Any) -> Any:
+        """The model on ``rows`` (one per batch row); with LoRA adapters loaded, through PEFT with
+        each row's adapter."""
+        names = self.adapters.forward_names(s.adapter for s in rows) if self.adapters is not None else None
+        if names is None:
+            return self.model(**kwargs)
+        assert self.adapters is not None
+        return self.adapters.peft(**kwargs, adapter_names=names)
 
     def _take_tokens(self, seqs: list[Seq], logits: torch.Tensor, version: int, first_row: int) -> None:
         """Sample one token per sequence, append it, retire finished rows."""
@@ -377,12 +393,25 @@ class DecodeWorker:
         self.running.pop()
 
     # ------------------------------------------------------------------ weight updates
-    def requeue_running(self) -> None:
-        """(Worker thread, between steps.) Send running rows back for a fresh prefill."""
-        for seq in reversed(self.running):
+    def requeue_running(self, which: Callable[[Seq], bool] | None = None) -> None:
+        """(Worker thread, between steps.) Send running rows (those ``which`` selects; all by
+        default) back for a fresh prefill, ahead of the waiting ones, in their order."""
+        if which is None:
+            back, self.running = self.running, []
+        else:
+            back = [s for s in self.running if which(s)]
+            for i in reversed(range(len(self.running))):
+                if which(self.running[i]):
+                    self._remove_row(i)
+        for seq in back:
             seq.kv_len = 0
-            self.waiting.appendleft(seq)
-        self.running.clear()
+        self.waiting.extendleft(reversed(back))
+
+    def count_using(self, adapter: str) -> int:
+        """(Worker thread.) Sequences queued or running on ``adapter``."""
+        with self.cv:
+            incoming = list(self.shared.incoming)
+        return sum(s.adapter == adapter for s in [*incoming, *self.waiting, *self.running])
 
     # ------------------------------------------------------------------ results
     def _deliver(self, seq: Seq, reason: StopReason) -> None:
@@ -421,6 +450,11 @@ class DecodeWorker:
             _post(self.loop, cmd.done, None, EngineError(f"LocalEngine command dropped: {why}"))
         for ack in acks:
             _post(self.loop, ack)
+
+
+def _prefill_key(seq: Seq) -> tuple[Any, ...]:
+    """Sequences with equal keys share one prefill: same context under the same adapter."""
+    return (*seq.context, seq.adapter)
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

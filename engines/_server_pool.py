@@ -348,12 +348,12 @@ class ServerPool:
         )
 
     async def generate(self, input_ids: list[int], gconfig: GenerationConfig, max_new_tokens: int,
-                       key: str | None) -> Generated:
+                       key: str | None, adapter: str | None = None) -> Generated:
         """One generation with retries; each attempt picks a server and gets a fresh rid."""
         async for attempt in self._retrying():
             with attempt:
                 s = await self.pick(key)
-                job = GenerateJob(input_ids, gconfig, max_new_tokens, uuid.uuid4().hex)
+                job = GenerateJob(input_ids, gconfig, max_new_tokens, uuid.uuid4().hex, adapter)
                 s.outstanding += 1
                 try:
                     out: Generated = await self.within(s, "generate", self.config.request_timeout_s,

@@ -56,10 +56,11 @@ def run_sglang(args: argparse.Namespace) -> int:
             "`pip install 'agentflow-rl[sglang]'` (or `pip install 'sglang[all]>=0.5.5'`, on a CUDA machine), "
             "or use `--backend local`"
         )
+    from agentflow.engines._lora_serve import sglang_lora_flags
     from agentflow.engines.model_loading import resolve_model_dir
 
     cmd = sglang_command(str(resolve_model_dir(args.model)), args.host, args.port, args.weight_version,
-                         args.max_running_requests, args.context_length)
+                         args.max_running_requests, args.context_length) + sglang_lora_flags(args)
     proc = subprocess.Popen(cmd)
     try:
         wait_healthy(proc, f"http://{args.host}:{args.port}/health", args.startup_timeout)

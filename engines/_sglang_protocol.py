@@ -78,6 +78,7 @@ class GenerateItem:
     sampling: SamplingSpec
     return_logprob: bool = False
     return_text_in_logprobs: bool = False
+    lora_path: str | None = None  # the LoRA adapter's name (None = the base model)
 
 
 # ----------------------------------------------------------------------------------- JSON typing
@@ -256,6 +257,9 @@ def parse_generate(body: Any, tokenizer: Any) -> tuple[list[GenerateItem], bool,
         if v is not None:
             _check_type(v, "a boolean")
     rids = _rids(body, n, is_batch)
+    from agentflow.engines._lora_serve import lora_paths_of
+
+    loras = lora_paths_of(body, n)
     items: list[GenerateItem] = []
     for i in range(n):
         copies = specs[i].n
@@ -263,7 +267,7 @@ def parse_generate(body: Any, tokenizer: Any) -> tuple[list[GenerateItem], bool,
             is_batch = True
         for _ in range(copies):
             rid = rids[i] if copies == 1 else uuid.uuid4().hex
-            items.append(GenerateItem(rid, prompts[i], specs[i], bool(logprob[i]), bool(text_lp)))
+            items.append(GenerateItem(rid, prompts[i], specs[i], bool(logprob[i]), bool(text_lp), loras[i]))
     return items, is_batch, bool(stream)
 
 

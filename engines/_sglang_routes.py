@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 import agentflow
 from agentflow._engine_api import WeightUpdateMeta
+from agentflow.engines._lora_serve import add_lora_routes, load_startup_adapters
 from agentflow.engines._serve_guard import check_items, read_json, until_disconnect
 from agentflow.engines._sglang_protocol import ContractError, parse_generate
 
@@ -176,6 +177,7 @@ def add_routes(server: SGLangServer, *, manage_engine: bool) -> FastAPI:  # noqa
         async with contextlib.AsyncExitStack() as stack:
             if manage_engine:
                 await stack.enter_async_context(server.engine)
+            await load_startup_adapters(server.lora, server.config.lora_paths)
             try:
                 yield
             finally:
@@ -185,6 +187,7 @@ def add_routes(server: SGLangServer, *, manage_engine: bool) -> FastAPI:  # noqa
 
     app = FastAPI(title="agentflow serve (SGLang protocol)", lifespan=lifespan)
     app.state.server = server
+    add_lora_routes(app, server.lora)  # /load_lora_adapter, /unload_lora_adapter
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

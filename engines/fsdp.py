@@ -18,6 +18,11 @@ rank passes its own share of the batch.
 :meth:`FSDPEngine.prepare` packs a batch once for several passes (a PPO step's proximal forward
 and update run on one packing).
 
+With ``config.lora`` set the model is wrapped with a PEFT LoRA adapter before sharding: the base
+weights are frozen, only the adapter is in AdamW and its state, uploads and checkpoints carry the
+adapter only (PEFT's format), and :meth:`FSDPEngine.reference` is the base model with the adapter
+off (the KL reference, no second copy). See :mod:`agentflow.engines._lora_fsdp`.
+
 Not here: the RL loop (prox log-probs, advantages and minibatching are the trainer's), rollout,
 tensor/sequence parallelism, loading a model too big for one process's memory before sharding.
 """
@@ -53,6 +58,18 @@ from agentflow.engines import _dist
 from agentflow.engines._attention import register_packed_attention
 from agentflow.engines._fsdp_config import FSDPEngineConfig, lr_factor
 from agentflow.engines._logprobs import install_passthrough_head, token_logprobs
+from agentflow.engines._lora import add_lora
+from agentflow.engines._lora_fsdp import (
+    ReferencePolicy,
+    adapter_path_ok,
+    adapter_state_dict,
+    base_model_path,
+    load_adapter,
+    load_adapter_tensors,
+    save_adapter,
+    share_frozen_weights,
+    tensor_bytes,
+)
 from agentflow.engines._packing import (
     MicroBatch,
     PackedBatch,
@@ -109,6 +126,7 @@ class FSDPEngine(TrainEngine):
         self._head: torch.nn.Module | None = None
         self._tied: dict[str, str] = {}  # output-embedding name -> input-embedding name
         self._update_group: dist.ProcessGroup | None = None
+        self._peft: Any = None  # the PeftModel wrapper when config.lora is set (self.model is its base model)
 
     # ------------------------------------------------------------------ lifetime
     def initialize(self, addr: str | None = None, ft_spec: FinetuneSpec | None = None) -> None:
@@ -126,7 +144,8 @@ class FSDPEngine(TrainEngine):
         self.model = model
         # fused: one kernel over all parameters (5x faster than the per-tensor loop on a 2-core CPU).
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
+            [p for p in model.parameters() if p.requires_grad],  # with LoRA: the adapter only
+            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True,
         )
         total = cfg.total_steps or (ft_spec.total_train_steps if ft_spec is not None else None)
         lr_factor(cfg.warmup_steps, cfg.lr_schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)  # validate now
@@ -153,9 +172,11 @@ class FSDPEngine(TrainEngine):
         return dist.get_world_size()
 
     def get_scheduling_config(self) -> Scheduling:
-        n_params = sum(p.numel() for p in self._model().parameters()) if self.model is not None else 0
-        bytes_per_param = 16  # fp32 weight + grad + two AdamW moments
-        return Scheduling(cpu=1, gpu=int(self.device.type == "cuda"), mem=n_params * bytes_per_param >> 20)
+        params = list(self._model().parameters()) if self.model is not None else []
+        n_all = sum(p.numel() for p in params)
+        n_trained = sum(p.numel() for p in params if p.requires_grad)
+        mem = 4 * n_all + 12 * n_trained  # fp32 weights; grad + two AdamW moments of what trains
+        return Scheduling(cpu=1, gpu=int(self.device.type == "cuda"), mem=mem >> 20)
 
     def train(self, mode: bool = True) -> FSDPEngine:
         self._model().train(mode)
@@ -204,6 +225,8 @@ class FSDPEngine(TrainEngine):
         self._tied = _tied_names(model)
         if install_passthrough_head(model):
             self._head = model.get_output_embeddings()
+        if self.config.lora is not None:
+            self._peft = add_lora(model, self.config.lora)  # in place: `model` keeps its names and forward
 
     def _shard(self, model: torch.nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -441,10 +464,19 @@ class FSDPEngine(TrainEngine):
 
     def save(self, meta: SaveLoadMeta) -> None:
         """HF weights (+ config, tokenizer) to ``meta.path``; with ``meta.with_optim`` also the full
-        optimizer and scheduler state (rank 0) and every rank's RNG state, for an exact resume."""
+        optimizer and scheduler state (rank 0) and every rank's RNG state, for an exact resume.
+        With LoRA the weights are the adapter only, in PEFT's format (``adapter_config.json`` names
+        ``meta.base_model_path``, else the directory the model was loaded from)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        self._save_weights(meta.path, meta.tokenizer or self.tokenizer, None)
+        if self.config.lora is not None:
+            base = base_model_path(self._model(), meta.base_model_path or self.config.lora.base_model)
+            save_adapter(self._model(), self.config.lora, meta.path, base)
+            tokenizer = meta.tokenizer or self.tokenizer
+            if self.rank == 0 and tokenizer is not None:
+                tokenizer.save_pretrained(meta.path)
+        else:
+            self._save_weights(meta.path, meta.tokenizer or self.tokenizer, None)
         if meta.with_optim:
             assert self.optimizer is not None and self.lr_scheduler is not None
             osd = get_optimizer_state_dict(self._model(), self.optimizer,
@@ -458,14 +490,12 @@ class FSDPEngine(TrainEngine):
 
     def load(self, meta: SaveLoadMeta) -> None:
         """Load what :meth:`save` wrote (weights; with ``meta.with_optim`` optimizer, scheduler, RNG)."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        sd: dict[str, torch.Tensor] = {}
-        if self.rank == 0:
-            sd = read_hf_state_dict(meta.path)
-            for out_name, in_name in self._tied.items():
-                sd.setdefault(out_name, sd[in_name])
-        set_model_state_dict(self._model(), sd, options=self._options(full_state_dict=True, broadcast_from_rank0=True))
+        if self.config.lora is not None:
+            load_adapter(self._model(), self.config.lora, meta.path)
+        else:
+            self._load_weights(meta.path)
         if not meta.with_optim:
             return
         state_path = os.path.join(meta.path, _TRAIN_STATE)
@@ -481,9 +511,72 @@ class FSDPEngine(TrainEngine):
         if state["world_size"] == self.world_size and os.path.exists(rng):
             _set_rng_state(_load_plain(rng))
 
+    def _load_weights(self, path: str) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        sd: dict[str, torch.Tensor] = {}
+        if self.rank == 0:
+            sd = read_hf_state_dict(path)
+            for out_name, in_name in self._tied.items():
+                sd.setdefault(out_name, sd[in_name])
+        set_model_state_dict(self._model(), sd, options=self._options(full_state_dict=True, broadcast_from_rank0=True))
+
+    # ------------------------------------------------------------------ LoRA
+    def adapter_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The LoRA adapter's full tensors under PEFT's names, on CPU, on rank 0 (empty elsewhere).
+        Collective. Raises :class:`ConfigError` without ``config.lora``."""
+        return adapter_state_dict(self._model(), self._lora(), dtype)
+
+    def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Set the adapter from full tensors under PEFT's names (read on rank 0). Collective."""
+        load_adapter_tensors(self._model(), self._lora(), tensors)
+
+    def share_base_with(self, model: torch.nn.Module) -> int:
+        """Let ``model`` (an inference engine's copy of the base model, HF names) use this LoRA
+        engine's frozen base weights instead of its own, so they are held once; returns the bytes
+        freed (0 unless world size 1 and the same dtype and device). Only adapter-only updates may
+        reach ``model`` afterwards (a full update would write into the train engine's base)."""
+        self._lora()
+        return share_frozen_weights(self._model(), model)
+
+    def reference(self) -> ReferencePolicy:
+        """The KL reference policy of a LoRA engine: this model with the adapter disabled (the base
+        weights), as an object with this engine's ``forward``; shares the weights, so it costs no memory."""
+        self._lora()
+        return ReferencePolicy(self.forward, self._peft)
+
+    def _lora(self) -> Any:
+        if self.config.lora is None:
+            raise ConfigError("this FSDPEngine trains full weights (train.lora is null); set train.lora to use "
+                              "an adapter")
+        self._model()
+        return self.config.lora
+
+    def _upload_adapter(self, meta: WeightUpdateMeta, dtype: torch.dtype | None) -> WeightUpdateMeta:
+        """``mem``: the adapter tensors in ``meta.state_dict`` (rank 0); ``disk``: a PEFT adapter
+        directory at ``meta.path``. Either way ``meta.adapter``/``lora_config``/``nbytes`` are set."""
+        from agentflow.engines._lora import adapter_config_dict
+
+        lora = self._lora()
+        base = base_model_path(self._model(), lora.base_model)
+        fields: dict[str, Any] = {"adapter": lora.name, "lora_config": adapter_config_dict(lora, base)}
+        if meta.type == "mem":
+            sd = self.adapter_state_dict(dtype)
+            nbytes = int(_dist.all_reduce_float(float(tensor_bytes(sd)), dist.ReduceOp.MAX))
+            return dataclasses.replace(meta, state_dict=sd if self.rank == 0 else None, nbytes=nbytes, **fields)
+        if meta.type == "disk":
+            n = save_adapter(self._model(), lora, adapter_path_ok(meta.path), base, dtype)
+            nbytes = int(_dist.all_reduce_float(float(n), dist.ReduceOp.MAX))
+            return dataclasses.replace(meta, nbytes=nbytes, **fields)
+        raise ConfigError(
+            f"a LoRA adapter is uploaded with WeightUpdateMeta.type 'mem' or 'disk', got {meta.type!r}; SGLang loads "
+            "adapters from files (/load_lora_adapter): set trainer.weight_update=disk"
+        )
+
     # ------------------------------------------------------------------ weight hand-off
     def upload_weights(self, meta: WeightUpdateMeta) -> WeightUpdateMeta:
-        """Publish the current weights (collective on every train rank).
+        """Publish the current weights (collective on every train rank); ``nbytes`` of the returned
+        meta is the size of the tensors moved. With LoRA only the adapter travels (``mem``, ``disk``).
 
         - ``mem``: returns ``meta`` with ``state_dict`` = the full CPU state dict (HF names) on
           rank 0 (None elsewhere), for an in-process engine's ``aupdate_weights``.
@@ -494,22 +587,27 @@ class FSDPEngine(TrainEngine):
           a broadcast does not finish within ``meta.timeout_s``.
         """
         dtype = _DTYPES[self.config.weight_update_dtype] if self.config.weight_update_dtype else None
+        if self.config.lora is not None:
+            return self._upload_adapter(meta, dtype)
         if meta.type == "mem":
             sd = self.full_state_dict(dtype)
-            return dataclasses.replace(meta, state_dict=sd if self.rank == 0 else None)
+            nbytes = int(_dist.all_reduce_float(float(tensor_bytes(sd)), dist.ReduceOp.MAX))
+            return dataclasses.replace(meta, state_dict=sd if self.rank == 0 else None, nbytes=nbytes)
         if meta.type == "disk":
             assert meta.path is not None
             self._save_weights(meta.path, self.tokenizer, dtype)
             dist.barrier()
-            return meta
+            return dataclasses.replace(meta, nbytes=sum(s.nbytes for s in self.weight_specs()))
         if meta.type == "nccl":
             self._broadcast_weights(meta)
-            return meta
+            return dataclasses.replace(meta, nbytes=sum(s.nbytes for s in self.weight_specs()))
         raise ConfigError(f"WeightUpdateMeta.type must be 'mem', 'disk' or 'nccl', got {meta.type!r}")
 
     def weight_specs(self) -> list[WeightSpec]:
         """Names, dtypes and full shapes of the tensors an ``nccl`` upload broadcasts, in order
         (the ``names``/``dtypes``/``shapes`` of ``/update_weights_from_distributed``)."""
+        if self.config.lora is not None:
+            raise ConfigError("a LoRA engine has no nccl weight specs: adapters travel as 'mem' or 'disk' uploads")
         dtype = self.config.weight_update_dtype
         return [WeightSpec(k, dtype or dtype_name(v.dtype), tuple(v.shape))
                 for k, v in self._model().state_dict().items() if k not in self._tied]

@@ -35,6 +35,13 @@ Semantics (the contract of :class:`~agentflow.InferenceEngine`, plus):
   steps; with ``recompute_kv_on_update`` (default) the running sequences are prefilled again under
   the new weights (re-issue semantics), so every token after an update comes from the new policy.
 
+- LoRA (``_lora_local.py``): adapters are loaded beside the base weights (a weight update with
+  ``meta.adapter`` set, or :meth:`LocalEngine.load_adapter`), several at once; a request picks
+  one with ``ModelRequest.metadata["lora"]`` (None = the base model; no key = the default
+  adapter, the first one loaded) and one batch mixes adapters. A new version of an adapter is
+  copied into its tensors between steps, like a full update, and only the sequences on that
+  adapter are prefilled again. The first adapter wraps the engine's model with PEFT in place.
+
 Not here: tensor parallelism, paged attention, prefix caching, CUDA graphs, the HTTP server
 (``engines/server.py``), ``"nccl"`` weight updates (the remote engine's job).
 """
@@ -59,6 +66,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from agentflow.engines._local_worker import DecodeWorker, Seq
+    from agentflow.engines._lora_local import AdapterSet
 
 __all__ = ["LocalEngine", "LocalEngineConfig"]
 
@@ -84,6 +92,9 @@ class LocalEngineConfig:
         ignore_eos: do not stop on the eos ids (``stop_token_ids`` still stop); for benchmarks
             that need exact output lengths, like SGLang's ``ignore_eos``.
         attn_implementation: ``"sdpa"`` or ``"eager"`` (used when loading from a path).
+        max_loras: LoRA adapters loaded at once (SGLang's ``--max-loras-per-batch``).
+        max_lora_rank: the largest adapter rank accepted (None = any; SGLang's ``--max-lora-rank``).
+        lora_target_modules: the modules adapters may target (None = any; ``--lora-target-modules``).
     """
 
     device: str = "cpu"
@@ -96,6 +107,9 @@ class LocalEngineConfig:
     seed: int = 0
     ignore_eos: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    max_loras: int = 8
+    max_lora_rank: int | None = None
+    lora_target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         ConfigError.check(self.problems())
@@ -108,7 +122,8 @@ class LocalEngineConfig:
             out.append(f"local.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.attn_implementation not in ("sdpa", "eager"):
             out.append(f"local.attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
-        for name in ("max_batch_size", "max_seq_len", "cache_block_tokens", "max_prefill_tokens"):
+        for name in ("max_batch_size", "max_seq_len", "cache_block_tokens", "max_prefill_tokens", "max_loras",
+                     *(["max_lora_rank"] if self.max_lora_rank is not None else [])):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 out.append(f"local.{name} must be an integer >= 1, got {v!r}")
@@ -148,6 +163,7 @@ class LocalEngine(InferenceEngine):
         self._eos_ids: frozenset[int] = frozenset()
         self._gen_version = 0  # the version the worker stamps on tokens
         self._inflight: set[Seq] = set()  # on the loop: requests awaiting their result
+        self._adapters: AdapterSet | None = None  # LoRA adapters, made in initialize
 
     # ------------------------------------------------------------------ lifetime
     async def initialize(self) -> None:
@@ -164,6 +180,7 @@ class LocalEngine(InferenceEngine):
         limits = WorkerLimits(c.max_batch_size, c.max_seq_len, c.cache_block_tokens, c.max_prefill_tokens,
                               c.recompute_kv_on_update, c.seed)
         self._worker = DecodeWorker(self.model, self.tokenizer, limits, self.loop, lambda: self._gen_version)
+        self._worker.adapters = self._adapter_set(self.model)
         self._worker.start()
 
     async def destroy(self) -> None:
@@ -200,11 +217,13 @@ class LocalEngine(InferenceEngine):
 
         worker = self._running_worker()
         self._check_request(req)
+        adapter = self._adapter_set().resolve(req.metadata)
         fut: asyncio.Future[ModelResponse] = self.loop.create_future()
         g = req.gconfig
         seq = Seq(
             req=req, fut=fut, params=RowParams.of(g), stop_ids=self._eos_ids | frozenset(g.stop_token_ids),
             max_new=min(g.max_new_tokens, self.config.max_seq_len - len(req.input_ids)), t_submit=time.perf_counter(),
+            adapter=adapter,
         )
         worker.submit(seq)
         self._inflight.add(seq)
@@ -278,8 +297,14 @@ class LocalEngine(InferenceEngine):
         ``"mem"``: ``meta.state_dict`` holds full (unsharded) tensors under HF names; ``"disk"``:
         ``meta.path`` is an HF checkpoint directory (``*.safetensors``). Every parameter must be
         covered (tied weights once). If ``meta.version`` is set, the engine takes that version.
+        With ``meta.adapter`` set, only that LoRA adapter is loaded or replaced (see
+        :meth:`load_adapter`); the base weights stay.
         """
         worker = self._running_worker()
+        if meta.adapter is not None:
+            config, tensors = await asyncio.to_thread(adapter_payload, meta)
+            await self._install_adapter(meta.adapter, config, tensors, meta.version)
+            return
         if meta.type == "mem":
             if meta.state_dict is None:
                 raise EngineError("WeightUpdateMeta(type='mem') needs state_dict=<name -> tensor>, got None")
@@ -304,6 +329,66 @@ class LocalEngine(InferenceEngine):
             self._gen_version = version
         if self.config.recompute_kv_on_update:
             worker.requeue_running()
+
+    # ------------------------------------------------------------------ LoRA adapters
+    async def load_adapter(self, name: str, path: str | os.PathLike[str], version: int | None = None) -> None:
+        """Load (or replace) LoRA adapter ``name`` from a PEFT adapter directory, between two decode
+        steps, without touching the base weights. Requests on ``name`` that are running continue under
+        the new adapter (prefilled again when ``recompute_kv_on_update``). Raises :class:`EngineError`
+        when it breaks a limit (``max_loras``, ``max_lora_rank``, ``lora_target_modules``) or does
+        not fit the base model."""
+        from agentflow.engines._lora import read_adapter
+
+        self._running_worker()
+        config, tensors = await asyncio.to_thread(read_adapter, path)
+        await self._install_adapter(name, config, tensors, version)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Remove LoRA adapter ``name``; fails while requests on it are queued or running."""
+        worker = self._running_worker()
+        adapters = self._adapter_set()
+        await self._in_worker(lambda: adapters.unload(name, worker.count_using(name)))
+
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """The loaded LoRA adapters: name -> rank, target modules, whether it is the default."""
+        return self._adapter_set().info() if self._adapters is not None else {}
+
+    @property
+    def default_adapter(self) -> str | None:
+        """The adapter of requests without ``metadata["lora"]`` (None = the base model)."""
+        return self._adapters.default if self._adapters is not None else None
+
+    @default_adapter.setter
+    def default_adapter(self, name: str | None) -> None:
+        adapters = self._adapter_set()
+        adapters.default = None if name is None else adapters.resolve({"lora": name})
+
+    async def _install_adapter(self, name: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                               version: int | None) -> None:
+        worker, adapters = self._running_worker(), self._adapter_set()
+        adapters.check(name, config, tensors)
+
+        def install() -> None:
+            adapters.load(name, config, tensors)
+            if version is not None:
+                self._gen_version = version
+            if self.config.recompute_kv_on_update:
+                worker.requeue_running(lambda s: s.adapter == name)
+
+        await self._in_worker(install)
+        if version is not None:
+            self.set_version(version)
+
+    def _adapter_set(self, model: Any = None) -> AdapterSet:
+        from agentflow.engines._lora_local import AdapterSet, LoraLimits
+
+        if self._adapters is None:
+            c = self.config
+            if model is None:
+                raise EngineError("LocalEngine is not running; use `async with LocalEngine(...) as engine:`")
+            self._adapters = AdapterSet(model, LoraLimits(c.max_loras, c.max_lora_rank, c.lora_target_modules))
+        return self._adapters
 
     async def _in_worker(self, fn: Any) -> Any:
         from agentflow.engines._local_worker import Command
@@ -336,6 +421,7 @@ class LocalEngine(InferenceEngine):
             "prefill_shared": w.n_prefill_shared,
             "tokens": w.n_tokens,
             "kv_cache_bytes": w.cache.nbytes(),
+            "lora_adapters": sorted(self.adapters),
         }
 
 
@@ -357,12 +443,14 @@ def copy_state_dict(model: PreTrainedModel, state: Mapping[str, torch.Tensor]) -
     """
     import torch
 
-    targets = model.state_dict(keep_vars=True)
+    from agentflow.engines._lora import is_lora_param
+
+    targets = _base_names(model.state_dict(keep_vars=True))
     unknown = sorted(set(state) - set(targets))
     wrong = [f"{k}: expected {tuple(targets[k].shape)}, got {tuple(v.shape)}"
              for k, v in state.items() if k in targets and targets[k].shape != v.shape]
     covered = {targets[k].data_ptr() for k in state if k in targets}
-    missing = [n for n, p in model.named_parameters() if p.data_ptr() not in covered]
+    missing = [n for n, p in model.named_parameters() if p.data_ptr() not in covered and not is_lora_param(n)]
     if unknown or wrong or missing:
         raise EngineError(
             "weight update does not match the model: "
@@ -373,6 +461,29 @@ def copy_state_dict(model: PreTrainedModel, state: Mapping[str, torch.Tensor]) -
     with torch.no_grad():
         for k, v in state.items():
             targets[k].copy_(v)
+
+
+def _base_names(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base weights of a model under their HF names, also after LoRA layers were injected
+    (``q_proj.base_layer.weight`` -> ``q_proj.weight``; adapter tensors left out)."""
+    from agentflow.engines._lora import is_lora_param
+
+    return {k.replace(".base_layer.", "."): v for k, v in sd.items() if not is_lora_param(k)}
+
+
+def adapter_payload(meta: WeightUpdateMeta) -> tuple[dict[str, Any], Mapping[str, torch.Tensor]]:
+    """(adapter_config, tensors under PEFT's names) of an adapter weight update."""
+    from agentflow.engines._lora import read_adapter
+
+    if meta.type == "disk":
+        assert meta.path is not None
+        return read_adapter(meta.path)
+    if meta.type != "mem" or meta.state_dict is None or meta.lora_config is None:
+        raise EngineError(
+            f"an adapter update ({meta.adapter!r}) needs type='mem' with state_dict and lora_config (what "
+            f"FSDPEngine.upload_weights returns) or type='disk' with an adapter directory; got type={meta.type!r}"
+        )
+    return dict(meta.lora_config), meta.state_dict
 
 
 def read_safetensors_dir(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

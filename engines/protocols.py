@@ -51,12 +51,14 @@ class GenerateJob:
         gconfig: the request's sampling parameters.
         max_new_tokens: tokens still to generate (``gconfig.max_new_tokens`` minus those so far).
         rid: a fresh request id for this attempt (32 hex digits: never reused, never a prefix).
+        adapter: the served name of the LoRA adapter to generate with (None: the base model).
     """
 
     input_ids: list[int]
     gconfig: GenerationConfig
     max_new_tokens: int
     rid: str
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

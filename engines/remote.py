@@ -12,6 +12,8 @@ What this module adds on top:
 - **Versions**: each token carries the version the server reports for it, else the engine's own
   version at the time of the answer.
 - **Weights**: ``"disk"`` and ``"nccl"`` updates go to the pool; ``"mem"`` is refused.
+- **LoRA** (``_lora_client.py``): an adapter update (``meta.adapter``) loads the adapter on every
+  server; each request's adapter is named in its generation job.
 
 :class:`RemoteSGLangEngine` is ``RemoteEngine`` bound to SGLang's protocol. Not here: launching
 the servers (``agentflow serve`` or ``python -m sglang.launch_server``), the trainer's broadcast side.
@@ -29,6 +31,7 @@ import httpx
 from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
 from agentflow._rollout_config import RolloutConfig
 from agentflow._types import ModelRequest, ModelResponse, StopReason
+from agentflow.engines._lora_client import remote_adapters, update_remote_adapter
 from agentflow.engines._server_pool import RemoteEngineConfig, Server, ServerPool
 from agentflow.engines.protocols import Generated, ServerProtocol, resolve_protocol
 from agentflow.errors import EngineError
@@ -95,7 +98,8 @@ class RemoteEngine(InferenceEngine):
         got = _Partial()
         for _ in range(self.config.max_resumes + 1):
             await self.wait_until_resumed()
-            out = await self.pool.generate(list(req.input_ids) + got.tokens, req.gconfig, limit - len(got.tokens), key)
+            out = await self.pool.generate(list(req.input_ids) + got.tokens, req.gconfig, limit - len(got.tokens), key,
+                                           adapter=remote_adapters(self).served_name(req))
             got.add(out, self.get_version(), loop.time())
             if out.finish == "abort" and len(got.tokens) < limit:
                 continue  # paused or aborted: wait for resume, then ask for the rest
@@ -120,7 +124,9 @@ class RemoteEngine(InferenceEngine):
 
     # ------------------------------------------------------------------ weights
     async def aupdate_weights(self, meta: WeightUpdateMeta) -> None:
-        if meta.type == "disk":
+        if meta.adapter is not None:
+            await update_remote_adapter(self, meta)
+        elif meta.type == "disk":
             assert meta.path is not None  # WeightUpdateMeta checks it
             await self.pool.update_from_disk(meta.path, meta.version, meta.timeout_s)
         elif meta.type == "nccl":

@@ -118,6 +118,8 @@ class SGLangProtocol:
     async def generate(self, link: ServerLink, job: GenerateJob) -> Generated:
         payload = {"input_ids": job.input_ids, "sampling_params": sampling_params(job), "return_logprob": True,
                    "stream": False, "rid": job.rid}
+        if job.adapter is not None:
+            payload["lora_path"] = job.adapter  # SGLang's name for the served adapter
         return parse_generated(await link.call("POST", "/generate", payload))
 
     async def pause(self, link: ServerLink) -> None:

@@ -22,7 +22,8 @@ requests between chunks. Tokens carry the weight version that generated them
 
 Not supported (400 with the reason): sampling features the engine's ``GenerationConfig`` lacks
 (``min_p``, penalties, grammars, seeds, ``ignore_eos``), prompt log-probs and top-k log-probs,
-``input_embeds``, ``flattened_bucket`` weight loading. Not here: the engines themselves.
+``input_embeds``, ``flattened_bucket`` weight loading. LoRA (``--enable-lora``,
+``/load_lora_adapter``, ``lora_path``) is in ``engines/_lora_serve.py``. Not here: the engines themselves.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any, TypeVar
 
 from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
 from agentflow._types import GenerationConfig, ModelRequest, ModelResponse
+from agentflow.engines._lora_serve import LoraServing, add_lora_arguments, request_metadata
 from agentflow.engines._serve_guard import ServeLimits, check_bind, install_guards
 from agentflow.engines._sglang_protocol import (
     GenerateItem,
@@ -66,6 +68,8 @@ class ServerConfig:
         weight_version: the initial weight version string (SGLang's ``--weight-version``).
         context_length: prompt + max_new_tokens limit; None = not checked.
         host, port: reported by ``/get_server_info``.
+        enable_lora: answer ``/load_lora_adapter`` and ``/unload_lora_adapter`` (SGLang's ``--enable-lora``).
+        lora_paths: (name, path) of adapters loaded at start.
     """
 
     chunk_tokens: int = 16
@@ -75,6 +79,8 @@ class ServerConfig:
     context_length: int | None = None
     host: str = "127.0.0.1"
     port: int = 30000
+    enable_lora: bool = False
+    lora_paths: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1:
@@ -185,6 +191,7 @@ class SGLangServer:
         self.shutting_down = False
         self.eos_ids = _eos_ids(tokenizer)
         self._abortable = callable(getattr(engine, "abort", None))  # whole requests, aborted in the engine
+        self.lora = LoraServing(engine, config.enable_lora or bool(config.lora_paths))
 
     # ------------------------------------------------------------------ versions
     def version_name(self, v: int) -> str:
@@ -220,6 +227,7 @@ class SGLangServer:
     def register(self, items: Sequence[GenerateItem], stream: bool = False) -> list[_Run]:
         """Synchronously (no await) check and register the rids of one call."""
         seen: set[str] = set()
+        self.lora.check(items)
         for it in items:
             if it.rid in self.running or it.rid in seen:
                 raise ValueError(f"Duplicate request ID detected: {it.rid}")
@@ -227,12 +235,14 @@ class SGLangServer:
         runs = [_Run(it, stream=stream) for it in items]
         for r in runs:
             self.running[r.item.rid] = r
+        self.lora.acquire(items)
         return runs
 
     def unregister(self, runs: Sequence[_Run]) -> None:
         for r in runs:
             if self.running.get(r.item.rid) is r:
                 del self.running[r.item.rid]
+                self.lora.release([r.item])
 
     async def generate(self, run: _Run) -> AsyncIterator[_Run]:
         """Generate ``run``; yield it after every unfinished chunk (chunked mode), then once finished."""
@@ -256,7 +266,8 @@ class SGLangServer:
                 max_new_tokens=min(self.config.chunk_tokens, left), temperature=spec.temperature,
                 top_p=spec.top_p, top_k=spec.top_k, stop_token_ids=stops, stop=spec.stop,
             )
-            req = ModelRequest(run.item.input_ids + run.out, gconfig, rid=f"{run.item.rid}.{len(run.out)}")
+            req = ModelRequest(run.item.input_ids + run.out, gconfig, rid=f"{run.item.rid}.{len(run.out)}",
+                               metadata=request_metadata(run.item))
             resp = await _race(self.engine.agenerate(req), run.abort)
             if resp is None:
                 run.finish = abort_finish()
@@ -280,7 +291,8 @@ class SGLangServer:
             max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
             stop_token_ids=stops, stop=spec.stop,
         )
-        req = ModelRequest(list(run.item.input_ids), gconfig, rid=f"{run.item.rid}.0")
+        req = ModelRequest(list(run.item.input_ids), gconfig, rid=f"{run.item.rid}.0",
+                           metadata=request_metadata(run.item))
         work = asyncio.ensure_future(self.engine.agenerate(req))
         stopper = asyncio.ensure_future(run.abort.wait())
         try:
@@ -456,6 +468,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-n", type=int, default=ServeLimits().max_n, help="largest sampling_params.n")
     p.add_argument("--max-sequences", type=int, default=ServeLimits().max_sequences,
                    help="most sequences (prompts x n) one /generate call may start")
+    add_lora_arguments(p)
     return p.parse_args(argv)
 
 
@@ -469,12 +482,16 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         return run_sglang(args)
     import uvicorn
 
+    from agentflow.engines._lora_serve import apply_lora_flags, parse_lora_paths
+
     limits = ServeLimits(api_key=args.api_key, admin_api_key=args.admin_api_key, max_body_bytes=args.max_body_bytes,
                          max_n=args.max_n, max_sequences=args.max_sequences)
     check_bind(args.host, limits)  # before loading the model
     engine, tokenizer, model_path, ctx = _local_engine(args.model, args.max_running_requests, args.context_length)
     config = ServerConfig(chunk_tokens=args.chunk_tokens, weight_version=args.weight_version,
-                          context_length=ctx, host=args.host, port=args.port)
+                          context_length=ctx, host=args.host, port=args.port,
+                          enable_lora=apply_lora_flags(engine, args),
+                          lora_paths=tuple(parse_lora_paths(args.lora_paths)))
     limits = dataclasses.replace(limits, vocab_size=_vocab_size(engine, tokenizer), max_new_tokens=ctx)
     app = build_app(engine, model_path=model_path, tokenizer=tokenizer, config=config, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

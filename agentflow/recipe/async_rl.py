@@ -53,7 +53,7 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
 
     model, tokenizer = build.model_and_tokenizer(cfg.model.path, cfg.model)
     train_engine = build.train_engine(cfg, copy.deepcopy(model), tokenizer)
-    ref_engine = build.train_engine(cfg, copy.deepcopy(model), tokenizer) if cfg.algo.ppo.kl_coef > 0 else None
+    ref_engine = build.reference_engine(cfg, train_engine, model, tokenizer) if cfg.algo.ppo.kl_coef > 0 else None
     plan = StepPlan(cfg.algo, max_tokens_per_mb=cfg.trainer.max_tokens_per_mb,
                     minibatches=cfg.trainer.ppo_minibatches, ref_engine=ref_engine)
     ranks = Ranks() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
@@ -61,6 +61,7 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
         return _follower(ranks, plan, train_engine, ref_engine, run_dir, checkpoint)
 
     engine = build.inference_engine(cfg, model, tokenizer)
+    build.share_lora_base(cfg, train_engine, model)
     task = build.task_data(cfg.data)
     workflow = build.workflow(cfg.workflow, tokenizer, task.reward, cfg.generation)
     eval_workflow = build.workflow(cfg.workflow, tokenizer, task.eval_reward,
@@ -146,7 +147,7 @@ def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int |
     path = model or cfg.model.path
     if (pathlib.Path(path) / "model").is_dir():  # a checkpoint directory: use its model/
         path = str(pathlib.Path(path) / "model")
-    policy, tokenizer = build.model_and_tokenizer(path, cfg.model)
+    policy, tokenizer = build.policy_for_eval(path, cfg.model)
     task = build.task_data(cfg.data)
     rows = task.eval[: n or len(task.eval)]
     workflow = build.workflow(cfg.workflow, tokenizer, task.eval_reward, cfg.generation)

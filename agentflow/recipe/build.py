@@ -10,6 +10,7 @@ Not here: the training loop (:mod:`agentflow.recipe.async_rl`), the config's fie
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import importlib.util
@@ -27,7 +28,8 @@ from agentflow.errors import ConfigError
 from agentflow.recipe.config import DataSpec, ModelSpec, TrainRecipeConfig, WorkflowSpec
 
 __all__ = [
-    "WORKFLOWS", "import_object", "inference_engine", "model_and_tokenizer", "task_data", "train_engine", "workflow",
+    "WORKFLOWS", "import_object", "inference_engine", "merge_lora", "model_and_tokenizer", "policy_for_eval",
+    "reference_engine", "share_lora_base", "task_data", "train_engine", "workflow",
 ]
 
 
@@ -41,6 +43,56 @@ def model_and_tokenizer(path: str, spec: ModelSpec | None = None) -> tuple[Any, 
     from agentflow.engines.model_loading import load_model, resolve_model_dir
 
     return load_model(resolve_model_dir(path))
+
+
+def policy_for_eval(path: str, spec: ModelSpec | None = None, base: str | None = None) -> tuple[Any, Any]:
+    """The model to evaluate: :func:`model_and_tokenizer`, or for a LoRA adapter directory (a LoRA
+    checkpoint's ``model/``) its base model (``base``, else the adapter's ``base_model_name_or_path``,
+    else ``model.path``) with the adapter merged in."""
+    from agentflow.engines._lora import is_adapter_dir, merge_adapter, read_adapter
+
+    if not is_adapter_dir(path):
+        return model_and_tokenizer(path, spec)
+    base = base or read_adapter(path)[0].get("base_model_name_or_path") or (spec or ModelSpec()).path
+    model, tokenizer = model_and_tokenizer(base, spec)
+    return merge_adapter(model, path), tokenizer
+
+
+def merge_lora(adapter: str, out: str, base: str | None = None) -> str:
+    """``agentflow merge-lora``: write the base model with the adapter folded in as an HF checkpoint
+    (weights, config, tokenizer) at ``out``; ``adapter`` is an adapter directory or a LoRA run
+    checkpoint (its ``model/``). Returns a one-line summary."""
+    from agentflow.engines._lora import is_adapter_dir, read_adapter
+
+    path = pathlib.Path(adapter)
+    if (path / "model").is_dir():
+        path = path / "model"
+    if not is_adapter_dir(path):
+        raise ConfigError(f"{adapter!r} is not a LoRA adapter directory or LoRA checkpoint; expected "
+                          "adapter_config.json in it (or in its model/)")
+    if base is None and not read_adapter(path)[0].get("base_model_name_or_path"):
+        raise ConfigError(f"the adapter at {str(path)!r} names no base model (base_model_name_or_path); pass --base")
+    model, tokenizer = policy_for_eval(str(path), base=base)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return f"merged {path} into its base model; HF checkpoint written to {out}"
+
+
+def reference_engine(cfg: TrainRecipeConfig, policy: FSDPEngine, model: Any, tokenizer: Any) -> Any:
+    """The KL reference: with LoRA the policy engine's base weights (adapter off, no copy), else a
+    second engine holding the starting weights ``model``."""
+    if cfg.train.lora is not None:
+        return policy.reference()
+    return train_engine(cfg, copy.deepcopy(model), tokenizer)
+
+
+def share_lora_base(cfg: TrainRecipeConfig, policy: FSDPEngine, model: Any) -> int:
+    """With LoRA and the in-process inference engine, let the inference model use the train
+    engine's frozen base weights (held once; only the adapter changes). Returns the bytes freed."""
+    if cfg.train.lora is None or cfg.inference.backend != "local":
+        return 0
+    return policy.share_base_with(model)
 
 
 def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> InferenceEngine:
@@ -58,6 +110,8 @@ def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> Infe
 def train_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> FSDPEngine:
     """An initialised :class:`FSDPEngine` whose log-probs use the sampling temperature."""
     tcfg = dataclasses.replace(cfg.train, temperature=cfg.generation.temperature or 1.0)
+    if tcfg.lora is not None and tcfg.lora.base_model is None:  # what eval and merge-lora load under the adapter
+        tcfg = dataclasses.replace(tcfg, lora=dataclasses.replace(tcfg.lora, base_model=cfg.model.path))
     engine = FSDPEngine(tcfg, model=model, tokenizer=tokenizer)
     steps = cfg.trainer.total_steps
     engine.initialize(ft_spec=FinetuneSpec(total_train_epochs=1, dataset_size=steps, train_batch_size=1))

@@ -1,0 +1,174 @@
+"""LoRA through ``agentflow serve`` (SGLang's protocol: ``/load_lora_adapter``,
+``/unload_lora_adapter``, ``lora_path`` on ``/generate``) and RemoteSGLangEngine's adapter-only
+updates: one request interrupted mid-generation carries version 0 then version 1."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from test_lora_local import random_adapter
+
+from agentflow import GenerationConfig, ModelRequest, WeightUpdateMeta
+from agentflow.engines._lora import LoRAConfig, write_adapter
+from agentflow.engines.local import LocalEngine, LocalEngineConfig
+from agentflow.engines.sglang_server import ServerConfig, build_app
+
+pytest.importorskip("peft")
+
+PROMPT = list(b"The quick brown fox")
+
+
+def local_engine(model: Any, tok: Any, **cfg: Any) -> LocalEngine:
+    return LocalEngine(copy.deepcopy(model), tok,
+                       config=LocalEngineConfig(max_batch_size=8, max_seq_len=512, ignore_eos=True, **cfg))
+
+
+@pytest.fixture
+async def served(tiny) -> AsyncIterator[tuple[LocalEngine, httpx.AsyncClient]]:
+    model, tok = tiny
+    engine = local_engine(model, tok, max_lora_rank=8)
+    async with engine:
+        app = build_app(engine, model_path="tiny", tokenizer=tok, config=ServerConfig(enable_lora=True),
+                        manage_engine=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            yield engine, c
+
+
+def saved(tmp_path, name: str, adapter: tuple[dict, dict]) -> str:
+    write_adapter(tmp_path / name, adapter[1], adapter[0])
+    return str(tmp_path / name)
+
+
+async def generate(client: httpx.AsyncClient, **body: Any) -> Any:
+    r = await client.post("/generate", json={"sampling_params": {"max_new_tokens": 10, "temperature": 0}, **body})
+    return r
+
+
+async def test_load_generate_with_lora_path_and_unload(served, tiny, tmp_path):
+    engine, client = served
+    a, b = random_adapter(tiny[0], seed=1), random_adapter(tiny[0], seed=2)
+    r = await client.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": saved(tmp_path, "a", a)})
+    assert r.status_code == 200
+    assert r.json() == {"success": True, "error_message": None, "loaded_adapters": {"a": str(tmp_path / "a")}}
+    await client.post("/load_lora_adapter", json={"lora_name": "b", "lora_path": saved(tmp_path, "b", b)})
+    alone = {k: (await generate(client, input_ids=PROMPT, lora_path=k)).json()["output_ids"] for k in ("a", "b")}
+    base = (await generate(client, input_ids=PROMPT)).json()["output_ids"]
+    assert len({tuple(alone["a"]), tuple(alone["b"]), tuple(base)}) == 3
+    batch = (await generate(client, input_ids=[PROMPT] * 3, lora_path=["a", None, "b"])).json()
+    assert [x["output_ids"] for x in batch] == [alone["a"], base, alone["b"]]  # one call, three adapters
+    r = await client.post("/unload_lora_adapter", json={"lora_name": "a"})
+    assert r.status_code == 200 and r.json()["loaded_adapters"] == {"b": str(tmp_path / "b")}
+    assert engine.adapters.keys() == {"b"}
+
+
+async def test_lora_errors_follow_sglang(served, tiny, tmp_path):
+    _, client = served
+    r = await generate(client, input_ids=PROMPT, lora_path="nope")
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("The following requested LoRA adapters are not loaded: {'nope'}")
+    big = saved(tmp_path, "big", random_adapter(tiny[0], seed=3, rank=16))
+    r = await client.post("/load_lora_adapter", json={"lora_name": "big", "lora_path": big})
+    assert r.status_code == 400 and r.json()["success"] is False
+    assert "rank 16, above this engine's max LoRA rank 8" in r.json()["error_message"]
+    r = await client.post("/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "missing")})
+    assert r.status_code == 400 and "is not a LoRA adapter directory" in r.json()["error_message"]
+    r = await client.post("/unload_lora_adapter", json={"lora_name": "x"})
+    assert r.status_code == 400 and "not loaded" in r.json()["error_message"]
+
+
+async def test_lora_routes_need_enable_lora(tiny, tmp_path):
+    engine = local_engine(*tiny)
+    async with engine:
+        app = build_app(engine, model_path="tiny", tokenizer=tiny[1], manage_engine=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = await c.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": str(tmp_path)})
+    assert r.status_code == 400 and r.json()["error_message"].startswith("LoRA is not enabled")
+
+
+def test_serve_flags_reach_the_engine_and_the_sglang_command():
+    from agentflow.engines._lora_serve import apply_lora_flags, parse_lora_paths, sglang_lora_flags
+    from agentflow.engines.sglang_server import _parse_args
+
+    args = _parse_args(["--enable-lora", "--max-lora-rank", "32", "--lora-target-modules", "q_proj", "v_proj",
+                        "--max-loras-per-batch", "4", "--lora-paths", "a=/x", "/y",
+                        '{"lora_name": "c", "lora_path": "/z", "pinned": true}'])
+    engine = LocalEngine("unused")
+    assert apply_lora_flags(engine, args) is True
+    assert (engine.config.max_lora_rank, engine.config.max_loras) == (32, 4)
+    assert engine.config.lora_target_modules == ("q_proj", "v_proj")
+    assert parse_lora_paths(args.lora_paths) == [("a", "/x"), ("/y", "/y"), ("c", "/z")]
+    flags = sglang_lora_flags(args)
+    assert flags[:5] == ["--enable-lora", "--max-lora-rank", "32", "--max-loras-per-batch", "4"]
+    assert flags[flags.index("--lora-target-modules") + 1 : flags.index("--lora-paths")] == ["q_proj", "v_proj"]
+
+
+# ------------------------------------------------------------------------------- remote engine end to end
+def _wait_tokens(engine: LocalEngine, n: int, timeout: float = 60.0) -> None:
+    """(A worker thread.) Block until the served engine has generated ``n`` tokens."""
+    end = time.monotonic() + timeout
+    while engine.stats().get("tokens", 0) < n:
+        if time.monotonic() > end:
+            raise TimeoutError(f"the served engine did not reach {n} tokens in {timeout} s")
+        time.sleep(0.005)
+
+
+@pytest.mark.integration
+async def test_adapter_update_through_serve_interrupts_one_request_with_versions_0_then_1(tiny, tmp_path):
+    """The trainer's path: FSDPEngine (LoRA) writes adapter directories, RemoteSGLangEngine loads
+    them on `agentflow serve` with /load_lora_adapter between pause and resume."""
+    from _fsdp_worker import make_trajs
+    from _sglang_helpers import ServerThread
+
+    from agentflow.algo import sft_loss, token_count
+    from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
+    from agentflow.engines.remote import RemoteEngineConfig, RemoteSGLangEngine
+
+    model, tok = tiny
+    trainer = FSDPEngine(FSDPEngineConfig(lr=5e-2, device="cpu", lora=LoRAConfig(rank=4)),
+                         model=copy.deepcopy(model), tokenizer=tok)
+    trainer.initialize()
+    served = local_engine(model, tok)
+    app = build_app(served, model_path="tiny", tokenizer=tok, config=ServerConfig(enable_lora=True))
+    server = await asyncio.to_thread(ServerThread(app).start)
+    try:
+        for _ in range(2):
+            trainer.train_batch(make_trajs(0, [9, 31, 17]), _spec(), sft_loss, token_count)
+        meta0 = trainer.upload_weights(WeightUpdateMeta(type="disk", path=str(tmp_path / "v0"), version=0))
+        remote = RemoteSGLangEngine([server.address], tok, config=RemoteEngineConfig(startup_timeout_s=30))
+        async with remote:
+            await remote.aupdate_weights(meta0)
+            remote.set_version(0)
+            long = ModelRequest(PROMPT, GenerationConfig(max_new_tokens=120, temperature=0.0))
+            task = asyncio.create_task(remote.agenerate(long))
+            await asyncio.to_thread(_wait_tokens, served, 15)
+            await remote.pause()
+            for _ in range(2):
+                trainer.train_batch(make_trajs(0, [9, 31, 17]), _spec(), sft_loss, token_count)
+            meta1 = trainer.upload_weights(WeightUpdateMeta(type="disk", path=str(tmp_path / "v1"), version=1))
+            await remote.aupdate_weights(meta1)
+            remote.set_version(1)
+            await remote.resume()
+            out = await task
+            k = out.output_versions.index(1)
+            assert 0 < k < len(out.output_tokens) == 120 and set(out.output_versions[:k]) == {0}
+            assert set(out.output_versions[k:]) == {1}
+            cont = await remote.agenerate(ModelRequest(PROMPT + out.output_tokens[:k],
+                                                       GenerationConfig(max_new_tokens=8, temperature=0.0)))
+            assert out.output_tokens[k : k + 8] == cont.output_tokens  # the tokens after the update: v1's
+            assert app.state.server.lora.paths == {"policy-v1": str(tmp_path / "v1")}  # v0 unloaded
+            assert meta1.adapter == "policy" and 0 < meta1.nbytes < 4 * sum(p.numel() for p in model.parameters()) / 5
+    finally:
+        await asyncio.to_thread(server.stop)
+        trainer.destroy()
+
+
+def _spec() -> Any:
+    from agentflow import MicroBatchSpec
+
+    return MicroBatchSpec()
