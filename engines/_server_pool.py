@@ -6,7 +6,15 @@ routes and bodies each operation is. The pool does:
 
 - **Health**: ``open`` waits up to ``startup_timeout_s`` for the servers; those not healthy yet are
   marked down. A background probe (one task in the pool's own ``TaskGroup``, asleep while every
-  server is up, silent while paused) health-checks down servers every ``probe_interval_s``.
+  server is up) health-checks down servers every ``probe_interval_s``; while a call waits for a
+  server it probes at once and then with exponential backoff. While paused it probes only for a
+  waiting call (SGLang answers ``/health`` with 503 after ~20 s while paused).
+- **Every server down**: a generation or a weight update waits for a server to come back, up to
+  ``server_wait_timeout_s`` (one log line per wait, naming each server and its last error), then
+  fails naming each server, how long it has been down and its last error.
+- **API key**: ``RemoteEngineConfig.api_key`` goes out as ``Authorization: Bearer <key>`` on every
+  request (SGLang's ``--api-key``); a 401 says whether the key is missing or refused and how to set
+  it, and fails ``open`` instead of every later request.
 - **Routing**: least outstanding requests across healthy servers, ties round robin; sticky per key
   (a conversation goes back to the server that holds its prefix cache), least recently used keys
   forgotten after ``max_sticky``.
@@ -14,14 +22,18 @@ routes and bodies each operation is. The pool does:
   attempt on a server picked afresh with a fresh ``uuid4().hex`` request id. A server that fails to
   connect or answers 503 is marked down; a 4xx is the caller's error and is not retried.
 - **Rejoin**: a server that is healthy again is first brought to the weights the others have (the
-  last disk update is re-applied if it missed it; a missed broadcast update keeps it down).
+  last disk update is re-applied unless the server reports its version; a missed broadcast update
+  keeps it down). A disk update is remembered before it is sent, so a server that is down during
+  the update gets it when it returns, before it serves.
 - **Fan-out**: pause, resume and weight updates go to every healthy server at once; a server
   that failed with a retryable error is marked down, any other failure raises.
 - **Deadlines**: every adapter call runs under one (:class:`RemoteEngineConfig`, or the weight
   update's ``timeout_s``).
 
 Not here: any route or JSON body (the adapters), the resume-after-abort loop of a generation and
-token versions (``engines/remote.py``), launching servers.
+token versions (``engines/remote.py``), launching or restarting servers, catching a server up on a
+missed broadcast (``"nccl"``) update, and the admin key of SGLang's ``--admin-api-key`` (one key is
+sent on every route).
 """
 
 from __future__ import annotations
@@ -32,9 +44,9 @@ import logging
 import math
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -60,7 +72,8 @@ class RemoteEngineConfig:
         control_timeout_s: pause/resume/info calls.
         health_timeout_s: one health check (SGLang answers 503 only after ~20 s when unhealthy).
         startup_timeout_s: ``initialize`` waits this long for the servers to become healthy.
-        server_wait_timeout_s: how long a request waits for any healthy server when all are down.
+        server_wait_timeout_s: how long a generation (in all its attempts) or a weight update waits
+            for a healthy server while every server is down; then it fails naming each server.
         probe_interval_s: pause between health probes of down servers.
         max_attempts: attempts per call on connection errors and 5xx (with exponential backoff).
         backoff_initial_s, backoff_max_s: the backoff's first and largest wait.
@@ -69,6 +82,8 @@ class RemoteEngineConfig:
         max_sticky: conversations remembered for sticky routing (least recently used dropped).
         max_connections: HTTP connection pool size.
         dist_backend: backend of the ``"nccl"`` weight-update group (``"gloo"`` for CPU tests).
+        api_key: sent as ``Authorization: Bearer <key>`` on every request (the servers' ``--api-key``);
+            None sends none. Left out of ``repr``.
     """
 
     connect_timeout_s: float = 5.0
@@ -86,6 +101,7 @@ class RemoteEngineConfig:
     max_sticky: int = 100_000
     max_connections: int = 1024
     dist_backend: str = "nccl"
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         problems = [
@@ -100,6 +116,10 @@ class RemoteEngineConfig:
                      if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 1)]
         if self.dist_backend not in ("nccl", "gloo"):
             problems.append(f"remote.dist_backend must be 'nccl' or 'gloo', got {self.dist_backend!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()
+                                         or any(c in self.api_key for c in "\r\n")):
+            problems.append("remote.api_key must be the servers' --api-key (a non-empty string on one line) or "
+                            "None for servers without a key")
         ConfigError.check(problems)
 
 
@@ -112,10 +132,45 @@ class Server:
     outstanding: int = 0
     tp_size: int = 1
     last_error: str = ""
+    down_since: float | None = None  # time.monotonic() when it was marked down
+    weights: _DiskUpdate | None = None  # the last disk update it is known to have loaded
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _DiskUpdate:
+    """One disk weight update; compared by identity, so sending the same path again is a new update."""
+
+    path: str
+    version: int | None
+
+
+def _secs(t: float) -> str:
+    return f"{round(t, 1):g}"
+
+
+def _down_for(s: Server, now: float) -> str:
+    """``address down for 3.2 s (last error: ...)``, for logs and errors."""
+    since = "" if s.down_since is None else f" down for {_secs(now - s.down_since)} s"
+    return f"{s.address}{since} (last error: {s.last_error or 'none recorded'})"
 
 
 class _Retryable(ServerError):
     """A failure worth another attempt (connection error, 5xx)."""
+
+
+class _Unauthorized(ServerError):
+    """401: the API key is missing or wrong (fails ``open``; never retried)."""
+
+
+def _unauthorized(what: str, key_sent: bool) -> str:
+    if not key_sent:
+        return (f"{what} answered 401 Unauthorized: the server requires an API key and none was sent. Set "
+                "inference.api_key=<the server's --api-key> (agentflow train) or RemoteEngineConfig(api_key=...); "
+                "inference.api_key='${oc.env:NAME}' reads it from the environment variable NAME")
+    return (f"{what} answered 401 Unauthorized: the server refused the API key sent (RemoteEngineConfig.api_key, "
+            "inference.api_key in agentflow train). Expected the server's --api-key; a server started with "
+            "--admin-api-key wants that other key on its weight-update and pause routes, and one key is sent "
+            "on every route, so start such servers with --api-key only")
 
 
 def _normalise(address: str) -> str:
@@ -149,8 +204,10 @@ class _Link:
         try:
             r = await self._pool.client.request(method, f"{self.address}{path}", json=body)
         except httpx.TransportError as e:
-            self._pool.mark_down(self._server, repr(e))
+            self._pool.mark_down(self._server, f"{what} failed: {e!r}")
             raise _Retryable(f"{what} failed: {e!r}") from e
+        if r.status_code == 401:
+            raise _Unauthorized(_unauthorized(what, self._pool.config.api_key is not None), 401)
         if r.status_code >= 400:
             text = self._pool.protocol.error_text(r.text)
             if r.status_code == 503:
@@ -185,9 +242,11 @@ class ServerPool:
         self._sticky: OrderedDict[str, Server] = OrderedDict()
         self._rr = itertools.count()
         self._paused: list[Server] | None = None  # the servers pause_all paused; None = not paused
-        self._last_disk: tuple[str, int | None] | None = None  # (path, version) of the last disk update
+        self._last_disk: _DiskUpdate | None = None  # the last disk update (re-applied on rejoin)
         self._expected_version: int | None = None  # what a rejoining server must have; None = no check
         self._group: tuple[str, int, str] | None = None
+        self._waiting: Counter[str] = Counter()  # calls waiting for a server, by operation
+        self._wake = asyncio.Event()  # set when a call starts waiting: the probe probes at once
 
     # ------------------------------------------------------------------ lifetime
     async def open(self) -> None:
@@ -196,6 +255,7 @@ class ServerPool:
         self._client = httpx.AsyncClient(
             transport=self._transport, timeout=httpx.Timeout(None, connect=cfg.connect_timeout_s),
             limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections),
+            headers={} if cfg.api_key is None else {"Authorization": f"Bearer {cfg.api_key}"},
         )
         try:
             await self._await_startup()
@@ -240,6 +300,7 @@ class ServerPool:
             )
         self._some_down.clear()  # set by failed checks of servers that came up in the end
         for s in down:
+            s.down_since = time.monotonic()
             log.warning("server %s not healthy at start (%s); it joins when a probe sees it healthy",
                         s.address, s.last_error)
             self._some_down.set()
@@ -270,8 +331,11 @@ class ServerPool:
         return True
 
     async def _read_tp_size(self, s: Server) -> None:
+        """Also the first call that needs the API key: a 401 here fails ``open``."""
         try:
             s.tp_size = int(await self.within(s, "tp_size", self.config.control_timeout_s, self.protocol.tp_size))
+        except _Unauthorized:
+            raise
         except (EngineError, ValueError, TypeError) as e:
             log.warning("could not read tp_size of %s (%r); assuming 1", s.address, e)
 
@@ -297,34 +361,69 @@ class ServerPool:
                 self._sticky.popitem(last=False)
         return best
 
-    async def pick(self, key: str | None) -> Server:
-        """The server for ``key``; waits up to ``server_wait_timeout_s`` while every server is down."""
+    async def pick(self, key: str | None, deadline: float | None = None) -> Server:
+        """The server for ``key``; while every server is down, waits for one (:meth:`await_servers`)."""
         s = self._choose(key)
-        if s is not None:
-            return s
-        try:
-            async with asyncio.timeout(self.config.server_wait_timeout_s), self._changed:
-                await self._changed.wait_for(lambda: any(x.up for x in self.servers))
-        except TimeoutError:
-            detail = "; ".join(f"{x.address}: {x.last_error}" for x in self.servers)
-            raise EngineError(
-                f"every {self.protocol.name} server is down and none came back within server_wait_timeout_s="
-                f"{self.config.server_wait_timeout_s}: {detail}. Restart them or check the network."
-            ) from None
-        s = self._choose(key)
-        assert s is not None
+        while s is None:
+            await self.await_servers("generate", deadline)
+            s = self._choose(key)
         return s
 
     def mark_down(self, s: Server, why: str) -> None:
         if s.up:
             log.warning("server %s marked down: %s", s.address, why)
+        if s.up or s.down_since is None:
+            s.down_since = time.monotonic()
         s.up, s.last_error = False, why
         self._some_down.set()
 
     async def _mark_up(self, s: Server) -> None:
         async with self._changed:
-            s.up, s.last_error = True, ""
+            s.up, s.last_error, s.down_since = True, "", None
             self._changed.notify_all()
+
+    # ------------------------------------------------------------------ waiting for a server
+    def wait_deadline(self) -> float:
+        """The loop time until which a call that starts waiting now may wait for a server."""
+        return asyncio.get_running_loop().time() + self.config.server_wait_timeout_s
+
+    async def await_servers(self, what: str, deadline: float | None = None) -> list[Server]:
+        """The healthy servers. While there are none, wait for one until ``deadline`` (a loop time;
+        default :meth:`wait_deadline`), then raise naming each server and its last error."""
+        up = self.up_servers()
+        if up:
+            return up
+        deadline = self.wait_deadline() if deadline is None else deadline
+        self._begin_wait(what, deadline)
+        try:
+            async with asyncio.timeout_at(deadline), self._changed:
+                await self._changed.wait_for(lambda: any(s.up for s in self.servers))
+        except TimeoutError:
+            raise self._none_came_back(what) from None
+        finally:
+            self._waiting[what] -= 1
+        return self.up_servers()
+
+    def _begin_wait(self, what: str, deadline: float) -> None:
+        """Count the waiter, wake the probe, and log one line unless a call of this kind already waits."""
+        if not self._waiting[what]:
+            left = deadline - asyncio.get_running_loop().time()
+            now = time.monotonic()
+            log.warning("%s waits up to %s s for a %s server to come back (every server is down; probing): %s",
+                        what, _secs(max(left, 0.0)), self.protocol.name,
+                        "; ".join(_down_for(s, now) for s in self.servers))
+        self._waiting[what] += 1
+        self._wake.set()
+
+    def _none_came_back(self, what: str) -> EngineError:
+        now = time.monotonic()
+        return EngineError(
+            f"{what} needs a healthy {self.protocol.name} server, and none came back within server_wait_timeout_s="
+            f"{self.config.server_wait_timeout_s} s: {'; '.join(_down_for(s, now) for s in self.servers)}. "
+            f"Expected at least one server to pass its health check: restart the servers "
+            f"({self.protocol.launch_hint}), or give them longer with inference.server_wait_timeout_s "
+            "(agentflow train) or RemoteEngineConfig.server_wait_timeout_s."
+        )
 
     # ------------------------------------------------------------------ calls
     async def within(self, s: Server, what: str, limit: float, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -349,10 +448,14 @@ class ServerPool:
 
     async def generate(self, input_ids: list[int], gconfig: GenerationConfig, max_new_tokens: int,
                        key: str | None, adapter: str | None = None) -> Generated:
-        """One generation with retries; each attempt picks a server and gets a fresh rid."""
+        """One generation with retries; each attempt picks a server and gets a fresh rid. The wait
+        for a server, while all are down, has one ``server_wait_timeout_s`` for all attempts."""
+        deadline: float | None = None
         async for attempt in self._retrying():
             with attempt:
-                s = await self.pick(key)
+                if deadline is None and not self.up_servers():
+                    deadline = self.wait_deadline()
+                s = await self.pick(key, deadline)
                 job = GenerateJob(input_ids, gconfig, max_new_tokens, uuid.uuid4().hex, adapter)
                 s.outstanding += 1
                 try:
@@ -379,14 +482,16 @@ class ServerPool:
                        op: Callable[..., Awaitable[Any]], *args: Any) -> list[Any]:
         return await self.fan_out(servers, lambda s: self.within(s, what, limit, op, *args))
 
-    def _check_all(self, servers: Sequence[Server], results: list[Any], what: str) -> None:
-        """Retryable failures mark their server down (it resyncs when back); others, or all failing, raise."""
+    def _check_all(self, servers: Sequence[Server], results: list[Any], what: str, *,
+                   all_may_fail: bool = False) -> None:
+        """Retryable failures mark their server down (it resyncs when back); others raise, and so
+        does every server failing unless ``all_may_fail`` (the caller then waits for one to return)."""
         failed = [(s, r) for s, r in zip(servers, results, strict=True) if isinstance(r, Exception)]
         for s, r in failed:
             if isinstance(r, _Retryable):
                 self.mark_down(s, f"{what} failed: {r}")
         hard = [(s, r) for s, r in failed if not isinstance(r, _Retryable)]
-        if hard or len(failed) == len(servers):
+        if hard or (len(failed) == len(servers) and not all_may_fail):
             detail = "; ".join(f"{s.address}: {r}" for s, r in (hard or failed))
             raise ServerError(f"{what} failed on {len(hard or failed)} of {len(servers)} server(s): {detail}")
 
@@ -414,16 +519,36 @@ class ServerPool:
 
     # ------------------------------------------------------------------ health probe and rejoin
     async def _probe_loop(self) -> None:
-        """Background: while some server is down, probe it every ``probe_interval_s``."""
+        """Background: while some server is down, probe the down ones every ``probe_interval_s``;
+        while a call waits for a server, at once and then with backoff from ``backoff_initial_s``."""
+        delay = self.config.probe_interval_s
         while True:
             await self._some_down.wait()
-            await asyncio.sleep(self.config.probe_interval_s)
-            if self.paused:
+            woken = await self._sleep_unless_woken(delay)
+            waiting = any(n > 0 for n in self._waiting.values())
+            if self.paused and not waiting:
+                delay = self.config.probe_interval_s
                 continue  # never health-check servers we paused (SGLang answers 503 after ~20 s)
-            down = [s for s in self.servers if not s.up]
-            await self.fan_out(down, self._probe)
+            await self.fan_out([s for s in self.servers if not s.up], self._probe)
             if all(s.up for s in self.servers):
                 self._some_down.clear()
+            delay = self._next_probe_delay(delay, woken, waiting)
+
+    async def _sleep_unless_woken(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; True (early) when a call started waiting for a server."""
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+        except TimeoutError:
+            return False
+        self._wake.clear()
+        return True
+
+    def _next_probe_delay(self, delay: float, woken: bool, waiting: bool) -> float:
+        cfg = self.config
+        if not waiting:
+            return cfg.probe_interval_s
+        return cfg.backoff_initial_s if woken else min(2 * delay, cfg.probe_interval_s)
 
     async def _probe(self, s: Server) -> None:
         if not await self._healthy(s, self.config.health_timeout_s):
@@ -438,28 +563,43 @@ class ServerPool:
         await self._mark_up(s)
 
     async def _resync(self, s: Server) -> None:
-        """Bring a returning server to the weights the others have (disk updates only)."""
-        if self._expected_version is None:
-            return
+        """Bring a returning server to the weights the others have: re-apply the last disk update
+        unless the server reports its version (always, for an update without a version)."""
         cfg = self.config
-        have = await self.within(s, "weight_version", cfg.control_timeout_s, self.protocol.weight_version)
-        if have == self._expected_version:
-            return
-        if self._last_disk is None:
-            raise EngineError(f"{s.address} has weight version {have!r}, expected {self._expected_version!r}, "
-                              "and the last update was not from disk; restart it from the latest checkpoint")
-        path, version = self._last_disk
+        if self._expected_version is not None:
+            have = await self.within(s, "weight_version", cfg.control_timeout_s, self.protocol.weight_version)
+            if have == self._expected_version:
+                s.weights = self._last_disk
+                return
+            if self._last_disk is None:
+                raise EngineError(f"{s.address} has weight version {have!r}, expected {self._expected_version!r}, "
+                                  "and the last update was not from disk; restart it from the latest checkpoint")
+        elif self._last_disk is None:
+            return  # no update yet, or a broadcast without a version: nothing to check
+        update = self._last_disk
         await self.within(s, "update_weights_from_disk", cfg.request_timeout_s,
-                          self.protocol.update_weights_from_disk, path, version)
+                          self.protocol.update_weights_from_disk, update.path, update.version)
+        s.weights = update
 
     # ------------------------------------------------------------------ weights
     async def update_from_disk(self, path: str, version: int | None, limit: float) -> None:
-        """Every healthy server loads ``path``; remembered so a returning server catches up."""
-        servers = self.up_servers()
-        results = await self._on_each(servers, "update_weights_from_disk", limit,
-                                      self.protocol.update_weights_from_disk, path, version)
-        self._last_disk, self._expected_version = (path, version), version
-        self._check_all(servers, results, "update_weights_from_disk")
+        """Every healthy server loads ``path``. Remembered first, so a server that is down now loads
+        it when it returns, before it serves. While no server is up (none at the start, or every one
+        failed to connect), waits for one, up to ``server_wait_timeout_s``; one that returns has
+        loaded ``path`` by the time it counts as up."""
+        what = "update_weights_from_disk"
+        update = self._last_disk = _DiskUpdate(path, version)
+        self._expected_version = version
+        deadline = self.wait_deadline()
+        while True:
+            servers = [s for s in await self.await_servers(what, deadline) if s.weights is not update]
+            if not servers:
+                return
+            results = await self._on_each(servers, what, limit, self.protocol.update_weights_from_disk, path, version)
+            for s, r in zip(servers, results, strict=True):
+                if not isinstance(r, Exception):
+                    s.weights = update
+            self._check_all(servers, results, what, all_may_fail=True)
 
     def weight_update_world_size(self) -> int:
         """World size of the ``"nccl"`` weight-update group: the trainer (rank 0) + every server
@@ -481,7 +621,7 @@ class ServerPool:
         """Every healthy server joins the group (once) and receives the trainer's broadcast of
         ``meta.state_dict`` (names, dtypes and shapes are read; meta tensors are fine)."""
         assert meta.state_dict
-        servers = self.up_servers()
+        servers = await self.await_servers("update_weights_from_distributed")
         if self._group != (meta.master_address, meta.master_port, meta.group_name):
             await self._init_group(meta, servers)
         sd = meta.state_dict

@@ -117,7 +117,8 @@ class ServerLink(Protocol):
 
     ``call`` sends one HTTP request and returns the decoded JSON answer (``{}`` for an empty or
     non-JSON body). A connection error or a 5xx raises an error the pool retries (and may mark the
-    server down); a 4xx raises :class:`~agentflow.errors.ServerError` with the server's message.
+    server down); a 4xx raises :class:`~agentflow.errors.ServerError` with the server's message (a
+    401 with how to set the API key, which the pool sends as ``Authorization: Bearer <key>``).
     The pool sets the deadline around the whole adapter method.
     """
 

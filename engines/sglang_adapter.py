@@ -14,8 +14,10 @@ protocol (``docs/sglang.md``). Each engine operation is one route:
   ``/update_weights_from_distributed``; versions travel as strings (``weight_version``);
 - ``GET /get_server_info`` (``tp_size``) and ``GET /get_model_info`` (``weight_version``).
 
-Not here: retries, deadlines, routing, failover (the server pool, ``engines/_server_pool.py``),
-and the server side of the protocol (``engines/_sglang_protocol.py``, ``engines/sglang_server.py``).
+Not here: retries, deadlines, routing, failover, and the API key (the server pool,
+``engines/_server_pool.py``, sends ``RemoteEngineConfig.api_key`` as ``Authorization: Bearer <key>``
+on every request, which is what SGLang's ``--api-key`` checks), and the server side of the
+protocol (``engines/_sglang_protocol.py``, ``engines/sglang_server.py``).
 """
 
 from __future__ import annotations

@@ -12,14 +12,15 @@ WEIGHT_SPEC = {"layer.weight": (3, 4), "layer.bias": (4,)}
 
 
 class ServerThread:
-    """``uvicorn`` serving ``app`` on 127.0.0.1:<free port> in a daemon thread (its own loop)."""
+    """``uvicorn`` serving ``app`` on 127.0.0.1:<port> in a daemon thread (its own loop); port 0
+    picks a free one, the port of a stopped server restarts it at the same address."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, port: int = 0) -> None:
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))

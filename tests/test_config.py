@@ -86,3 +86,31 @@ def test_an_unknown_server_protocol_is_refused_at_config_time():
 
     with pytest.raises(ConfigError, match=r"inference.protocol must be one of .*'sglang'.*got 'vllm'"):
         load_recipe_config(overrides=["inference.protocol=vllm"])
+
+
+def test_remote_inference_settings_reach_the_engine_and_the_key_is_not_saved(tmp_path, monkeypatch):
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe._startup import saved_form
+    from agentflow.recipe.build import inference_engine
+
+    monkeypatch.setenv("AF_TEST_SERVER_KEY", "s3cret")
+    cfg = load_recipe_config(overrides=["inference.backend=remote", "inference.addresses=[127.0.0.1:30000]",
+                                        "trainer.weight_update=disk",
+                                        "inference.server_wait_timeout_s=45",
+                                        "inference.api_key=${oc.env:AF_TEST_SERVER_KEY}"])
+    engine = inference_engine(cfg, model=None, tokenizer=None)
+    assert engine.config.server_wait_timeout_s == 45.0 and engine.config.api_key == "s3cret"
+    assert saved_form(cfg)["inference"]["api_key"] == "<redacted>" and "s3cret" not in repr(cfg)
+    assert saved_form(load_recipe_config())["inference"]["api_key"] is None
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("inference.server_wait_timeout_s=0", "inference.server_wait_timeout_s must be a positive finite number"),
+    ("inference.server_wait_timeout_s=.inf", "inference.server_wait_timeout_s must be a positive finite number"),
+    ("inference.api_key=' '", "inference.api_key must be the servers' --api-key"),
+])
+def test_bad_remote_inference_settings_are_refused_at_config_time(override, expected):
+    from agentflow.recipe import load_recipe_config
+
+    with pytest.raises(ConfigError, match=expected):
+        load_recipe_config(overrides=[override])

@@ -312,12 +312,12 @@ class CountingWorkflow:
         return Trajectory.from_response(resp, reward=1.0)
 
 
-async def _start(engine: FakeEngine, chunk_tokens: int = 2) -> Any:
+async def _start(engine: FakeEngine, chunk_tokens: int = 2, port: int = 0) -> Any:
     from _sglang_helpers import ServerThread
 
     config = ServerConfig(chunk_tokens=chunk_tokens)
     app = build_app(engine, model_path="fake", tokenizer=byte_tokenizer(), config=config)
-    return await asyncio.to_thread(ServerThread(app).start)
+    return await asyncio.to_thread(ServerThread(app, port).start)
 
 
 @pytest.mark.integration
@@ -405,3 +405,119 @@ async def test_distributed_weight_update_over_gloo_end_to_end() -> None:
     assert got.type == "mem" and got.version == 1 and list(got.state_dict) == list(WEIGHT_SPEC)
     for name, shape in WEIGHT_SPEC.items():
         torch.testing.assert_close(got.state_dict[name], torch.arange(float(torch.Size(shape).numel())).reshape(shape))
+
+
+@pytest.mark.integration
+async def test_the_only_server_killed_before_a_weight_update_gets_it_when_restarted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``kill -9`` of the only server right before an update, restarted 2 s later on the same port:
+    the update waits for it, the restarted server loads the update before it serves, and the
+    interrupted episodes finish."""
+    server = await _start(FakeEngine(latency=0.02))
+    fresh = FakeEngine(latency=0.02)
+
+    async def restart_later() -> Any:
+        await asyncio.sleep(2.0)
+        return await _start(fresh, port=server.port)
+
+    config = RemoteEngineConfig(**{**{f: getattr(FAST, f) for f in FAST.__dataclass_fields__},
+                                   "server_wait_timeout_s": 30.0})
+    restarted = None
+    try:
+        async with RemoteSGLangEngine([server.address], config=config,
+                                      rollout=RolloutConfig(max_concurrent=4, max_staleness=4)) as eng:
+            for i in range(4):
+                eng.submit(i, CountingWorkflow(max_new_tokens=48))
+            await asyncio.sleep(0.15)  # a few chunks generated
+            assert eng.servers[0].outstanding > 0  # killed with generations in flight
+            await asyncio.to_thread(server.stop, force=True)
+            restart = asyncio.create_task(restart_later())
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await Rollout.of(eng).update_weights(WeightUpdateMeta(type="disk", path="/ckpt/1", version=1))
+            waited = loop.time() - start
+            restarted = await restart
+            trajs = await eng.wait(4, timeout=30)
+    finally:
+        await asyncio.to_thread(server.stop)
+        if restarted is not None:
+            await asyncio.to_thread(restarted.stop)
+    assert waited >= 1.5 and [m.path for m in fresh.weight_updates] == ["/ckpt/1"]
+    # The killed server's answers never came: every token is from the restarted server, after the update.
+    assert len(trajs) == 4 and all([v for v in t.versions if v >= 0] == [1] * 48 for t in trajs)
+    waits = Counter(m.split(" waits up to ")[0] for m in (r.getMessage() for r in caplog.records)
+                    if " waits up to " in m)
+    assert waits["update_weights_from_disk"] == 1 and waits["generate"] <= 1 and len(waits) <= 2  # one line per wait
+
+
+@pytest.mark.integration
+async def test_a_server_that_never_comes_back_fails_the_update_naming_it_within_the_deadline() -> None:
+    server = await _start(FakeEngine())
+    config = RemoteEngineConfig(**{**{f: getattr(FAST, f) for f in FAST.__dataclass_fields__},
+                                   "server_wait_timeout_s": 1.5})
+    try:
+        async with RemoteSGLangEngine([server.address], config=config) as eng:
+            await asyncio.to_thread(server.stop, force=True)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(EngineError) as info:
+                await Rollout.of(eng).update_weights(WeightUpdateMeta(type="disk", path="/ckpt/1", version=1))
+            assert loop.time() - start < 1.5 + 2.0
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert re.search(rf"update_weights_from_disk needs a healthy SGLang server, and none came back within "
+                     rf"server_wait_timeout_s=1.5 s: http://{server.address} down for 1\.[5-9] s \(last error: "
+                     rf"GET /health on http://{server.address} failed: ConnectError", str(info.value)), str(info.value)
+
+
+# ------------------------------------------------------------------------------------- API keys
+async def _keyed_server(key: str) -> tuple[FakeEngine, httpx.AsyncBaseTransport]:
+    from agentflow.engines._serve_guard import ServeLimits
+
+    fake = FakeEngine()
+    await fake.__aenter__()
+    app = build_app(fake, model_path="fake", tokenizer=byte_tokenizer(), config=ServerConfig(chunk_tokens=2),
+                    manage_engine=False, limits=ServeLimits(api_key=key))
+    return fake, httpx.ASGITransport(app=app)
+
+
+async def test_an_api_key_is_sent_as_a_bearer_token_on_every_request() -> None:
+    fake, transport = await _keyed_server("k1")
+    seen: list[tuple[str, str | None]] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            seen.append((request.url.path, request.headers.get("authorization")))
+            return await transport.handle_async_request(request)
+
+    try:
+        async with RemoteSGLangEngine(["keyed:30000"], config=RemoteEngineConfig(api_key="k1"),
+                                      transport=Recording()) as eng:
+            resp = await eng.agenerate(ModelRequest([1, 2], GenerationConfig(max_new_tokens=3)))
+            await eng.pause()
+            await eng.aupdate_weights(WeightUpdateMeta(type="disk", path="/ckpt/1", version=1))
+            await eng.resume()
+    finally:
+        await fake.__aexit__(None, None, None)
+    assert resp.output_len == 3 and fake.weight_updates[-1].path == "/ckpt/1"
+    assert {"/health", "/generate", "/pause_generation", "/update_weights_from_disk"} <= {p for p, _ in seen}
+    assert {h for _, h in seen} == {"Bearer k1"}
+    assert "k1" not in repr(eng.config)
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    (None, r"answered 401 Unauthorized: the server requires an API key and none was sent\. Set "
+           r"inference\.api_key=<the server's --api-key> \(agentflow train\) or RemoteEngineConfig\(api_key=\.\.\.\)"),
+    ("wrong", r"answered 401 Unauthorized: the server refused the API key sent \(RemoteEngineConfig\.api_key, "
+              r"inference\.api_key in agentflow train\)\. Expected the server's --api-key"),
+])
+async def test_a_missing_or_wrong_api_key_fails_at_start_saying_how_to_set_it(key: str | None, expected: str) -> None:
+    fake, transport = await _keyed_server("k1")
+    try:
+        with pytest.raises(ServerError, match=expected) as info:
+            async with RemoteSGLangEngine(["keyed:30000"], config=RemoteEngineConfig(api_key=key),
+                                          transport=transport):
+                pass
+    finally:
+        await fake.__aexit__(None, None, None)
+    assert info.value.status_code == 401 and "GET /get_server_info on http://keyed:30000" in str(info.value)

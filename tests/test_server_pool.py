@@ -13,6 +13,7 @@ import ast
 import asyncio
 import json
 import pathlib
+import re
 from collections import Counter
 from typing import Any
 
@@ -356,6 +357,77 @@ async def test_startup_error_names_the_protocol_and_how_to_start_it() -> None:
     with pytest.raises(EngineError, match=r"no Toy server became healthy .* Start them first \(`toy-server"):
         async with toy_engine(cluster, startup_timeout_s=0.1):
             pass
+
+
+# ------------------------------------------------------------------------------------- every server down
+def _waits(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if " waits up to " in r.getMessage()]
+
+
+async def test_a_weight_update_waits_for_the_only_server_to_come_back(caplog: pytest.LogCaptureFixture) -> None:
+    """The trainer's order: pause (the dead server is marked down), update, resume. The server is
+    restarted (fresh weights, v0) during the update: it gets the update before it serves."""
+    cluster = ToyCluster(1)
+    async with toy_engine(cluster, server_wait_timeout_s=5.0) as eng:
+        cluster.servers["t0"].alive = False  # kill -9
+        await eng.pause()
+        update = asyncio.create_task(eng.aupdate_weights(WeightUpdateMeta(type="disk", path="/ckpt/1", version=1)))
+        await asyncio.sleep(0.3)
+        assert not update.done()
+        cluster.servers["t0"] = ToyServer()  # restarted from the original weights
+        await asyncio.wait_for(update, 5)
+        eng.set_version(1)
+        await eng.resume()
+        resp = await eng.agenerate(ModelRequest([1], GenerationConfig(max_new_tokens=2)))
+    assert cluster.servers["t0"].tag == "v1" and resp.output_versions == [1, 1]
+    # loaded once, by the rejoin, before the server counted as up; the update then had nothing left to send
+    assert cluster.paths("/v1/weights") == [("t0", {"dir": "/ckpt/1", "tag": "v1"})]
+    (line,) = _waits(caplog)  # one line per wait, naming the server and why it is down
+    assert "update_weights_from_disk waits up to 5 s" in line and "http://t0:4000 down for" in line
+    assert "connection refused" in line
+
+
+async def test_the_same_checkpoint_path_sent_again_is_loaded_again() -> None:
+    """A directory rewritten in place (same path, no version) is a new update, not a duplicate."""
+    cluster = ToyCluster(2)
+    async with toy_engine(cluster) as eng:
+        for _ in range(2):
+            await eng.aupdate_weights(WeightUpdateMeta(type="disk", path="/ckpt/latest"))
+    assert sorted(h for h, _ in cluster.paths("/v1/weights")) == ["t0", "t0", "t1", "t1"]
+
+
+async def test_an_update_fails_naming_each_server_and_its_last_error_at_the_deadline() -> None:
+    cluster = ToyCluster(2)
+    async with toy_engine(cluster, server_wait_timeout_s=0.5) as eng:
+        for server in cluster.servers.values():
+            server.alive = False
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(EngineError) as info:
+            await eng.aupdate_weights(WeightUpdateMeta(type="disk", path="/ckpt/1", version=1))
+        assert 0.5 <= loop.time() - start < 2.0
+    text = str(info.value)
+    assert "update_weights_from_disk needs a healthy Toy server" in text and "server_wait_timeout_s=0.5" in text
+    for address in ("http://t0:4000", "http://t1:4000"):
+        assert re.search(rf"{address} down for 0\.[5-9] s \(last error: GET /ping on {address} failed: "
+                         r"ConnectError", text), text
+    assert "inference.server_wait_timeout_s" in text and "`toy-server --port N`" in text
+
+
+async def test_generation_waits_for_a_server_then_fails_naming_it(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = ToyCluster(1)
+    async with toy_engine(cluster, server_wait_timeout_s=0.8) as eng:
+        cluster.servers["t0"].alive = False
+        gens = [asyncio.create_task(eng.agenerate(ModelRequest([i + 1], GenerationConfig(max_new_tokens=2))))
+                for i in range(3)]
+        await asyncio.sleep(0.3)
+        cluster.servers["t0"].alive = True
+        assert [len((await g).output_tokens) for g in gens] == [2, 2, 2]
+        assert len(_waits(caplog)) == 1  # three generations waited: one line
+        cluster.servers["t0"].alive = False
+        with pytest.raises(EngineError, match=r"generate needs a healthy Toy server, and none came back within "
+                                              r"server_wait_timeout_s=0.8 s: http://t0:4000 down for"):
+            await eng.agenerate(ModelRequest([1], GenerationConfig(max_new_tokens=2)))
 
 
 # ------------------------------------------------------------------------------------- loopback

@@ -4,9 +4,9 @@
 is a directory or does not exist, it is writable, ``--resume`` has an intact checkpoint to use, a
 plain run does not clobber checkpoints) and returns the checkpoint to resume from.
 :func:`commit_run_dir` is called once everything is built and loaded: only then is the directory
-created and ``config.json`` written; a fresh run moves a stale ``metrics.jsonl`` (from a run that
-stopped before its first checkpoint) aside. :func:`warn_bent_options` logs, at start, each option
-the run will silently bend.
+created and ``config.json`` written (:func:`saved_form`, secrets redacted); a fresh run moves a
+stale ``metrics.jsonl`` (from a run that stopped before its first checkpoint) aside.
+:func:`warn_bent_options` logs, at start, each option the run will silently bend.
 
 Not here: building the run (:mod:`agentflow.recipe.build`) or running it (:mod:`agentflow.recipe.async_rl`).
 """
@@ -18,13 +18,15 @@ import logging
 import os
 import pathlib
 import time
+from typing import Any
 
 from agentflow._checkpoint import Checkpointer
 from agentflow.config import to_dict
 from agentflow.errors import CheckpointError, ConfigError
 from agentflow.recipe.config import TrainRecipeConfig
 
-__all__ = ["check_run_dir", "commit_run_dir", "describe_config_change", "resume_failure", "warn_bent_options"]
+__all__ = ["check_run_dir", "commit_run_dir", "describe_config_change", "resume_failure", "saved_form",
+           "warn_bent_options"]
 
 log = logging.getLogger("agentflow.train")
 
@@ -79,8 +81,16 @@ def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
         stale.rename(aside)
         log.warning("%s had no checkpoint (its run stopped before the first one): starting afresh; its metrics "
                     "were moved to %s", run_dir, aside.name)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+    (run_dir / "config.json").write_text(json.dumps(saved_form(cfg), indent=1, default=str))
     return run_dir
+
+
+def saved_form(cfg: TrainRecipeConfig) -> dict[str, Any]:
+    """The config as plain data for ``config.json``, secrets (``inference.api_key``) redacted."""
+    data = to_dict(cfg)
+    if data["inference"].get("api_key") is not None:
+        data["inference"]["api_key"] = "<redacted>"
+    return data
 
 
 def describe_config_change(cfg: TrainRecipeConfig, run_dir: pathlib.Path) -> str:

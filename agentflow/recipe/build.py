@@ -97,14 +97,16 @@ def share_lora_base(cfg: TrainRecipeConfig, policy: FSDPEngine, model: Any) -> i
 
 def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> InferenceEngine:
     """The in-process :class:`LocalEngine`, or a client of the servers at ``inference.addresses``."""
-    if cfg.inference.backend == "remote":
-        from agentflow.engines.remote import RemoteEngine
+    spec = cfg.inference
+    if spec.backend == "remote":
+        from agentflow.engines.remote import RemoteEngine, RemoteEngineConfig
 
-        return RemoteEngine(list(cfg.inference.addresses), tokenizer, protocol=cfg.inference.protocol,
-                            rollout=cfg.rollout)
+        remote = RemoteEngineConfig(server_wait_timeout_s=spec.server_wait_timeout_s, api_key=spec.api_key)
+        return RemoteEngine(list(spec.addresses), tokenizer, protocol=spec.protocol, rollout=cfg.rollout,
+                            config=remote)
     from agentflow.engines.local import LocalEngine
 
-    return LocalEngine(model, tokenizer, rollout=cfg.rollout, config=cfg.inference.local)
+    return LocalEngine(model, tokenizer, rollout=cfg.rollout, config=spec.local)
 
 
 def train_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> FSDPEngine:

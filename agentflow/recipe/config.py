@@ -11,6 +11,7 @@ Not here: building anything from the config (:mod:`agentflow.recipe.build`) or r
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -114,13 +115,31 @@ class InferenceSpec:
         addresses: ``host:port`` of each server for the remote backend.
         protocol: the servers' HTTP protocol, a name in ``agentflow.engines.protocols.PROTOCOLS``
             (``sglang``: SGLang servers and ``agentflow serve``).
+        server_wait_timeout_s: remote backend: while every server is down, generation and weight
+            updates wait this long for one to come back (a restarted server catches up on the last
+            weight update first); then the run fails naming each server and its last error.
+        api_key: remote backend: the servers' ``--api-key``, sent as ``Authorization: Bearer <key>``
+            (null = none). ``'${oc.env:NAME}'`` reads it from the environment variable NAME;
+            config.json stores it as ``<redacted>``.
         local: the LocalEngine's settings.
     """
 
     backend: Literal["local", "remote"] = "local"
     addresses: tuple[str, ...] = ()
     protocol: str = "sglang"
+    server_wait_timeout_s: float = 120.0
+    api_key: str | None = field(default=None, repr=False)
     local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=256))
+
+    def __post_init__(self) -> None:
+        problems = []
+        t = self.server_wait_timeout_s
+        if not (isinstance(t, int | float) and 0 < t < math.inf):
+            problems.append(f"inference.server_wait_timeout_s must be a positive finite number of seconds, got {t!r}")
+        if self.api_key is not None and (not self.api_key.strip() or any(c in self.api_key for c in "\r\n")):
+            problems.append("inference.api_key must be the servers' --api-key (one non-empty line), or null for "
+                            "servers without a key")
+        ConfigError.check(problems)
 
 
 @dataclass(frozen=True, slots=True)
