@@ -110,10 +110,29 @@ async def bench_design(engine: Any, tokenizer: Any, design: str, args: argparse.
     row = {"bench": "tool_task", "workflow": "calculator_agent", "prompt": design, "prompts": args.n,
            "samples": args.samples, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
            "max_turns": args.max_turns, "failed_episodes": len(errors),
-           **summarize(trajs, time.perf_counter() - t0)}
+           "failure_kinds": collections.Counter(errors).most_common(3), **summarize(trajs, time.perf_counter() - t0)}
     if args.show:
         row["examples"] = _examples(trajs, args.show)
     return row
+
+
+def template_support(tokenizer: Any) -> dict[str, Any]:
+    """Whether the chat template renders ``tools=`` schemas, an assistant ``tool_calls`` message and a
+    ``tool`` role (what ToolUseWorkflow sends), checked by rendering them."""
+    from agentflow.envs.tools import ToolRegistry, calculator
+
+    schemas = ToolRegistry([calculator]).schemas()
+    render = lambda msgs, **kw: tokenizer.apply_chat_template(msgs, tokenize=False, **kw)  # noqa: E731
+    user = {"role": "user", "content": "What is 2 * 3?"}
+    calls = {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2 * 3"}'}}]}
+    try:
+        calls_rendered: Any = "2 * 3" in render([user, calls])
+    except Exception as e:  # the template cannot render it at all
+        calls_rendered = f"{type(e).__name__}: {e}"
+    return {"renders_tool_schemas": "calculator" in render([user], tools=schemas),
+            "renders_tool_calls": calls_rendered,
+            "tool_role_as": render([user, {"role": "tool", "content": "6"}]).split("\n")[-3:-1]}
 
 
 async def bench_tool_use(engine: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +147,8 @@ async def bench_tool_use(engine: Any, tokenizer: Any, args: argparse.Namespace) 
     t0 = time.perf_counter()
     outs, errors = await _gather(wf, engine, tasks, args.concurrency)
     trajs = [t for group in outs for t in group]
-    return {"bench": "tool_task", "workflow": "tool_use", "episodes": len(tasks), "finished": len(trajs),
+    return {"bench": "tool_task", "workflow": "tool_use", **template_support(tokenizer),
+            "episodes": len(tasks), "finished": len(trajs),
             "failed_episodes": len(errors), "failure_kinds": collections.Counter(errors).most_common(3),
             "success": round(statistics.fmean([t.reward for t in trajs]), 4) if trajs else None,
             "tool_calls": sum(t.info["tool_calls"] for t in trajs), "wall_s": round(time.perf_counter() - t0, 1)}
