@@ -14,7 +14,18 @@ reports how its episodes end with SmolLM2's chat template. Usage::
     python benchmarks/bench_tool_task.py --prompts one_shot two_shot --n 64 --samples 2
     python benchmarks/bench_tool_task.py --workflow tool_use --n 16 --samples 1
 
-Not here: training (``agentflow train`` with ``workflow.name=agentflow.workflows.calculator_agent:...``).
+Measured 2026-11-30 (held-out seed 0, T=1, 40 new tokens per turn, 3 turns at most; 95% Wilson
+intervals; template drift 0 in every row):
+
+| design | episodes | success | first reply: a call / a parseable call |
+| --- | --- | --- | --- |
+| zero_shot (system prompt only) | 64 | 0.0% [0, 5.7] | 0% / 0% |
+| one_shot_tool_role (result as ``role: tool``) | 128 | 2.3% [0.8, 6.7] | 42% / 3.1% |
+| one_shot_add (the worked example is an addition) | 128 | 3.1% [1.2, 7.8] | 42% / 4.7% |
+| **one_shot** (chosen) | 128 | **10.2% [6.0, 16.6]** | 48% / 12.5% |
+| two_shot (1 group of 2 failed, likely the 320-token limit in a 3rd turn) | 62 | 62.9% [50.5, 73.8] | 84% / 73% |
+
+Not here: training (``benchmarks/train_tool_task.py``), step cost (``bench_tool_task_cost.py``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,14 @@ every other knob is an ordinary override. Defaults are the proposed configuratio
 Extra options (before the overrides): ``--prompt`` (a design of ``envs/calculator.py``),
 ``--size`` / ``--eval-size`` (train / held-out prompts).
 
+Measured 2026-11-30 on the shared 2-core development machine (load average 2.5-9 from other
+jobs), the proposed settings with ``trainer.total_steps=30 trainer.eval_every=10`` (stopped after
+version 20): held-out exact success 8.6% at version 0 -> 99.2% at version 10 (600 s after the
+start, the version-0 evaluation included) -> 97.7% at version 20; training reward 9.4% (first 3
+steps) -> 78% at step 4 (296 s) -> 95.8% (last 3); median 37 s per step (2,344 rows, 6,544
+tokens); peak RSS 9.6 GiB. The version-10 checkpoint on the other held-out seed
+(``bench_tool_task.py --model .../step-000010/model``): 125/128 = 97.7%, template drift 0.
+
 Not here: registering the task in the recipe (to be done there; then this script goes away).
 """
 
@@ -24,20 +32,20 @@ import sys
 from agentflow import _recipe
 from agentflow.envs.calculator import DEFAULT_PROMPT, PROMPTS, calculator_tasks, final_answer_reward
 
-# The proposed run (see the report of the tool task): 8 prompts x 8 conversations per step, one call
-# then the answer (max_turns 2), 40 new tokens per turn, evaluation on 64 held-out prompts x 2.
+# The proposed run: 4 prompts x 8 conversations per step, one call then the answer (max_turns 2),
+# 40 new tokens per turn, lr 3e-5, 12 steps, evaluation on 64 held-out prompts x 2 at versions 0, 6, 12.
 PROPOSED = [
     "workflow.name=agentflow.workflows.calculator_agent:CalculatorAgentWorkflow",
     "workflow.options={max_turns: 2}",
     "generation.n_samples=8",
     "generation.max_new_tokens=40",
     "generation.temperature=1.0",
-    "rollout.consumer_batch_size=8",
+    "rollout.consumer_batch_size=4",
     "rollout.max_staleness=2",
     "inference.local.max_seq_len=320",
-    "train.lr=2e-5",
-    "trainer.total_steps=20",
-    "trainer.eval_every=10",
+    "train.lr=3e-5",
+    "trainer.total_steps=12",
+    "trainer.eval_every=6",
     "trainer.eval_samples=2",
     "logging.run_dir=runs/calculator",
 ]
