@@ -442,6 +442,7 @@ class Trainer:
         gen_tokens = sum(t.n_policy_tokens for t in trajs)
         return {
             **{f"train/{k}": v for k, v in stats.items()},
+            **_episode_info(trajs),
             "reward/mean": _mean(rewards),
             "reward/max": max(rewards, default=math.nan),
             "staleness/max": max(lags, default=0),
@@ -512,6 +513,25 @@ def _vocab_size(train_engine: Any) -> int | None:
 
 class _Stopped(Exception):
     """Raised in the trainer thread's wait for rollouts once a stop was requested."""
+
+
+# numeric ``Trajectory.info`` keys that multi-turn workflows record, logged per step as episode means
+_EPISODE_INFO = {"turns": "rollout/turns_mean", "tool_calls": "rollout/tool_calls_mean"}
+
+
+def _episode_info(trajs: Sequence[Trajectory]) -> dict[str, float]:
+    """Means of the multi-turn counters workflows put in ``info`` (turns, tool calls), and the
+    template-drift total (tokens re-rendered differently from what was sampled; 0 = every trained
+    token is a sampled token)."""
+    out = {}
+    for key, name in _EPISODE_INFO.items():
+        values = [float(t.info[key]) for t in trajs if isinstance(t.info.get(key), int | float)]
+        if values:
+            out[name] = _mean(values)
+    drift = [float(t.info["template_drift"]) for t in trajs if isinstance(t.info.get("template_drift"), int | float)]
+    if drift:
+        out["rollout/template_drift"] = sum(drift)
+    return out
 
 
 def _mean(xs: Sequence[float]) -> float:

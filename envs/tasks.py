@@ -393,3 +393,16 @@ def _gsm8k(spec: TaskSpec) -> TaskData:
         raise ConfigError(f"{spec.path} has {len(items)} rows; need more than data.eval_size={spec.eval_size}")
     return TaskData(task_rows(items[: -spec.eval_size], spec.system), task_rows(items[-spec.eval_size:], spec.system),
                     gsm8k_reward, gsm8k_reward)
+
+
+@register_task("calculator")
+def _calculator(spec: TaskSpec) -> TaskData:
+    """Two-digit multiplication with a calculator tool (:mod:`agentflow.envs.calculator`); held out:
+    a disjoint set of operand pairs. ``options.prompt`` picks the prompt design (default ``one_shot``)."""
+    from agentflow.envs.calculator import calculator_tasks, final_answer_reward
+
+    prompt = spec.options.get("prompt", "one_shot")
+    train = calculator_tasks(spec.size, seed=spec.seed, split="train", prompt=prompt)
+    heldout = calculator_tasks(spec.eval_size, seed=spec.seed + 1, split="heldout", prompt=prompt)
+    return TaskData(task_rows(train, spec.system), task_rows(heldout, spec.system), final_answer_reward,
+                    final_answer_reward)

@@ -145,10 +145,18 @@ def _agent_command(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: 
     return AgentCommandWorkflow(tokenizer, reward_fn, config)
 
 
+def _calculator_agent(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
+    from agentflow.workflows.calculator_agent import CalculatorAgentConfig, CalculatorAgentWorkflow
+
+    _check_options(spec, [f.name for f in dataclasses.fields(CalculatorAgentConfig)], has_kwargs=False)
+    return CalculatorAgentWorkflow(tokenizer, gconfig, reward_fn, CalculatorAgentConfig(**spec.options))
+
+
 # built-in workflow names for ``workflow.name``; anything else is ``module:Class`` or ``file.py:Class``
 WORKFLOWS: dict[str, Callable[[WorkflowSpec, Any, Any, GenerationConfig], Any]] = {
     "rlvr": _rlvr,
     "agent_command": _agent_command,
+    "calculator_agent": _calculator_agent,
 }
 
 
