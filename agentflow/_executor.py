@@ -212,6 +212,7 @@ class WorkflowExecutor:
         self._paused = False
         self._pause_is_update = False
         self._admit()
+        self.buffer.wake_consumers()  # a wait() that let a weight update pass re-checks its bound
 
     @property
     def paused(self) -> bool:
@@ -281,7 +282,12 @@ class WorkflowExecutor:
                 "was not), so no item starts. Call `await engine.resume()` first.")
 
     def _check_wait(self, count: int, missing: int) -> None:
-        """Raise if ``missing`` more groups cannot reach the buffer before the version moves."""
+        """Raise if ``missing`` more groups cannot reach the buffer before the version moves.
+
+        Not during a weight update: it is about to move the version (``resume`` wakes the waiter).
+        """
+        if self._paused and self._pause_is_update:
+            return
         st = self.staleness
         can_arrive = st.deliverable()
         if missing <= can_arrive:

@@ -178,3 +178,21 @@ async def test_rollout_items_share_the_concurrency_cap_with_submitted_ones():
         await engine.wait(10, timeout=5)
         _books(engine)
     assert len(out) == 10 and max(seen) <= 4
+
+
+class SlowUpdateEngine(FakeEngine):
+    async def aupdate_weights(self, meta):
+        await asyncio.sleep(0.05)
+        await super().aupdate_weights(meta)
+
+
+async def test_a_wait_begun_during_a_weight_update_counts_on_the_new_version():
+    cfg = RolloutConfig(max_staleness=0, consumer_batch_size=2)
+    async with SlowUpdateEngine(latency=0.001, rollout=cfg) as engine:
+        for i in range(4):
+            engine.submit(i, Echo())
+        assert len(await engine.wait(2, timeout=5)) == 2  # version 0's budget is spent
+        update = asyncio.create_task(Rollout.of(engine).update_weights(WeightUpdateMeta(type="mem", version=1)))
+        await asyncio.sleep(0.01)  # inside the update: paused, still at version 0
+        assert len(await engine.wait(2, timeout=5)) == 2
+        await update
