@@ -369,6 +369,9 @@ class WorkflowExecutor:
         reason = CANCELLED  # what a cancellation (executor exit, cancelled rollout()) leaves
         try:
             group, reason = await self._produce(item)
+        except Exception as e:  # a bug in the executor itself: recorded, then it propagates
+            reason = f"executor:{type(e).__name__}"
+            raise
         finally:
             self._finish(item, group, reason)
 

@@ -23,6 +23,7 @@ import json
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 
 from agentflow import GenerationConfig, Group, ModelRequest, ReplayBuffer, Rollout, RolloutConfig, Trajectory
 from agentflow.testing import FakeEngine, random_latency
@@ -114,8 +115,9 @@ def _backlog_group(i: int) -> Group:
     return g
 
 
-def _consume_fresh(buffer: ReplayBuffer, n: int, batch: int, held: int) -> None:
-    """Take ``n`` groups in batches, each batch once ``batch`` fresh groups are in (never the backlog).
+def _consume_fresh(buffer: ReplayBuffer, n: int, batch: int, held: int, marks: list[tuple[int, float]]) -> None:
+    """Take ``n`` groups in batches, each batch once ``batch`` fresh groups are in (never the backlog);
+    append (groups consumed, process CPU seconds) to ``marks`` after every batch.
 
     Waits on the buffer's own condition (notified by every put): no polling.
     """
@@ -127,12 +129,28 @@ def _consume_fresh(buffer: ReplayBuffer, n: int, batch: int, held: int) -> None:
         groups = buffer.get_groups(k, timeout=60)
         assert not any(g.group_id.startswith("held-") for g in groups), "took the backlog: ordering broke"
         consumed += len(groups)
+        marks.append((consumed, time.process_time()))
     assert len(buffer) == held
 
 
-async def run_scaling(episodes: int, held: int, *, concurrency: int = 256, batch: int = 256) -> tuple[float, float]:
-    """(episodes per wall second, episodes per CPU second of this process) through submit -> executor
-    -> buffer -> consumer thread, with ``held`` groups resident in the buffer throughout."""
+def _window_rate(marks: list[tuple[int, float]], lo: float, hi: float) -> float:
+    """Episodes per CPU second between the marks nearest to fractions ``lo`` and ``hi`` of the run."""
+    n = marks[-1][0]
+    a = min(marks, key=lambda m: abs(m[0] - lo * n))
+    b = min(marks, key=lambda m: abs(m[0] - hi * n))
+    return (b[0] - a[0]) / (b[1] - a[1]) if b[1] > a[1] else float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingRun:
+    wall_eps: float  # episodes per wall second, whole run
+    cpu_eps: float  # episodes per CPU second of this process (all threads), whole run
+    early_cpu_eps: float  # the same over 10%..20% of the run
+    late_cpu_eps: float  # the same over 90%..100% of the run: the per-episode cost at full size
+
+
+async def run_scaling(episodes: int, held: int, *, concurrency: int = 256, batch: int = 256) -> ScalingRun:
+    """Submit -> executor -> buffer -> consumer thread, with ``held`` groups resident in the buffer throughout."""
     cfg = RolloutConfig(max_staleness=10**9, max_concurrent=concurrency, consumer_batch_size=batch,
                         buffer_size=held + 4 * batch)
     async with FakeEngine(rollout=cfg) as engine:
@@ -141,13 +159,17 @@ async def run_scaling(episodes: int, held: int, *, concurrency: int = 256, batch
             rollout.buffer.put_nowait(_backlog_group(i))
         wf = SingleTurn()
         t0, c0 = time.perf_counter(), time.process_time()
-        thread = threading.Thread(target=_consume_fresh, args=(rollout.buffer, episodes, batch, held))
+        marks: list[tuple[int, float]] = [(0, c0)]
+        thread = threading.Thread(target=_consume_fresh, args=(rollout.buffer, episodes, batch, held, marks))
         thread.start()
         for i in range(episodes):
             await rollout.wait_for_room(2 * concurrency)
             rollout.submit(i, wf)
         await asyncio.to_thread(thread.join)
-        return episodes / (time.perf_counter() - t0), episodes / (time.process_time() - c0)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if episodes < 20 * batch:  # too few batches for windows: the whole run is both
+        return ScalingRun(episodes / wall, episodes / cpu, episodes / cpu, episodes / cpu)
+    return ScalingRun(episodes / wall, episodes / cpu, _window_rate(marks, 0.1, 0.2), _window_rate(marks, 0.9, 1.0))
 
 
 def _reps(episodes: int) -> int:
@@ -158,22 +180,28 @@ def _reps(episodes: int) -> int:
 async def scaling_table(episode_sizes: list[int], held_sizes: list[int]) -> None:
     """Every (episodes, held) cell against the smallest. CPU time is the criterion on a shared
     machine (other processes steal wall time, not this process's CPU time); wall time is printed too.
-    Repetitions go round-robin over the cells, so a slow spell of the machine hits all of them."""
+    Repetitions go round-robin over the cells, so a slow spell of the machine hits all of them.
+    ``late_vs_early``: the per-episode CPU rate in the last 10% of a run over the rate at 10-20% of
+    the same run (same process, minutes apart at most): below 1 would mean the cost grows with the run."""
     await run_scaling(2_000, 100)  # warm-up: first-call costs stay out of the smallest cell
     cells = [(n, held) for held in held_sizes for n in episode_sizes]
-    runs: dict[tuple[int, int], list[tuple[float, float]]] = {c: [] for c in cells}
+    runs: dict[tuple[int, int], list[ScalingRun]] = {c: [] for c in cells}
     for rep in range(max(_reps(n) for n, _ in cells)):
         for n, held in cells:
             if rep < _reps(n):
                 runs[n, held].append(await run_scaling(n, held))
     base = None
     for cell in cells:
-        wall, cpu = max(r[0] for r in runs[cell]), max(r[1] for r in runs[cell])
+        rs = runs[cell]
+        wall, cpu = max(r.wall_eps for r in rs), max(r.cpu_eps for r in rs)
+        early, late = max(r.early_cpu_eps for r in rs), max(r.late_cpu_eps for r in rs)
         base = base or (wall, cpu)
         print(json.dumps({"bench": "executor_scaling", "episodes": cell[0], "buffered_groups": cell[1],
                           "episodes_per_cpu_s": round(cpu), "cpu_ratio_vs_smallest": round(cpu / base[1], 3),
+                          "late_vs_early": round(late / early, 3),
+                          "late_cpu_ratio_vs_smallest": round(late / base[1], 3),
                           "episodes_per_s": round(wall), "wall_ratio_vs_smallest": round(wall / base[0], 3),
-                          "reps": len(runs[cell])}), flush=True)
+                          "reps": len(rs)}), flush=True)
 
 
 def consumer_take(held: int, k: int = 512, reps: int = 7) -> float:
