@@ -4,13 +4,15 @@ One run: ``--episodes`` single-turn episodes with long-tailed generation latenci
 ``--concurrency`` of them in flight, generated through ``RemoteSGLangEngine`` (its public
 constructor only) on ``--servers`` simulated SGLang servers (an in-process ``httpx.MockTransport``:
 every request is a real HTTP request object with a JSON body, routed, retried and failed over by
-the engine). A chaos task kills a random server every ``--kill-every-s`` seconds on average (its
-in-flight requests fail with a dropped connection) and restarts it ``--down-s`` later with fresh
-weights, so the engine must re-apply the last weight update when it rejoins. A trainer thread
-takes ``--batch`` groups per step and publishes new weights after each step (pause with abort on
-every server, disk update, resume: in-flight generations resume under the new version). The
-replay buffer holds a resident backlog of ``--buffer-groups`` groups throughout (filed under a newer
-version, so the oldest-first trainer takes fresh episodes first and the backlog stays).
+the engine). A chaos task kills random servers (their in-flight requests fail with a dropped
+connection) so that each server dies once every ``--server-mtbf`` median generation times on
+average, and restarts each ``--down`` medians later with fresh weights, so the engine must
+re-apply the last weight update when it rejoins (``--kill-every-s`` / ``--down-s`` set seconds
+instead). A trainer thread takes ``--batch`` groups per step and publishes new weights after each
+step (pause with abort on every server, disk update, resume: in-flight generations resume under
+the new version). The replay buffer holds a resident backlog of ``--buffer-groups`` groups
+throughout (filed under a newer version, so the oldest-first trainer takes fresh episodes first
+and the backlog stays).
 
 Printed as JSON lines: a ``progress`` line per second of the run, then one ``summary`` line:
 throughput (episodes that ended with trajectories per second, from the first submit until no
@@ -300,9 +302,11 @@ async def sample(rollout: Rollout, trainer: TrainerSim, fleet: SimFleet, t0: flo
         print(json.dumps(rec), flush=True)
 
 
-def _percentile(xs: list[float], q: float) -> float:
+def _percentile(xs: list[float], q: float, scale: float = 1.0) -> float | None:
+    """The ``q`` quantile times ``scale``, rounded; None without samples (e.g. no episode ever
+    waited for a slot: every admission latency is taken from a slot freed by an ending episode)."""
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))] * scale, 3) if xs else None
 
 
 def steady_rate(progress: list[dict[str, Any]], total: int) -> float:
@@ -325,19 +329,20 @@ def summarise(args: argparse.Namespace, rollout: Rollout, trainer: TrainerSim, f
         "bench": "scale_summary", "episodes": args.episodes, "concurrency": args.concurrency,
         "servers": args.servers, "buffer_groups": args.buffer_groups, "batch": args.batch,
         "offered_rate": args.offered_rate, "median_latency_s": round(args.median_latency_s, 3),
+        "kill_every_s": round(args.kill_every_s, 3), "down_s": round(args.down_s, 3),
+        "latency_cap": args.latency_cap,
         "sigma": args.sigma, "wall_s": round(elapsed, 1),
         "episodes_per_s": round(produced / elapsed, 1),
         "steady_episodes_per_s": round(steady_rate(progress, args.episodes), 1),
         "cpu_ms_per_episode": round(cpu_s / max(1, trainer.consumed) * 1e3, 3),
-        "admission_p50_ms": round(_percentile(lat, 0.5) * 1e3, 3),
-        "admission_p99_ms": round(_percentile(lat, 0.99) * 1e3, 3),
+        "admission_p50_ms": _percentile(lat, 0.5, 1e3), "admission_p99_ms": _percentile(lat, 0.99, 1e3),
         "rss_per_inflight_kib": round(statistics.median(per_ep) / 1024, 2),
         "rss_base_mib": round(base_rss / 2**20, 1), "rss_peak_mib": max((p["rss_mib"] for p in progress), default=0),
         "max_in_flight": max((p["in_flight"] for p in progress), default=0),
         "produced": produced, "episodes_lost": s["rejected"], "rejected_by_reason": s["rejected_by_reason"],
         "unaccounted": args.episodes - produced - s["rejected"],
         "dropped_stale": s["dropped_stale"], "requeued_stale": s["requeued_stale"], "consumed": trainer.consumed,
-        "steps": trainer.steps, "weight_update_p50_s": round(_percentile(trainer.update_s, 0.5), 3),
+        "steps": trainer.steps, "weight_update_p50_s": _percentile(trainer.update_s, 0.5),
         "kills": fleet.stats.kills, "restarts": fleet.stats.restarts,
         "requests": fleet.stats.requests, "requests_dropped_by_kill": fleet.stats.dropped_by_kill,
         "requests_aborted_by_pause": fleet.stats.aborted_by_pause,
@@ -397,7 +402,8 @@ def _cell_cmd(args: argparse.Namespace, episodes: int, concurrency: int) -> list
     return [sys.executable, __file__, "--episodes", str(episodes), "--concurrency", str(concurrency),
             "--servers", str(args.servers), "--buffer-groups", str(args.buffer_groups),
             "--batch", str(min(args.batch, max(64, concurrency))), "--offered-rate", str(args.offered_rate),
-            "--latency-cap", str(args.latency_cap), "--kill-every-s", str(args.kill_every_s), "--seed", str(args.seed)]
+            "--latency-cap", str(args.latency_cap), "--server-mtbf", str(args.server_mtbf), "--down", str(args.down),
+            "--seed", str(args.seed)]
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -471,8 +477,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--median-latency-s", type=float, default=None, help="override the median generation time")
     p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the generation time")
     p.add_argument("--latency-cap", type=float, default=8.0, help="longest generation, in medians")
-    p.add_argument("--kill-every-s", type=float, default=1.0, help="mean seconds between kills (0 = none)")
-    p.add_argument("--down-s", type=float, default=1.0, help="mean seconds a killed server stays down")
+    p.add_argument("--server-mtbf", type=float, default=16.0,
+                   help="mean time between failures of one server, in median generation times (0 = no kills)")
+    p.add_argument("--down", type=float, default=1.0, help="mean time a killed server stays down, in medians")
+    p.add_argument("--kill-every-s", type=float, default=None, help="seconds between kills (overrides --server-mtbf)")
+    p.add_argument("--down-s", type=float, default=None, help="seconds a killed server stays down (overrides --down)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="run the growth table in subprocesses and plot it")
     p.add_argument("--sweep-max-episodes", type=int, default=1_000_000)
@@ -481,6 +490,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.median_latency_s is None:  # concurrency / mean latency = offered rate
         args.median_latency_s = args.concurrency / (args.offered_rate * math.exp(args.sigma**2 / 2))
+    if args.kill_every_s is None:  # one kill per server per `server_mtbf` medians, spread over the fleet
+        args.kill_every_s = args.server_mtbf * args.median_latency_s / args.servers
+    if args.down_s is None:
+        args.down_s = args.down * args.median_latency_s
     return args
 
 
