@@ -92,7 +92,8 @@ class SimFleet:
     """``n`` SGLang-shaped servers behind one MockTransport handler, keyed by host name.
 
     A generation takes a log-normal time (``median_s``, ``sigma``) cut at ``cap`` x the median
-    (real generations end at ``max_new_tokens``).
+    (real generations end at ``max_new_tokens``); a resumed one (prompt + tokens so far, after an
+    abort) takes the same draw scaled by the fraction of tokens left.
     """
 
     def __init__(self, n: int, median_s: float, sigma: float, cap: float, seed: int) -> None:
@@ -142,7 +143,8 @@ class SimFleet:
             return _gen_response([], version, "abort")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str] = loop.create_future()
-        lat = self.latency()
+        done_before = len(body["input_ids"]) - len(PROMPT)  # a resumed request: tokens already generated
+        lat = self.latency() * want / (want + done_before)  # decoding time is proportional to the tokens left
         start = loop.time()
         handle = loop.call_later(lat, _resolve, fut, "done")
         s.inflight[fut] = (start, lat)
