@@ -409,7 +409,10 @@ def _cell_cmd(args: argparse.Namespace, episodes: int, concurrency: int) -> list
 
 
 def sweep(args: argparse.Namespace) -> None:
-    """Each configuration in a fresh process (clean RSS); summaries to ``out/scale.jsonl``; the plot."""
+    """Each configuration in a fresh process (clean RSS); summaries to ``out/scale.jsonl``; the plot.
+
+    Cells already in ``out/scale.jsonl`` are not run again (run it again to redraw the plot only).
+    """
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in (out / "scale.jsonl").read_text().splitlines()] \
@@ -449,6 +452,8 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
         for ax, (ylabel, keys) in zip(row_axes, panels, strict=True):
             for label, key in keys:
                 ax.plot(xs, [r[key] for r in rs], "o-", label=label)
+            if ylabel == panels[0][0] and rs:
+                ax.axhline(rs[0]["offered_rate"], ls="--", color="gray", label="offered rate")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
