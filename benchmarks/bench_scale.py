@@ -92,7 +92,8 @@ class SimFleet:
     """``n`` SGLang-shaped servers behind one MockTransport handler, keyed by host name.
 
     A generation takes a log-normal time (``median_s``, ``sigma``) cut at ``cap`` x the median
-    (real generations end at ``max_new_tokens``).
+    (real generations end at ``max_new_tokens``); a resumed one (prompt + tokens so far, after an
+    abort) takes the same draw scaled by the fraction of tokens left.
     """
 
     def __init__(self, n: int, median_s: float, sigma: float, cap: float, seed: int) -> None:
@@ -142,7 +143,8 @@ class SimFleet:
             return _gen_response([], version, "abort")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str] = loop.create_future()
-        lat = self.latency()
+        done_before = len(body["input_ids"]) - len(PROMPT)  # a resumed request: tokens already generated
+        lat = self.latency() * want / (want + done_before)  # decoding time is proportional to the tokens left
         start = loop.time()
         handle = loop.call_later(lat, _resolve, fut, "done")
         s.inflight[fut] = (start, lat)
@@ -407,7 +409,10 @@ def _cell_cmd(args: argparse.Namespace, episodes: int, concurrency: int) -> list
 
 
 def sweep(args: argparse.Namespace) -> None:
-    """Each configuration in a fresh process (clean RSS); summaries to ``out/scale.jsonl``; the plot."""
+    """Each configuration in a fresh process (clean RSS); summaries to ``out/scale.jsonl``; the plot.
+
+    Cells already in ``out/scale.jsonl`` are not run again (run it again to redraw the plot only).
+    """
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in (out / "scale.jsonl").read_text().splitlines()] \
@@ -447,6 +452,8 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
         for ax, (ylabel, keys) in zip(row_axes, panels, strict=True):
             for label, key in keys:
                 ax.plot(xs, [r[key] for r in rs], "o-", label=label)
+            if ylabel == panels[0][0] and rs:
+                ax.axhline(rs[0]["offered_rate"], ls="--", color="gray", label="offered rate")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
