@@ -1,10 +1,11 @@
 """Thread-safe hand-off of accepted trajectories from the event loop to the trainer.
 
-``put`` runs on the event loop and applies back-pressure (it awaits while the buffer is full).
-``get_batch`` runs on any thread (the trainer's) and blocks on a condition; ``aget_batch`` is the
-same on the loop. Both check staleness at consume time: an item whose oldest policy token is more
-than ``max_staleness`` versions old is dropped, requeued or kept according to the configured
-policy. Nothing here polls: waiters sleep on conditions notified by put, take and version bumps.
+``put`` runs on the event loop and applies back-pressure (it awaits while the buffer is full, up to
+an optional deadline). ``get_batch`` / ``get_groups`` run on any thread (the trainer's) and block on
+a condition; ``aget_batch`` is the same on the loop. Consumers take the group with the oldest policy
+tokens first and check staleness at consume time: a group whose oldest policy token is more than
+``max_staleness`` versions old is dropped, requeued or kept according to the configured policy.
+Nothing here polls: waiters sleep on conditions or futures woken by put, take and version bumps.
 After :meth:`fail` a consumer that would wait raises the failure instead; buffered groups stay.
 
 A consumer may pass a ``group_filter`` (e.g. dynamic sampling, ``agentflow.algo.group_filter``):
@@ -12,16 +13,23 @@ a fresh-enough group it rejects leaves the buffer like a stale-dropped one (``on
 "filter")``: the executor gives its staleness slot back, so another item can start) and the
 consumer keeps waiting for ``n`` groups that pass.
 
-Not here: prioritised or multi-epoch replay (an item is consumed once).
+Cost: groups sit in buckets keyed by their oldest token version (a dict of FIFO deques plus a
+min-heap of the versions present), so ``put`` and taking one group cost O(1), or O(log k) when a
+bucket appears or empties (k = distinct versions buffered, a handful in practice), whatever the
+buffer holds. A full buffer wakes exactly as many waiting producers as slots were freed.
+
+Not here: prioritised or multi-epoch replay (a group is consumed once), the staleness budget
+(``_staleness.py``), running episodes (``_executor.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +50,8 @@ class Group:
     workflow: Any = None
     requeues: int = 0
     min_version: int | None = field(init=False, default=None)
+    # Bucket the buffer files the group under: min_version, or the buffer's version when it arrived.
+    order_key: int = field(init=False, default=0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         vs = [v for t in self.trajectories if (v := t.min_version) is not None]
@@ -69,8 +79,59 @@ DiscardCallback = Callable[[Group, str], None]
 GroupFilter = Callable[[Group], bool]
 
 
+class _Buckets:
+    """Groups in FIFO deques keyed by version, plus a min-heap of the keys that hold groups.
+
+    The heap holds exactly the keys of the non-empty deques, so the oldest group is
+    ``by_key[heap[0]][0]``. Not thread-safe: the buffer's lock guards it.
+    """
+
+    __slots__ = ("_by_key", "_heap", "_n")
+
+    def __init__(self) -> None:
+        self._by_key: dict[int, deque[Group]] = {}
+        self._heap: list[int] = []
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _bucket(self, key: int) -> deque[Group]:
+        bucket = self._by_key.get(key)
+        if bucket is None:
+            bucket = self._by_key[key] = deque()
+            heapq.heappush(self._heap, key)
+        return bucket
+
+    def push(self, group: Group) -> None:
+        """Add ``group`` behind the groups of its version."""
+        self._bucket(group.order_key).append(group)
+        self._n += 1
+
+    def push_front(self, group: Group) -> None:
+        """Give back a group just taken: it goes in front of the groups of its version."""
+        self._bucket(group.order_key).appendleft(group)
+        self._n += 1
+
+    def pop_oldest(self) -> Group:
+        """Remove and return the first group of the oldest version (the caller checks ``len``)."""
+        key = self._heap[0]
+        bucket = self._by_key[key]
+        group = bucket.popleft()
+        if not bucket:
+            del self._by_key[key]
+            heapq.heappop(self._heap)
+        self._n -= 1
+        return group
+
+    def __iter__(self) -> Iterator[Group]:
+        """Every group in consumption order (O(n + k log k): for checkpoints, not the hot path)."""
+        for key in sorted(self._by_key):
+            yield from self._by_key[key]
+
+
 class ReplayBuffer:
-    """FIFO of accepted groups shared by the event loop (producer) and the trainer (consumer)."""
+    """Accepted groups shared by the event loop (producer) and the trainer (consumer), oldest first."""
 
     def __init__(self, config: RolloutConfig | None = None) -> None:
         cfg = config or RolloutConfig()
@@ -80,32 +141,87 @@ class ReplayBuffer:
         self.max_requeues = cfg.max_requeues
         self.stats = BufferStats()
         self.on_discard: DiscardCallback | None = None
-        self._groups: deque[Group] = deque()
+        self._groups = _Buckets()
         self._version = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # trainer-thread waiters
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_waiters = Wakeup()  # loop-side waiters (put space, aget_batch)
+        self._loop_waiters = Wakeup()  # loop-side consumers (aget_batch)
+        self._space_waiters: deque[asyncio.Future[None]] = deque()  # producers waiting for room, FIFO
         self._failure: BaseException | None = None  # set by fail(): raised instead of waiting
 
     # ------------------------------------------------------------------ producer (event loop)
-    async def put(self, group: Group) -> None:
-        """Add a group; waits while the buffer holds ``maxsize`` groups."""
+    async def put(self, group: Group, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Add a group; waits while the buffer holds ``maxsize`` groups.
+
+        ``timeout`` (seconds, None = no deadline) bounds the wait for space: past it ``TimeoutError``
+        is raised and the group is not added. Waiting producers are served first come, first served.
+        """
         self._loop = asyncio.get_running_loop()
+        if self._try_put(group):
+            return
+        deadline = None if timeout is None else self._loop.time() + timeout
+        first = True
         while True:
-            with self._lock:
-                if len(self._groups) < self.maxsize:
-                    self._groups.append(group)
-                    self.stats.put += 1
-                    self._cond.notify_all()
-                    break
-            await self._wait_on_loop()
-        self._wake_loop_waiters()
+            fut: asyncio.Future[None] = self._loop.create_future()
+            if first:
+                self._space_waiters.append(fut)
+            else:  # woken, but a newcomer took the slot: keep this producer's place at the front
+                self._space_waiters.appendleft(fut)
+            first = False
+            try:
+                left = None if deadline is None else max(0.0, deadline - self._loop.time())
+                async with asyncio.timeout(left):
+                    await fut
+            except TimeoutError:
+                self._pass_on_grant(fut)
+                raise TimeoutError(
+                    f"waited {timeout} s for space in the replay buffer: it holds rollout.buffer_size="
+                    f"{self.maxsize} groups and no consumer took any. Consume faster (get_batch / wait), "
+                    "raise rollout.buffer_size, or submit fewer items ahead of the trainer."
+                ) from None
+            except BaseException:
+                self._pass_on_grant(fut)
+                raise
+            if self._try_put(group):
+                return
+
+    def _try_put(self, group: Group) -> bool:
+        with self._lock:
+            if len(self._groups) >= self.maxsize:
+                return False
+            self._add(group)
+            self.stats.put += 1
+            self._cond.notify_all()
+        if self._loop_waiters:
+            self._loop_waiters.wake_all()
+        return True
+
+    def _add(self, group: Group) -> None:
+        """File ``group`` by its oldest version (groups without policy tokens: the current version)."""
+        group.order_key = self._version if group.min_version is None else group.min_version
+        self._groups.push(group)
+
+    def _pass_on_grant(self, fut: asyncio.Future[None]) -> None:
+        """A waiting producer gave up; if it had been granted a slot, hand the slot to the next one."""
+        if fut.done() and not fut.cancelled():
+            self._grant_space()
+
+    def _grant_space(self) -> None:
+        """On the loop: wake one waiting producer per free slot (woken ones re-check under the lock)."""
+        with self._lock:
+            free = self.maxsize - len(self._groups)
+        waiters = self._space_waiters
+        while free > 0 and waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                free -= 1
 
     def put_nowait(self, group: Group) -> None:
         """Add a group ignoring ``maxsize`` (used when restoring a checkpoint)."""
         with self._lock:
-            self._groups.append(group)
+            self._add(group)
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ consumers
@@ -118,7 +234,6 @@ class ReplayBuffer:
         Call from any thread but the event loop's (use :meth:`aget_batch` there). On timeout the
         groups taken so far go back to the front and ``TimeoutError`` is raised: nothing is lost.
         The same holds when the producer has failed (:meth:`fail`): its error is raised instead of waiting.
-        ``group_filter`` drops the groups it rejects (module docstring).
         """
         groups = self.get_groups(n, timeout, version=version, group_filter=group_filter)
         return [t for g in groups for t in g.trajectories]
@@ -129,43 +244,36 @@ class ReplayBuffer:
     ) -> list[Group]:
         """:meth:`get_batch`, returning the groups (with the data they were generated from).
 
-        Groups discarded while taking (stale or filtered) are handed to ``on_discard`` before the
-        consumer waits, not only when it returns: their slots must free up for the replacements
-        this very call is waiting for (with ``max_staleness=0`` nothing else could start).
+        ``group_filter`` drops the groups it rejects (module docstring). Groups discarded while
+        taking (stale or filtered) are handed to ``on_discard`` before the consumer waits, not only
+        when it returns: their slots must free up for the replacements this very call is waiting
+        for (with ``max_staleness=0`` nothing else could start).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         taken: list[Group] = []
         discarded: list[tuple[Group, str]] = []
         n_filtered = 0
-        with self._cond:
-            while len(taken) < n:
-                if not self._groups:
+        try:
+            with self._cond:
+                while len(taken) < n:
+                    if self._groups:
+                        self._take_one(taken, discarded, version, group_filter)
+                        continue
                     n_filtered += sum(1 for _, why in discarded if why == "filter")
                     self._after_take(discarded)
                     discarded = []
                     left = None if deadline is None else deadline - time.monotonic()
-                    if self._failure is not None or (left is not None and left <= 0):
-                        ready = len(taken)
-                        self._give_back_taken(taken)
-                        if self._failure is not None:
-                            raise self._failure
-                        raise TimeoutError(self._timeout_message(n, timeout, ready, n_filtered))
+                    if self._failure is not None:
+                        raise self._failure
+                    if left is not None and left <= 0:
+                        raise TimeoutError(self._timeout_message(n, timeout, len(taken), n_filtered))
                     self._cond.wait(left)
-                    continue
-                try:
-                    self._take_one(taken, discarded, version, group_filter)
-                except BaseException:  # the filter raised: nothing taken is lost
-                    self._give_back_taken(taken)
-                    self._after_take(discarded)
-                    raise
-        self._after_take(discarded)
+        except BaseException:
+            self._give_back(taken)
+            raise
+        finally:
+            self._after_take(discarded)
         return taken
-
-    def _give_back_taken(self, taken: list[Group]) -> None:
-        """Put groups a consumer took back at the front (it timed out or failed). Caller holds the lock."""
-        self._groups.extendleft(reversed(taken))
-        taken.clear()
-        self._cond.notify_all()
 
     @staticmethod
     def _timeout_message(n: int, timeout: float | None, ready: int, filtered: int) -> str:
@@ -175,8 +283,18 @@ class ReplayBuffer:
         return (f"get_batch({n}) timed out after {timeout}s with {ready} group(s) ready{note}; they stay "
                 "in the buffer. Raise the timeout or check that rollouts are running.")
 
-    async def aget_batch(self, n: int, *, version: int | None = None) -> list[Trajectory]:
-        """:meth:`get_batch` for the event loop. Wrap it in ``asyncio.timeout`` for a deadline."""
+    async def aget_batch(self, n: int, *, version: int | None = None,
+                         check: Callable[[int], None] | None = None) -> list[Trajectory]:
+        """:meth:`get_batch` for the event loop. Wrap it in ``asyncio.timeout`` for a deadline.
+
+        ``check(missing)`` runs before each sleep with the number of groups still missing; it raises
+        to stop a wait that cannot end (the executor names the bound that blocks it).
+        """
+        return [t for g in await self.aget_groups(n, version=version, check=check) for t in g.trajectories]
+
+    async def aget_groups(self, n: int, *, version: int | None = None,
+                          check: Callable[[int], None] | None = None) -> list[Group]:
+        """:meth:`aget_batch`, returning the groups."""
         self._loop = asyncio.get_running_loop()
         taken: list[Group] = []
         try:
@@ -189,13 +307,22 @@ class ReplayBuffer:
                 if len(taken) < n:
                     if self._failure is not None:
                         raise self._failure
-                    await self._wait_on_loop()
+                    if check is not None:
+                        check(n - len(taken))
+                    await self._loop_waiters.wait()
         except BaseException:
-            with self._lock:  # cancelled or timed out: nothing taken is lost
-                self._groups.extendleft(reversed(taken))
-                self._cond.notify_all()
+            self._give_back(taken)  # cancelled, timed out or stopped: nothing taken is lost
             raise
-        return [t for g in taken for t in g.trajectories]
+        return taken
+
+    def _give_back(self, taken: list[Group]) -> None:
+        if not taken:
+            return
+        with self._cond:
+            for group in reversed(taken):
+                self._groups.push_front(group)
+            self._cond.notify_all()
+        taken.clear()
 
     def _take_one(self, taken: list[Group], discarded: list[tuple[Group, str]], version: int | None,
                   group_filter: GroupFilter | None = None) -> None:
@@ -204,7 +331,7 @@ class ReplayBuffer:
         Oldest-first (not arrival order) keeps slow episodes from aging past the bound while
         fresher ones overtake them. Caller holds the lock.
         """
-        group = self._pop_oldest()
+        group = self._groups.pop_oldest()
         v = self._version if version is None else version
         mv = group.min_version
         lag = 0 if mv is None else v - mv
@@ -230,27 +357,18 @@ class ReplayBuffer:
         try:
             return bool(group_filter(group))
         except BaseException:
-            self._groups.appendleft(group)  # a failing filter loses nothing
+            self._groups.push_front(group)  # a failing filter loses nothing
             raise
 
-    def _pop_oldest(self) -> Group:
-        groups = self._groups
-        best, best_v = 0, groups[0].min_version
-        if best_v is not None:
-            for i, g in enumerate(groups):
-                if g.min_version is not None and g.min_version < best_v:
-                    best, best_v = i, g.min_version
-        if best == 0:
-            return groups.popleft()
-        group = groups[best]
-        del groups[best]
-        return group
-
     def _after_take(self, discarded: list[tuple[Group, str]]) -> None:
-        """Space was freed: wake the producer; hand discarded groups to the executor (on the loop)."""
+        """Space was freed: wake producers; hand discarded groups to the executor (on the loop)."""
         for group, why in discarded:
             self._call_on_loop(self._discard, group, why)
-        self._call_on_loop(self._wake_loop_waiters)
+        self._call_on_loop(self._wake_after_take)
+
+    def _wake_after_take(self) -> None:
+        self._grant_space()
+        self._loop_waiters.wake_all()
 
     def _discard(self, group: Group, why: str) -> None:
         if self.on_discard is not None:
@@ -265,20 +383,18 @@ class ReplayBuffer:
         with self._cond:
             self._failure = error
             self._cond.notify_all()
-        self._call_on_loop(self._wake_loop_waiters)
+        self._call_on_loop(self._loop_waiters.wake_all)
 
     @property
     def failure(self) -> BaseException | None:
         """The error passed to :meth:`fail`, if any."""
         return self._failure
 
-    # ------------------------------------------------------------------ loop wake-ups
-    async def _wait_on_loop(self) -> None:
-        await self._loop_waiters.wait()
-
-    def _wake_loop_waiters(self) -> None:
+    def wake_consumers(self) -> None:
+        """On the loop: make waiting loop-side consumers re-check (the executor's state changed)."""
         self._loop_waiters.wake_all()
 
+    # ------------------------------------------------------------------ loop wake-ups
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -304,11 +420,11 @@ class ReplayBuffer:
         return self._version
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._groups)
+        return len(self._groups)
 
     def state_dict(self) -> dict[str, Any]:
-        """Buffered groups as plain data (workflows are not saved; pass one to ``load_state_dict``)."""
+        """Buffered groups as plain data, in consumption order (workflows are not saved; pass one to
+        ``load_state_dict``)."""
         with self._lock:
             groups = [
                 {"group_id": g.group_id, "data": g.data, "requeues": g.requeues,
@@ -318,8 +434,8 @@ class ReplayBuffer:
             return {"version": self._version, "groups": groups}
 
     def load_state_dict(self, state: dict[str, Any], workflow: Any = None) -> None:
-        """Restore buffered groups (appended after any already here)."""
+        """Restore buffered groups (added to any already here) and the version."""
+        self.set_version(state["version"])
         for g in state["groups"]:
             trajs = [Trajectory.from_dict(t) for t in g["trajectories"]]
             self.put_nowait(Group(g["group_id"], trajs, g["data"], workflow, g["requeues"]))
-        self.set_version(state["version"])

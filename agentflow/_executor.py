@@ -4,7 +4,23 @@ Each submitted item is one admission unit: ``episodes_per_item`` calls of ``work
 data)`` whose trajectories form one group (one ``group_id``). Items wait in a FIFO queue and
 start the moment the staleness manager grants capacity: admission is a synchronous call made when
 a slot frees (episode end, version bump, resume, give-back), so there is no dispatcher task and
-no polling.
+no polling. Per episode the bookkeeping is O(1) (dict and deque operations, one task).
+
+Two ways in:
+
+- ``submit`` + ``wait`` / the trainer's ``get_groups``: items run under the staleness budget and
+  their groups go through the replay buffer (training data).
+- ``rollout(items)``: items run under ``max_concurrent`` only and their groups go straight back to
+  the caller, never through the buffer. The caller holds every trajectory the moment the call
+  returns, so nothing waits to be trained on and the staleness budget has nothing to bound;
+  ``buffer_size`` does not apply either. This is evaluation, or a synchronous loop.
+
+No silent waits: ``wait`` and ``rollout`` raise at once, naming the bound and how to change it,
+when what they ask for cannot arrive without an outside action (a version bump for the staleness
+budget, ``resume()`` for an engine paused outside a weight update, entering the engine). Every
+item that ends without trajectories has a counted reason: the workflow's failure, ``timeout``,
+``cancelled``, or "timed out waiting for buffer space" (``put`` waits at most
+``rollout.episode_timeout_s`` for room in a full buffer).
 
 Failure policy: a workflow that raises, times out, returns ``None`` or returns something that is
 not a trajectory is a *rejected* sample with a counted reason; an item with no accepted sample is
@@ -12,9 +28,10 @@ a rejected item and gives its slot back. Only bugs in the executor itself propag
 the task group). Exiting the ``async with`` block cancels every running episode.
 
 Fail fast: ``rollout.max_consecutive_rejections`` rejected items in a row (no accepted one between
-them) put the executor in a failed state: it admits nothing more and hands one ``WorkflowError``
-quoting the last reasons to the buffer, so every consumer that would wait for trajectories raises
-it at once instead of waiting out its timeout. Buffered groups and queued items stay (checkpointable).
+them; cancellations do not count) put the executor in a failed state: it admits nothing more and
+hands one ``WorkflowError`` quoting the last reasons to the buffer, so every consumer that would
+wait for trajectories raises it at once instead of waiting out its timeout. Buffered groups and
+queued items stay (checkpointable).
 
 Not here: generation (engines), training (the trainer thread), persistence (checkpoints save
 :meth:`pending` and the buffer's state).
@@ -37,17 +54,24 @@ from agentflow._rollout_config import RolloutConfig
 from agentflow._staleness import StalenessManager
 from agentflow._types import Trajectory
 from agentflow._wakeup import Wakeup
-from agentflow.errors import AgentflowError, WorkflowError
+from agentflow.errors import AgentflowError, EngineError, WorkflowError
 
 if TYPE_CHECKING:
     from agentflow._engine_api import InferenceEngine, RolloutWorkflow
 
-__all__ = ["WorkflowExecutor"]
+__all__ = ["BUFFER_FULL", "CANCELLED", "RolloutBlocked", "WorkflowExecutor"]
 
 log = logging.getLogger("agentflow.executor")
 _MAX_LOGGED_FAILURES = 20
 _QUOTED_REASONS = 3  # distinct rejection reasons quoted by the consecutive-rejections error
 _MAX_REASON_CHARS = 300
+CANCELLED = "cancelled"  # reason of an item whose episode (or rollout() call) was cancelled
+BUFFER_FULL = "timed out waiting for buffer space"  # reason of an item whose put hit its deadline
+
+
+class RolloutBlocked(EngineError):
+    """``wait`` / ``rollout`` asked for trajectories that cannot arrive without an outside action
+    (a version bump, ``resume()``, entering the engine). The message names the bound and the fix."""
 
 
 @dataclass(slots=True)
@@ -56,7 +80,8 @@ class _Item:
     workflow: Any
     group_id: str
     requeues: int = 0
-    done: asyncio.Future[bool] | None = None  # set by rollout(): resolves to accepted?
+    done: asyncio.Future[Group | None] | None = None  # set by rollout(): the group, or None if rejected
+    direct: bool = False  # a rollout() item: no staleness budget, no buffer
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
@@ -77,10 +102,12 @@ class WorkflowExecutor:
             max_concurrent=config.max_concurrent,
             batch_size=config.consumer_batch_size,
         )
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[_Item] = deque()  # submitted items (staleness budget, buffer)
+        self._direct: deque[_Item] = deque()  # rollout() items (concurrency slots only)
         self._running: dict[asyncio.Task[None], _Item] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._paused = False
+        self._pause_is_update = False  # paused by a weight update (it resumes by itself)
         self._n_failures_logged = 0
         self._ids = itertools.count()
         self._run_prefix = uuid.uuid4().hex[:8]
@@ -105,15 +132,17 @@ class WorkflowExecutor:
             return
         for task in list(self._running):
             task.cancel()
-        await tg.__aexit__(*exc)  # type: ignore[arg-type]  # TaskGroup accepts exc_info triples
+        try:
+            await tg.__aexit__(*exc)  # type: ignore[arg-type]  # TaskGroup accepts exc_info triples
+        finally:
+            self._drop_direct(list(self._direct), EngineError(
+                "the engine exited before these rollout() items could start; keep `async with engine:` "
+                "open until rollout() returns"))
 
     # ------------------------------------------------------------------ submission API
     def submit(self, data: Any, workflow: RolloutWorkflow, *, group_id: str | None = None) -> str:
         """Queue one item; it starts as soon as capacity allows. Returns its group id."""
-        if not callable(getattr(workflow, "arun_episode", None)):
-            raise WorkflowError(
-                f"expected a workflow with `async def arun_episode(engine, data)`, got {type(workflow).__name__}"
-            )
+        _check_workflow(workflow)
         item = _Item(data, workflow, group_id or f"{self._run_prefix}-{next(self._ids)}")
         self._enqueue(item)
         return item.group_id
@@ -122,29 +151,45 @@ class WorkflowExecutor:
         """Await ``count`` accepted items from the buffer; return their trajectories.
 
         Same meaning as the seed API's ``wait`` (a coroutine here). ``timeout`` (seconds) raises
-        ``TimeoutError`` and leaves the buffer untouched.
+        ``TimeoutError`` and leaves the buffer untouched. Raises :class:`RolloutBlocked` at once
+        (and later, the moment it becomes true) when ``count`` items cannot arrive before the
+        policy version moves, or when the engine is paused outside a weight update.
         """
-        async with asyncio.timeout(timeout):
-            return await self.buffer.aget_batch(count, version=self.staleness.version)
+        if count > len(self.buffer):
+            self._check_ready(f"wait({count})")
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.buffer.aget_batch(
+                    count, version=self.staleness.version, check=lambda missing: self._check_wait(count, missing))
+        except TimeoutError as e:
+            raise TimeoutError(f"wait({count}) timed out after {timeout} s; {self._state_line()}") from e
 
     async def rollout(self, data: Sequence[Any], workflow: RolloutWorkflow) -> list[Trajectory]:
-        """Submit every item, wait until each is accepted or rejected, return the accepted ones.
+        """Run every item and return the trajectories of the accepted ones, in the order of ``data``.
 
-        Meant for synchronous use (evaluation, eta = 0 loops): it takes as many items from the
-        buffer as it saw accepted, so run it while nothing else is being submitted.
+        The items take ``max_concurrent`` slots but no staleness budget and never enter the replay
+        buffer (their trajectories come straight back), so any number of them completes: for
+        evaluation or a synchronous loop. Raises :class:`RolloutBlocked` at once if the engine is
+        not entered or is paused outside a weight update. Cancelling the call cancels its items
+        (counted as ``"cancelled"``).
         """
+        _check_workflow(workflow)
+        self._check_ready(f"rollout({len(data)} items)")
+        loop = asyncio.get_running_loop()
+        items = [_Item(d, workflow, f"{self._run_prefix}-{next(self._ids)}", done=loop.create_future(),
+                       direct=True) for d in data]
+        for item in items:
+            self.staleness.on_submit()
+            self._direct.append(item)
+        self._admit()
+        try:
+            groups = [await item.done for item in items if item.done is not None]
+        except BaseException:
+            self._cancel_items(items)
+            raise
         if self._failure is not None:
             raise self._failure
-        loop = asyncio.get_running_loop()
-        items = []
-        for d in data:
-            item = _Item(d, workflow, f"{self._run_prefix}-{next(self._ids)}", done=loop.create_future())
-            self._enqueue(item)
-            items.append(item)
-        accepted = [await item.done for item in items if item.done is not None]
-        if self._failure is not None:  # the accepted groups stay in the buffer
-            raise self._failure
-        return await self.buffer.aget_batch(sum(accepted), version=self.staleness.version)
+        return [t for g in groups if g is not None for t in g.trajectories]
 
     async def wait_for_room(self, max_queued: int) -> None:
         """Return once fewer than ``max_queued`` items wait in the queue (for data feeders).
@@ -154,13 +199,20 @@ class WorkflowExecutor:
         while len(self._queue) >= max_queued:
             await self._room.wait()
 
-    def pause(self) -> None:
-        """Stop admitting new items (running ones continue; engines interrupt generation)."""
+    def pause(self, *, by_update: bool = False) -> None:
+        """Stop admitting new items (running ones continue; engines interrupt generation).
+
+        ``by_update``: the pause belongs to a weight update, which resumes by itself, so waiting
+        consumers keep waiting; after any other pause ``wait``/``rollout`` raise until ``resume``.
+        """
         self._paused = True
+        self._pause_is_update = by_update
 
     def resume(self) -> None:
         self._paused = False
+        self._pause_is_update = False
         self._admit()
+        self.buffer.wake_consumers()  # a wait() that let a weight update pass re-checks its bound
 
     @property
     def paused(self) -> bool:
@@ -186,27 +238,72 @@ class WorkflowExecutor:
     # ------------------------------------------------------------------ views
     @property
     def n_queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._direct)
 
     @property
     def n_running(self) -> int:
-        return self.staleness.running
+        return self.staleness.running + self.staleness.running_direct
 
     def pending(self) -> list[dict[str, Any]]:
-        """Items submitted but not yet accepted or rejected (for lossless checkpoints)."""
-        items = [*self._running.values(), *self._queue]
+        """Submitted items not yet accepted or rejected (for lossless checkpoints). Items of a
+        ``rollout()`` call are left out: they belong to a caller that does not survive a restart."""
+        items = [i for i in self._running.values() if not i.direct] + list(self._queue)
         return [{"group_id": i.group_id, "data": i.data, "requeues": i.requeues} for i in items]
 
     def stats(self) -> dict[str, Any]:
         s, b = self.staleness.stats, self.buffer.stats
         return {
             "version": self.staleness.version,
-            "submitted": s.submitted, "queued": len(self._queue), "running": self.staleness.running,
-            "accepted": s.accepted, "rejected": s.n_rejected, "rejected_by_reason": dict(s.rejected),
+            "submitted": s.submitted, "queued": self.n_queued, "running": self.n_running,
+            "accepted": s.accepted, "returned": s.returned, "rejected": s.n_rejected,
+            "rejected_by_reason": dict(s.rejected),
             "buffered": len(self.buffer), "consumed": b.consumed, "dropped_stale": b.dropped,
             "requeued_stale": b.requeued, "kept_stale": b.kept_stale, "staleness_hist": dict(b.staleness),
             "filtered": b.filtered, "filtered_episodes": b.filtered_episodes,
         }
+
+    def _state_line(self) -> str:
+        st = self.staleness
+        return (f"{len(self.buffer)} group(s) buffered, {st.running} running and {len(self._queue)} queued under "
+                f"the staleness budget (version {st.version}, {st.accepted} accepted of the "
+                f"{st.limit} it allows), {st.running_direct} rollout() item(s) running, paused={self._paused}")
+
+    # ------------------------------------------------------------------ no silent waits
+    def _check_ready(self, what: str) -> None:
+        """Raise at once if nothing can start: failed, not entered, or paused outside a weight update."""
+        if self._failure is not None:
+            raise self._failure
+        if self._tg is None:
+            raise RolloutBlocked(
+                f"{what} would wait forever: the engine's rollout is not running (expected `async with engine:` "
+                "or `async with Rollout(engine, cfg):` around the call; the engine was not entered or has exited)")
+        if self._paused and not self._pause_is_update:
+            raise RolloutBlocked(
+                f"{what} would wait forever: the engine is paused (engine.pause() was called and engine.resume() "
+                "was not), so no item starts. Call `await engine.resume()` first.")
+
+    def _check_wait(self, count: int, missing: int) -> None:
+        """Raise if ``missing`` more groups cannot reach the buffer before the version moves.
+
+        Not during a weight update: it is about to move the version (``resume`` wakes the waiter).
+        """
+        if self._paused and self._pause_is_update:
+            return
+        st = self.staleness
+        can_arrive = st.deliverable()
+        if missing <= can_arrive:
+            return
+        got = count - missing
+        eta, v, b = st.max_staleness, st.version, st.batch_size
+        raise RolloutBlocked(
+            f"wait({count}) cannot finish at policy version {v}: the staleness bound lets "
+            f"(max_staleness + version + 1) * consumer_batch_size = ({eta} + {v} + 1) * {b} = {st.limit} items be "
+            f"accepted before the version moves and {st.accepted} already were, so at most {can_arrive} more can "
+            f"arrive ({got} taken by this call, {missing} missing). To fix: wait for at most the capacity at a time "
+            "and move the version between waits (train on them, then Rollout.update_weights or engine.set_version), "
+            "raise rollout.max_staleness or rollout.consumer_batch_size, or call engine.rollout(items, workflow), "
+            "which returns its items' trajectories outside the staleness budget."
+        )
 
     # ------------------------------------------------------------------ admission
     def _enqueue(self, item: _Item) -> None:
@@ -215,16 +312,24 @@ class WorkflowExecutor:
         self._admit()
 
     def _admit(self, freed_at: float | None = None) -> None:
-        if self._tg is None or self._paused or self._failure is not None or not self._queue:
+        if self._tg is None or self._paused or self._failure is not None:
             return
-        n = min(self.staleness.capacity(), len(self._queue))
+        st = self.staleness
+        while self._direct and st.free_slots() > 0:
+            self._start(self._direct.popleft(), freed_at)
+        if not self._queue:
+            return
+        n = min(st.capacity(), len(self._queue))
         for _ in range(n):
-            item = self._queue.popleft()
-            self.staleness.on_start()
-            task = self._tg.create_task(self._run_item(item, freed_at))
-            self._running[task] = item
+            self._start(self._queue.popleft(), freed_at)
         if n and self._room:
             self._room.wake_all()
+
+    def _start(self, item: _Item, freed_at: float | None) -> None:
+        assert self._tg is not None
+        self.staleness.on_start(direct=item.direct)
+        task = self._tg.create_task(self._run_item(item, freed_at))
+        self._running[task] = item
 
     def _on_discard(self, group: Group, why: str) -> None:
         """The buffer dropped (stale, or rejected by a consumer's group filter) or requeued an
@@ -236,36 +341,79 @@ class WorkflowExecutor:
         else:
             self._admit()
 
+    def _cancel_items(self, items: list[_Item]) -> None:
+        """A rollout() call was cancelled: cancel its running items, drop its queued ones ("cancelled")."""
+        mine = {id(i) for i in items}
+        for task, item in list(self._running.items()):
+            if id(item) in mine:
+                task.cancel()
+        self._drop_direct([i for i in self._direct if id(i) in mine], None)
+
+    def _drop_direct(self, items: list[_Item], error: BaseException | None) -> None:
+        """Remove queued rollout() items that will never start; count them as cancelled."""
+        if not items:
+            return
+        gone = {id(i) for i in items}
+        self._direct = deque(i for i in self._direct if id(i) not in gone)
+        for item in items:
+            self.staleness.on_drop_queued(CANCELLED)
+            if item.done is not None and not item.done.done():
+                if error is None:
+                    item.done.set_result(None)
+                else:
+                    item.done.set_exception(error)
+
     # ------------------------------------------------------------------ running
     async def _run_item(self, item: _Item, freed_at: float | None) -> None:
         if freed_at is not None:
             self.admission_latencies.append(time.perf_counter() - freed_at)
-        accepted = False
-        reasons: list[str] | None = None  # stays None if the episode is cancelled
+        group: Group | None = None
+        reason = CANCELLED  # what a cancellation (executor exit, cancelled rollout()) leaves
         try:
-            trajs, reasons = await self._run_samples(item)
-            if trajs:
-                group = Group(item.group_id, trajs, item.data, item.workflow, item.requeues)
-                await self.buffer.put(group)
-                accepted = True
-                for r in reasons:  # partial groups: count the samples that failed
-                    self.staleness.stats.rejected[f"sample:{r}"] += 1
+            group, reason = await self._produce(item)
+        except Exception as e:  # a bug in the executor itself: recorded, then it propagates
+            reason = f"executor:{type(e).__name__}"
+            raise
         finally:
-            task = asyncio.current_task()
-            if task is not None:
-                self._running.pop(task, None)
-            if accepted:
-                self.staleness.on_accept()
-                self._consecutive_rejections = 0
-                self._recent_reasons.clear()
-            elif reasons is None:
-                self.staleness.on_reject("cancelled")
+            self._finish(item, group, reason)
+
+    async def _produce(self, item: _Item) -> tuple[Group | None, str]:
+        """Run the item's episodes; buffer the group (submitted items). Returns (group, "") or (None, reason)."""
+        trajs, reasons = await self._run_samples(item)
+        if not trajs:
+            return None, reasons[0] if reasons else "empty"
+        group = Group(item.group_id, trajs, item.data, item.workflow, item.requeues)
+        if not item.direct:
+            try:
+                await self.buffer.put(group, timeout=self.config.episode_timeout_s)
+            except TimeoutError as e:
+                self._note_reason(f"{BUFFER_FULL}: {e}")
+                return None, BUFFER_FULL
+        for r in reasons:  # partial groups: count the samples that failed
+            self.staleness.stats.rejected[f"sample:{r}"] += 1
+        return group, ""
+
+    def _finish(self, item: _Item, group: Group | None, reason: str) -> None:
+        """Book the item's end, resolve its rollout() future, start what the freed slot allows."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.pop(task, None)
+        st = self.staleness
+        if group is not None:
+            if item.direct:
+                st.on_return()
             else:
-                self.staleness.on_reject(reasons[0] if reasons else "empty")
+                st.on_accept()
+            self._consecutive_rejections = 0
+            self._recent_reasons.clear()
+        else:
+            st.on_reject(reason, direct=item.direct)
+            if reason != CANCELLED:
                 self._count_rejection()
-            if item.done is not None and not item.done.done():
-                item.done.set_result(accepted)
-            self._admit(time.perf_counter())
+            self.buffer.wake_consumers()  # a waiter may now be unable to finish: let it re-check
+        if item.done is not None and not item.done.done():
+            item.done.set_result(group)
+        self._admit(time.perf_counter())
 
     async def _run_samples(self, item: _Item) -> tuple[list[Trajectory], list[str]]:
         n = self.config.episodes_per_item
@@ -350,7 +498,12 @@ class WorkflowExecutor:
             "(null disables this check)."
         )
         log.error("%s", self._failure)
-        for item in self._queue:  # rollout() callers waiting on items that will never start
-            if item.done is not None and not item.done.done():
-                item.done.set_result(False)
+        self._drop_direct(list(self._direct), None)  # rollout() items that will never start
         self.buffer.fail(self._failure)
+
+
+def _check_workflow(workflow: Any) -> None:
+    if not callable(getattr(workflow, "arun_episode", None)):
+        raise WorkflowError(
+            f"expected a workflow with `async def arun_episode(engine, data)`, got {type(workflow).__name__}"
+        )

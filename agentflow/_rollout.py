@@ -51,6 +51,7 @@ class Rollout:
         self.config = config or engine.rollout_config
         self.buffer = ReplayBuffer(self.config)
         self.executor = WorkflowExecutor(engine, self.config, self.buffer)
+        self._updating = False  # inside update_weights: its pause ends by itself
         engine.attach_rollout(self)
 
     @classmethod
@@ -84,11 +85,20 @@ class Rollout:
         return self.executor.submit(data, workflow, group_id=group_id)
 
     async def wait(self, count: int, timeout: float | None = None) -> list[Trajectory]:  # noqa: ASYNC109
-        """Await ``count`` accepted items; ``timeout`` (seconds) raises ``TimeoutError``."""
+        """Await ``count`` accepted items; ``timeout`` (seconds) raises ``TimeoutError``.
+
+        Raises ``EngineError`` at once, naming the bound, when ``count`` items cannot arrive before
+        the version moves (the staleness budget ``(max_staleness + version + 1) * consumer_batch_size``)
+        or while the engine is paused outside a weight update.
+        """
         return await self.executor.wait(count, timeout)
 
     async def rollout(self, data: Sequence[Any], workflow: RolloutWorkflow) -> list[Trajectory]:
-        """Submit every item and return the trajectories of the accepted ones."""
+        """Run every item and return the trajectories of the accepted ones, in the order of ``data``.
+
+        The items share ``max_concurrent`` with submitted ones but use no staleness budget and
+        bypass the replay buffer (their trajectories come straight back), so any number completes.
+        """
         return await self.executor.rollout(data, workflow)
 
     async def wait_for_room(self, max_queued: int) -> None:
@@ -122,16 +132,20 @@ class Rollout:
         """
         new = version if version is not None else meta.version
         new = self.engine.get_version() + 1 if new is None else new
-        await self.engine.pause()
+        self._updating = True
         try:
+            await self.engine.pause()
             await self.engine.aupdate_weights(meta)
             self.engine.set_version(new)
         finally:
-            await self.engine.resume()
+            try:
+                await self.engine.resume()
+            finally:
+                self._updating = False
 
     # ------------------------------------------------------------------ notifications from the engine
     def on_pause(self) -> None:
-        self.executor.pause()
+        self.executor.pause(by_update=self._updating)
 
     def on_resume(self) -> None:
         self.executor.resume()

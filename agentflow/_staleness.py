@@ -6,7 +6,11 @@ version v + eta at the latest, so at most ``(eta + v + 1) * B`` items may have b
 total (AReaL, arXiv:2505.24298, section 5). This module is that formula and its counters; the
 executor decides when to call it. It holds no locks: it lives on the event loop's thread.
 
-Not here: running episodes (the executor), consume-time checks of token versions (the buffer).
+Items run for ``rollout()`` (their trajectories go straight back to the caller, never through the
+replay buffer) take concurrency slots but no staleness budget: they are counted apart
+(``running_direct``, ``stats.returned``).
+
+Not here: running episodes (``_executor.py``), the consume-time staleness check (``_buffer.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class StalenessStats:
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     given_back: int = 0
+    returned: int = 0  # rollout() items whose trajectories went straight back to the caller
 
     @property
     def n_rejected(self) -> int:
@@ -59,7 +64,8 @@ class StalenessManager:
         self.max_concurrent = max_concurrent
         self.batch_size = batch_size
         self.version = 0
-        self.running = 0
+        self.running = 0  # items inside the staleness budget
+        self.running_direct = 0  # rollout() items: a concurrency slot each, no budget
         self.stats = StalenessStats()
         self._offset = 0
 
@@ -67,29 +73,62 @@ class StalenessManager:
     def accepted(self) -> int:
         return self.stats.accepted - self.stats.given_back + self._offset
 
+    @property
+    def limit(self) -> int:
+        """``(max_staleness + version + 1) * batch_size``: items that may be accepted by this version."""
+        return (self.max_staleness + self.version + 1) * self.batch_size
+
     def capacity(self) -> int:
+        """How many more budgeted items may start now (concurrency slots and staleness budget)."""
         return staleness_capacity(
             version=self.version,
             accepted=self.accepted,
             running=self.running,
             max_staleness=self.max_staleness,
-            max_concurrent=self.max_concurrent,
+            max_concurrent=self.max_concurrent - self.running_direct,
             batch_size=self.batch_size,
         )
+
+    def free_slots(self) -> int:
+        """Concurrency slots free now (what a rollout() item needs)."""
+        return max(0, self.max_concurrent - self.running - self.running_direct)
+
+    def deliverable(self) -> int:
+        """Budgeted items that can still be accepted before the version moves, however many are submitted.
+
+        The running ones may all be accepted; beyond them the budget admits ``limit - accepted``.
+        """
+        return max(self.running, self.limit - self.accepted)
 
     def on_submit(self) -> None:
         self.stats.submitted += 1
 
-    def on_start(self) -> None:
+    def on_start(self, *, direct: bool = False) -> None:
         self.stats.started += 1
-        self.running += 1
+        if direct:
+            self.running_direct += 1
+        else:
+            self.running += 1
 
     def on_accept(self) -> None:
         self.running -= 1
         self.stats.accepted += 1
 
-    def on_reject(self, reason: str) -> None:
-        self.running -= 1
+    def on_return(self) -> None:
+        """A rollout() item finished with trajectories, handed to its caller (no budget used)."""
+        self.running_direct -= 1
+        self.stats.returned += 1
+
+    def on_reject(self, reason: str, *, direct: bool = False) -> None:
+        """A started item ended without trajectories; ``reason`` is counted."""
+        if direct:
+            self.running_direct -= 1
+        else:
+            self.running -= 1
+        self.stats.rejected[reason] += 1
+
+    def on_drop_queued(self, reason: str) -> None:
+        """A submitted item left the queue without starting (its rollout() call was cancelled)."""
         self.stats.rejected[reason] += 1
 
     def on_give_back(self) -> None:

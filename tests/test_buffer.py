@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -107,3 +108,114 @@ async def test_cancelled_aget_batch_loses_nothing():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(buf) == 1
+
+
+# ---------------------------------------------------------------------------- bucketed order, cost, fairness
+async def test_oldest_version_first_and_arrival_order_within_a_version():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=100, buffer_size=100))
+    order = [(3, "a"), (1, "b"), (2, "c"), (1, "d"), (3, "e"), (0, "f"), (2, "g")]
+    for v, gid in order:
+        await buf.put(_group(gid, v))
+    buf.set_version(3)
+    got = [g.group_id for g in await buf.aget_groups(len(order))]
+    assert got == ["f", "b", "d", "c", "g", "a", "e"]
+
+
+async def test_groups_given_back_keep_their_place():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=100))
+    for v, gid in [(2, "x"), (1, "y"), (1, "z")]:
+        await buf.put(_group(gid, v))
+    with pytest.raises(TimeoutError):
+        await asyncio.to_thread(buf.get_groups, 4, 0.05)  # takes all three, gives them back
+    assert [g["group_id"] for g in buf.state_dict()["groups"]] == ["y", "z", "x"]
+    assert [g.group_id for g in await buf.aget_groups(3)] == ["y", "z", "x"]
+
+
+async def test_state_dict_lists_groups_in_consumption_order_and_restores_it():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=100))
+    for v, gid in [(5, "a"), (4, "b"), (5, "c")]:
+        await buf.put(_group(gid, v))
+    state = buf.state_dict()
+    assert [g["group_id"] for g in state["groups"]] == ["b", "a", "c"]
+    other = ReplayBuffer(RolloutConfig(max_staleness=100))
+    other.load_state_dict(state)
+    assert [g.group_id for g in await other.aget_groups(3)] == ["b", "a", "c"]
+
+
+def _filled(n: int, versions: int = 8) -> ReplayBuffer:
+    buf = ReplayBuffer(RolloutConfig(max_staleness=10**6, buffer_size=n + 1024))
+    traj = _traj(0)
+    for i in range(n):
+        g = Group(str(i), [traj])
+        g.min_version = i % versions
+        buf.put_nowait(g)
+    return buf
+
+
+def _take_time(buf: ReplayBuffer, k: int, reps: int = 5) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        groups = buf.get_groups(k, timeout=1)
+        best = min(best, time.perf_counter() - t0)
+        for g in groups:  # put them back so every rep takes from the same size
+            buf.put_nowait(g)
+    return best
+
+
+def test_taking_costs_the_same_from_a_small_and_a_huge_buffer():
+    """Ratio measured in one process: 512 groups from 100,000 vs from 1,000 buffered."""
+    small, huge = _filled(1_000), _filled(100_000)
+    t_small, t_huge = _take_time(small, 512), _take_time(huge, 512)
+    assert t_huge < 3 * t_small + 1e-3, f"take 512: {t_huge * 1e3:.2f} ms from 1e5 vs {t_small * 1e3:.2f} ms from 1e3"
+
+
+async def test_a_full_buffer_serves_waiting_producers_first_come_first_served():
+    buf = ReplayBuffer(RolloutConfig(buffer_size=2, max_staleness=5))
+    await buf.put(_group("a", 0))
+    await buf.put(_group("b", 0))
+    waiting = [asyncio.create_task(buf.put(_group(f"w{i}", 0))) for i in range(5)]
+    await asyncio.sleep(0.01)
+    await asyncio.to_thread(buf.get_groups, 2, 5)  # frees two slots
+    await asyncio.sleep(0.01)
+    assert [t.done() for t in waiting] == [True, True, False, False, False]
+    for t in waiting[2:]:
+        t.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert len(buf) == 2
+
+
+async def test_put_deadline_raises_and_adds_nothing():
+    buf = ReplayBuffer(RolloutConfig(buffer_size=1, max_staleness=5))
+    await buf.put(_group("a", 0))
+    with pytest.raises(TimeoutError, match=r"rollout.buffer_size=1"):
+        await buf.put(_group("b", 0), timeout=0.02)
+    assert len(buf) == 1 and buf.stats.put == 1
+
+
+async def test_a_cancelled_producer_passes_its_slot_on():
+    buf = ReplayBuffer(RolloutConfig(buffer_size=1, max_staleness=5))
+    await buf.put(_group("a", 0))
+    first = asyncio.create_task(buf.put(_group("b", 0)))
+    second = asyncio.create_task(buf.put(_group("c", 0)))
+    await asyncio.sleep(0.01)
+    await buf.aget_groups(1)  # grants the slot to `first`...
+    first.cancel()  # ...which is cancelled before it runs: `second` must get the slot
+    await asyncio.wait_for(second, 1)
+    assert [g.group_id for g in await buf.aget_groups(1)] == ["c"]
+
+
+async def test_loop_producer_and_thread_consumer_lose_and_duplicate_nothing():
+    buf = ReplayBuffer(RolloutConfig(buffer_size=64, max_staleness=10**6))
+    n = 5_000
+    got: list[str] = []
+
+    def consume():
+        while len(got) < n:
+            got.extend(g.group_id for g in buf.get_groups(min(37, n - len(got)), timeout=10))
+
+    consumer = asyncio.create_task(asyncio.to_thread(consume))
+    for i in range(n):
+        await buf.put(_group(str(i), i // 100))
+    await asyncio.wait_for(consumer, 30)
+    assert sorted(got, key=int) == [str(i) for i in range(n)] and len(buf) == 0
