@@ -254,20 +254,25 @@ class ReplayBuffer:
         discarded: list[tuple[Group, str]] = []
         n_filtered = 0
         try:
-            with self._cond:
-                while len(taken) < n:
-                    if self._groups:
+            while True:
+                with self._cond:
+                    while self._groups and len(taken) < n:
                         self._take_one(taken, discarded, version, group_filter)
+                    if len(taken) >= n:
+                        break
+                    if not discarded:  # nothing to hand back first: sleep until a put, a bump or fail()
+                        if self._failure is not None:
+                            raise self._failure
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise TimeoutError(self._timeout_message(n, timeout, len(taken), n_filtered))
+                        self._cond.wait(left)
                         continue
-                    n_filtered += sum(1 for _, why in discarded if why == "filter")
-                    self._after_take(discarded)
-                    discarded = []
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if self._failure is not None:
-                        raise self._failure
-                    if left is not None and left <= 0:
-                        raise TimeoutError(self._timeout_message(n, timeout, len(taken), n_filtered))
-                    self._cond.wait(left)
+                # Outside the lock (waking producers takes it): free the discarded groups' slots now,
+                # their replacements are what this call waits for.
+                n_filtered += sum(1 for _, why in discarded if why == "filter")
+                self._after_take(discarded)
+                discarded = []
         except BaseException:
             self._give_back(taken)
             raise
@@ -395,6 +400,11 @@ class ReplayBuffer:
         self._loop_waiters.wake_all()
 
     # ------------------------------------------------------------------ loop wake-ups
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The producers' event loop: hand-offs from other threads go there (the executor binds it
+        on entry, so a consumer that starts before the first ``put`` still wakes the loop)."""
+        self._loop = loop
+
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():

@@ -121,6 +121,7 @@ class WorkflowExecutor:
     async def __aenter__(self) -> WorkflowExecutor:
         if self._tg is not None:
             raise RuntimeError("WorkflowExecutor is already running; enter it once")
+        self.buffer.bind_loop(asyncio.get_running_loop())
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._admit()

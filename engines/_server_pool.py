@@ -450,6 +450,15 @@ class ServerPool:
                        key: str | None, adapter: str | None = None) -> Generated:
         """One generation with retries; each attempt picks a server and gets a fresh rid. The wait
         for a server, while all are down, has one ``server_wait_timeout_s`` for all attempts."""
+        try:
+            return await self._generate(input_ids, gconfig, max_new_tokens, key, adapter)
+        except _Retryable as e:  # the episode's reason names the bound, not a private class
+            raise ServerError(
+                f"generate failed on all {self.config.max_attempts} attempts (RemoteEngineConfig.max_attempts; "
+                f"servers kept failing or dropping the request); last error: {e}", e.status_code) from e
+
+    async def _generate(self, input_ids: list[int], gconfig: GenerationConfig, max_new_tokens: int,
+                        key: str | None, adapter: str | None) -> Generated:
         deadline: float | None = None
         async for attempt in self._retrying():
             with attempt:
