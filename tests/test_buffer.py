@@ -219,3 +219,50 @@ async def test_loop_producer_and_thread_consumer_lose_and_duplicate_nothing():
         await buf.put(_group(str(i), i // 100))
     await asyncio.wait_for(consumer, 30)
     assert sorted(got, key=int) == [str(i) for i in range(n)] and len(buf) == 0
+
+
+def _in_thread(fn, limit: float = 5.0):
+    """Run ``fn`` in a daemon thread; fail (instead of hanging the suite) if it does not return."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001  # handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"the consumer did not return within {limit} s (deadlock?)"
+    return out[0]
+
+
+def test_a_consumer_that_waits_before_any_put_times_out_instead_of_deadlocking():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=1))  # no loop known yet: nothing was ever put
+    assert isinstance(_in_thread(lambda: buf.get_groups(1, timeout=0.05)), TimeoutError)
+
+
+def test_stale_groups_restored_from_a_checkpoint_are_discarded_without_deadlock():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=0))
+    discarded: list[str] = []
+    buf.on_discard = lambda g, why: discarded.append(why)
+    buf.put_nowait(_group("old", 0))
+    buf.put_nowait(_group("fresh", 3))
+    buf.set_version(3)
+    got = _in_thread(lambda: buf.get_groups(1, timeout=1))
+    assert [g.group_id for g in got] == ["fresh"] and discarded == ["drop"]
+
+
+async def test_a_thread_consumer_that_discards_wakes_the_loop_without_deadlock():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=0, buffer_size=1))
+    buf.bind_loop(asyncio.get_running_loop())
+    discarded: list[str] = []
+    buf.on_discard = lambda g, why: discarded.append(why)
+    await buf.put(_group("old", 0))
+    buf.set_version(1)
+    consumer = asyncio.create_task(asyncio.to_thread(buf.get_groups, 1, 5))
+    await asyncio.sleep(0.05)  # the stale group is dropped: its slot frees and the next put fits
+    await asyncio.wait_for(buf.put(_group("new", 1)), 2)
+    got = await asyncio.wait_for(consumer, 5)
+    assert [g.group_id for g in got] == ["new"] and discarded == ["drop"]
