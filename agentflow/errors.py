@@ -32,6 +32,7 @@ __all__ = [
     "EngineTimeout",
     "EnvError",
     "Interrupted",
+    "PromptTooLong",
     "SandboxError",
     "ServerError",
     "TrajectoryError",
@@ -65,6 +66,11 @@ class EngineError(AgentflowError):
 
 class EngineTimeout(EngineError, TimeoutError):
     """A call to an engine exceeded its deadline."""
+
+
+class PromptTooLong(EngineError, ValueError):
+    """A request's prompt does not fit the engine's context (``max_seq_len``; a server's context
+    length). The caller's input, not an engine failure: the proxy answers it with 400."""
 
 
 class ServerError(EngineError):

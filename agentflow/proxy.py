@@ -61,7 +61,7 @@ from agentflow import _streaming
 from agentflow._proxy_guard import RequestError, check_chat_body, check_reward_body, read_body
 from agentflow._types import GenerationConfig, Trajectory
 from agentflow.client import ExportStyle, OpenAIClient
-from agentflow.errors import ConfigError, EngineError, EngineTimeout, TrajectoryError
+from agentflow.errors import ConfigError, EngineError, EngineTimeout, PromptTooLong, ServerError, TrajectoryError
 
 if TYPE_CHECKING:
     from agentflow._engine_api import InferenceEngine
@@ -109,9 +109,9 @@ class _HTTPError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
+def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
     """An error body the ``openai`` client understands (it raises ``APIStatusError`` subclasses)."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return JSONResponse(body, status_code=status)
 
 
@@ -395,6 +395,13 @@ def _endpoint(handler: Handler) -> Handler:
             return _error(400, str(e), "invalid_request_error")
         except EngineTimeout as e:
             return _error(504, str(e), "timeout_error")
+        except PromptTooLong as e:  # the agent's input: 400, as OpenAI answers an over-long context
+            return _error(400, str(e), "invalid_request_error", code="context_length_exceeded")
+        except ServerError as e:
+            if e.status_code == 400:  # the inference server refused the request itself (e.g. its context length)
+                return _error(400, f"the inference server refused the request: {e}", "invalid_request_error")
+            log.exception("engine error while serving a chat completion")
+            return _error(502, f"inference engine failed: {e}", "engine_error")
         except EngineError as e:
             log.exception("engine error while serving a chat completion")
             return _error(502, f"inference engine failed: {e}", "engine_error")

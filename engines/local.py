@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
 from agentflow._rollout_config import RolloutConfig
 from agentflow._types import ModelRequest, ModelResponse
-from agentflow.errors import ConfigError, EngineError
+from agentflow.errors import ConfigError, EngineError, PromptTooLong
 
 if TYPE_CHECKING:
     import torch
@@ -252,7 +252,7 @@ class LocalEngine(InferenceEngine):
     def _check_request(self, req: ModelRequest) -> None:
         n, cap = len(req.input_ids), self.config.max_seq_len
         if n >= cap:
-            raise EngineError(
+            raise PromptTooLong(
                 f"prompt of request {req.rid!r} has {n} tokens; expected fewer than max_seq_len={cap} "
                 "(raise LocalEngineConfig.max_seq_len or shorten the prompt)"
             )

@@ -15,6 +15,7 @@ from agentflow import (
     EngineError,
     GenerationConfig,
     ModelRequest,
+    PromptTooLong,
     RolloutConfig,
     Trajectory,
     WeightUpdateMeta,
@@ -239,7 +240,7 @@ async def test_max_seq_len_stops_with_length(tiny):
     prompt = ids(tok, "0123456789")
     async with LocalEngine(model, tok, config=LocalEngineConfig(max_seq_len=16, ignore_eos=True)) as engine:
         o = await engine.agenerate(ModelRequest(prompt, GenerationConfig(max_new_tokens=50, greedy=True)))
-        with pytest.raises(EngineError, match="fewer than max_seq_len=16"):
+        with pytest.raises(PromptTooLong, match="fewer than max_seq_len=16"):
             await engine.agenerate(ModelRequest(list(range(16)), GREEDY))
     assert o.output_len == 6 and o.stop_reason == "length"
 

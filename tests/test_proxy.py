@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from agentflow import ModelRequest
-from agentflow.errors import ConfigError
+from agentflow.errors import ConfigError, PromptTooLong, ServerError
 from agentflow.proxy import ProxyServer
 from agentflow.testing import FakeEngine, byte_tokenizer
 
@@ -205,3 +205,21 @@ async def test_accepted_connections_disable_nagle(proxy):
         for conn in conns:
             sock = conn.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    (PromptTooLong("prompt has 900 tokens; expected fewer than max_seq_len=512"), 400, "context_length_exceeded"),
+    (ServerError("POST /generate answered 400: the input is longer than the context length", 400), 400, None),
+    (ServerError("POST /generate answered 500: boom", 500), 502, None),
+])
+async def test_the_agents_bad_input_is_a_400_and_an_engine_failure_a_502(error, status, code):
+    def reply(req: ModelRequest) -> list[int]:
+        raise error
+
+    async with FakeEngine(reply=reply) as engine, ProxyServer(engine, TOK, admin_key=ADMIN) as server:
+        session = server.new_session()
+        async with openai.AsyncOpenAI(base_url=session.base_url, api_key=session.api_key, max_retries=0) as client:
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == status and info.value.code == code
+    assert str(error) in info.value.message

@@ -22,7 +22,7 @@ EXPECTED = {
     # a training loop of your own
     "Trainer", "TrainerConfig", "EvalSpec", "evaluate", "PromptSource", "Checkpointer", "MetricsLogger",
     # errors
-    "AgentflowError", "ConfigError", "EngineError", "EngineTimeout", "ServerError", "WorkflowError",
+    "AgentflowError", "ConfigError", "EngineError", "EngineTimeout", "ServerError", "PromptTooLong", "WorkflowError",
     "TrajectoryError", "EnvError", "SandboxError", "CheckpointError",
 }
 
