@@ -360,7 +360,7 @@ def _engine(args: argparse.Namespace, fleet: SimFleet) -> RemoteSGLangEngine:
     )
     config = RemoteEngineConfig(
         request_timeout_s=600.0, probe_interval_s=0.25, health_timeout_s=2.0, startup_timeout_s=30.0,
-        server_wait_timeout_s=60.0, backoff_initial_s=0.01, backoff_max_s=0.25, max_attempts=10,
+        server_wait_timeout_s=60.0, backoff_initial_s=0.01, backoff_max_s=0.25, max_attempts=args.max_attempts,
     )
     return RemoteSGLangEngine(fleet.addresses, rollout=rollout, config=config,
                               transport=httpx.MockTransport(fleet))
@@ -405,7 +405,7 @@ def _cell_cmd(args: argparse.Namespace, episodes: int, concurrency: int) -> list
             "--servers", str(args.servers), "--buffer-groups", str(args.buffer_groups),
             "--batch", str(min(args.batch, max(64, concurrency))), "--offered-rate", str(args.offered_rate),
             "--latency-cap", str(args.latency_cap), "--server-mtbf", str(args.server_mtbf), "--down", str(args.down),
-            "--seed", str(args.seed)]
+            "--max-attempts", str(args.max_attempts), "--seed", str(args.seed)]
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -489,6 +489,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--down", type=float, default=1.0, help="mean time a killed server stays down, in medians")
     p.add_argument("--kill-every-s", type=float, default=None, help="seconds between kills (overrides --server-mtbf)")
     p.add_argument("--down-s", type=float, default=None, help="seconds a killed server stays down (overrides --down)")
+    p.add_argument("--max-attempts", type=int, default=10,
+                   help="RemoteEngineConfig.max_attempts: tries per generation before its episode is rejected")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="run the growth table in subprocesses and plot it")
     p.add_argument("--sweep-max-episodes", type=int, default=1_000_000)

@@ -228,7 +228,7 @@ def _in_thread(fn, limit: float = 5.0):
     def run() -> None:
         try:
             out.append(fn())
-        except BaseException as e:  # noqa: BLE001  # handed to the test
+        except BaseException as e:  # handed to the test
             out.append(e)
 
     t = threading.Thread(target=run, daemon=True)
