@@ -51,7 +51,7 @@ from agentflow.errors import ConfigError, EngineError, EngineTimeout, Trajectory
 if TYPE_CHECKING:
     from agentflow._engine_api import InferenceEngine
 
-__all__ = ["CompletionRecord", "OpenAIClient"]
+__all__ = ["CompletionRecord", "OpenAIClient", "ResponseNotFound"]
 
 ExportStyle = Literal["individual", "concat"]
 _NO_NETWORK_URL = "http://agentflow.invalid/v1"  # the parent client needs one; chat never uses it
@@ -337,6 +337,34 @@ class _Responses:
         """``responses.create`` over the engine; see :mod:`agentflow._responses`."""
         return await self._client._respond(kwargs)
 
+    async def retrieve(self, response_id: str, **kwargs: Any) -> Response:
+        """A response this client created with ``store`` left true (as ``GET /v1/responses/{id}``)."""
+        _check_lookup("responses.retrieve", kwargs, self._client._who)
+        return self._client._stored(response_id)
+
+    async def delete(self, response_id: str, **kwargs: Any) -> None:
+        """Forget a stored response: it can no longer be retrieved or continued with
+        ``previous_response_id`` (its completions stay recorded for training)."""
+        _check_lookup("responses.delete", kwargs, self._client._who)
+        self._client._stored(response_id)
+        del self._client._responses_by_id[response_id]
+        del self._client._conversations[response_id]
+
+
+# Request options the openai client accepts on every call; a lookup has no other parameters here.
+_LOOKUP_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
+
+
+class ResponseNotFound(ConfigError, LookupError):
+    """``responses.retrieve`` / ``delete`` of an id the client did not store (the proxy answers 404)."""
+
+
+def _check_lookup(what: str, kwargs: Mapping[str, Any], who: str) -> None:
+    extra = sorted(k for k, v in _given(kwargs).items() if k not in _LOOKUP_OPTIONS and v is not None)
+    if extra:
+        raise ConfigError(f"{what}: {', '.join(map(repr, extra))} is not supported by {who}; expected the "
+                          "response id only (a stored response comes back whole, not streamed)")
+
 
 class _RawClient:
     """``client.with_raw_response``: the raw-response view of the served resources."""
@@ -407,7 +435,8 @@ class OpenAIClient(openai.AsyncOpenAI):
         self._parents: set[str] = set()
         self._rewards: dict[str, float] = {}
         self._texts: dict[str, str] = {}
-        self._conversations: dict[str, list[dict[str, Any]]] = {}  # stored Responses, by id
+        self._conversations: dict[str, list[dict[str, Any]]] = {}  # stored Responses' messages, by id
+        self._responses_by_id: dict[str, Response] = {}  # stored Responses, by id
 
     @cached_property
     def chat(self) -> _Chat:  # type: ignore[override]  # same call shape, served in-process
@@ -452,10 +481,19 @@ class OpenAIClient(openai.AsyncOpenAI):
         response = _responses.build_response(rec, req, p.model, self._token_logprobs(rec) if req.logprobs else None)
         if req.store:
             self._conversations[rec.id] = [*req.history, *req.new, rec.reply]
+            self._responses_by_id[rec.id] = response
         if not req.stream:
             return response
         events = _streaming.response_events(response.model_dump(mode="json", exclude_none=True))
         return _streaming.response_stream(self, events)
+
+    def _stored(self, response_id: str) -> Response:
+        try:
+            return self._responses_by_id[response_id]
+        except KeyError:
+            raise ResponseNotFound(
+                f"response {response_id!r} is unknown to {self._who}: expected the id of a response it created with "
+                "store left true and did not delete (kept while the client or proxy session lives)") from None
 
     async def _complete(self, p: _Params, completion_id: str) -> CompletionRecord:
         """Render, generate, parse and record one completion."""

@@ -28,7 +28,10 @@ Signals stay with the application (uvicorn's handlers are not installed).
 Streams are sent once the generation has ended (the engine returns whole generations; see
 :mod:`agentflow._streaming`), as one response body; errors come before any event, as JSON.
 
-Not covered: token-by-token streaming, ``GET``/``DELETE /v1/responses/{id}``, the legacy
+- ``GET`` / ``DELETE /v1/responses/{id}``: a session key; a response the session stored (404 for
+  another session's or an unknown id).
+
+Not covered: token-by-token streaming, the legacy
 Completions, embeddings and other endpoints (404), TLS (put a reverse proxy in front).
 """
 
@@ -60,7 +63,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
 from agentflow import _streaming
 from agentflow._proxy_guard import RequestError, check_chat_body, check_reward_body, read_body
 from agentflow._types import GenerationConfig, Trajectory
-from agentflow.client import ExportStyle, OpenAIClient
+from agentflow.client import ExportStyle, OpenAIClient, ResponseNotFound
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, PromptTooLong, ServerError, TrajectoryError
 
 if TYPE_CHECKING:
@@ -288,6 +291,7 @@ class ProxyServer:
         routes = [
             Route("/v1/chat/completions", _endpoint(self._chat), methods=["POST"]),
             Route("/v1/responses", _endpoint(self._responses), methods=["POST"]),
+            Route("/v1/responses/{response_id}", _endpoint(self._stored_response), methods=["GET", "DELETE"]),
             Route("/v1/models", _endpoint(self._models), methods=["GET"]),
             Route("/v1/sessions", _endpoint(self._create_session), methods=["POST"]),
             Route("/v1/sessions/{session_id}", _endpoint(self._session_info), methods=["GET"]),
@@ -337,6 +341,17 @@ class ProxyServer:
         session = self._session_for(request)
         body = await _json_object(request)
         return _reply(await session.client.responses.create(**body))
+
+    async def _stored_response(self, request: Request) -> Response:
+        session = self._session_for(request)
+        rid = request.path_params["response_id"]
+        try:
+            if request.method == "DELETE":
+                await session.client.responses.delete(rid)
+                return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
+            return _reply(await session.client.responses.retrieve(rid))
+        except ResponseNotFound as e:
+            raise _HTTPError(404, str(e), "not_found_error") from e
 
     async def _models(self, request: Request) -> JSONResponse:
         key = self._key(request)

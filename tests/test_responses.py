@@ -26,6 +26,7 @@ from openai.types.responses import (
 )
 
 from agentflow import OpenAIClient
+from agentflow.client import ResponseNotFound
 from agentflow.errors import ConfigError
 from agentflow.proxy import ProxyServer
 
@@ -271,3 +272,36 @@ async def test_proxy_sends_response_events_and_names_itself_in_errors(proxy):
     async with openai.AsyncOpenAI(base_url=other.base_url, api_key=other.api_key, max_retries=0) as sdk:
         with pytest.raises(openai.BadRequestError, match="is unknown to agentflow's proxy"):
             await sdk.responses.create(model="m", input="x", previous_response_id=session.client.records[0].id)
+
+
+async def test_stored_responses_are_retrieved_and_deleted_in_process():
+    async with SampleEngine() as engine:
+        client = OpenAIClient(engine, TOK)
+        first = await create(client, False, input=QUESTION, tools=RESPONSES_TOOLS)
+        unstored = await create(client, False, input=QUESTION, store=False)
+        assert await client.responses.retrieve(first.id) == first
+        with pytest.raises(ResponseNotFound, match="is unknown to agentflow's OpenAIClient"):
+            await client.responses.retrieve(unstored.id)
+        with pytest.raises(ConfigError, match="'stream' is not supported"):
+            await client.responses.retrieve(first.id, stream=True)
+        assert await client.responses.delete(first.id) is None
+        with pytest.raises(ConfigError, match=r"previous_response_id=.* is unknown"):
+            await create(client, False, input=tool_outputs(first), previous_response_id=first.id)
+        assert [r.id for r in client.records] == [first.id, unstored.id]  # deleting keeps what was recorded
+
+
+@pytest.mark.integration
+async def test_stored_responses_through_the_proxy_stay_in_their_session(proxy):
+    session, other = proxy.new_session(), proxy.new_session()
+    async with (openai.AsyncOpenAI(base_url=session.base_url, api_key=session.api_key, max_retries=0) as sdk,
+                openai.AsyncOpenAI(base_url=other.base_url, api_key=other.api_key, max_retries=0) as stranger):
+        first = await create(sdk, True, input=QUESTION, tools=RESPONSES_TOOLS)
+        got = await sdk.responses.retrieve(first.id)
+        assert isinstance(got, Response) and got.id == first.id and got.output == first.output
+        with pytest.raises(openai.NotFoundError, match="is unknown to agentflow's proxy"):
+            await stranger.responses.retrieve(first.id)
+        await sdk.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            await sdk.responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError):
+            await sdk.responses.delete(first.id)
