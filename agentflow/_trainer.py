@@ -60,6 +60,9 @@ class TrainerConfig:
         max_tokens_per_mb: token budget of one packed micro-batch (bounds activation memory).
         weight_update: how new weights reach the inference engine: mem (same process), disk
             (HF checkpoint + reload) or nccl (broadcast to SGLang servers).
+        nccl_address: address the servers reach train rank 0 at for the ``nccl`` broadcast group
+            (this host's address as the servers see it; loopback when they run here).
+        nccl_port: TCP port of that group's rendezvous on train rank 0; 0 = a free port picked at start.
         checkpoint_every: steps between checkpoints (0 = only at the end of the run).
         keep_checkpoints: complete checkpoints kept on disk.
         eval_every: steps between evaluations (0 = never); with evaluation on, version 0 (the
@@ -80,6 +83,8 @@ class TrainerConfig:
     ppo_minibatches: int = 1
     max_tokens_per_mb: int | None = 8192
     weight_update: Literal["mem", "disk", "nccl"] = "mem"
+    nccl_address: str = "127.0.0.1"
+    nccl_port: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     eval_every: int = 0
@@ -188,6 +193,8 @@ class Trainer:
         self._resume_rollout: dict[str, Any] | None = None
         self._eval_task: asyncio.Task[None] | None = None
         self._stop = threading.Event()
+        self._nccl_joined = False  # train rank 0 is in the nccl weight-update group
+        self._nccl_port = 0  # its rendezvous port, picked at the first nccl update
         self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")
         self._vocab_size = _vocab_size(train_engine)
         if not callable(getattr(workflow, "arun_episode", None)):
@@ -257,8 +264,18 @@ class Trainer:
         version = self.state.step
         if not version:
             return
-        meta = await asyncio.to_thread(self.train_engine.upload_weights, self._weight_meta(version))
-        await self.engine.aupdate_weights(meta)
+        meta = self._weight_meta(version)
+        if meta.type == "nccl":  # the servers receive while train rank 0 broadcasts
+            receiving = asyncio.get_running_loop().create_task(self.engine.aupdate_weights(meta))
+            try:
+                await asyncio.to_thread(self._broadcast, meta, self.engine.weight_update_world_size())
+            except BaseException:
+                receiving.cancel()
+                raise
+            await receiving
+        else:
+            meta = await asyncio.to_thread(self.train_engine.upload_weights, meta)
+            await self.engine.aupdate_weights(meta)
         self.engine.set_version(version)
         saved = self._resume_rollout or {"buffer": {"groups": [], "version": version}, "pending": []}
         self.rollout.load_state_dict(saved, self.workflow, version)
@@ -292,7 +309,6 @@ class Trainer:
                 bar.close()
 
     def _one_step(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
-        cfg = self.cfg
         t0 = time.perf_counter()
         groups, filtered = self._take_groups()
         t_wait = time.perf_counter() - t0
@@ -302,8 +318,7 @@ class Trainer:
         trim_heap()
         t_train = time.perf_counter() - t0 - t_wait
         version = self.state.step + 1
-        meta = self.train_engine.upload_weights(self._weight_meta(version))
-        self._call_on_loop(loop, self._publish(version, meta), cfg.update_timeout_s)
+        meta = self._upload(loop, version)
         self.state.step = version
         n_tokens = sum(len(t) for t in trajs)
         self.state.tokens_trained += n_tokens
@@ -379,9 +394,63 @@ class Trainer:
         if ev is not None and self.cfg.eval_every and version % self.cfg.eval_every == 0:
             self._eval_task = asyncio.get_running_loop().create_task(self._evaluate(version, ev))
 
+    def _upload(self, loop: asyncio.AbstractEventLoop, version: int) -> WeightUpdateMeta:
+        """Trainer thread: publish this step's weights as ``version`` and wait until rollout runs on them.
+
+        ``mem`` / ``disk``: upload, then the update on the loop. ``nccl``: both sides at once (the
+        servers sit in ``/update_weights_from_distributed`` while train rank 0 broadcasts).
+        """
+        timeout = self.cfg.update_timeout_s
+        meta = self._weight_meta(version)
+        if meta.type != "nccl":
+            meta = self.train_engine.upload_weights(meta)
+            self._call_on_loop(loop, self._publish(version, meta), timeout)
+            return meta
+        world = self._call_on_loop(loop, self._world_size(), timeout)
+        publishing = asyncio.run_coroutine_threadsafe(self._publish(version, meta), loop)
+        try:
+            self._broadcast(meta, world)
+            publishing.result(timeout)
+        except BaseException as e:
+            publishing.cancel()
+            if isinstance(e, TimeoutError):
+                raise EngineError(f"the nccl weight update to version {version} took longer than "
+                                  f"trainer.update_timeout_s={timeout}s; see the logs") from e
+            raise
+        return meta
+
+    async def _world_size(self) -> int:
+        return int(self.engine.weight_update_world_size())
+
+    def _broadcast(self, meta: WeightUpdateMeta, world: int) -> None:
+        """Train side of an ``nccl`` update: join the group once (rank 0), then broadcast every tensor."""
+        if not self._nccl_joined:
+            # Both ends of the group must use one backend: the remote engine's (gloo for CPU servers).
+            backend = getattr(getattr(self.engine, "config", None), "dist_backend", None)
+            self.train_engine.join_weight_update_group(meta, world, backend)
+            self._nccl_joined = True
+        self.train_engine.upload_weights(meta)
+
     def _weight_meta(self, version: int) -> WeightUpdateMeta:
-        path = str(self.run_dir / "weights" / f"v{version:06d}") if self.cfg.weight_update == "disk" else None
-        return WeightUpdateMeta(type=self.cfg.weight_update, path=path, version=version)
+        kind = self.cfg.weight_update
+        if kind == "nccl":
+            if not callable(getattr(self.engine, "weight_update_world_size", None)) or not callable(
+                    getattr(self.train_engine, "join_weight_update_group", None)):
+                raise ConfigError(
+                    f"trainer.weight_update=nccl broadcasts to remote servers: expected a RemoteEngine and a train "
+                    f"engine with join_weight_update_group (FSDPEngine), got {type(self.engine).__name__} and "
+                    f"{type(self.train_engine).__name__}; use trainer.weight_update=mem for an in-process engine")
+            import torch
+
+            if self._nccl_port == 0:
+                self._nccl_port = self.cfg.nccl_port or _free_port(self.cfg.nccl_address)
+            specs = {w.name: torch.empty(w.shape, dtype=getattr(torch, w.dtype), device="meta")
+                     for w in self.train_engine.weight_specs()}
+            return WeightUpdateMeta(type="nccl", state_dict=specs, version=version,
+                                    master_address=self.cfg.nccl_address, master_port=self._nccl_port,
+                                    timeout_s=self.cfg.update_timeout_s)
+        path = str(self.run_dir / "weights" / f"v{version:06d}") if kind == "disk" else None
+        return WeightUpdateMeta(type=kind, path=path, version=version)
 
     async def _evaluate(self, version: int, ev: EvalSpec) -> None:
         rewards = await evaluate(self.engine, ev.workflow, ev.data, concurrency=ev.concurrency)
@@ -547,3 +616,12 @@ def _progress_bar(total: int, initial: int) -> Any:
 def _postfix(r: dict[str, Any]) -> str:
     return (f"reward={r['reward/mean']:.3f} stale={r['staleness/max']} "
             f"tok/s={r['throughput/tokens_per_s']:.0f} step={r['time/step_s']:.1f}s")
+
+
+def _free_port(host: str) -> int:
+    """A TCP port that was free on ``host`` a moment ago (the ``nccl`` group's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

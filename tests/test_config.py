@@ -114,3 +114,29 @@ def test_bad_remote_inference_settings_are_refused_at_config_time(override, expe
 
     with pytest.raises(ConfigError, match=expected):
         load_recipe_config(overrides=[override])
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["trainer.weight_update=nccl"], "takes trainer.weight_update=mem"),
+    (["trainer.weight_update=nccl", "inference.backend=remote", "inference.addresses=[h:1]", "train.lora.rank=8"],
+     "with train.lora the adapter travels as trainer.weight_update=disk"),
+])
+def test_nccl_weight_updates_that_cannot_work_are_refused_at_config_time(overrides, expected):
+    from agentflow.recipe import load_recipe_config
+
+    with pytest.raises(ConfigError, match=expected):
+        load_recipe_config(overrides=overrides)
+
+
+def test_the_nccl_group_backend_reaches_the_remote_engine():
+    import torch
+
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe.build import inference_engine
+
+    base = ["inference.backend=remote", "inference.addresses=[127.0.0.1:30000]", "trainer.weight_update=nccl"]
+    default = "nccl" if torch.cuda.is_available() else "gloo"
+    cases = (([], default), (["inference.dist_backend=nccl"], "nccl"), (["inference.dist_backend=gloo"], "gloo"))
+    for extra, backend in cases:
+        engine = inference_engine(load_recipe_config(overrides=[*base, *extra]), None, None)
+        assert engine.config.dist_backend == backend

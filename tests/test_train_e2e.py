@@ -110,8 +110,10 @@ def test_torchrun_two_ranks_train_together(tmp_path):
 
 
 @pytest.mark.integration
-def test_train_against_agentflow_serve_over_http(tmp_path):
-    """The remote path for real: `agentflow serve` on loopback, weights shipped through disk."""
+@pytest.mark.parametrize("weight_update", ["disk", "nccl"])
+def test_train_against_agentflow_serve_over_http(tmp_path, weight_update):
+    """The remote path for real: `agentflow serve` on loopback, weights shipped through disk, or
+    broadcast over a gloo group (the nccl path on CPU: the same group, routes and calls)."""
     import socket
 
     import httpx
@@ -134,12 +136,13 @@ def test_train_against_agentflow_serve_over_http(tmp_path):
         wait_healthy(server, f"http://127.0.0.1:{port}/health", 120, "agentflow serve")
         run = tmp_path / "run"
         out = _agentflow("train", TINY, f"model.path={model_dir}", "inference.backend=remote",
-                         f"inference.addresses=[127.0.0.1:{port}]", "trainer.weight_update=disk",
+                         f"inference.addresses=[127.0.0.1:{port}]", f"trainer.weight_update={weight_update}",
                          "trainer.total_steps=3", "trainer.eval_every=0", f"logging.run_dir={run}", timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert sorted(_steps(run)) == [1, 2, 3]
         info = httpx.get(f"http://127.0.0.1:{port}/get_model_info", timeout=5).json()
         assert info["weight_version"] == "3"  # the server holds the trainer's latest weights
+        assert (run / "weights").exists() == (weight_update == "disk")  # a broadcast writes nothing
     finally:
         server.terminate()
         server.wait(30)

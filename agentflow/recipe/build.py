@@ -99,9 +99,13 @@ def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> Infe
     """The in-process :class:`LocalEngine`, or a client of the servers at ``inference.addresses``."""
     spec = cfg.inference
     if spec.backend == "remote":
+        import torch
+
         from agentflow.engines.remote import RemoteEngine, RemoteEngineConfig
 
-        remote = RemoteEngineConfig(server_wait_timeout_s=spec.server_wait_timeout_s, api_key=spec.api_key)
+        backend = spec.dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        remote = RemoteEngineConfig(server_wait_timeout_s=spec.server_wait_timeout_s, api_key=spec.api_key,
+                                    dist_backend=backend)
         return RemoteEngine(list(spec.addresses), tokenizer, protocol=spec.protocol, rollout=cfg.rollout,
                             config=remote)
     from agentflow.engines.local import LocalEngine

@@ -121,6 +121,9 @@ class InferenceSpec:
         api_key: remote backend: the servers' ``--api-key``, sent as ``Authorization: Bearer <key>``
             (null = none). ``'${oc.env:NAME}'`` reads it from the environment variable NAME;
             config.json stores it as ``<redacted>``.
+        dist_backend: remote backend with ``trainer.weight_update=nccl``: the broadcast group's
+            backend on both ends (``nccl`` for GPU servers, ``gloo`` for CPU ones; null = ``nccl``
+            when this machine has CUDA, else ``gloo``).
         local: the LocalEngine's settings.
     """
 
@@ -129,6 +132,7 @@ class InferenceSpec:
     protocol: str = "sglang"
     server_wait_timeout_s: float = 120.0
     api_key: str | None = field(default=None, repr=False)
+    dist_backend: Literal["nccl", "gloo"] | None = None
     local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=256))
 
     def __post_init__(self) -> None:
@@ -210,6 +214,12 @@ class TrainRecipeConfig:
         problems = []
         if self.threads < 0:
             problems.append(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        if self.inference.backend == "local" and self.trainer.weight_update == "nccl":
+            problems.append("trainer.weight_update=nccl broadcasts to remote servers; the in-process engine "
+                            "(inference.backend=local) takes trainer.weight_update=mem (or disk)")
+        if self.train.lora is not None and self.trainer.weight_update == "nccl":
+            problems.append("trainer.weight_update=nccl broadcasts full weights; with train.lora the adapter "
+                            "travels as trainer.weight_update=disk (remote servers) or mem (in process)")
         if self.inference.backend == "remote" and self.trainer.weight_update == "mem":
             problems.append("trainer.weight_update=mem needs the in-process engine (inference.backend=local); with "
                             "inference.backend=remote use trainer.weight_update=disk or nccl")
