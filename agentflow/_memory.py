@@ -27,7 +27,7 @@ def trim_heap() -> None:
     A train step frees gigabytes of activations and temporaries that glibc keeps in its arenas
     (one per thread), so the resident size of a long run keeps the high-water mark of every
     thread's past allocations. Trimming after each step measured 6.4 -> 3.7 GiB resident between
-    steps of the default run (docs/benchmarks.md).
+    steps of the addition run (``examples/addition.yaml``, docs/benchmarks.md).
     """
     global _malloc_trim
     if _malloc_trim is None:

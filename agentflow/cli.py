@@ -1,8 +1,8 @@
 """The ``agentflow`` command: ``train``, ``eval``, ``serve``, ``plot``, ``merge-lora``.
 
 ``agentflow train [CONFIG.yaml ...] [key=value ...]`` trains with the built-in recipe; with no
-config it trains the embedded SmolLM2-135M on one-digit addition. ``agentflow train --help``
-lists every configuration field with its default.
+config it trains the embedded SmolLM2-135M to call a calculator on two-digit multiplication.
+``agentflow train --help`` lists every configuration field with its default.
 
 Not here: what the commands run (``agentflow.recipe``, ``agentflow.engines.sglang_server``); it only
 parses arguments, prints results and turns agentflow's errors into one-line messages.

@@ -113,7 +113,9 @@ def _train(eta: int, args: argparse.Namespace, run_dir: pathlib.Path, extra: lis
         f"logging.run_dir={run_dir}", "logging.progress=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "agentflow", "train", *overrides], cwd=ROOT, env=env,
+    # examples/addition.yaml: the single-turn addition run these overrides were measured on
+    out = subprocess.run([sys.executable, "-m", "agentflow", "train", str(ROOT / "examples" / "addition.yaml"),
+                          *overrides], cwd=ROOT, env=env,
                          capture_output=True, text=True, preexec_fn=preexec)
     if out.returncode != 0:
         raise SystemExit(f"eta={eta} run failed:\n{out.stderr[-4000:]}")

@@ -1,13 +1,13 @@
 """Rollout-training mismatch of the in-process engine: LocalEngine log-probs vs FSDPEngine's.
 
-Generates answers to the default task's prompts (one-digit addition, the default chat prompt, the
-default sampling: temperature 1, 12 new tokens) with a LocalEngine in each ``--dtypes`` precision,
+Generates answers to the addition run's prompts (``examples/addition.yaml``: one-digit addition, its
+chat prompt, its sampling: temperature 1, 12 new tokens) with a LocalEngine in each ``--dtypes`` precision,
 recomputes their log-probs with an fp32 FSDPEngine holding the same weights, and prints the
 ``mismatch/*`` metrics of :mod:`agentflow.algo._mismatch` per precision (one JSON line each). All
 tokens are of version 0 and the weights are identical, so what remains is numerics.
 
     python benchmarks/bench_mismatch.py                        # tiny random model, seconds
-    python benchmarks/bench_mismatch.py --model smollm2-135m   # the default run's policy
+    python benchmarks/bench_mismatch.py --model smollm2-135m   # the addition run's policy
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import copy
 import json
+import pathlib
 import time
 
 import torch
@@ -25,7 +26,9 @@ from agentflow.algo import mismatch_stats, mismatch_sums, pad_trajectories
 from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
 from agentflow.engines.local import LocalEngine, LocalEngineConfig
 from agentflow.recipe import build
-from agentflow.recipe.config import TrainRecipeConfig
+from agentflow.recipe.config import TrainRecipeConfig, load_recipe_config
+
+ADDITION = pathlib.Path(__file__).resolve().parents[1] / "examples" / "addition.yaml"
 
 
 async def _rollout(cfg: TrainRecipeConfig, model, tok, dtype: str, prompts: int) -> list:
@@ -45,7 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TrainRecipeConfig()
+    cfg = load_recipe_config([str(ADDITION)])
     model, tok = build.model_and_tokenizer(args.model, cfg.model)
     trainer = FSDPEngine(FSDPEngineConfig(device="cpu", temperature=cfg.generation.temperature or 1.0),
                          model=copy.deepcopy(model), tokenizer=tok)

@@ -10,7 +10,7 @@ summary with the speed-up (median step time, off / on) and the largest log-prob 
 the two engines' first forward (exactness; fp32).
 
     python benchmarks/bench_shared_prefix.py                          # tiny model, seconds
-    python benchmarks/bench_shared_prefix.py --model smollm2-135m     # the default run's shape
+    python benchmarks/bench_shared_prefix.py --model smollm2-135m     # the addition run's shape
 """
 
 from __future__ import annotations

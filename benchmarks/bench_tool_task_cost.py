@@ -70,8 +70,9 @@ def train_step(engine: Any, cfg: _recipe.TrainRecipeConfig, trajs: list[Trajecto
 def build(args: argparse.Namespace) -> tuple[Any, ...]:
     from agentflow.workflows.calculator_agent import CalculatorAgentWorkflow
 
-    cfg = _recipe.load_recipe_config((), [f"trainer.max_tokens_per_mb={args.max_tokens_per_mb}",
-                                          f"trainer.total_steps={2 * args.reps * 3}"])
+    addition = Path(__file__).resolve().parents[1] / "examples" / "addition.yaml"  # the addition run
+    cfg = _recipe.load_recipe_config([str(addition)], [f"trainer.max_tokens_per_mb={args.max_tokens_per_mb}",
+                                                       f"trainer.total_steps={2 * args.reps * 3}"])
     model, tok, _ = _recipe._load_model_and_tokenizer("smollm2-135m")
     local = dataclasses.replace(cfg.inference.local, max_seq_len=320)
     engine = _recipe._build_inference(dataclasses.replace(cfg, inference=dataclasses.replace(

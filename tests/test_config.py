@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -140,3 +141,43 @@ def test_the_nccl_group_backend_reaches_the_remote_engine():
     for extra, backend in cases:
         engine = inference_engine(load_recipe_config(overrides=[*base, *extra]), None, None)
         assert engine.config.dist_backend == backend
+
+
+def test_the_default_run_is_the_calculator_run():
+    """``agentflow train`` with no arguments trains the tool-using agent (README, "What the default
+    run does"); examples/calculator.yaml is the same run, 12 steps long."""
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe.build import workflow
+
+    cfg = load_recipe_config()
+    assert (cfg.data.task, cfg.workflow.name, cfg.model.path) == ("calculator", "calculator_agent", "smollm2-135m")
+    assert (cfg.generation.n_samples, cfg.generation.max_new_tokens, cfg.rollout.consumer_batch_size) == (8, 40, 4)
+    assert (cfg.trainer.total_steps, cfg.trainer.eval_every, cfg.trainer.max_tokens_per_mb) == (8, 4, 1024)
+    assert workflow(cfg.workflow, None, None, cfg.generation).config.max_turns == 2  # one call, then the answer
+    calc = load_recipe_config([ROOT / "examples" / "calculator.yaml"],
+                              ["logging.run_dir=runs/agentflow", "trainer.total_steps=8", "trainer.eval_every=4"])
+    assert calc.workflow.options == {"max_turns": 2}
+    assert dataclasses.replace(calc, workflow=cfg.workflow) == cfg
+
+
+def test_the_addition_example_is_the_earlier_default_run():
+    """examples/addition.yaml keeps the single-turn addition run (the default until the calculator
+    run took its place) whole: README's "examples/addition.yaml" figures were measured with it."""
+    from agentflow.recipe import load_recipe_config
+
+    cfg = load_recipe_config([ROOT / "examples" / "addition.yaml"])
+    assert (cfg.data.task, cfg.data.shots, cfg.workflow.name, cfg.workflow.options) == ("addition", 2, "rlvr", {})
+    assert (cfg.generation.n_samples, cfg.generation.max_new_tokens, cfg.generation.temperature) == (8, 12, 1.0)
+    assert (cfg.rollout.consumer_batch_size, cfg.rollout.max_staleness, cfg.train.lr) == (8, 2, 2e-5)
+    assert (cfg.trainer.total_steps, cfg.trainer.eval_every, cfg.trainer.max_tokens_per_mb) == (30, 10, 8192)
+    assert cfg.inference.local.max_seq_len == 256
+
+
+def test_a_config_naming_another_workflow_gets_none_of_the_defaults_options():
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe.build import workflow
+    from agentflow.testing import byte_tokenizer
+
+    cfg = load_recipe_config(overrides=["data.task=addition", "workflow.name=rlvr"])
+    assert cfg.workflow.options == {}
+    workflow(cfg.workflow, byte_tokenizer(), None, cfg.generation)  # no "unknown option" error

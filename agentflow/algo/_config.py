@@ -5,7 +5,7 @@ aggregation (:class:`PPOConfig`).
 Only values live here; the formulas are in :mod:`agentflow.algo._advantages` and
 :mod:`agentflow.algo._loss`, and ``docs/algorithms.md`` says when to use each option. Every
 problem is reported at once in one :class:`ConfigError`. The defaults are the behaviour agentflow
-had before these options existed (the default run's accuracy does not change).
+had before these options existed (a run that sets none of them trains as before).
 
 Not here: using the knobs (:mod:`agentflow.algo._advantages`, :mod:`agentflow.algo._loss`).
 """

@@ -153,7 +153,10 @@ def _calculator_agent(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfi
     from agentflow.workflows.calculator_agent import CalculatorAgentConfig, CalculatorAgentWorkflow
 
     _check_options(spec, [f.name for f in dataclasses.fields(CalculatorAgentConfig)], has_kwargs=False)
-    return CalculatorAgentWorkflow(tokenizer, gconfig, reward_fn, CalculatorAgentConfig(**spec.options))
+    # One call, then the answer. Here rather than in the default ``workflow.options``: those would be
+    # merged into the options of any other workflow a config names.
+    options = {"max_turns": 2, **spec.options}
+    return CalculatorAgentWorkflow(tokenizer, gconfig, reward_fn, CalculatorAgentConfig(**options))
 
 
 # built-in workflow names for ``workflow.name``; anything else is ``module:Class`` or ``file.py:Class``
