@@ -57,8 +57,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def build_engine(model: Any, tokenizer: Any, max_seq_len: int, seed: int) -> Any:
     """The LocalEngine as the recipe builds it, with this benchmark's sequence length and seed."""
-    from agentflow._recipe import InferenceSpec, _default_rollout
     from agentflow.engines.local import LocalEngine
+    from agentflow.recipe.config import InferenceSpec, _default_rollout
 
     local = dataclasses.replace(InferenceSpec().local, max_seq_len=max_seq_len, seed=seed)
     return LocalEngine(model, tokenizer, rollout=_default_rollout(), config=local)
@@ -166,9 +166,9 @@ async def bench_tool_use(engine: Any, tokenizer: Any, args: argparse.Namespace) 
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    from agentflow._recipe import _load_model_and_tokenizer
+    from agentflow.recipe.build import model_and_tokenizer
 
-    model, tokenizer, _ = _load_model_and_tokenizer(args.model)
+    model, tokenizer = model_and_tokenizer(args.model)
     async with build_engine(model, tokenizer, args.max_seq_len, args.engine_seed) as engine:
         if args.workflow == "tool_use":
             print(json.dumps(await bench_tool_use(engine, tokenizer, args)), flush=True)

@@ -6,7 +6,7 @@ side do not (much). In one process, alternating ``--reps`` times, this times:
 - the rollout of one step's batch (``--prompts`` x ``--samples``) of the default addition run
   (RLVRWorkflow, 8 new tokens) and of the calculator task (CalculatorAgentWorkflow, ``--max-new-tokens``
   per turn, ``--max-turns``), on the recipe's LocalEngine;
-- the train step on each of those batches (``_recipe.ppo_step``: proximal forward + PPO update,
+- the train step on each of those batches (``agentflow.algo.ppo_step``: proximal forward + PPO update,
   shared prompts), and on a batch shaped like a *trained* calculator policy (every conversation a
   call, the result and the answer: lengths from the tokenizer, random tokens).
 
@@ -32,8 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agentflow import GenerationConfig, Trajectory, _recipe
+from agentflow import GenerationConfig, Trajectory
+from agentflow.algo import ppo_step
 from agentflow.envs.calculator import calculator_tasks, prompt_messages, result_message
+from agentflow.recipe import TrainRecipeConfig, load_recipe_config
+from agentflow.recipe import build as recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_shared_prefix import make_batch
@@ -61,9 +64,10 @@ async def rollout(engine: Any, workflow: Any, rows: list[Any]) -> tuple[float, l
     return time.perf_counter() - t0, [t for g in groups for t in g]
 
 
-def train_step(engine: Any, cfg: _recipe.TrainRecipeConfig, trajs: list[Trajectory]) -> float:
+def train_step(engine: Any, cfg: TrainRecipeConfig, trajs: list[Trajectory]) -> float:
     t0 = time.perf_counter()
-    _recipe.ppo_step(engine, cfg.algo, cfg.trainer, trajs)
+    ppo_step(engine, cfg.algo, trajs, max_tokens_per_mb=cfg.trainer.max_tokens_per_mb,
+             minibatches=cfg.trainer.ppo_minibatches)
     return time.perf_counter() - t0
 
 
@@ -71,16 +75,15 @@ def build(args: argparse.Namespace) -> tuple[Any, ...]:
     from agentflow.workflows.calculator_agent import CalculatorAgentWorkflow
 
     addition = Path(__file__).resolve().parents[1] / "examples" / "addition.yaml"  # the addition run
-    cfg = _recipe.load_recipe_config([str(addition)], [f"trainer.max_tokens_per_mb={args.max_tokens_per_mb}",
-                                                       f"trainer.total_steps={2 * args.reps * 3}"])
-    model, tok, _ = _recipe._load_model_and_tokenizer("smollm2-135m")
+    cfg = load_recipe_config([str(addition)], [f"trainer.max_tokens_per_mb={args.max_tokens_per_mb}",
+                                               f"trainer.total_steps={2 * args.reps * 3}"])
+    model, tok = recipe.model_and_tokenizer("smollm2-135m")
     local = dataclasses.replace(cfg.inference.local, max_seq_len=320)
-    engine = _recipe._build_inference(dataclasses.replace(cfg, inference=dataclasses.replace(
+    engine = recipe.inference_engine(dataclasses.replace(cfg, inference=dataclasses.replace(
         cfg.inference, local=local)), model, tok)
-    train_engine = _recipe._build_train_engine(cfg, copy.deepcopy(model), tok)
-    add = _recipe._task_data(cfg.data)
-    add_wf = _recipe._build_workflow(cfg.workflow, tok, add.reward,
-                                     GenerationConfig(n_samples=args.samples, max_new_tokens=8))
+    train_engine = recipe.train_engine(cfg, copy.deepcopy(model), tok)
+    add = recipe.task_data(cfg.data)
+    add_wf = recipe.workflow(cfg.workflow, tok, add.reward, GenerationConfig(n_samples=args.samples, max_new_tokens=8))
     calc_wf = CalculatorAgentWorkflow(tok, GenerationConfig(n_samples=args.samples,
                                                             max_new_tokens=args.max_new_tokens),
                                       max_turns=args.max_turns)
