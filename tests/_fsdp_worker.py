@@ -178,9 +178,13 @@ def _receive(port: int, specs_path: str, out_path: str, mode: str) -> None:
     with open(specs_path) as f:
         specs = [WeightSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in json.load(f)]
     pg = init_weight_update_group("127.0.0.1", port, 1, 2, "agentflow_test_update", "gloo", timeout_s=30)
-    if mode == "join-only":
-        return
-    torch.save(receive_tensors(pg, specs, "cpu", timeout_s=30), out_path)
+    try:
+        if mode != "join-only":
+            torch.save(receive_tensors(pg, specs, "cpu", timeout_s=30), out_path)
+    finally:
+        # Leave the group before exiting: a gloo group still alive at interpreter exit can abort the
+        # process ("terminate called without an active exception") after the work is done.
+        torch.distributed.destroy_process_group(pg)
 
 
 if __name__ == "__main__":
