@@ -21,6 +21,7 @@ Not here: building engines, workflows or datasets from a config (``agentflow.rec
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -29,6 +30,7 @@ import pathlib
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -195,6 +197,7 @@ class Trainer:
         self._stop = threading.Event()
         self._nccl_joined = False  # train rank 0 is in the nccl weight-update group
         self._nccl_port = 0  # its rendezvous port, picked at the first nccl update
+        self._nccl_group = ""  # and the group's name
         self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")
         self._vocab_size = _vocab_size(train_engine)
         if not callable(getattr(workflow, "arun_episode", None)):
@@ -266,13 +269,15 @@ class Trainer:
             return
         meta = self._weight_meta(version)
         if meta.type == "nccl":  # the servers receive while train rank 0 broadcasts
+            sending = asyncio.wrap_future(self._start_broadcast(meta, self.engine.weight_update_world_size()))
             receiving = asyncio.get_running_loop().create_task(self.engine.aupdate_weights(meta))
             try:
-                await asyncio.to_thread(self._broadcast, meta, self.engine.weight_update_world_size())
-            except BaseException:
+                async with asyncio.timeout(self.cfg.update_timeout_s):
+                    await asyncio.wait([sending, receiving], return_when=asyncio.FIRST_EXCEPTION)
+                await receiving
+                await sending
+            finally:
                 receiving.cancel()
-                raise
-            await receiving
         else:
             meta = await asyncio.to_thread(self.train_engine.upload_weights, meta)
             await self.engine.aupdate_weights(meta)
@@ -408,16 +413,34 @@ class Trainer:
             return meta
         world = self._call_on_loop(loop, self._world_size(), timeout)
         publishing = asyncio.run_coroutine_threadsafe(self._publish(version, meta), loop)
-        try:
-            self._broadcast(meta, world)
-            publishing.result(timeout)
-        except BaseException as e:
+        broadcasting = self._start_broadcast(meta, world)
+        both = [publishing, broadcasting]
+        done, _ = concurrent.futures.wait(both, timeout, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = [f for f in both if f in done and f.exception() is not None]
+        if failed:
             publishing.cancel()
-            if isinstance(e, TimeoutError):
-                raise EngineError(f"the nccl weight update to version {version} took longer than "
-                                  f"trainer.update_timeout_s={timeout}s; see the logs") from e
-            raise
+            raise failed[0].exception()  # type: ignore[misc]
+        if len(done) < 2:
+            publishing.cancel()
+            raise EngineError(f"the nccl weight update to version {version} took longer than "
+                              f"trainer.update_timeout_s={timeout}s; see the logs")
         return meta
+
+    def _start_broadcast(self, meta: WeightUpdateMeta, world: int) -> concurrent.futures.Future[None]:
+        """:meth:`_broadcast` in a daemon thread of its own, so that a server refusing the update (its
+        error arrives through the inference side) fails the update at once: the join or broadcast
+        it leaves blocked ends at the group's timeout without holding up the process's exit."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                self._broadcast(meta, world)
+                done.set_result(None)
+            except BaseException as e:  # handed to whoever waits on `done`
+                done.set_exception(e)
+
+        threading.Thread(target=run, name="agentflow-nccl-broadcast", daemon=True).start()
+        return done
 
     async def _world_size(self) -> int:
         return int(self.engine.weight_update_world_size())
@@ -444,11 +467,14 @@ class Trainer:
 
             if self._nccl_port == 0:
                 self._nccl_port = self.cfg.nccl_port or _free_port(self.cfg.nccl_address)
+                # A fresh name per run: servers may still hold the group of an earlier run (a crash or
+                # kill -9 of the trainer leaves it), and a name can be joined only once.
+                self._nccl_group = f"agentflow_weight_update_{uuid.uuid4().hex[:8]}"
             specs = {w.name: torch.empty(w.shape, dtype=getattr(torch, w.dtype), device="meta")
                      for w in self.train_engine.weight_specs()}
             return WeightUpdateMeta(type="nccl", state_dict=specs, version=version,
                                     master_address=self.cfg.nccl_address, master_port=self._nccl_port,
-                                    timeout_s=self.cfg.update_timeout_s)
+                                    group_name=self._nccl_group, timeout_s=self.cfg.update_timeout_s)
         path = str(self.run_dir / "weights" / f"v{version:06d}") if kind == "disk" else None
         return WeightUpdateMeta(type=kind, path=path, version=version)
 
