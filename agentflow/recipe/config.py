@@ -121,7 +121,8 @@ class InferenceSpec:
         api_key: remote backend: the servers' ``--api-key``, sent as ``Authorization: Bearer <key>``
             (null = none). ``'${oc.env:NAME}'`` reads it from the environment variable NAME;
             config.json stores it as ``<redacted>``.
-        local: the LocalEngine's settings.
+        local: the LocalEngine's settings (here 64 rows of at most 256 tokens; the KV cache grows
+            in blocks of 32 tokens, so 100-token sequences hold 128 positions per row, not 256).
     """
 
     backend: Literal["local", "remote"] = "local"
@@ -129,7 +130,8 @@ class InferenceSpec:
     protocol: str = "sglang"
     server_wait_timeout_s: float = 120.0
     api_key: str | None = field(default=None, repr=False)
-    local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=256))
+    local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=256,
+                                                                                 cache_block_tokens=32))
 
     def __post_init__(self) -> None:
         problems = []
