@@ -125,12 +125,16 @@ class AdapterSet:
         peft_cfg = _peft_config(config)
         pid = self._ids[name] = f"adapter{self._next_id}"
         self._next_id += 1
-        if self.peft is None:
-            self.peft = get_peft_model(self.base, peft_cfg, adapter_name=pid)
-            self.peft.eval()
-        else:
-            self.peft.add_adapter(pid, peft_cfg)
-            self.peft.eval()  # PEFT's mixed-adapter batches need eval mode
+        # PEFT initialises the new tensors randomly (overwritten by the copy that follows): keep the
+        # global RNG where it was, so loading an adapter does not move the dropout masks of a train
+        # engine in this process (a resumed run creates it at another point than the original one)
+        device = next(self.base.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if self.peft is None:
+                self.peft = get_peft_model(self.base, peft_cfg, adapter_name=pid)
+            else:
+                self.peft.add_adapter(pid, peft_cfg)
+        self.peft.eval()  # PEFT's mixed-adapter batches need eval mode
         self.configs[name] = dict(config)
 
     def _delete(self, name: str) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -164,14 +165,17 @@ class SharedLayout:
 
     The *virtual* layout is every sequence in full, one after another (what packing without sharing
     would produce). ``gather[j]`` is the row holding virtual token ``j``; ``scatter[r]`` is the
-    virtual token whose attention output row ``r`` takes (its first copy). Attention gathers
-    q/k/v into the virtual layout, attends per sequence there and scatters back, and sets ``used``
-    (so the engine can tell a model that does not pass attention keywords through).
+    virtual token whose attention output row ``r`` takes (its first copy). Attention reads the
+    sequences' structure from these (on CPU: each prompt attended once, each continuation against
+    the prompt's rows, ``plan`` caching that per micro-batch; on CUDA: gathered into the virtual
+    layout and scattered back) and sets ``used`` (so the engine can tell a model that does not pass
+    attention keywords through).
     """
 
     gather: torch.Tensor
     scatter: torch.Tensor
     used: bool = False
+    plan: Any = None  # the attention's per-micro-batch plan (engines/_attention.py), made on first use
 
     def to(self, device: torch.device) -> SharedLayout:
         return SharedLayout(self.gather.to(device), self.scatter.to(device))

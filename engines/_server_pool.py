@@ -23,8 +23,9 @@ routes and bodies each operation is. The pool does:
   connect or answers 503 is marked down; a 4xx is the caller's error and is not retried.
 - **Rejoin**: a server that is healthy again is first brought to the weights the others have (the
   last disk update is re-applied unless the server reports its version; a missed broadcast update
-  keeps it down). A disk update is remembered before it is sent, so a server that is down during
-  the update gets it when it returns, before it serves.
+  keeps it down), then through the steps registered with :meth:`ServerPool.on_rejoin` (the LoRA
+  client's: load the current adapters). A disk update is remembered before it is sent, so a server
+  that is down during the update gets it when it returns, before it serves.
 - **Fan-out**: pause, resume and weight updates go to every healthy server at once; a server
   that failed with a retryable error is marked down, any other failure raises.
 - **Deadlines**: every adapter call runs under one (:class:`RemoteEngineConfig`, or the weight
@@ -247,6 +248,7 @@ class ServerPool:
         self._group: tuple[str, int, str] | None = None
         self._waiting: Counter[str] = Counter()  # calls waiting for a server, by operation
         self._wake = asyncio.Event()  # set when a call starts waiting: the probe probes at once
+        self._rejoin_steps: list[Callable[[Server], Awaitable[None]]] = []
 
     # ------------------------------------------------------------------ lifetime
     async def open(self) -> None:
@@ -571,7 +573,17 @@ class ServerPool:
         log.info("server %s is healthy again; it rejoins", s.address)
         await self._mark_up(s)
 
+    def on_rejoin(self, step: Callable[[Server], Awaitable[None]]) -> None:
+        """Run ``await step(server)`` whenever a server rejoins: after its weights caught up, before
+        it counts as up. An :class:`EngineError` keeps it down (the probe tries again later)."""
+        self._rejoin_steps.append(step)
+
     async def _resync(self, s: Server) -> None:
+        await self._resync_weights(s)
+        for step in self._rejoin_steps:
+            await step(s)
+
+    async def _resync_weights(self, s: Server) -> None:
         """Bring a returning server to the weights the others have: re-apply the last disk update
         unless the server reports its version (always, for an update without a version)."""
         cfg = self.config

@@ -70,6 +70,19 @@ async def test_adapter_update_equals_the_merged_model_and_keeps_the_base(tiny, t
         assert eng.model.model.embed_tokens.weight.data_ptr() == base_weight  # not reloaded
 
 
+async def test_loading_adapters_leaves_the_global_rng_alone(tiny):
+    """PEFT draws random initial values for a new adapter (then overwritten): the engine keeps the
+    global RNG where it was, so a train engine's dropout masks in the same process do not depend
+    on when an adapter was first loaded (an exact resume needs that)."""
+    model, tok = tiny
+    a, b = random_adapter(model, seed=1), random_adapter(model, seed=2, rank=8)
+    async with engine(model, tok) as eng:
+        before = torch.get_rng_state()
+        await eng.aupdate_weights(mem_meta("a", a, version=1))
+        await eng.aupdate_weights(mem_meta("b", b, version=2))
+        assert torch.equal(torch.get_rng_state(), before)
+
+
 async def test_one_batch_mixes_adapters_and_the_base(tiny, tmp_path):
     model, tok = tiny
     a, b = random_adapter(model, seed=1), random_adapter(model, seed=2, rank=8, targets=("k_proj", "up_proj"))

@@ -172,3 +172,77 @@ def _spec() -> Any:
     from agentflow import MicroBatchSpec
 
     return MicroBatchSpec()
+
+
+@pytest.mark.integration
+async def test_a_server_that_rejoins_gets_the_current_adapter_before_it_serves(tiny, tmp_path):
+    """Two loopback `agentflow serve` servers behind one RemoteSGLangEngine. A server cut off during
+    an adapter update (still holding the old adapter) and a server restarted with nothing loaded
+    both rejoin with exactly the current adapter and version, before any request reaches them."""
+    from _sglang_helpers import ServerThread
+
+    from agentflow.engines.remote import RemoteEngineConfig, RemoteSGLangEngine
+
+    model, tok = tiny
+
+    def start(port: int = 0) -> tuple[Any, ServerThread]:
+        app = build_app(local_engine(model, tok), model_path="tiny", tokenizer=tok,
+                        config=ServerConfig(enable_lora=True))
+        return app, ServerThread(app, port).start()
+
+    def meta(version: int) -> WeightUpdateMeta:
+        config, tensors = random_adapter(model, seed=version)
+        return WeightUpdateMeta(type="disk", path=saved(tmp_path, f"v{version}", (config, tensors)),
+                                version=version, adapter="policy", lora_config=config)
+
+    async def on_b(path: str, body: Any = None) -> Any:
+        async with httpx.AsyncClient(base_url=f"http://{b.address}") as c:
+            r = await (c.get(path) if body is None else c.post(path, json=body))
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    async def greedy(server: ServerThread, lora: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=f"http://{server.address}") as c:
+            r = await generate(c, input_ids=PROMPT, lora_path=lora)
+            assert r.status_code == 200, r.text
+            return r.json()["output_ids"]
+
+    (app_a, a), (app_b, b) = await asyncio.to_thread(start), await asyncio.to_thread(start)
+    cfg = RemoteEngineConfig(startup_timeout_s=30, probe_interval_s=0.05, backoff_initial_s=0.01)
+    remote = RemoteSGLangEngine([a.address, b.address], tok, config=cfg)
+    try:
+        async with remote:
+            await remote.aupdate_weights(meta(1))
+            assert app_a.state.server.lora.paths.keys() == app_b.state.server.lora.paths.keys() == {"policy-v1"}
+
+            # cut off (not restarted): it misses v2 and still holds v1 when it is healthy again
+            remote.pool.mark_down(remote.servers[1], "cut off by the test")
+            await remote.aupdate_weights(meta(2))
+            await _until_up(remote, 1)
+            assert app_b.state.server.lora.paths == {"policy-v2": str(tmp_path / "v2")}
+            assert (await on_b("/get_model_info"))["weight_version"] == "2"
+
+            # restarted: it comes back with no adapter at all, after v3 was loaded on the other one
+            await asyncio.to_thread(b.stop, force=True)
+            gconfig = GenerationConfig(max_new_tokens=4, temperature=0.0)
+            for _ in range(2):  # round robin: one of them reaches the dead server, fails over to the live one
+                await remote.agenerate(ModelRequest(PROMPT, gconfig))
+            assert not remote.servers[1].up
+            await remote.aupdate_weights(meta(3))
+            app_b, b = await asyncio.to_thread(start, b.port)
+            await _until_up(remote, 1)
+            assert app_b.state.server.lora.paths == {"policy-v3": str(tmp_path / "v3")}
+            assert (await on_b("/get_model_info"))["weight_version"] == "3"
+            assert await greedy(b, "policy-v3") == await greedy(a, "policy-v3")
+            outs = await asyncio.gather(*(remote.agenerate(ModelRequest(PROMPT, gconfig)) for _ in range(6)))
+            assert all(o.output_versions == [3] * 4 for o in outs)
+    finally:
+        await asyncio.to_thread(a.stop)
+        await asyncio.to_thread(b.stop)
+
+
+async def _until_up(remote: Any, i: int, wait_s: float = 30.0) -> None:
+    end = time.monotonic() + wait_s
+    while not remote.servers[i].up:
+        assert time.monotonic() < end, f"server {i} did not rejoin: {remote.servers[i].last_error}"
+        await asyncio.sleep(0.02)

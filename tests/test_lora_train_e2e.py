@@ -1,14 +1,17 @@
 """``agentflow train train.lora.rank=...`` end to end on the tiny model: adapter-only updates and
-checkpoints, the KL reference without a second model, resume, ``agentflow eval`` on a LoRA
-checkpoint and ``agentflow merge-lora``."""
+checkpoints, the KL reference without a second model, resume (after ``kill -9``, bit-identical),
+``agentflow eval`` on a LoRA checkpoint and ``agentflow merge-lora``."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,3 +66,67 @@ def test_lora_train_resume_eval_and_merge(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_lora_sigkill_then_resume_repeats_the_next_step_bit_for_bit(tmp_path):
+    """``kill -9`` a LoRA run, resume it from a checkpoint, and the step after that checkpoint is
+    the uninterrupted run's to the bit: same batch, same loss, same adapter and AdamW moments.
+
+    The run checkpoints every step and is killed once step 5's checkpoint is complete. Step 5's
+    checkpoint is then moved aside, so ``--resume`` starts from step 4's (as after a kill during
+    step 5) and computes step 5 again; the moved-aside checkpoint and the metrics line of the first
+    step 5 are the uninterrupted run's. Rollouts of the tiny model finish long before a train step,
+    so step 5's batch is in step 4's checkpointed buffer (asserted: the same prompts). LoRA dropout
+    is on, so the restored RNG matters too."""
+    from safetensors.torch import load_file
+
+    from agentflow.engines.fsdp import _load_plain
+
+    run = tmp_path / "run"
+    args = ["train", TINY, f"logging.run_dir={run}", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10",
+            "train.lora.rank=4", "train.lora.dropout=0.1", "train.lr=1.0e-3", "trainer.eval_every=0",
+            "algo.ppo.entropy_coef=0.05"]  # the random model earns no reward: the entropy bonus moves the adapter
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "agentflow", *args, "trainer.total_steps=8"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = run / "checkpoints"
+    deadline = time.monotonic() + 240
+    try:
+        while not (ckpts / "step-000005" / "COMPLETE").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 5 within 240 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    first = {r["step"]: r for r in read_metrics(run) if "reward/mean" in r}  # before the resume
+    uninterrupted = tmp_path / "uninterrupted-step-5"
+    shutil.move(ckpts / "step-000005", uninterrupted)
+    for later in ckpts.glob("step-*"):
+        if later.name > "step-000005":
+            shutil.rmtree(later)
+    (ckpts / "latest").write_text("step-000004")
+
+    out = _agentflow(*args, "trainer.total_steps=5", "--resume", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = [r for r in read_metrics(run) if "reward/mean" in r and r["step"] == 5][-1]
+    assert resumed["prompts"] == first[5]["prompts"], "step 5 trained on another batch after the resume"
+    assert first[5]["train/grad_norm"] > 0  # the step changed the adapter
+    for key in ("train/loss", "train/grad_norm", "reward/mean"):
+        assert resumed[key] == first[5][key], key
+    again = ckpts / "step-000005" / "model"
+    a = load_file(uninterrupted / "model" / "adapter_model.safetensors")
+    b = load_file(again / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    opt_a = _load_plain(str(uninterrupted / "model" / "agentflow_train_state.pt"))["optimizer"]["state"]
+    opt_b = _load_plain(str(again / "agentflow_train_state.pt"))["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    assert all(torch_equal(opt_a[k][m], opt_b[k][m]) for k in opt_a for m in ("exp_avg", "exp_avg_sq"))
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))

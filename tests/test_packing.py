@@ -160,3 +160,49 @@ def test_length_bucketed_attention_equals_one_call_per_sequence():
     (g1,) = torch.autograd.grad(got.square().sum(), q)
     (g2,) = torch.autograd.grad(ref.square().sum(), q)
     torch.testing.assert_close(g1, g2, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2])
+def test_shared_prompt_attention_equals_each_sequence_in_full(kv_heads):
+    """Prompts held once (continuations attend to the prompt's rows under a mask, in chunks) give
+    the attention, and its gradients, of every sequence laid out in full."""
+    import torch.nn.functional as F
+
+    from agentflow.engines._attention import _per_segment
+
+    torch.manual_seed(0)
+    # (prompt length, continuation lengths): short and long continuations, a 12-sample group cut
+    # into chunks, a one-token prompt, a sequence sharing nothing
+    specs = [(10, [3, 5, 1, 7]), (5, [40, 2]), (1, [12]), (30, [4] * 12), (3, [1]), (2, [3, 3]), (70, [9] * 9)]
+    ids, lm = [], []
+    for p, conts in specs:
+        prompt = torch.randint(1, 50, (p,))
+        for c in conts:
+            ids.append(torch.cat([prompt, torch.randint(1, 50, (c,))]))
+            lm.append(torch.cat([torch.zeros(p, dtype=torch.long), torch.ones(c, dtype=torch.long)]))
+    width = max(len(x) for x in ids)
+    batch = {"input_ids": torch.stack([F.pad(x, (0, width - len(x))) for x in ids]),
+             "attention_mask": torch.stack([F.pad(torch.ones(len(x), dtype=torch.long), (0, width - len(x)))
+                                            for x in ids]),
+             "loss_mask": torch.stack([F.pad(x, (0, width - len(x))) for x in lm])}
+    seqs = split_sequences(normalize_batch(batch))
+    mb = pack(seqs, share_prefixes(seqs))
+    assert mb.shared is not None and mb.n_tokens < int(mb.cu_seqlens[-1])
+    rows = mb.n_tokens
+    q = torch.randn(1, 6, rows, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, rows, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    got = _per_segment(q, k, v, mb.cu_seqlens, None, 0.0, mb.shared)
+    qv, kv, vv = (x.index_select(2, mb.shared.gather) for x in (q, k, v))
+    ref = torch.cat([F.scaled_dot_product_attention(qv[:, :, s:e], kv[:, :, s:e], vv[:, :, s:e], is_causal=True,
+                                                    enable_gqa=kv_heads != 6)
+                     for s, e in itertools.pairwise(mb.cu_seqlens.tolist())], 2)
+    ref = ref.transpose(1, 2).index_select(1, mb.shared.scatter)  # each row's first copy
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    w = torch.randn_like(got)
+    for g1, g2 in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v)),
+                      strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-12, rtol=0)
+    plan = mb.shared.plan  # made once per micro-batch; every layer reuses it (and its masks)
+    assert plan is not None
+    assert torch.equal(_per_segment(q, k, v, mb.cu_seqlens, None, 0.0, mb.shared), got)
+    assert mb.shared.plan is plan

@@ -22,6 +22,7 @@ from typing import Any
 
 from agentflow._data import PromptSource
 from agentflow._engine_api import SaveLoadMeta, TrainEngine
+from agentflow._memory import mmap_large_allocations
 from agentflow._metrics import MetricsLogger
 from agentflow._ranks import LeadEngine, Ranks, StepPlan, follow
 from agentflow._stop import GracefulStop
@@ -46,6 +47,7 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     """Run ``agentflow train``; returns a one-line summary."""
     checkpoint = check_run_dir(cfg, resume)  # nothing is written before the run is known to start
     run_dir = pathlib.Path(cfg.logging.run_dir)
+    mmap_large_allocations()  # freed activations go back to the OS at once (agentflow/_memory.py)
     if cfg.threads:
         import torch
 

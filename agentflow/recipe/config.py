@@ -131,7 +131,8 @@ class InferenceSpec:
         dist_backend: remote backend with ``trainer.weight_update=nccl``: the broadcast group's
             backend on both ends (``nccl`` for GPU servers, ``gloo`` for CPU ones; null = ``nccl``
             when this machine has CUDA, else ``gloo``).
-        local: the LocalEngine's settings.
+        local: the LocalEngine's settings (here 64 rows of at most 320 tokens; the KV cache grows
+            in blocks of 32 tokens, so 100-token sequences hold 128 positions per row, not 320).
     """
 
     backend: Literal["local", "remote"] = "local"
@@ -140,7 +141,8 @@ class InferenceSpec:
     server_wait_timeout_s: float = 120.0
     api_key: str | None = field(default=None, repr=False)
     dist_backend: Literal["nccl", "gloo"] | None = None
-    local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=320))
+    local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=320,
+                                                                                 cache_block_tokens=32))
 
     def __post_init__(self) -> None:
         problems = []
