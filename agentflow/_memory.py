@@ -58,7 +58,7 @@ def mmap_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     come from the heap, whose freed holes count in the resident size until ``trim_heap``, and
     freed holes of the generation thread's arena and the trainer's stack up. Fixed at 1 MiB,
     the default LoRA run's peak resident size measured 4.03 -> 3.11 GiB over 5 steps, with no
-    slower steps (docs/benchmarks.md).
+    slower steps (docs/lora.md, "Where the memory went").
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
