@@ -60,7 +60,7 @@ class AgentCommandConfig:
     data_via: Literal["stdin", "env"] = "stdin"
     timeout_s: float = 300.0
     max_output_bytes: int = 1 << 20
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # often API keys: never in a repr
     cwd: str | None = None
     gconfig: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=256))
     style: Literal["individual", "concat"] = "concat"

@@ -21,12 +21,13 @@ import time
 from typing import Any
 
 from agentflow._checkpoint import Checkpointer
+from agentflow._metrics import MetricsLogger
 from agentflow.config import to_dict
 from agentflow.errors import CheckpointError, ConfigError
-from agentflow.recipe.config import TrainRecipeConfig
+from agentflow.recipe.config import REDACTED, TrainRecipeConfig, redact_options
 
-__all__ = ["check_run_dir", "commit_run_dir", "describe_config_change", "resume_failure", "saved_form",
-           "warn_bent_options"]
+__all__ = ["check_run_dir", "commit_run_dir", "describe_config_change", "drop_metrics_after", "open_metrics",
+           "resume_failure", "saved_form", "warn_bent_options"]
 
 log = logging.getLogger("agentflow.train")
 
@@ -37,6 +38,8 @@ def check_run_dir(cfg: TrainRecipeConfig, resume: bool) -> pathlib.Path | None:
     run_dir = pathlib.Path(cfg.logging.run_dir)
     _check_writable(run_dir)
     ckpts = Checkpointer(run_dir)
+    if problems := ckpts.problems():
+        raise ConfigError(problems)
     if resume:
         latest = ckpts.latest_intact()
         if latest is None:
@@ -67,8 +70,10 @@ def _check_writable(run_dir: pathlib.Path) -> None:
                           "system is read-only); point logging.run_dir at a writable directory")
 
 
-def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
-    """Create the run directory and write ``config.json`` (the run is known to be startable)."""
+def commit_run_dir(cfg: TrainRecipeConfig, resumed_step: int | None) -> pathlib.Path:
+    """Create the run directory and write ``config.json`` (the run is known to be startable).
+    A resumed run (``resumed_step``) drops the metrics of steps after that checkpoint: they are
+    trained again, and would otherwise appear twice in ``metrics.jsonl``."""
     run_dir = pathlib.Path(cfg.logging.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +81,9 @@ def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
         raise ConfigError(f"cannot create logging.run_dir={run_dir} ({e.strerror}); point logging.run_dir at a "
                           "writable directory") from e
     stale = run_dir / "metrics.jsonl"
-    if not resumed and stale.exists():
+    if resumed_step is not None:
+        drop_metrics_after(stale, resumed_step)
+    elif stale.exists():
         aside = run_dir / f"metrics.stale-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         stale.rename(aside)
         log.warning("%s had no checkpoint (its run stopped before the first one): starting afresh; its metrics "
@@ -85,11 +92,46 @@ def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
     return run_dir
 
 
+def drop_metrics_after(path: pathlib.Path, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` without the records of steps after ``step`` (and torn lines);
+    returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.warning("resuming at step %d: dropped %d metrics records of later steps (they are trained again)",
+                    step, dropped)
+    return dropped
+
+
+def open_metrics(cfg: TrainRecipeConfig) -> MetricsLogger:
+    """The run's metrics sinks; wandb gets the same redacted configuration as ``config.json``."""
+    lg = cfg.logging
+    return MetricsLogger(lg.run_dir, tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,
+                         config=saved_form(cfg))
+
+
 def saved_form(cfg: TrainRecipeConfig) -> dict[str, Any]:
-    """The config as plain data for ``config.json``, secrets (``inference.api_key``) redacted."""
+    """The config as plain data for every sink (``config.json``, wandb), secrets redacted:
+    ``inference.api_key`` and, in ``workflow.options`` and ``data.options``, what
+    :func:`~agentflow.recipe.config.redact_options` names."""
     data = to_dict(cfg)
     if data["inference"].get("api_key") is not None:
-        data["inference"]["api_key"] = "<redacted>"
+        data["inference"]["api_key"] = REDACTED
+    for section in ("workflow", "data"):
+        data[section]["options"] = redact_options(data[section]["options"])
     return data
 
 

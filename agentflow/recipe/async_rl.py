@@ -28,13 +28,13 @@ from agentflow._ranks import LeadEngine, Ranks, StepPlan, follow
 from agentflow._stop import GracefulStop
 from agentflow._trainer import EvalSpec, Trainer, evaluate
 from agentflow.algo import group_filter
-from agentflow.config import to_dict
 from agentflow.errors import CheckpointError, Interrupted
 from agentflow.recipe import build
 from agentflow.recipe._startup import (
     check_run_dir,
     commit_run_dir,
     describe_config_change,
+    open_metrics,
     resume_failure,
     warn_bent_options,
 )
@@ -84,9 +84,8 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     )
     if checkpoint is not None:
         _resume(trainer, checkpoint, cfg)
-    commit_run_dir(cfg, resumed=checkpoint is not None)
-    trainer.metrics = metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                                              wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+    commit_run_dir(cfg, resumed_step=trainer.state.step if checkpoint is not None else None)
+    trainer.metrics = metrics = open_metrics(cfg)
 
     t0 = time.perf_counter()
     stop = GracefulStop(trainer.request_stop, lambda: _where(trainer), grace_s=cfg.trainer.stop_grace_s)
