@@ -239,3 +239,19 @@ def test_wandb_gets_the_redacted_config(tmp_path, monkeypatch):
     open_metrics(cfg).close()
     assert seen["config"]["inference"]["api_key"] == "<redacted>"
     assert not [s for s in SECRETS if s in repr(seen["config"])], seen["config"]
+
+
+def test_a_max_seq_len_shorter_than_every_prompt_is_refused_at_start():
+    from agentflow.envs.tasks import build_task
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe._startup import check_prompts_fit
+    from agentflow.testing import byte_tokenizer
+
+    cfg = load_recipe_config(overrides=["data.task=addition", "inference.local.max_seq_len=16",
+                                        "generation.max_new_tokens=8"])
+    rows = build_task(cfg.data).train
+    with pytest.raises(ConfigError, match=r"inference.local.max_seq_len=16 is not longer than any of the first 32 "
+                                          r"training prompts \(shortest \d+ tokens"):
+        check_prompts_fit(cfg, rows, byte_tokenizer())
+    roomy = load_recipe_config(overrides=["data.task=addition", "inference.local.max_seq_len=4096"])
+    check_prompts_fit(roomy, rows, byte_tokenizer())

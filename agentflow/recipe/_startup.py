@@ -13,6 +13,7 @@ Not here: building the run (:mod:`agentflow.recipe.build`) or running it (:mod:`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,8 +27,8 @@ from agentflow.config import to_dict
 from agentflow.errors import CheckpointError, ConfigError
 from agentflow.recipe.config import REDACTED, TrainRecipeConfig, redact_options
 
-__all__ = ["check_run_dir", "commit_run_dir", "describe_config_change", "drop_metrics_after", "open_metrics",
-           "resume_failure", "saved_form", "warn_bent_options"]
+__all__ = ["check_prompts_fit", "check_run_dir", "commit_run_dir", "describe_config_change", "drop_metrics_after",
+           "open_metrics", "resume_failure", "saved_form", "warn_bent_options", "with_trajectory_cap"]
 
 log = logging.getLogger("agentflow.train")
 
@@ -164,6 +165,37 @@ def warn_bent_options(cfg: TrainRecipeConfig, n_train: int) -> list[str]:
     for w in warnings:
         log.warning("%s", w)
     return warnings
+
+
+def with_trajectory_cap(cfg: TrainRecipeConfig) -> TrainRecipeConfig:
+    """``cfg`` with ``rollout.max_trajectory_tokens`` defaulting to ``trainer.max_tokens_per_mb``: a
+    longer trajectory cannot be trained on, so it is dropped when accepted, not at the train step."""
+    cap = cfg.trainer.max_tokens_per_mb
+    if cfg.rollout.max_trajectory_tokens is not None or cap is None:
+        return cfg
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_trajectory_tokens=cap))
+
+
+def check_prompts_fit(cfg: TrainRecipeConfig, rows: list[dict[str, Any]], tokenizer: Any, sample: int = 32) -> None:
+    """With the local engine, raise :class:`ConfigError` when even the shortest of the first
+    ``sample`` training prompts (its chat messages alone, before any tools a workflow adds) leaves
+    no room for one token under ``inference.local.max_seq_len``: every episode would be refused."""
+    from agentflow.envs.tasks import Task
+
+    if cfg.inference.backend != "local" or not rows or not hasattr(tokenizer, "apply_chat_template"):
+        return
+    cap = cfg.inference.local.max_seq_len
+    def length(row: dict[str, Any]) -> int:
+        text = tokenizer.apply_chat_template(Task.from_data(row).messages(), tokenize=False, add_generation_prompt=True)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    lengths = [length(r) for r in rows[:sample]]
+    if min(lengths) >= cap:
+        raise ConfigError(f"inference.local.max_seq_len={cap} is not longer than any of the first {len(lengths)} "
+                          f"training prompts (shortest {min(lengths)} tokens, longest {max(lengths)}); expected "
+                          "room for the prompt and an answer. Raise inference.local.max_seq_len above "
+                          f"{max(lengths) + cfg.generation.max_new_tokens} or shorten the prompts (data.shots, "
+                          "data.system).")
 
 
 def resume_failure(e: BaseException, checkpoint: pathlib.Path, change: str) -> CheckpointError:
