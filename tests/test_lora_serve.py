@@ -17,7 +17,7 @@ from test_lora_local import random_adapter
 from agentflow import GenerationConfig, ModelRequest, WeightUpdateMeta
 from agentflow.engines._lora import LoRAConfig, write_adapter
 from agentflow.engines.local import LocalEngine, LocalEngineConfig
-from agentflow.engines.sglang_server import ServerConfig, build_app
+from agentflow.engines.serve.server import ServerConfig, build_app
 
 pytest.importorskip("peft")
 
@@ -92,8 +92,8 @@ async def test_lora_routes_need_enable_lora(tiny, tmp_path):
 
 
 def test_serve_flags_reach_the_engine_and_the_sglang_command():
-    from agentflow.engines._lora_serve import apply_lora_flags, parse_lora_paths, sglang_lora_flags
-    from agentflow.engines.sglang_server import _parse_args
+    from agentflow.engines.serve._lora import apply_lora_flags, parse_lora_paths, sglang_lora_flags
+    from agentflow.engines.serve.server import _parse_args
 
     args = _parse_args(["--enable-lora", "--max-lora-rank", "32", "--lora-target-modules", "q_proj", "v_proj",
                         "--max-loras-per-batch", "4", "--lora-paths", "a=/x", "/y",

@@ -15,7 +15,7 @@ The engine must have ``load_adapter(name, path)`` and ``unload_adapter(name)``
 (``PATH``, ``NAME=PATH`` or SGLang's JSON ``{"lora_name", "lora_path", "pinned"}``); with
 ``--backend sglang`` they are passed on to SGLang unchanged.
 
-Not here: the engine side (``_lora_local.py``), the other routes (``_sglang_routes.py``).
+Not here: the engine side (``local/_lora.py``), the other routes (``_routes.py``).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from agentflow.engines._lora import LORA_KEY
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from agentflow.engines._sglang_protocol import GenerateItem
+    from agentflow.engines.serve._protocol import GenerateItem
 
-__all__ = ["LoraServing", "add_lora_arguments", "add_lora_routes", "apply_lora_flags", "lora_paths_of",
-           "parse_lora_paths", "sglang_lora_flags"]
+__all__ = ["LoraServing", "add_lora_arguments", "add_lora_routes", "apply_lora_flags", "parse_lora_paths",
+           "sglang_lora_flags"]
 
 _NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
 
@@ -117,17 +117,6 @@ def request_metadata(item: GenerateItem) -> dict[str, Any]:
     """``ModelRequest.metadata`` for an item: always names its adapter (None = the base model,
     SGLang's meaning of a request without ``lora_path``)."""
     return {LORA_KEY: item.lora_path}
-
-
-def lora_paths_of(body: dict[str, Any], n: int) -> list[str | None]:
-    """``lora_path`` of a ``/generate`` body, one entry per prompt (ValueError on a bad shape)."""
-    v = body.get("lora_path")
-    if v is None or isinstance(v, str):
-        return [v] * n
-    if isinstance(v, list) and len(v) == n and all(x is None or isinstance(x, str) for x in v):
-        return list(v)
-    raise ValueError(f"`lora_path` must be a string, null, or a list of {n} strings or nulls (one per prompt); "
-                     f"got {v!r}")
 
 
 # ----------------------------------------------------------------------------------- routes

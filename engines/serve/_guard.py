@@ -14,7 +14,7 @@
   generations stop using the engine (a streaming one is cancelled by the server framework).
 
 :func:`check_bind` refuses a non-loopback bind without an API key. Not here: the routes' own
-semantics (``engines/_sglang_routes.py``).
+semantics (``engines/serve/_routes.py``).
 """
 
 from __future__ import annotations
