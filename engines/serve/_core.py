@@ -40,6 +40,8 @@ class ServerConfig:
         host, port: reported by ``/get_server_info``.
         enable_lora: answer ``/load_lora_adapter`` and ``/unload_lora_adapter`` (SGLang's ``--enable-lora``).
         lora_paths: (name, path) of adapters loaded at start.
+        lora_dirs: the directories ``/load_lora_adapter`` may load adapters from (``--lora-dir``);
+            a path outside them is refused, and so is every runtime load when there are none.
     """
 
     chunk_tokens: int = 16
@@ -51,6 +53,7 @@ class ServerConfig:
     port: int = 30000
     enable_lora: bool = False
     lora_paths: tuple[tuple[str, str], ...] = ()
+    lora_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1:
@@ -161,7 +164,7 @@ class SGLangServer:
         self.shutting_down = False
         self.eos_ids = _eos_ids(tokenizer)
         self._abortable = callable(getattr(engine, "abort", None))  # whole requests, aborted in the engine
-        self.lora = LoraServing(engine, config.enable_lora or bool(config.lora_paths))
+        self.lora = LoraServing(engine, config.enable_lora or bool(config.lora_paths), config.lora_dirs)
 
     # ------------------------------------------------------------------ versions
     def version_name(self, v: int) -> str:

@@ -108,7 +108,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     config = ServerConfig(chunk_tokens=args.chunk_tokens, weight_version=args.weight_version,
                           context_length=ctx, host=args.host, port=args.port,
                           enable_lora=apply_lora_flags(engine, args),
-                          lora_paths=tuple(parse_lora_paths(args.lora_paths)))
+                          lora_paths=tuple(parse_lora_paths(args.lora_paths)), lora_dirs=tuple(args.lora_dir or ()))
     limits = dataclasses.replace(limits, vocab_size=_vocab_size(engine, tokenizer), max_new_tokens=ctx)
     app = build_app(engine, model_path=model_path, tokenizer=tokenizer, config=config, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
