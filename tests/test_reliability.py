@@ -605,7 +605,7 @@ def test_a_really_full_disk_is_named(tmp_path):
 def test_a_train_state_holding_objects_is_refused_not_executed(tmp_path, monkeypatch):
     import torch
 
-    from agentflow.engines.fsdp import _load_plain
+    from agentflow.engines.fsdp.engine import _load_plain
 
     monkeypatch.chdir(tmp_path)
     torch.save({"optimizer": _Evil()}, tmp_path / "agentflow_train_state.pt")
