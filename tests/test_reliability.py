@@ -413,8 +413,8 @@ def test_token_ids_outside_the_vocabulary_reject_the_trajectory_not_the_run(capl
 async def _serve_client(limits=None, latency: float = 0.0):
     import httpx
 
-    from agentflow.engines._serve_guard import ServeLimits
-    from agentflow.engines.sglang_server import ServerConfig, build_app
+    from agentflow.engines.serve._guard import ServeLimits
+    from agentflow.engines.serve.server import ServerConfig, build_app
     from agentflow.testing import FakeEngine, byte_tokenizer
 
     engine = FakeEngine(latency=latency)
@@ -427,7 +427,7 @@ async def _serve_client(limits=None, latency: float = 0.0):
 
 
 async def test_serve_api_key_has_sglang_semantics():
-    from agentflow.engines._serve_guard import ServeLimits
+    from agentflow.engines.serve._guard import ServeLimits
 
     engine, _, c = await _serve_client(ServeLimits(api_key="k1", admin_api_key="admin"))
     try:
@@ -450,7 +450,7 @@ async def test_serve_api_key_has_sglang_semantics():
 
 def test_serve_refuses_a_public_bind_without_a_key():
     from agentflow import ConfigError
-    from agentflow.engines._serve_guard import ServeLimits, check_bind
+    from agentflow.engines.serve._guard import ServeLimits, check_bind
 
     with pytest.raises(ConfigError, match=r"non-loopback host '0\.0\.0\.0' without --api-key"):
         check_bind("0.0.0.0", ServeLimits())
@@ -466,7 +466,7 @@ def test_serve_refuses_a_public_bind_without_a_key():
     ({"input_ids": [1], "pad": "x" * (5 << 20)}, 413, "larger than the server's limit"),
 ])
 async def test_serve_caps_requests_with_4xx(body, status, expected):
-    from agentflow.engines._serve_guard import ServeLimits
+    from agentflow.engines.serve._guard import ServeLimits
 
     engine, app, c = await _serve_client(ServeLimits(vocab_size=259, max_new_tokens=4096))
     try:
@@ -486,7 +486,7 @@ async def test_serve_aborts_generations_whose_client_went_away():
     import httpx
     from _sglang_helpers import ServerThread
 
-    from agentflow.engines.sglang_server import ServerConfig, build_app
+    from agentflow.engines.serve.server import ServerConfig, build_app
     from agentflow.testing import FakeEngine, byte_tokenizer
 
     engine = FakeEngine(latency=0.05)
@@ -610,7 +610,7 @@ def test_a_really_full_disk_is_named(tmp_path):
 def test_a_train_state_holding_objects_is_refused_not_executed(tmp_path, monkeypatch):
     import torch
 
-    from agentflow.engines.fsdp import _load_plain
+    from agentflow.engines.fsdp.engine import _load_plain
 
     monkeypatch.chdir(tmp_path)
     torch.save({"optimizer": _Evil()}, tmp_path / "agentflow_train_state.pt")
