@@ -20,8 +20,15 @@ def _trainer_state(step: int) -> dict:
 
 
 def _rollout_state(step: int) -> dict:
-    traj = {"input_ids": [1, 2], "loss_mask": [0, 1], "logprobs": [0.0, -0.5], "versions": [-1, step],
-            "reward": 1.0, "group_id": "g", "info": {}}
+    traj = {
+        "input_ids": [1, 2],
+        "loss_mask": [0, 1],
+        "logprobs": [0.0, -0.5],
+        "versions": [-1, step],
+        "reward": 1.0,
+        "group_id": "g",
+        "info": {},
+    }
     group = {"group_id": "g", "data": {"q": step}, "requeues": 0, "trajectories": [traj]}
     return {"buffer": {"version": step, "groups": [group]}, "pending": [{"group_id": "h", "data": {"q": 1}}]}
 
@@ -119,19 +126,31 @@ def _not_a_torch_archive(path):
 
 
 WRONG_SHAPES = {
-    "rollout buffer is a number": (lambda p: _rewrite(p, "rollout.json", lambda r: {**r, "buffer": 5}),
-                                   r"rollout.json: buffer: expected a JSON object, got int 5"),
-    "trajectory without its fields": (lambda p: _rewrite(p, "rollout.json", _drop_traj_fields),
-                                      r"trajectories\[0\]: missing loss_mask"),
-    "trajectory fields disagree": (lambda p: _rewrite(p, "rollout.json", _bad_traj_lengths),
-                                   r"not a valid trajectory: Trajectory fields disagree"),
-    "step is a string": (lambda p: _rewrite(p, "trainer.json", lambda t: {**t, "step": "6"}),
-                         r"trainer.json: step: expected an integer >= 0, got str '6'"),
-    "trainer.json without data": (lambda p: _rewrite(p, "trainer.json", lambda t: {"step": t["step"]}),
-                                  r"trainer.json: missing data"),
+    "rollout buffer is a number": (
+        lambda p: _rewrite(p, "rollout.json", lambda r: {**r, "buffer": 5}),
+        r"rollout.json: buffer: expected a JSON object, got int 5",
+    ),
+    "trajectory without its fields": (
+        lambda p: _rewrite(p, "rollout.json", _drop_traj_fields),
+        r"trajectories\[0\]: missing loss_mask",
+    ),
+    "trajectory fields disagree": (
+        lambda p: _rewrite(p, "rollout.json", _bad_traj_lengths),
+        r"not a valid trajectory: Trajectory fields disagree",
+    ),
+    "step is a string": (
+        lambda p: _rewrite(p, "trainer.json", lambda t: {**t, "step": "6"}),
+        r"trainer.json: step: expected an integer >= 0, got str '6'",
+    ),
+    "trainer.json without data": (
+        lambda p: _rewrite(p, "trainer.json", lambda t: {"step": t["step"]}),
+        r"trainer.json: missing data",
+    ),
     "model/ missing": (lambda p: _remove(p, "model"), r"model is missing or not a directory"),
-    "train state missing": (lambda p: _remove(p, "model/agentflow_train_state.pt"),
-                            r"agentflow_train_state.pt is missing; expected the optimiser"),
+    "train state missing": (
+        lambda p: _remove(p, "model/agentflow_train_state.pt"),
+        r"agentflow_train_state.pt is missing; expected the optimiser",
+    ),
     "train state not a torch archive": (_not_a_torch_archive, r"not a torch.save archive"),
 }
 
