@@ -49,8 +49,9 @@ Json = dict[str, Any]
 
 _PASSED = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
            "stop_sequences": "stop", "chat_template_kwargs": "chat_template_kwargs", "model": "model"}
+# Handled below, or informational (accounting, routing and caching hints of Anthropic's service).
 _IGNORED = frozenset({"metadata", "service_tier", "stream", "system", "messages", "tools", "tool_choice",
-                      "cache_control", "inference_geo"})
+                      "cache_control", "inference_geo", "diagnostics", "speed", "user_profile_id", "workspace_id"})
 # Accepted only as given here (None = left out), with what to do instead.
 _DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "thinking": ((None, {"type": "disabled"}), "the model reasons as its chat template renders it; leave "
