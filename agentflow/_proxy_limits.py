@@ -30,12 +30,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from agentflow.errors import ConfigError
+from agentflow.errors import AgentflowError, ConfigError
 
 __all__ = ["LimitExceeded", "ProxyLimits", "TokenBudget", "deadline_protocol"]
 
 
-class LimitExceeded(ConfigError):
+class LimitExceeded(AgentflowError):
     """A request beyond one of the proxy's :class:`ProxyLimits` (the proxy answers 413)."""
 
 

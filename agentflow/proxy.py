@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from agentflow._engine_api import InferenceEngine
     from agentflow._toolcalls import ToolParser
 
-__all__ = ["ProxyServer", "Session"]
+__all__ = ["ProxyLimits", "ProxyServer", "Session"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ class ProxyServer:
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._tg: asyncio.TaskGroup | None = None
+        self._stop_requested = False
         self.app = self._build_app()
 
     # ------------------------------------------------------------------ sessions
@@ -296,6 +297,7 @@ class ProxyServer:
             http=deadline_protocol(_http_protocol(), lim.header_timeout_s),
         )
         self._server = _QuietServer(config)
+        self._server.should_exit = self._stop_requested  # stop() may have come before this task ran
         try:
             await self._server.serve(sockets=[sock])
         finally:
@@ -305,6 +307,7 @@ class ProxyServer:
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return (it finishes in-flight requests first)."""
+        self._stop_requested = True
         if self._server is not None:
             self._server.should_exit = True
 
