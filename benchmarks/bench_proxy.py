@@ -12,6 +12,12 @@ rounds so that load changes on a shared machine hit them alike; ``ratio_vs_chat`
 mean over its group's non-streamed chat mean, measured in the same process (``p50_ratio_vs_chat``:
 the same with medians, steadier under load).
 
+A second proxy group compares the other routes with chat completions in the same rounds:
+Anthropic's Messages API with the official ``anthropic`` SDK (plain, and streamed with every event
+read), and vLLM's tokens-only route (``/inference/v1/generate``) with plain httpx beside chat
+completions with plain httpx (an SDK-free pair: ``ratio_vs_chat`` of the tokens route is over
+``proxy_httpx_chat``). Skipped without the ``anthropic`` package.
+
 Prints one JSON line per mode:
   {"bench": "proxy", "mode": ..., "api": "chat" | "responses", "stream": bool, "requests": N,
    "concurrency": C, "req_per_s": ..., "mean_ms": ..., "p50_ms": ..., "p99_ms": ...,
@@ -31,6 +37,11 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import openai
+
+try:
+    import anthropic
+except ImportError:  # the Messages API rows need it
+    anthropic = None
 
 from agentflow import GenerationConfig, ModelRequest, OpenAIClient
 from agentflow.proxy import ProxyServer
@@ -127,6 +138,62 @@ async def _compare(prefix: str, calls: list[Call], n: int, rounds: int, base_ms:
     return rows
 
 
+def _other_api_calls(session: object, sdk: openai.AsyncOpenAI, http: httpx.AsyncClient, tok: object,
+                     anthropic_sdk: object) -> list[tuple[str, str, bool, Call]]:
+    """(mode suffix, api, stream, call): chat (openai SDK), Messages (anthropic SDK, plain and streamed),
+    chat over plain httpx, the tokens-only route over plain httpx."""
+    system, tools = INSTRUCTIONS, [{"name": "add", "input_schema": {"type": "object"}}]
+    prompts = [tok.apply_chat_template(_messages(i), tools=TOOLS, tokenize=False, add_generation_prompt=True)
+               for i in range(10)]
+    token_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+
+    async def chat(i: int) -> None:
+        await sdk.chat.completions.create(model="agentflow", messages=_messages(i), tools=TOOLS)
+
+    def messages(stream: bool) -> Call:
+        async def call(i: int) -> None:
+            kw = {"model": "agentflow", "max_tokens": 64, "system": system, "tools": tools,
+                  "messages": [{"role": "user", "content": f"What is {i}+2?"}]}
+            if not stream:
+                await anthropic_sdk.messages.create(**kw)
+                return
+            async with anthropic_sdk.messages.stream(**kw) as events:
+                async for _ in events:
+                    pass
+        return call
+
+    async def chat_httpx(i: int) -> None:
+        body = {"model": "agentflow", "messages": _messages(i), "tools": TOOLS}
+        (await http.post("/v1/chat/completions", json=body)).raise_for_status()
+
+    async def tokens(i: int) -> None:
+        body = {"model": "agentflow", "token_ids": token_ids[i % 10], "sampling_params": {"max_tokens": 64}}
+        (await http.post("/inference/v1/generate", json=body)).raise_for_status()
+
+    return [("_chat", "chat", False, chat), ("_messages", "messages", False, messages(False)),
+            ("_messages_stream", "messages", True, messages(True)), ("_httpx_chat", "chat", False, chat_httpx),
+            ("_httpx_tokens", "tokens", False, tokens)]
+
+
+async def _compare_routes(named: list[tuple[str, str, bool, Call]], n: int, rounds: int, base_ms: float) -> list[dict]:
+    """The routes in alternating rounds; ratios over the openai-SDK chat mean (the tokens route: over httpx chat)."""
+    for *_, call in named:
+        await _timed(20, 1, call)  # warm-up
+    walls, lats = [0.0] * len(named), [[] for _ in named]
+    for _ in range(rounds):
+        for k, (*_, call) in enumerate(named):
+            wall, lat = await _timed(n // rounds, 1, call)
+            walls[k] += wall
+            lats[k] += lat
+    rows = [_row("proxy" + suffix, len(lat), 1, wall, lat, base_ms, api=api, stream=stream)
+            for (suffix, api, stream, _), wall, lat in zip(named, walls, lats, strict=True)]
+    for row in rows:
+        base = rows[3] if row["mode"] == "proxy_httpx_tokens" else rows[0]
+        row["ratio_vs_chat"] = round(row["mean_ms"] / base["mean_ms"], 3)
+        row["p50_ratio_vs_chat"] = round(row["p50_ms"] / base["p50_ms"], 3)
+    return rows
+
+
 async def main(n: int, concurrency: int, out_tokens: int, rounds: int) -> None:
     tok = byte_tokenizer()
     reply = [*tok.encode("x" * (out_tokens - 1), add_special_tokens=False), tok.eos_token_id]
@@ -156,6 +223,14 @@ async def main(n: int, concurrency: int, out_tokens: int, rounds: int) -> None:
             emit(_row("proxy_openai_sdk", n, concurrency, wall, lat, base_ms, api="chat", stream=False))
 
         headers = {"Authorization": f"Bearer {session.api_key}"}
+        if anthropic is not None:
+            key = session.api_key
+            async with openai.AsyncOpenAI(base_url=session.base_url, api_key=key, max_retries=0) as sdk, \
+                    anthropic.AsyncAnthropic(base_url=session.root_url, api_key=key, max_retries=0) as ant, \
+                    httpx.AsyncClient(base_url=session.root_url, headers=headers) as http:
+                for row in await _compare_routes(_other_api_calls(session, sdk, http, tok, ant), n, rounds, base_ms):
+                    emit(row)
+
         async with httpx.AsyncClient(base_url=session.base_url, headers=headers) as http:
             async def via_httpx(i: int) -> None:
                 body = {"model": "agentflow", "messages": _messages(i), "tools": TOOLS}
