@@ -64,11 +64,16 @@ class Bounds:
 @dataclass(frozen=True, slots=True)
 class StoredTurn:
     """One stored response: the response it continued, its new input messages + reply, and the
-    text size of the whole conversation up to and including it."""
+    text size and message count of the whole conversation up to and including it."""
 
     previous: str | None
     messages: tuple[Json, ...]
     total_bytes: int
+    total_messages: int = 0
+
+    def is_large(self) -> bool:
+        """Whether continuing it means preparing a request large enough to go off the loop."""
+        return self.total_bytes > OFF_LOOP_CHARS or self.total_messages > _OFF_LOOP_ITEMS
 
 
 def stored_history(

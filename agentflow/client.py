@@ -23,8 +23,11 @@ rendering, recording and chaining (:mod:`agentflow._responses`).
 
 Not covered: token-by-token streaming, ``n > 1`` (call ``create`` n times), forced tool choice,
 the legacy Completions API and other endpoints (they still point at the dummy base URL and fail to
-connect), ``with_streaming_response``. Templating and tokenising run on the event loop (fast for
-chat-sized inputs).
+connect), ``with_streaming_response``. Templating and tokenising run on the event loop for
+chat-sized requests and in a thread for large ones (:mod:`agentflow._recording`), so a huge
+conversation cannot hold the loop. What the client keeps per turn does not copy earlier turns
+(prefix digests, linked stored responses, shared message objects); a proxy session bounds it
+(:attr:`OpenAIClient.bounds`).
 """
 
 from __future__ import annotations
@@ -510,9 +513,8 @@ class OpenAIClient(openai.AsyncOpenAI):
         kw = _given(kwargs)
         prev_id = kw.get("previous_response_id")
         previous = self._conversations.get(prev_id) if isinstance(prev_id, str) else None
-        history_chars = previous.total_bytes if previous is not None else 0
         big = off_loop if off_loop is not None else (
-            _recording.is_large(kw, "input") or history_chars > _recording.OFF_LOOP_CHARS)
+            _recording.is_large(kw, "input") or (previous is not None and previous.is_large()))
         prepare = functools.partial(self._prepare_response, kw)
         req, p, prep = await asyncio.to_thread(prepare) if big else prepare()
         rec = await self._complete(p, prep, _responses.new_id("resp"))
@@ -520,7 +522,8 @@ class OpenAIClient(openai.AsyncOpenAI):
         if req.store:
             turn = (*req.new, rec.reply)
             total = req.history_bytes + _recording.conversation_bytes(turn)
-            self._conversations[rec.id] = _recording.StoredTurn(req.echo["previous_response_id"], turn, total)
+            self._conversations[rec.id] = _recording.StoredTurn(
+                req.echo["previous_response_id"], turn, total, len(req.history) + len(turn))
             self._responses_by_id[rec.id] = response
         if not req.stream:
             return response

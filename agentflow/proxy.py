@@ -1,38 +1,52 @@
 """An OpenAI-compatible HTTP proxy on the training event loop, one API key per episode.
 
 Agents in other processes (or written against a base URL) talk to :class:`ProxyServer` with the
-official ``openai`` client. Each episode gets a :class:`Session` (``proxy.new_session()``) with
-its own API key; behind it sits an :class:`agentflow.OpenAIClient` that records every completion,
-so the lead exports the episode's trajectories with ``session.export_trajectories(...)``.
+official ``openai`` (or ``anthropic``) client. Each episode gets a :class:`Session`
+(``proxy.new_session()``) with its own API key; behind it sits an :class:`agentflow.OpenAIClient`
+that records every completion, so the lead exports the episode's trajectories with
+``session.export_trajectories(...)``.
 
-Endpoints (all need ``Authorization: Bearer <key>``):
+Endpoints (a key as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``):
 
 - ``POST /v1/chat/completions``: a session key; same parameters and errors as ``OpenAIClient``;
   ``"stream": true`` answers with server-sent events (``data: {chunk}`` ... ``data: [DONE]``).
 - ``POST /v1/responses``: a session key; the Responses API as ``OpenAIClient.responses`` (see
   :mod:`agentflow._responses`); ``"stream": true`` answers with ``event: <type>`` / ``data: {...}``
   events. ``previous_response_id`` resolves within the session only.
+- ``GET`` / ``DELETE /v1/responses/{id}``: a session key; a response the session stored (404 for
+  another session's or an unknown id).
+- ``POST /v1/messages``: a session key; Anthropic's Messages API (:mod:`agentflow._messages`),
+  errors in Anthropic's shape.
+- ``POST /inference/v1/generate``: a session key; vLLM's tokens-only route
+  (:mod:`agentflow._tokens_route`).
 - ``GET /v1/models``: any valid key.
 - ``POST /v1/sessions/{id}/reward`` with ``{"reward": r, "completion_id": optional}``: that
   session's key (or the admin key); without ``completion_id`` the last completion is rewarded.
 - ``GET /v1/sessions/{id}``: the session's stats and completion ids.
 - ``POST /v1/sessions``: admin key only; creates a session and returns its key.
 
-Unknown keys get 401, a key used on another session's resources 403. The server binds
-127.0.0.1 by default and refuses any non-loopback address unless an ``admin_key`` is given.
-It runs as an ASGI app under ``uvicorn.Server`` inside the caller's event loop (no thread, no
-second loop): ``async with ProxyServer(...) as proxy:``, or ``proxy.bind()`` then
-``tg.create_task(proxy.serve())`` in the caller's TaskGroup and ``proxy.stop()`` to end it.
-Signals stay with the application (uvicorn's handlers are not installed).
+Instead of a session key, a generation route takes the proxy's :attr:`ProxyServer.run_key` with an
+``X-Session-ID: <rollout id>`` header: the session opened for that id (by
+``new_session(header_id=...)``, or on its first request). Unknown keys get 401, a key used on
+another session's resources 403. The server binds 127.0.0.1 by default and refuses any
+non-loopback address unless an ``admin_key`` is given. It runs as an ASGI app under
+``uvicorn.Server`` inside the caller's event loop (no thread, no second loop):
+``async with ProxyServer(...) as proxy:``, or ``proxy.bind()`` then ``tg.create_task(proxy.serve())``
+in the caller's TaskGroup and ``proxy.stop()`` to end it. Signals stay with the application
+(uvicorn's handlers are not installed).
+
+Bounds (:class:`ProxyLimits`): body size and read time, request heads not sent in time (the
+connection is closed), open connections, the text of one conversation, the tokens a session and
+all sessions hold, the responses a session stores. Large requests are checked, rendered and
+tokenized in a thread. A generation whose client disconnects before its reply is sent (a timeout
+and retry, a closed stream) is cancelled, which aborts it in the engine, and is not recorded: the
+agent never saw it, so it is never exported.
 
 Streams are sent once the generation has ended (the engine returns whole generations; see
 :mod:`agentflow._streaming`), as one response body; errors come before any event, as JSON.
 
-- ``GET`` / ``DELETE /v1/responses/{id}``: a session key; a response the session stored (404 for
-  another session's or an unknown id).
-
-Not covered: token-by-token streaming, the legacy
-Completions, embeddings and other endpoints (404), TLS (put a reverse proxy in front).
+Not covered: token-by-token streaming, the legacy Completions, embeddings and other endpoints
+(404), TLS (put a reverse proxy in front).
 """
 
 from __future__ import annotations
@@ -401,11 +415,12 @@ class ProxyServer:
             raise HTTPError(404, f"unknown session {session_id!r}", "not_found_error")
         return session
 
-    async def _read(self, request: Request) -> tuple[Session, dict[str, Any], bool]:
-        """(session, JSON body, whether to prepare it off the loop) of a generation request."""
+    async def _read(self, request: Request) -> tuple[Session, dict[str, Any], bool | None]:
+        """(session, JSON body, True to prepare it off the loop or None to let the client decide by its size
+        and history) of a generation request."""
         session = self._session_for(request)
         body = await read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
-        return session, body, int(request.headers.get("content-length") or 0) > _recording.OFF_LOOP_CHARS
+        return session, body, int(request.headers.get("content-length") or 0) > _recording.OFF_LOOP_CHARS or None
 
     async def _chat(self, request: Request) -> Response:
         session, body, big = await self._read(request)
@@ -425,6 +440,7 @@ class ProxyServer:
         session, body, big = await self._read(request)
         client = session.client
         parse = functools.partial(_messages.parse_request, body, client._who)
+        big = big or _recording.is_large(body, "messages")
         req = await asyncio.to_thread(parse) if big else parse()
         work = client._chat_record(req.chat, _responses.new_id("msg"), big)
         p, rec = await unless_client_leaves(request, work, lambda out: client._forget(out[1].id))

@@ -24,6 +24,15 @@ Prints one JSON line per mode:
    "overhead_ms": mean_ms - in-process chat mean_ms, "ratio_vs_chat": ..., "p50_ratio_vs_chat": ...}
 
 Usage: python benchmarks/bench_proxy.py [--requests 400] [--concurrency 16] [--output-tokens 32] [--rounds 4]
+
+``--hostile`` instead measures the proxy under hostile clients (default ``ProxyLimits``), each case
+with the event loop's longest block seen by a probe task (a 2 ms sleep loop) and the process's RSS
+growth: a ``previous_response_id`` chain of 0.9 MB bodies (17 turns, or until refused), one request
+of 30,000 ``input`` items, a chain of 1,000 tiny turns (or until refused), and 300 half-sent
+request heads (how many are still open after ``header_timeout_s`` + 1 s). Bodies are sent
+pre-encoded with httpx, so the client's own encoding is not measured. One JSON line per case:
+  {"bench": "proxy_hostile", "case": ..., "statuses": {...}, "wall_s": ..., "loop_block_ms": ...,
+   "rss_growth_mib": ..., ...}
 """
 
 from __future__ import annotations
@@ -241,11 +250,105 @@ async def main(n: int, concurrency: int, out_tokens: int, rounds: int) -> None:
                 emit(_row("proxy_httpx", n, c, wall, lat, base_ms, api="chat", stream=False))
 
 
+# ---------------------------------------------------------------------------------------- hostile clients
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+async def _probe(stop: asyncio.Event, longest: list[float]) -> None:
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+    while not stop.is_set():
+        await asyncio.sleep(0.002)
+        now = loop.time()
+        longest[0] = max(longest[0], now - last - 0.002)
+        last = now
+
+
+async def _measured(case: str, work: Callable[[], Awaitable[dict]]) -> None:
+    stop, longest, rss0, t0 = asyncio.Event(), [0.0], _rss_mib(), time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_probe(stop, longest))
+        try:
+            extra = await work()
+        finally:
+            stop.set()
+    print(json.dumps({"bench": "proxy_hostile", "case": case, **extra, "wall_s": round(time.perf_counter() - t0, 2),
+                      "loop_block_ms": round(longest[0] * 1e3, 1),
+                      "rss_growth_mib": round(_rss_mib() - rss0, 1)}), flush=True)
+
+
+async def _chain(http: httpx.AsyncClient, text: str, turns: int) -> dict:
+    """Turns of a previous_response_id chain until one is refused; the statuses seen."""
+    previous, statuses = None, {}
+    for _ in range(turns):
+        body = json.dumps({"model": "m", "input": text, "previous_response_id": previous}).encode()
+        r = await http.post("/v1/responses", content=body)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        if r.status_code != 200:
+            return {"statuses": statuses, "refused_with": r.json()["error"]["message"][:160]}
+        previous = r.json()["id"]
+    return {"statuses": statuses}
+
+
+async def _half_sent(proxy: ProxyServer, n: int) -> dict:
+    host, port = proxy.base_url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(n)]
+    for _, writer in conns:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # the head is never finished
+    await asyncio.sleep(proxy.limits.header_timeout_s + 1)
+    still_open = sum(not reader.at_eof() for reader, _ in conns)
+    for _, writer in conns:
+        writer.close()
+    return {"statuses": {}, "half_sent": n, "still_open_after_s": proxy.limits.header_timeout_s + 1,
+            "still_open": still_open}
+
+
+HOSTILE_CASES = ("baseline_idle", "chain_0.9MB_x17", "input_items_30000", "chain_tiny_x1000", "half_sent_heads_300")
+
+
+async def hostile(cases: list[str]) -> None:
+    """The hostile-client cases named (``baseline_idle``: the probe alone for 2 s, the machine's own noise)."""
+    tok = byte_tokenizer()
+    engine = FakeEngine(reply=lambda req: [*tok.encode("ok", add_special_tokens=False), tok.eos_token_id])
+    async with engine, ProxyServer(engine, tok) as proxy:
+        def client() -> httpx.AsyncClient:
+            s = proxy.new_session()
+            return httpx.AsyncClient(base_url=s.root_url, timeout=120, headers={
+                "Authorization": f"Bearer {s.api_key}", "content-type": "application/json"})
+
+        async def idle() -> dict:
+            await asyncio.sleep(2)
+            return {"statuses": {}}
+
+        async def items(http: httpx.AsyncClient) -> dict:
+            body = json.dumps({"model": "m", "input": [{"role": "user", "content": "x"}] * 30_000}).encode()
+            return {"statuses": {(await http.post("/v1/responses", content=body)).status_code: 1}}
+
+        work = {
+            "baseline_idle": lambda http: idle(),
+            "chain_0.9MB_x17": lambda http: _chain(http, "x" * 900_000, 17),
+            "input_items_30000": items,
+            "chain_tiny_x1000": lambda http: _chain(http, "hello there", 1000),
+            "half_sent_heads_300": lambda http: _half_sent(proxy, 300),
+        }
+        for case in cases:
+            async with client() as http:
+                await _measured(case, lambda: work[case](http))  # noqa: B023  # awaited before the next case
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4, help="alternations of the four variants (API x stream)")
+    ap.add_argument("--hostile", nargs="*", choices=HOSTILE_CASES, metavar="CASE",
+                    help=f"measure hostile clients instead (see the docstring): any of {', '.join(HOSTILE_CASES)}; "
+                         "none named = all, in one process (RSS growth is clearest with one case per process)")
     args = ap.parse_args()
-    asyncio.run(main(args.requests, args.concurrency, args.output_tokens, args.rounds))
+    if args.hostile is not None:
+        asyncio.run(hostile(args.hostile or list(HOSTILE_CASES)))
+    else:
+        asyncio.run(main(args.requests, args.concurrency, args.output_tokens, args.rounds))
