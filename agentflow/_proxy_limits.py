@@ -10,6 +10,8 @@ hostile) must not be able to grow either without end. :class:`ProxyLimits` holds
   completion, what it exports in the ``individual`` style); ``max_total_tokens``: the same over
   all sessions. A session at its limit gets 413 until it is closed.
 - ``max_stored_responses``: Responses API responses a session keeps for ``previous_response_id``.
+- ``max_sessions``: open sessions; a request with the run key and a new ``X-Session-ID`` beyond it
+  gets 413 instead of opening one.
 - ``max_connections``: open connections (uvicorn's ``limit_concurrency``: 503 beyond it).
 - ``header_timeout_s``: a connection that has not sent a whole request head within it (or, after
   a response, the next one) is closed; ``body_timeout_s``: a body not fully received within it
@@ -48,6 +50,7 @@ class ProxyLimits:
     max_session_tokens: int = 2_000_000
     max_total_tokens: int = 32_000_000
     max_stored_responses: int = 4096
+    max_sessions: int = 4096
     max_connections: int = 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
@@ -56,7 +59,7 @@ class ProxyLimits:
         problems = [
             f"ProxyLimits.{name} must be a positive integer, got {getattr(self, name)!r}"
             for name in ("max_body_bytes", "max_conversation_bytes", "max_session_tokens", "max_total_tokens",
-                         "max_stored_responses", "max_connections")
+                         "max_stored_responses", "max_sessions", "max_connections")
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int)
             or getattr(self, name) < 1
         ]

@@ -80,7 +80,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
 from agentflow import _messages, _recording, _responses, _streaming, _tokens_route
 from agentflow._proxy_guard import check_chat_body, check_reward_body, read_body
 from agentflow._proxy_http import HTTPError, endpoint, reply, unless_client_leaves
-from agentflow._proxy_limits import ProxyLimits, TokenBudget, deadline_protocol
+from agentflow._proxy_limits import LimitExceeded, ProxyLimits, TokenBudget, deadline_protocol
 from agentflow._types import GenerationConfig, Trajectory
 from agentflow.client import CompletionRecord, ExportStyle, OpenAIClient, ResponseNotFound
 from agentflow.errors import ConfigError
@@ -412,7 +412,14 @@ class ProxyServer:
         except ConfigError as e:
             raise HTTPError(400, str(e), "invalid_request_error") from e
         session = self._by_header.get(header_id)
-        return session if session is not None else self.new_session(header_id=header_id)
+        if session is not None:
+            return session
+        if len(self._by_id) >= self.limits.max_sessions:
+            raise LimitExceeded(
+                f"X-Session-ID {header_id!r} would open a session beyond the proxy's limit of "
+                f"{self.limits.max_sessions} open sessions (ProxyLimits.max_sessions); close finished sessions "
+                "(proxy.close_session) or raise the limit")
+        return self.new_session(header_id=header_id)
 
     def _authorize_session(self, request: Request, session_id: str) -> Session:
         key = self._key(request)

@@ -11,7 +11,7 @@ import openai
 import pytest
 from _agent_helpers import TOK, SampleEngine, assert_trained_on_samples, turn
 
-from agentflow.proxy import ProxyServer
+from agentflow.proxy import ProxyLimits, ProxyServer
 
 anthropic = pytest.importorskip("anthropic")
 
@@ -207,6 +207,18 @@ async def test_one_run_key_and_x_session_id_reach_one_session_per_rollout(served
         r = await http.post("/inference/v1/generate", json={"token_ids": [5, 6]},
                             headers={"Authorization": f"Bearer {proxy.run_key}", "X-Session-ID": "rollout-a"})
     assert r.status_code == 200 and len(named.client.records) == 3
+
+
+async def test_the_run_key_cannot_open_sessions_without_end():
+    engine = SampleEngine(reply=lambda req: turn("ok"))
+    async with engine, ProxyServer(engine, TOK, limits=ProxyLimits(max_sessions=3)) as proxy:
+        headers = {"Authorization": f"Bearer {proxy.run_key}"}
+        async with httpx.AsyncClient(base_url=proxy.base_url, headers=headers) as http:
+            codes = [(await http.post("/chat/completions", json={"messages": QUESTION},
+                                      headers={"X-Session-ID": f"r{i}"})).status_code for i in range(4)]
+            bad = await http.post("/chat/completions", json={"messages": QUESTION}, headers={"X-Session-ID": "a\x7fb"})
+    assert codes == [200, 200, 200, 413] and len(proxy.sessions) == 3
+    assert bad.status_code == 400 and "printable" in bad.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------------------- refusals
