@@ -364,8 +364,11 @@ class _Responses:
         """Forget a stored response: it can no longer be retrieved or continued with
         ``previous_response_id`` (its completions stay recorded for training)."""
         _check_lookup("responses.delete", kwargs, self._client._who)
-        self._client._stored(response_id)
-        del self._client._responses_by_id[response_id]  # its turn stays: later responses continue it
+        client = self._client
+        client._stored(response_id)
+        del client._responses_by_id[response_id]
+        if all(turn.previous != response_id for turn in client._conversations.values()):
+            client._conversations.pop(response_id, None)  # else its turn stays: later responses continue it
 
 
 # Request options the openai client accepts on every call; a lookup has no other parameters here.

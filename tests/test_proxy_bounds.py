@@ -126,7 +126,11 @@ async def test_stored_responses_keep_only_their_own_turn_and_records_share_the_h
         with pytest.raises(Exception, match="already stores 3 responses"):
             await client.responses.create(model="m", input="hi", previous_response_id=previous)
         await client.responses.create(model="m", input="hi", previous_response_id=previous, store=False)
-    assert [len(client._conversations[i].messages) for i in ids] == [2, 2, 2]  # input + reply, not the history
+        await client.responses.delete(ids[2])  # the newest: nothing continues it, so its turn goes
+        ids.append((await client.responses.create(model="m", input="hi", previous_response_id=ids[1])).id)
+        with pytest.raises(Exception, match="unknown to agentflow's proxy"):
+            await client.responses.create(model="m", input="hi", previous_response_id=ids[2], store=False)
+    assert [len(client._conversations[i].messages) for i in ids[:2] + ids[3:]] == [2, 2, 2]  # not the history
     first, last = client.records[0], client.records[3]
     assert last.messages[0] is first.messages[0] and last.messages[1] is first.reply  # shared, not copied
     assert len(last.messages) == 7
