@@ -47,23 +47,60 @@ __all__ = ["MessagesRequest", "build_message", "matched_stop", "message_sse", "p
 
 Json = dict[str, Any]
 
-_PASSED = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-           "stop_sequences": "stop", "chat_template_kwargs": "chat_template_kwargs", "model": "model"}
+_PASSED = {
+    "max_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "stop_sequences": "stop",
+    "chat_template_kwargs": "chat_template_kwargs",
+    "model": "model",
+}
 # Handled below, or informational (accounting, routing and caching hints of Anthropic's service).
-_IGNORED = frozenset({"metadata", "service_tier", "stream", "system", "messages", "tools", "tool_choice",
-                      "cache_control", "inference_geo", "diagnostics", "speed", "user_profile_id", "workspace_id"})
+_IGNORED = frozenset(
+    {
+        "metadata",
+        "service_tier",
+        "stream",
+        "system",
+        "messages",
+        "tools",
+        "tool_choice",
+        "cache_control",
+        "inference_geo",
+        "diagnostics",
+        "speed",
+        "user_profile_id",
+        "workspace_id",
+    }
+)
 # Accepted only as given here (None = left out), with what to do instead.
 _DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
-    "thinking": ((None, {"type": "disabled"}), "the model reasons as its chat template renders it; leave "
-                                               "thinking out (chat_template_kwargs set template switches)"),
+    "thinking": (
+        (None, {"type": "disabled"}),
+        "the model reasons as its chat template renders it; leave "
+        "thinking out (chat_template_kwargs set template switches)",
+    ),
     "mcp_servers": ((None, []), "MCP servers run on Anthropic's side; give the agent the tools itself"),
     "container": ((None,), "there are no server-side containers; run code in the agent's own tools"),
     "context_management": ((None,), "the conversation is never edited server-side; leave it out"),
     "output_format": ((None,), "structured output needs constrained decoding; parse the text instead"),
     "output_config": ((None, {}), "structured output and effort settings need a hosted model; leave it out"),
 }
-_TOOL_KEYS = frozenset({"name", "description", "input_schema", "cache_control", "type", "strict",
-                        "input_examples", "defer_loading", "eager_input_streaming", "allowed_callers"})
+_TOOL_KEYS = frozenset(
+    {
+        "name",
+        "description",
+        "input_schema",
+        "cache_control",
+        "type",
+        "strict",
+        "input_examples",
+        "defer_loading",
+        "eager_input_streaming",
+        "allowed_callers",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +135,9 @@ def parse_request(body: Mapping[str, Any], who: str) -> MessagesRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _fail(f"stream must be true or false, got {stream!r}")
-    return MessagesRequest(chat=chat, stream=stream, model=str(body.get("model") or "agentflow"),
-                           stop_sequences=tuple(stops))
+    return MessagesRequest(
+        chat=chat, stream=stream, model=str(body.get("model") or "agentflow"), stop_sequences=tuple(stops)
+    )
 
 
 def _check_fields(body: Mapping[str, Any], who: str) -> None:
@@ -113,8 +151,10 @@ def _check_fields(body: Mapping[str, Any], who: str) -> None:
             if value not in accepted:
                 problems.append(f"{name}={value!r:.80} is not supported by {who}: {hint}")
         elif name not in _PASSED and name not in _IGNORED and name not in _sampling.NEUTRAL:
-            problems.append(f"unknown Messages API field {name!r}; {who} accepts {sorted({*_PASSED, *_IGNORED})}; "
-                            f"remove {name} from the agent's request")
+            problems.append(
+                f"unknown Messages API field {name!r}; {who} accepts {sorted({*_PASSED, *_IGNORED})}; "
+                f"remove {name} from the agent's request"
+            )
     if problems:
         raise ConfigError([f"POST /v1/messages: {p}" for p in problems])
 
@@ -135,8 +175,10 @@ def _text(value: Any, where: str) -> str:
     for j, block in enumerate(value):
         kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
         if kind != "text" or not isinstance(block.get("text"), str):
-            raise _fail(f"{where}[{j}] has type {kind!r}; only text blocks ({{'type': 'text', 'text': ...}}) are "
-                        "served here (the served model reads text: images and documents are not supported)")
+            raise _fail(
+                f"{where}[{j}] has type {kind!r}; only text blocks ({{'type': 'text', 'text': ...}}) are "
+                "served here (the served model reads text: images and documents are not supported)"
+            )
         parts.append(block["text"])
     return "".join(parts)
 
@@ -148,8 +190,10 @@ def _conversation(messages: Any) -> list[Json]:
     for i, msg in enumerate(messages):
         role = msg.get("role") if isinstance(msg, Mapping) else None
         if role not in ("user", "assistant"):
-            raise _fail(f"messages[{i}] must be an object with role 'user' or 'assistant' (the system prompt goes "
-                        f"in 'system'), got {msg!r:.120}")
+            raise _fail(
+                f"messages[{i}] must be an object with role 'user' or 'assistant' (the system prompt goes "
+                f"in 'system'), got {msg!r:.120}"
+            )
         content = msg.get("content")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
@@ -175,11 +219,18 @@ def _user(out: list[Json], blocks: list[Any], where: str) -> None:
                 out.append({"role": "user", "content": "".join(texts)})
                 texts = []
             result = block.get("content")
-            out.append({"role": "tool", "tool_call_id": block["tool_use_id"],
-                        "content": "" if result is None else _text(result, f"{where}[{j}].content")})
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": block["tool_use_id"],
+                    "content": "" if result is None else _text(result, f"{where}[{j}].content"),
+                }
+            )
         else:
-            raise _fail(f"{where}[{j}] has type {kind!r}; a user message takes 'text' blocks and 'tool_result' "
-                        "blocks (with a string 'tool_use_id'); images and documents are not served")
+            raise _fail(
+                f"{where}[{j}] has type {kind!r}; a user message takes 'text' blocks and 'tool_result' "
+                "blocks (with a string 'tool_use_id'); images and documents are not served"
+            )
     if texts:
         out.append({"role": "user", "content": "".join(texts)})
 
@@ -192,11 +243,14 @@ def _assistant(out: list[Json], blocks: list[Any], where: str) -> None:
             texts.append(block["text"])
         elif kind == "tool_use" and isinstance(block.get("id"), str) and isinstance(block.get("name"), str):
             arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
-            calls.append({"id": block["id"], "type": "function",
-                          "function": {"name": block["name"], "arguments": arguments}})
+            calls.append(
+                {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}}
+            )
         else:
-            raise _fail(f"{where}[{j}] has type {kind!r}; an assistant message takes 'text' blocks and 'tool_use' "
-                        "blocks (with string 'id' and 'name'); send back the content the proxy returned")
+            raise _fail(
+                f"{where}[{j}] has type {kind!r}; an assistant message takes 'text' blocks and 'tool_use' "
+                "blocks (with string 'id' and 'name'); send back the content the proxy returned"
+            )
     msg: Json = {"role": "assistant", "content": "".join(texts) or None}
     if calls:
         msg["tool_calls"] = calls
@@ -206,9 +260,11 @@ def _assistant(out: list[Json], blocks: list[Any], where: str) -> None:
 def _tool(i: int, tool: Any) -> Json:
     if not isinstance(tool, Mapping) or tool.get("type", "custom") != "custom":
         kind = tool.get("type") if isinstance(tool, Mapping) else type(tool).__name__
-        raise _fail(f"tools[{i}] has type {kind!r}; only custom tools ({{'name', 'description', 'input_schema'}}) "
-                    "are served. Server tools (web search, code execution, bash, text editor, computer use) run "
-                    "on Anthropic's side: remove them or wrap the capability in a custom tool")
+        raise _fail(
+            f"tools[{i}] has type {kind!r}; only custom tools ({{'name', 'description', 'input_schema'}}) "
+            "are served. Server tools (web search, code execution, bash, text editor, computer use) run "
+            "on Anthropic's side: remove them or wrap the capability in a custom tool"
+        )
     if not isinstance(tool.get("name"), str) or not tool["name"]:
         raise _fail(f"tools[{i}] needs a non-empty string 'name', got {tool.get('name')!r}")
     unknown = sorted(set(tool) - _TOOL_KEYS)
@@ -227,8 +283,10 @@ def _tool_choice(value: Any, who: str) -> str:
         return "auto"
     if kind == "none":
         return "none"
-    raise _fail(f"tool_choice={value!r:.80} is not supported by {who}; accepted: {{'type': 'auto'}} or "
-                "{'type': 'none'} (or leave it out): the model decides whether to call a tool")
+    raise _fail(
+        f"tool_choice={value!r:.80} is not supported by {who}; accepted: {{'type': 'auto'}} or "
+        "{'type': 'none'} (or leave it out): the model decides whether to call a tool"
+    )
 
 
 # ---------------------------------------------------------------------------------------- reply
@@ -252,15 +310,25 @@ def build_message(rec: CompletionRecord, model: str, stop_sequence: str | None) 
     else:
         reason = "tool_use" if calls else "stop_sequence" if stop_sequence is not None else "end_turn"
     return {
-        "id": rec.id, "type": "message", "role": "assistant", "model": model, "content": content,
-        "stop_reason": reason, "stop_sequence": stop_sequence if reason == "stop_sequence" else None,
+        "id": rec.id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": stop_sequence if reason == "stop_sequence" else None,
         "usage": {"input_tokens": len(rec.prompt_ids), "output_tokens": len(rec.output_ids)},
     }
 
 
 def _events(message: Mapping[str, Any]) -> list[Json]:
-    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
-             "usage": {"input_tokens": message["usage"]["input_tokens"], "output_tokens": 0}}
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": message["usage"]["input_tokens"], "output_tokens": 0},
+    }
     events: list[Json] = [{"type": "message_start", "message": start}]
     for index, block in enumerate(message["content"]):
         if block["type"] == "text":
@@ -269,17 +337,25 @@ def _events(message: Mapping[str, Any]) -> list[Json]:
         else:
             opening = {**block, "input": {}}
             delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
-        events += [{"type": "content_block_start", "index": index, "content_block": opening},
-                   {"type": "content_block_delta", "index": index, "delta": delta},
-                   {"type": "content_block_stop", "index": index}]
-    events.append({"type": "message_delta",
-                   "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
-                   "usage": {"output_tokens": message["usage"]["output_tokens"]}})
+        events += [
+            {"type": "content_block_start", "index": index, "content_block": opening},
+            {"type": "content_block_delta", "index": index, "delta": delta},
+            {"type": "content_block_stop", "index": index},
+        ]
+    events.append(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+            "usage": {"output_tokens": message["usage"]["output_tokens"]},
+        }
+    )
     events.append({"type": "message_stop"})
     return events
 
 
 def message_sse(message: Mapping[str, Any]) -> bytes:
     """The server-sent events of a finished message, as Anthropic streams them."""
-    return "".join(f"event: {e['type']}\ndata: {json.dumps(e, ensure_ascii=False, separators=(',', ':'))}\n\n"
-                   for e in _events(message)).encode()
+    return "".join(
+        f"event: {e['type']}\ndata: {json.dumps(e, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        for e in _events(message)
+    ).encode()

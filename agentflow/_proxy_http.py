@@ -33,9 +33,18 @@ log = logging.getLogger("agentflow.proxy")
 _T = TypeVar("_T")
 
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
-_ANTHROPIC_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
-                    502: "api_error", 503: "overloaded_error", 504: "timeout_error"}
+_ANTHROPIC_KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 
 
 class HTTPError(Exception):
@@ -51,8 +60,10 @@ class ClientGone(Exception):
 def error_response(status: int, message: str, kind: str, code: str | None = None, anthropic: bool = False) -> Response:
     """An error body the ``openai`` (or, with ``anthropic``, the ``anthropic``) SDK raises as its status error."""
     if anthropic:
-        body: dict[str, Any] = {"type": "error", "error": {"type": _ANTHROPIC_KINDS.get(status, "api_error"),
-                                                           "message": message}}
+        body: dict[str, Any] = {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_KINDS.get(status, "api_error"), "message": message},
+        }
     else:
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return JSONResponse(body, status_code=status)
@@ -113,6 +124,7 @@ async def unless_client_leaves(request: Request, work: Awaitable[_T], forget: Ca
     A client that leaves after ``work`` finished but before its reply is sent gets ``forget(result)``
     (the route drops what it recorded) and :class:`ClientGone` too.
     """
+
     async def job() -> _T:
         return await work
 

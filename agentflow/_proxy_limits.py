@@ -58,9 +58,17 @@ class ProxyLimits:
     def __post_init__(self) -> None:
         problems = [
             f"ProxyLimits.{name} must be a positive integer, got {getattr(self, name)!r}"
-            for name in ("max_body_bytes", "max_conversation_bytes", "max_session_tokens", "max_total_tokens",
-                         "max_stored_responses", "max_sessions", "max_connections")
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int)
+            for name in (
+                "max_body_bytes",
+                "max_conversation_bytes",
+                "max_session_tokens",
+                "max_total_tokens",
+                "max_stored_responses",
+                "max_sessions",
+                "max_connections",
+            )
+            if isinstance(getattr(self, name), bool)
+            or not isinstance(getattr(self, name), int)
             or getattr(self, name) < 1
         ]
         problems += [

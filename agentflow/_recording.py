@@ -28,8 +28,16 @@ from typing import Any
 
 from agentflow._proxy_limits import LimitExceeded, TokenBudget
 
-__all__ = ["OFF_LOOP_CHARS", "Bounds", "StoredTurn", "conversation_bytes", "extend_digest", "is_large",
-           "prefix_digests", "stored_history"]
+__all__ = [
+    "OFF_LOOP_CHARS",
+    "Bounds",
+    "StoredTurn",
+    "conversation_bytes",
+    "extend_digest",
+    "is_large",
+    "prefix_digests",
+    "stored_history",
+]
 
 Json = dict[str, Any]
 OFF_LOOP_CHARS = 32 * 1024
@@ -129,5 +137,7 @@ def is_large(kwargs: Mapping[str, Any], field: str) -> bool:
         return False
     if len(value) > _OFF_LOOP_ITEMS:
         return True
-    return sum(len(m["content"]) if isinstance(m, Mapping) and isinstance(m.get("content"), str) else 1024
-               for m in value) > OFF_LOOP_CHARS
+    return (
+        sum(len(m["content"]) if isinstance(m, Mapping) and isinstance(m.get("content"), str) else 1024 for m in value)
+        > OFF_LOOP_CHARS
+    )

@@ -30,8 +30,10 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "presence_penalty": ((None, 0, 0.0), "the engines apply no presence penalty"),
     "frequency_penalty": ((None, 0, 0.0), "the engines apply no frequency penalty"),
     "min_tokens": ((None, 0), "the engines cannot forbid stopping before a minimum length"),
-    "seed": ((None,), "the engines sample a batch of requests from one random generator, so a per-request "
-                      "seed cannot be honoured"),
+    "seed": (
+        (None,),
+        "the engines sample a batch of requests from one random generator, so a per-request seed cannot be honoured",
+    ),
     "ignore_eos": ((None, False), "generation always ends at the end-of-sequence token"),
     "typical_p": ((None, 1, 1.0), "the engines have no typical-p filter"),
     "top_a": ((None, 0, 0.0), "the engines have no top-a filter"),

@@ -40,11 +40,24 @@ if TYPE_CHECKING:
 __all__ = ["TOKENS_CONTEXT", "TokensRequest", "generate", "parse_request"]
 
 TOKENS_CONTEXT = "<tokens-only route>"  # CompletionRecord.context of tokens-route records
-_TOP = frozenset({"model", "token_ids", "sampling_params", "request_id", "stream", "stream_options", "cache_salt",
-                  "priority", "kv_transfer_params", "features"})
+_TOP = frozenset(
+    {
+        "model",
+        "token_ids",
+        "sampling_params",
+        "request_id",
+        "stream",
+        "stream_options",
+        "cache_salt",
+        "priority",
+        "kv_transfer_params",
+        "features",
+    }
+)
 _USED = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "n", "logprobs"})
-_TEXT_ONLY = frozenset({"detokenize", "skip_special_tokens", "spaces_between_special_tokens",
-                        "include_stop_str_in_output", "output_kind"})
+_TEXT_ONLY = frozenset(
+    {"detokenize", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "output_kind"}
+)
 _OFF_LOOP_TOKENS = 16_384
 
 
@@ -85,8 +98,10 @@ def _token_ids(ids: Any, vocab_size: int) -> list[int]:
         raise _fail(f"token_ids must be a non-empty list of token ids, got {ids!r:.80}")
     for i, t in enumerate(ids):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise _fail(f"token_ids[{i}] is {t!r:.40}; expected integers in [0, {vocab_size}) (the served model's "
-                        "vocabulary): tokenize with the served model's tokenizer")
+            raise _fail(
+                f"token_ids[{i}] is {t!r:.40}; expected integers in [0, {vocab_size}) (the served model's "
+                "vocabulary): tokenize with the served model's tokenizer"
+            )
     return ids
 
 
@@ -97,14 +112,20 @@ def _gconfig(params: Mapping[str, Any], base: GenerationConfig, who: str) -> Gen
         if refused is not None:
             problems.append(refused)
         elif name not in _USED and name not in _TEXT_ONLY and name not in _sampling.NEUTRAL:
-            problems.append(f"sampling_params.{name} is not known to {who}; accepted: {sorted(_USED)} "
-                            f"(and, with nothing to act on, {sorted(_TEXT_ONLY)}); remove it from sampling_params")
+            problems.append(
+                f"sampling_params.{name} is not known to {who}; accepted: {sorted(_USED)} "
+                f"(and, with nothing to act on, {sorted(_TEXT_ONLY)}); remove it from sampling_params"
+            )
     if params.get("n", 1) != 1:
-        problems.append(f"sampling_params.n={params['n']!r}: {who} draws one sample per request; send n=1 and "
-                        "one request per sample")
+        problems.append(
+            f"sampling_params.n={params['n']!r}: {who} draws one sample per request; send n=1 and "
+            "one request per sample"
+        )
     if params.get("logprobs") not in (None, 0, 1):
-        problems.append(f"sampling_params.logprobs={params['logprobs']!r}: only the sampled token's log-prob "
-                        "exists; send 0 or 1 (it is always returned)")
+        problems.append(
+            f"sampling_params.logprobs={params['logprobs']!r}: only the sampled token's log-prob "
+            "exists; send 0 or 1 (it is always returned)"
+        )
     if problems:
         raise ConfigError([f"POST /inference/v1/generate: {p}" for p in problems])
     return _sampling_config(params, base)
@@ -117,8 +138,7 @@ def _sampling_config(params: Mapping[str, Any], base: GenerationConfig) -> Gener
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int if kind is int else int | float):
-            raise _fail(f"sampling_params.{name} must be {'an integer' if kind is int else 'a number'}, "
-                        f"got {value!r}")
+            raise _fail(f"sampling_params.{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
         changes["max_new_tokens" if name == "max_tokens" else name] = value
     stop = params.get("stop")
     if stop is not None:
@@ -161,9 +181,15 @@ async def generate(client: OpenAIClient, req: TokensRequest) -> tuple[Completion
     finish = "length" if resp.stop_reason == "length" else "stop"
     rec = CompletionRecord(
         id=req.request_id if req.request_id not in client._records else f"{req.request_id}-{uuid.uuid4().hex[:8]}",
-        messages=(), reply={"role": "assistant", "content": None}, prompt_ids=req.token_ids,
-        delta_ids=req.token_ids[start:], output_ids=list(resp.output_tokens), logprobs=list(resp.output_logprobs),
-        versions=list(resp.output_versions), finish_reason=finish, parent=None if parent is None else parent.id,
+        messages=(),
+        reply={"role": "assistant", "content": None},
+        prompt_ids=req.token_ids,
+        delta_ids=req.token_ids[start:],
+        output_ids=list(resp.output_tokens),
+        logprobs=list(resp.output_logprobs),
+        versions=list(resp.output_versions),
+        finish_reason=finish,
+        parent=None if parent is None else parent.id,
         context=TOKENS_CONTEXT,
     )
     client._record(rec, None)
@@ -171,13 +197,21 @@ async def generate(client: OpenAIClient, req: TokensRequest) -> tuple[Completion
 
 
 def _reply(rec: CompletionRecord, request_id: str) -> dict[str, Any]:
-    content = [{"token": f"token_id:{t}", "logprob": lp, "bytes": None, "top_logprobs": []}
-               for t, lp in zip(rec.output_ids, rec.logprobs, strict=True)]
+    content = [
+        {"token": f"token_id:{t}", "logprob": lp, "bytes": None, "top_logprobs": []}
+        for t, lp in zip(rec.output_ids, rec.logprobs, strict=True)
+    ]
     n_prompt, n_out = len(rec.prompt_ids), len(rec.output_ids)
     return {
         "request_id": request_id,
         "prompt_token_ids": rec.prompt_ids,
-        "choices": [{"index": 0, "token_ids": rec.output_ids, "finish_reason": rec.finish_reason,
-                     "logprobs": {"content": content}}],
+        "choices": [
+            {
+                "index": 0,
+                "token_ids": rec.output_ids,
+                "finish_reason": rec.finish_reason,
+                "logprobs": {"content": content},
+            }
+        ],
         "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
     }

@@ -61,8 +61,9 @@ async def test_a_chain_of_large_bodies_is_refused_at_the_conversation_limit_with
             tg.create_task(probe.run(stop))
             previous, statuses = None, []
             for _ in range(4):  # 450 kB per turn (each body under the cap): the third turn's conversation is 1.35 MB
-                r = await post(session, "/responses", {"model": "m", "input": "x" * 450_000,
-                                                       "previous_response_id": previous})
+                r = await post(
+                    session, "/responses", {"model": "m", "input": "x" * 450_000, "previous_response_id": previous}
+                )
                 statuses.append(r.status_code)
                 if r.status_code != 200:
                     break
@@ -100,8 +101,9 @@ async def test_a_session_is_refused_at_its_token_limit_and_closing_it_frees_the_
         previous = None
         with pytest.raises(Exception, match=r"holds \d+ recorded tokens .* beyond its limit of 3000 tokens"):
             for _ in range(1000):  # a chain of tiny turns: each record holds the whole conversation
-                previous = (await client.responses.create(model="m", input="hello there",
-                                                          previous_response_id=previous)).id
+                previous = (
+                    await client.responses.create(model="m", input="hello there", previous_response_id=previous)
+                ).id
         assert 10 < len(client.records) < 60 and client.bounds.budget.used <= 3_000
         held = client.bounds.budget.used
         for _ in range(30):  # b has room of its own, but not beyond the proxy's total
@@ -174,8 +176,11 @@ async def test_half_sent_request_heads_are_closed_and_slow_bodies_get_408():
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
         body = _raw_connection(session.base_url)
         key = session.api_key.encode()
-        body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mess")
+        body.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + key
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"mess'
+        )
         closed = await asyncio.gather(*(_closed_within(s, 3.0) for s in heads))
         body.setblocking(False)
         async with asyncio.timeout(3):
@@ -218,8 +223,9 @@ async def test_a_client_that_times_out_and_retries_leaves_one_recorded_turn():
     engine = _CountingEngine(first_s=1.5)
     async with engine, ProxyServer(engine, TOK) as proxy:
         session = proxy.new_session()
-        async with openai.AsyncOpenAI(base_url=session.base_url, api_key=session.api_key, timeout=0.3,
-                                      max_retries=1) as client:
+        async with openai.AsyncOpenAI(
+            base_url=session.base_url, api_key=session.api_key, timeout=0.3, max_retries=1
+        ) as client:
             reply = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         await asyncio.sleep(0.1)
     assert engine.n_calls == 2 and engine.cancelled == 1  # the abandoned generation was aborted
@@ -231,10 +237,12 @@ async def test_a_client_that_times_out_and_retries_leaves_one_recorded_turn():
 async def test_a_streaming_client_that_disconnects_leaves_nothing_recorded(path):
     engine = _CountingEngine(first_s=1.0)
     hi = [{"role": "user", "content": "hi"}]
-    bodies = {"/chat/completions": {"model": "m", "stream": True, "messages": hi},
-              "/responses": {"model": "m", "stream": True, "input": "hi"},
-              "/messages": {"model": "m", "stream": True, "max_tokens": 8, "messages": hi},
-              "/inference/v1/generate": {"token_ids": [5, 6, 7]}}
+    bodies = {
+        "/chat/completions": {"model": "m", "stream": True, "messages": hi},
+        "/responses": {"model": "m", "stream": True, "input": "hi"},
+        "/messages": {"model": "m", "stream": True, "max_tokens": 8, "messages": hi},
+        "/inference/v1/generate": {"token_ids": [5, 6, 7]},
+    }
     async with engine, ProxyServer(engine, TOK) as proxy:
         session = proxy.new_session()
         url = session.root_url + ("" if path.startswith("/inference") else "/v1") + path
