@@ -15,8 +15,8 @@ vLLM's text options (``detokenize``, ``skip_special_tokens``, ``spaces_between_s
 parameters the engines cannot honour are refused as everywhere (:mod:`agentflow._sampling`).
 
 Each generation is recorded in the session like a chat completion, token-exact: a prompt that
-extends a recorded generation (its prompt + output, then new tokens) continues that conversation,
-so the ``concat`` export chains the turns and masks the new tokens.
+extends one of the session's 64 newest recorded generations (its prompt + output, then new tokens)
+continues that conversation, so the ``concat`` export chains the turns and masks the new tokens.
 
 Not covered: streaming, ``n > 1``, multimodal ``features``, prompt log-probs, LoRA adapters by
 model name (the ``model`` is not checked).
@@ -25,6 +25,7 @@ model name (the ``model`` is not checked).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ _TEXT_ONLY = frozenset(
     {"detokenize", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "output_kind"}
 )
 _OFF_LOOP_TOKENS = 16_384
+_PARENT_WINDOW = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +157,10 @@ def _sampling_config(params: Mapping[str, Any], base: GenerationConfig) -> Gener
 
 
 def _continued(client: OpenAIClient, ids: list[int]) -> CompletionRecord | None:
-    """The newest, longest tokens-route record whose prompt + output is a prefix of ``ids``."""
+    """The longest of the session's newest tokens-route records whose prompt + output is a prefix of
+    ``ids`` (the newest :data:`_PARENT_WINDOW` records are looked at: a turn continues a recent one)."""
     best, best_len = None, 0
-    for rec in reversed(client.records):
+    for rec in itertools.islice(reversed(client._records.values()), _PARENT_WINDOW):
         n_prompt, n = len(rec.prompt_ids), len(rec.prompt_ids) + len(rec.output_ids)
         if rec.context != TOKENS_CONTEXT or n <= best_len or n > len(ids):
             continue
