@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import socket
+import tracemalloc
 
 import httpx
 import openai
@@ -262,3 +263,27 @@ async def test_serving_moves_the_startup_heap_out_of_the_collectors_reach():
         hi = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
         assert (await post(proxy.new_session(), "/chat/completions", hi)).status_code == 200
     assert gc.get_freeze_count() > 10_000  # torch, transformers and the test modules at least
+
+
+async def test_the_memory_of_a_long_chain_of_tiny_turns_is_bounded_by_the_session_limit():
+    """The hostile case is 1,000 tiny turns (RSS +708 MiB before): with a 200,000-token session limit the
+    chain is refused once the records hold that many tokens, and what the session keeps is a few bytes per
+    recorded token (list slots, shared messages, one small stored turn per response)."""
+    engine = FakeEngine(reply=ok)
+    async with engine, ProxyServer(engine, TOK, limits=ProxyLimits(max_session_tokens=200_000)) as proxy:
+        client = proxy.new_session().client
+        await client.responses.create(model="m", input="warm-up", store=False)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        previous = None
+        try:
+            with pytest.raises(Exception, match="beyond its limit of 200000 tokens"):
+                for _ in range(1000):
+                    previous = (
+                        await client.responses.create(model="m", input="hello there", previous_response_id=previous)
+                    ).id
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    assert 50 < len(client.records) < 200 and client.bounds.budget.used <= 200_000
+    assert held < 200_000 * 8 * 4, held  # ~8 bytes per recorded token, with room for the per-turn objects
