@@ -16,7 +16,7 @@ Endpoints (a key as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``):
 - ``GET`` / ``DELETE /v1/responses/{id}``: a session key; a response the session stored (404 for
   another session's or an unknown id).
 - ``POST /v1/messages``: a session key; Anthropic's Messages API (:mod:`agentflow._messages`),
-  errors in Anthropic's shape.
+  errors in Anthropic's shape; ``POST /v1/messages/count_tokens``: the prompt's token count.
 - ``POST /inference/v1/generate``: a session key; vLLM's tokens-only route
   (:mod:`agentflow._tokens_route`).
 - ``GET /v1/models``: any valid key.
@@ -368,6 +368,7 @@ class ProxyServer:
             Route("/v1/responses", endpoint(self._responses), methods=["POST"]),
             Route("/v1/responses/{response_id}", endpoint(self._stored_response), methods=["GET", "DELETE"]),
             Route("/v1/messages", endpoint(self._messages, anthropic=True), methods=["POST"]),
+            Route("/v1/messages/count_tokens", endpoint(self._count_tokens, anthropic=True), methods=["POST"]),
             Route("/inference/v1/generate", endpoint(self._generate_tokens), methods=["POST"]),
             Route("/v1/models", endpoint(self._models), methods=["GET"]),
             Route("/v1/sessions", endpoint(self._create_session), methods=["POST"]),
@@ -467,6 +468,18 @@ class ProxyServer:
         if req.stream:
             return Response(_messages.message_sse(message), media_type="text/event-stream")
         return JSONResponse(message)
+
+    async def _count_tokens(self, request: Request) -> Response:
+        """Anthropic's token count: the prompt's tokens as the chat template renders it (nothing generated)."""
+        session, body, big = await self._read(request)
+        client = session.client
+
+        def count() -> int:
+            req = _messages.parse_request({"max_tokens": 1, **body}, client._who)
+            return len(client._prepare_chat(req.chat)[1].prompt_ids)
+
+        big = big or _recording.is_large(body, "messages")
+        return JSONResponse({"input_tokens": await asyncio.to_thread(count) if big else count()})
 
     async def _generate_tokens(self, request: Request) -> Response:
         """vLLM's tokens-only route (:mod:`agentflow._tokens_route`)."""

@@ -71,6 +71,9 @@ async def test_anthropic_sdk_tool_round_trip_trains_on_exactly_the_sampled_token
         second = await tool_round_trip(client, first)
     assert second.stop_reason == "end_turn" and second.content[0].text == "The sum is 3."
     assert second.usage.input_tokens == len(engine.responses[1].input_tokens)
+    async with sdk(session) as client:  # counting renders the prompt the same way and records nothing
+        counted = await client.messages.count_tokens(model="m", system="You add.", tools=TOOLS, messages=QUESTION)
+    assert counted.input_tokens == len(engine.responses[0].input_tokens) and len(session.client.records) == 2
     assert second.usage.output_tokens == len(engine.responses[1].output_tokens)
     rec = session.client.records
     assert [r.id for r in rec] == [first.id, second.id] and rec[1].parent == first.id  # chained, not re-templated
