@@ -2,7 +2,8 @@
 
 The proxy runs on the training event loop, so a request must not be able to hold it:
 :func:`read_body` refuses bodies over the cap before reading them (``Content-Length``) or while
-reading them, and parses large ones in a thread. :func:`check_chat_body` checks the type of every
+reading them, answers 408 for a body not received within its deadline, and parses large ones in a
+thread. :func:`check_chat_body` checks the type of every
 chat-completion field the proxy's client reads and refuses keys that are not field names, each
 as a :class:`RequestError` naming the field (the proxy answers it as a JSON 4xx).
 :func:`check_reward_body` makes a reward that would break training (not a number, non-finite,
