@@ -147,7 +147,7 @@ async def _compare(prefix: str, calls: list[Call], n: int, rounds: int, base_ms:
     return rows
 
 
-def _other_api_calls(session: object, sdk: openai.AsyncOpenAI, http: httpx.AsyncClient, tok: object,
+def _other_api_calls(sdk: openai.AsyncOpenAI, http: httpx.AsyncClient, tok: object,
                      anthropic_sdk: object) -> list[tuple[str, str, bool, Call]]:
     """(mode suffix, api, stream, call): chat (openai SDK), Messages (anthropic SDK, plain and streamed),
     chat over plain httpx, the tokens-only route over plain httpx."""
@@ -237,7 +237,7 @@ async def main(n: int, concurrency: int, out_tokens: int, rounds: int) -> None:
             async with openai.AsyncOpenAI(base_url=session.base_url, api_key=key, max_retries=0) as sdk, \
                     anthropic.AsyncAnthropic(base_url=session.root_url, api_key=key, max_retries=0) as ant, \
                     httpx.AsyncClient(base_url=session.root_url, headers=headers) as http:
-                for row in await _compare_routes(_other_api_calls(session, sdk, http, tok, ant), n, rounds, base_ms):
+                for row in await _compare_routes(_other_api_calls(sdk, http, tok, ant), n, rounds, base_ms):
                     emit(row)
 
         async with httpx.AsyncClient(base_url=session.base_url, headers=headers) as http:
