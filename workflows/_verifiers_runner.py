@@ -150,6 +150,8 @@ def main() -> int:
     sys.path[:] = [os.path.abspath(p) for p in spec.get("paths") or []] + [
         p for p in sys.path if os.path.abspath(p or ".") != here
     ]
+    if spec.get("paths"):  # the environment's tool servers are started as `python -m <its module>`
+        os.environ["PYTHONPATH"] = os.pathsep.join([*spec["paths"], *filter(None, [os.environ.get("PYTHONPATH")])])
     try:
         import verifiers
 

@@ -282,6 +282,9 @@ class VerifiersWorkflow:
             options["gconfig"] = gconfig.new(n_samples=1)
         self.tokenizer = tokenizer
         self.config = config or VerifiersConfig(**options)
+        from agentflow.proxy import ProxyServer  # here, not on the event loop: it imports the web stack
+
+        self._proxy_cls = ProxyServer
         self.n = self.config.rollouts_per_example or (gconfig.n_samples if gconfig is not None else 1)
         self._proxy: Any = None
         self._runner: _Runner | None = None
@@ -310,10 +313,8 @@ class VerifiersWorkflow:
     async def _start(self, engine: InferenceEngine) -> tuple[Any, _Runner]:
         async with self._lock:
             if self._proxy is None:
-                from agentflow.proxy import ProxyServer
-
                 cfg = self.config
-                proxy = ProxyServer(engine, self.tokenizer, gconfig=cfg.gconfig, tool_parser=cfg.tool_parser)
+                proxy = self._proxy_cls(engine, self.tokenizer, gconfig=cfg.gconfig, tool_parser=cfg.tool_parser)
                 proxy.bind()
                 self._serving = asyncio.get_running_loop().create_task(proxy.serve())
                 self._proxy = proxy
