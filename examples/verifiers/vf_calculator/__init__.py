@@ -26,7 +26,6 @@ import re
 import zlib
 
 import httpx
-
 import verifiers.v1 as vf
 
 __all__ = ["CalculatorEnv", "CalculatorTaskset", "ChatHarness"]
@@ -158,9 +157,11 @@ class ChatHarness(vf.Harness[ChatHarnessConfig]):
         else:
             messages += [_wire(m) for m in prompt or [] if not (system and m.role == "system")]
         async with httpx.AsyncClient(timeout=self.config.timeout_s) as client:
-            response = await client.post(f"{endpoint.rstrip('/')}/chat/completions",
-                                         json={"model": ctx.model, "messages": messages},
-                                         headers={"Authorization": f"Bearer {secret}"})
+            response = await client.post(
+                f"{endpoint.rstrip('/')}/chat/completions",
+                json={"model": ctx.model, "messages": messages},
+                headers={"Authorization": f"Bearer {secret}"},
+            )
         if response.status_code != 200:
             return vf.ProgramResult(exit_code=1, stdout="", stderr=f"HTTP {response.status_code}: {response.text}")
         return vf.ProgramResult(exit_code=0, stdout=response.text, stderr="")

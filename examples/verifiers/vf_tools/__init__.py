@@ -11,6 +11,7 @@ Taskset options (``env_args``): ``num_tasks``, ``seed``. Run it with the ``null`
 import random
 
 import verifiers.v1 as vf
+
 from vf_tools.server import MultiplyToolset
 
 __all__ = ["MultiplyTaskset"]
