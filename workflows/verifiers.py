@@ -83,7 +83,7 @@ class VerifiersConfig:
     rollouts_per_example: int | None = None
     python: str | None = None
     model: str = "policy"
-    timeout_s: float = 300.0
+    timeout_s: float = 600.0
     startup_timeout_s: float = 180.0
     gconfig: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=256))
     tool_parser: str = "qwen"
@@ -333,8 +333,11 @@ class VerifiersWorkflow:
                 f"data row asks for task {index} but {runner.what} has {runner.tasks} tasks; "
                 "lower data.size + data.eval_size or give the environment more tasks (env_args)"
             )
-        async with asyncio.TaskGroup() as tg:
-            runs = [tg.create_task(self._rollout(proxy, runner, index, k)) for k in range(self.n)]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                runs = [tg.create_task(self._rollout(proxy, runner, index, k)) for k in range(self.n)]
+        except ExceptionGroup as group:  # one failed rollout rejects the group: raise its own error
+            raise _first(group) from None
         group = uuid.uuid4().hex
         return [t.with_(group_id=group) for run in runs for t in run.result()]
 
@@ -387,6 +390,11 @@ class VerifiersWorkflow:
             "env_turns": reply.get("turns"),
         }
         return [t.with_(info={**t.info, **info}) for t in session.export_trajectories(style="concat")]
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _runner_spec(cfg: VerifiersConfig) -> dict[str, Any]:

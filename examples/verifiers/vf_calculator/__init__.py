@@ -138,7 +138,8 @@ class CalculatorEnv(vf.Env[CalculatorEnvConfig]):
 
 
 class ChatHarnessConfig(vf.HarnessConfig):
-    timeout_s: float = 120.0
+    connect_timeout_s: float = 30.0
+    """Deadline to reach the endpoint; a reply may take as long as the episode's own deadline allows."""
 
 
 class ChatHarness(vf.Harness[ChatHarnessConfig]):
@@ -156,7 +157,8 @@ class ChatHarness(vf.Harness[ChatHarnessConfig]):
             messages.append({"role": "user", "content": prompt})
         else:
             messages += [_wire(m) for m in prompt or [] if not (system and m.role == "system")]
-        async with httpx.AsyncClient(timeout=self.config.timeout_s) as client:
+        timeout = httpx.Timeout(None, connect=self.config.connect_timeout_s)
+        async with httpx.AsyncClient(timeout=timeout) as client:
             response = await client.post(
                 f"{endpoint.rstrip('/')}/chat/completions",
                 json={"model": ctx.model, "messages": messages},
