@@ -104,10 +104,17 @@ def test_the_recipe_knows_the_workflow_and_its_rows():
     assert build.task_data(DataSpec(task="verifiers", size=1, eval_size=1)).train == [
         {"id": "vf-1", "index": 1, "split": "train"}
     ]
-    wf = build.workflow(WorkflowSpec("verifiers", {"env": "vf_arithmetic"}), TOK, None, GenerationConfig(n_samples=3))
+    spec = WorkflowSpec("verifiers", {"env": "vf_arithmetic", "python": sys.executable})
+    wf = build.workflow(spec, TOK, None, GenerationConfig(n_samples=3))
     assert wf.n == 3 and wf.config.gconfig.n_samples == 1
+    with pytest.raises(ConfigError, match=r"no Python at missing/python \(workflow\.options\.python\)"):
+        build.workflow(
+            WorkflowSpec("verifiers", {"env": "x", "python": "missing/python"}), TOK, None, GenerationConfig()
+        )
     with pytest.raises(ConfigError, match=r"workflow\.options\.nope: unknown option of workflow 'verifiers'"):
-        build.workflow(WorkflowSpec("verifiers", {"env": "x", "nope": 1}), TOK, None, GenerationConfig())
+        build.workflow(
+            WorkflowSpec("verifiers", {"env": "x", "nope": 1, "python": sys.executable}), TOK, None, GenerationConfig()
+        )
 
 
 def test_rows_of_another_task_are_refused_with_the_fix():
@@ -186,12 +193,13 @@ async def test_a_tool_environment_runs_its_tool_server_and_masks_the_result():
 @needs_verifiers
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-async def test_an_unknown_environment_is_a_config_error_quoting_verifiers():
-    engine = FakeEngine()
+async def test_an_unknown_environment_fails_when_the_workflow_starts_quoting_verifiers():
     wf = workflow("vf_no_such_env")
-    async with engine, wf:
-        with pytest.raises(ConfigError, match=r"verifiers could not load .*'vf_no_such_env'.*not found"):
-            await wf.arun_episode(engine, {"index": 0})
+    with pytest.raises(ConfigError, match=r"verifiers could not load .*'vf_no_such_env'.*not found"):
+        async with wf:  # agentflow train enters the workflow before any episode
+            pass
+    with pytest.raises(ConfigError, match="vf_no_such_env"):  # not retried episode by episode
+        await wf.arun_episode(FakeEngine(), {"index": 0})
 
 
 BROKEN = """

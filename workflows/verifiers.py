@@ -155,9 +155,8 @@ class _Runner:
         self._readers = [loop.create_task(self._read_stdout()), loop.create_task(self._read_stderr())]
 
     @classmethod
-    async def start(cls, cfg: VerifiersConfig) -> _Runner:
+    async def start(cls, cfg: VerifiersConfig, python: str) -> _Runner:
         """Start the runner with the environment's Python and wait until it has loaded ``cfg.env``."""
-        python = find_python(cfg.python)
         spec = _runner_spec(cfg)
         # the environment's bin/ first: verifiers' chat programs are run with the uv installed there
         env = {**os.environ, "PATH": f"{pathlib.Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -287,12 +286,18 @@ class VerifiersWorkflow:
         self._proxy_cls = ProxyServer
         self.n = self.config.rollouts_per_example or (gconfig.n_samples if gconfig is not None else 1)
         self._proxy: Any = None
+        self.python = find_python(self.config.python)  # a missing verifiers environment fails here
         self._runner: _Runner | None = None
+        self._load_error: ConfigError | None = None
         self._serving: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifetime: proxy + runner
     async def __aenter__(self) -> VerifiersWorkflow:
+        """Load the environment now (``agentflow train`` enters the workflow before any episode),
+        so an environment that cannot load fails the run at once, not episode by episode."""
+        async with self._lock:
+            await self._ensure_runner()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -312,6 +317,7 @@ class VerifiersWorkflow:
 
     async def _start(self, engine: InferenceEngine) -> tuple[Any, _Runner]:
         async with self._lock:
+            runner = await self._ensure_runner()
             if self._proxy is None:
                 cfg = self.config
                 proxy = self._proxy_cls(engine, self.tokenizer, gconfig=cfg.gconfig, tool_parser=cfg.tool_parser)
@@ -320,9 +326,18 @@ class VerifiersWorkflow:
                 self._proxy = proxy
             elif self._proxy.engine is not engine:
                 raise WorkflowError("a VerifiersWorkflow serves one engine; build one workflow per engine")
-            if self._runner is None:
-                self._runner = await _Runner.start(self.config)
-            return self._proxy, self._runner
+            return self._proxy, runner
+
+    async def _ensure_runner(self) -> _Runner:
+        if self._runner is None:
+            if self._load_error is not None:  # loading fails the same way every time: do not retry per episode
+                raise self._load_error
+            try:
+                self._runner = await _Runner.start(self.config, self.python)
+            except ConfigError as e:
+                self._load_error = e
+                raise
+        return self._runner
 
     # ------------------------------------------------------------------ one data row = one group
     async def arun_episode(self, engine: InferenceEngine, data: Any) -> list[Trajectory]:
