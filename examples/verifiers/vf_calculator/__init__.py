@@ -35,7 +35,14 @@ SYSTEM_PROMPT = (
     '{"expression": "..."}}</tool_call> and you will get the result. Then answer with only the number.'
 )
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
 
 
 def _call(expression: str) -> str:
@@ -56,17 +63,22 @@ def is_heldout_pair(a: int, b: int) -> bool:
     return zlib.crc32(f"{lo}*{hi}".encode()) % 10 == 0
 
 
-def calculate(expression: str) -> int:
-    """``+``, ``-`` and ``*`` of integers (no names, no calls); raises ValueError otherwise."""
+def calculate(expression: str) -> str:
+    """``+ - * / // %`` and unary minus over numbers (no names, no calls); raises ValueError otherwise."""
 
-    def ev(node: ast.AST) -> int:
-        if isinstance(node, ast.Constant) and type(node.value) is int:
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
             return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](ev(node.left), ev(node.right))
         raise ValueError(f"unsupported expression {expression!r}")
 
-    return ev(ast.parse(expression, mode="eval").body)
+    if len(expression) > 200:
+        raise ValueError("expression longer than 200 characters")
+    value = ev(ast.parse(expression.strip(), mode="eval").body)
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def parse_call(reply: str) -> str | None:
@@ -76,10 +88,14 @@ def parse_call(reply: str) -> str | None:
         return None
     try:
         call = json.loads(match.group(1))
-        expression = call["arguments"]["expression"]
-    except (ValueError, KeyError, TypeError):
+        arguments = call.get("arguments", call.get("parameters", {}))
+        if isinstance(arguments, str):  # OpenAI style: the arguments as a JSON string
+            arguments = json.loads(arguments)
+        expression = arguments["expression"]
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    return expression if call.get("name") == "calculator" and isinstance(expression, str) else None
+    ok = call.get("name") == "calculator" and isinstance(expression, str) and expression.strip()
+    return expression if ok else None
 
 
 class CalculatorData(vf.TaskData):
@@ -130,9 +146,9 @@ class CalculatorEnv(vf.Env[CalculatorEnvConfig]):
                 if expression is None:
                     break  # the final answer, or a malformed call: the episode ends
                 try:
-                    result, calls_ok = str(calculate(expression)), calls_ok + 1
-                except (ValueError, SyntaxError, RecursionError) as e:
-                    result = f"Error: {e}"
+                    result, calls_ok = calculate(expression), calls_ok + 1
+                except (ValueError, SyntaxError, ArithmeticError, RecursionError) as e:
+                    result = f"Error: {type(e).__name__}: {e}"
                 segment = await chat.turn(f"Result: {result}")
             chat.trace.info["calls_ok"] = calls_ok
 
