@@ -241,7 +241,11 @@ TRAIN_CASES = {
         "workflow.options.env=vf_arithmetic",
         "workflow.options.env_config={agent: {harness: {id: 'null'}, max_turns: 1}}",
     ],
-    "multi_turn": ["workflow.options.env=vf_calculator", "workflow.options.env_args={num_heldout: 2, num_train: 8}"],
+    "multi_turn": [
+        "workflow.options.env=vf_calculator",
+        "workflow.options.env_args={num_heldout: 2, num_train: 8}",
+        "workflow.options.tool_parser=none",
+    ],
     "tools": [
         "workflow.options.env=vf_tools",
         "workflow.options.env_config={agent: {harness: {id: 'null'}, max_turns: 2}}",
@@ -260,7 +264,9 @@ def test_agentflow_train_runs_a_verifiers_environment(case, tmp_path):
             "-m",
             "agentflow",
             "train",
-            str(ROOT / "examples" / "verifiers_calculator.yaml"),
+            str(ROOT / "examples" / "tiny.yaml"),
+            "data.task=verifiers",
+            "workflow.name=verifiers",
             *TRAIN_CASES[case],
             "model.path=tiny",
             "trainer.total_steps=2",
