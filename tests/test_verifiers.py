@@ -21,10 +21,10 @@ from agentflow import ConfigError, GenerationConfig, ModelRequest, ModelResponse
 from agentflow.recipe.config import DataSpec, WorkflowSpec
 from agentflow.testing import FakeEngine, byte_tokenizer
 from agentflow.workflows.verifiers import (
-    DEFAULT_VENV,
     PYTHON_VARIABLE,
     VerifiersConfig,
     VerifiersWorkflow,
+    default_venv,
     find_python,
     task_index,
     verifiers_rows,
@@ -38,7 +38,7 @@ NULL_HARNESS = {"agent": {"harness": {"id": "null"}, "max_turns": 3}}
 
 
 def _verifiers_python() -> str | None:
-    for path in (os.environ.get(PYTHON_VARIABLE), str(ROOT / DEFAULT_VENV / "bin" / "python")):
+    for path in (os.environ.get(PYTHON_VARIABLE), str(default_venv() / "bin" / "python")):
         if path and os.access(path, os.X_OK):
             return path
     return None
@@ -47,7 +47,7 @@ def _verifiers_python() -> str | None:
 PY = _verifiers_python()
 needs_verifiers = pytest.mark.skipif(
     PY is None,
-    reason=f"no verifiers environment: build it with `bash scripts/verifiers_env.sh` (creates {DEFAULT_VENV}/) "
+    reason=f"no verifiers environment: build it with `bash scripts/verifiers_env.sh` (creates {default_venv()}/) "
     f"or set {PYTHON_VARIABLE} to a Python with verifiers installed",
 )
 

@@ -44,11 +44,19 @@ from agentflow import GenerationConfig, InferenceEngine, Trajectory
 from agentflow.envs.tasks import TaskData, TaskSpec
 from agentflow.errors import ConfigError, WorkflowError
 
-__all__ = ["VerifiersConfig", "VerifiersWorkflow", "find_python", "verifiers_rows"]
+__all__ = ["VerifiersConfig", "VerifiersWorkflow", "default_venv", "find_python", "verifiers_rows"]
 
 RUNNER = pathlib.Path(__file__).with_name("_verifiers_runner.py")
 PYTHON_VARIABLE = "AGENTFLOW_VERIFIERS_PYTHON"
-DEFAULT_VENV = ".venv-verifiers"
+
+
+def default_venv() -> pathlib.Path:
+    """Where ``scripts/verifiers_env.sh`` builds the verifiers environment by default: outside the
+    checkout (one for every checkout of the machine), under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(cache) / "agentflow" / "verifiers-venv"
+
+
 _TAIL = 1500  # characters of an environment error or of the runner's stderr quoted in a reason
 
 
@@ -66,7 +74,7 @@ class VerifiersConfig:
     rollouts_per_example: episodes per data row, one GRPO group (None: ``generation.n_samples``,
         and ``trainer.eval_samples`` when evaluating).
     python: the Python of the environment where ``verifiers`` is installed (None: the
-        ``AGENTFLOW_VERIFIERS_PYTHON`` variable, else ``.venv-verifiers/bin/python``).
+        ``AGENTFLOW_VERIFIERS_PYTHON`` variable, else ``~/.cache/agentflow/verifiers-venv/bin/python``).
     model: the model name the environment's agents send (the proxy serves the policy whatever it is).
     timeout_s: deadline of one episode (its agent program, tools and rubric).
     startup_timeout_s: deadline for the runner to load the environment.
@@ -117,12 +125,12 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
 
 def find_python(configured: str | None = None) -> str:
     """The verifiers environment's Python: ``configured``, else ``$AGENTFLOW_VERIFIERS_PYTHON``,
-    else ``.venv-verifiers/bin/python``; a clear error naming what was tried and how to build it."""
+    else :func:`default_venv`'s; a clear error naming what was tried and how to build it."""
     tried = []
     for source, path in (
         ("workflow.options.python", configured),
         (f"${PYTHON_VARIABLE}", os.environ.get(PYTHON_VARIABLE)),
-        ("the default", str(pathlib.Path(DEFAULT_VENV, "bin", "python"))),
+        ("the default", str(default_venv() / "bin" / "python")),
     ):
         if not path:
             continue
@@ -134,7 +142,7 @@ def find_python(configured: str | None = None) -> str:
     raise ConfigError(
         f"the verifiers workflow needs a Python environment with verifiers installed; no Python at "
         f"{', '.join(tried)}. Build one with `bash scripts/verifiers_env.sh` (it creates "
-        f"{DEFAULT_VENV}/), or set workflow.options.python (or ${PYTHON_VARIABLE}) to its bin/python"
+        f"{default_venv()}/), or set workflow.options.python (or ${PYTHON_VARIABLE}) to its bin/python"
     )
 
 
