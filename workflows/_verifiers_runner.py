@@ -103,7 +103,10 @@ async def rollout(env: Any, tasks: list[Any], request: dict[str, Any]) -> dict[s
         return {"ok": False, "error": f"task index {index} is out of range: the environment has {len(tasks)} tasks"}
     key_var = f"AGENTFLOW_VF_KEY_{request['id']}"  # verifiers reads an endpoint's key from a variable
     os.environ[key_var] = request["api_key"]
-    client = vf.EvalClientConfig(base_url=request["base_url"], api_key_var=key_var)
+    # the workflow's episode deadline bounds every model call; verifiers' 30 s connect deadline would
+    # fail episodes while the proxy's event loop is busy (a weight update, a loaded machine)
+    timeout = {"connect": request.get("timeout_s"), "read": None}
+    client = vf.EvalClientConfig(base_url=request["base_url"], api_key_var=key_var, timeout=timeout)
     ctx = vf.ModelContext(model=request["model"], client=client, sampling=vf.SamplingConfig(**request["sampling"]))
     try:
         episode = await env.run_episode(tasks[index], ctx)

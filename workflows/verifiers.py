@@ -377,6 +377,7 @@ class VerifiersWorkflow:
                             "api_key": session.api_key,
                             "model": cfg.model,
                             "sampling": _sampling(cfg.gconfig),
+                            "timeout_s": cfg.timeout_s,
                         }
                     )
             except TimeoutError as e:
