@@ -1,7 +1,7 @@
 """A single-turn verifiers environment: "What is 7 + 5?", reward 1 for exactly the number.
 
 Written in verifiers' own format (a package whose ``__all__`` exports its ``Taskset``; rewards are
-``@vf.reward`` methods of its ``Task``), so ``vf-eval vf-arithmetic`` runs it as well as agentflow.
+``@vf.reward`` methods of its ``Task``); nothing in it is agentflow's.
 Taskset options (``env_args``): ``num_tasks``, ``seed``.
 """
 
