@@ -24,9 +24,13 @@ from typing import Any
 from agentflow._engine_api import FinetuneSpec, InferenceEngine
 from agentflow._types import GenerationConfig
 from agentflow.engines.fsdp import FSDPEngine
-from agentflow.envs.tasks import TaskData, build_task
+from agentflow.envs.tasks import TASKS, TaskData, build_task, register_task
 from agentflow.errors import ConfigError
 from agentflow.recipe.config import DataSpec, ModelSpec, TrainRecipeConfig, WorkflowSpec
+from agentflow.workflows.verifiers import verifiers_rows
+
+if "verifiers" not in TASKS:  # ``data.task=verifiers``: the rows of ``workflow.name=verifiers`` (task indices)
+    register_task("verifiers")(verifiers_rows)
 
 __all__ = [
     "WORKFLOWS", "import_object", "inference_engine", "merge_lora", "model_and_tokenizer", "policy_for_eval",
@@ -188,11 +192,20 @@ def _calculator_agent(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfi
     return CalculatorAgentWorkflow(tokenizer, gconfig, reward_fn, CalculatorAgentConfig(**options))
 
 
+def _verifiers(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
+    from agentflow.workflows.verifiers import VerifiersConfig, VerifiersWorkflow
+
+    _check_options(spec, _config_fields(VerifiersConfig), has_kwargs=False)
+    # the environment's rubric gives the reward: ``reward_fn`` (the data task's) is not used
+    return VerifiersWorkflow(tokenizer, gconfig, **spec.options)
+
+
 # built-in workflow names for ``workflow.name``; anything else is ``module:Class`` or ``file.py:Class``
 WORKFLOWS: dict[str, Callable[[WorkflowSpec, Any, Any, GenerationConfig], Any]] = {
     "rlvr": _rlvr,
     "agent_command": _agent_command,
     "calculator_agent": _calculator_agent,
+    "verifiers": _verifiers,
 }
 
 

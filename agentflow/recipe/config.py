@@ -67,8 +67,10 @@ class DataSpec:
             calculator tool, for the ``calculator_agent`` workflow; reward 1 only for the exact
             product after a call that returned a number), ``addition`` (one-digit a + b; reported
             reward: 1 only for exactly the number), ``arithmetic`` (options: digits, ops; reward =
-            last number right), ``countdown``, ``gsm8k`` (a GSM8K-format JSONL file at ``path``), or
-            any task added with ``agentflow.envs.tasks.register_task``.
+            last number right), ``countdown``, ``gsm8k`` (a GSM8K-format JSONL file at ``path``),
+            ``verifiers`` (the tasks of ``workflow.name=verifiers``'s environment: held-out = its first
+            ``eval_size``, training = the next ``size``), or any task added with
+            ``agentflow.envs.tasks.register_task``.
         path: data file for file-based tasks.
         size: training prompts to generate (built-in tasks).
         eval_size: held-out prompts (a different seed, or the file's last rows).
@@ -102,7 +104,10 @@ class WorkflowSpec:
             fields of ``CalculatorAgentConfig``), ``rlvr`` (single turn, ``generation.n_samples``
             answers per prompt), ``agent_command``
             (an agent process per episode over the OpenAI-compatible proxy; options: ``command``,
-            ``timeout_s``, ...; set ``rollout.episodes_per_item`` for the group size),
+            ``timeout_s``, ...; set ``rollout.episodes_per_item`` for the group size), ``verifiers``
+            (a verifiers environment, run in its own Python environment, over the proxy; options:
+            ``env``, ``env_args``, ``env_config``, ``env_path``, ``rollouts_per_example``, ...; with
+            ``data.task=verifiers``; docs/verifiers.md),
             ``module:Class`` or ``path/to/file.py:Class``. A custom class is constructed with
             ``options`` plus whichever of ``tokenizer``, ``reward_fn`` and ``gconfig`` its
             constructor accepts; one with ``__aenter__`` is entered for the run.
