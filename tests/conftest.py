@@ -22,6 +22,24 @@ def tiny():
     return tiny_model_and_tokenizer(seed=0)
 
 
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory):
+    """One real vLLM server for the session: the tiny random Llama (byte tokenizer), fp32, LoRA
+    enabled (rank <= 8, 2 adapters), 1,024-token context. Skipped when scripts/vllm_env.sh has not run.
+    Yields its :class:`~agentflow.engines.launch.ServerProcess` (``command.address``); stopped at the end."""
+    from _vllm_helpers import BUILD, vllm_checkpoint, vllm_python
+
+    from agentflow.engines.launch import free_port, launched, vllm_command
+
+    python, model = vllm_python(), vllm_checkpoint("tiny-llama")
+    if python is None or model is None:
+        pytest.skip(f"needs the vLLM venv and the tiny checkpoint: {BUILD}")
+    cmd = vllm_command(python, str(model), port=free_port(), dtype="float32", max_model_len=1024, lora_rank=8,
+                       extra=["--served-model-name", "tiny", "--max-num-seqs", "16"])
+    with launched([cmd], tmp_path_factory.mktemp("vllm"), startup_timeout_s=300) as [server]:
+        yield server
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch
