@@ -25,16 +25,8 @@ from agentflow.errors import ConfigError, EngineError
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "FinetuneSpec",
-    "InferenceEngine",
-    "MicroBatchSpec",
-    "RolloutWorkflow",
-    "SaveLoadMeta",
-    "Scheduling",
-    "TrainEngine",
-    "WeightUpdateMeta",
-]
+__all__ = ["FinetuneSpec", "InferenceEngine", "MicroBatchSpec", "RolloutWorkflow", "SaveLoadMeta", "Scheduling",
+           "TrainEngine", "WeightUpdateMeta"]
 
 
 @runtime_checkable
@@ -267,6 +259,20 @@ class InferenceEngine(abc.ABC):
         if self._rollout is not None:
             self._rollout.on_version(version)
 
+    # ------------------------------------------------------------------ broadcast weight updates
+    def weight_update_world_size(self) -> int:
+        """World size of the ``"nccl"`` weight-update group: the trainer (rank 0) plus every rank
+        of every server that receives. Only engines whose servers join such a group have one."""
+        raise ConfigError(
+            f"trainer.weight_update=nccl broadcasts weights to inference servers, but {type(self).__name__} has no "
+            "weight-update group; use trainer.weight_update=mem (in-process engine) or disk, or a RemoteEngine"
+        )
+
+    def weight_update_backend(self) -> str | None:
+        """The ``torch.distributed`` backend the receiving side of a broadcast uses (None: the
+        train engine's own choice)."""
+        return None
+
     # ------------------------------------------------------------------ workflows (forwarded to the rollout)
     def submit(self, data: Any, workflow: RolloutWorkflow) -> str:
         return self._rollout_or_default().submit(data, workflow)
@@ -351,3 +357,36 @@ class TrainEngine(abc.ABC):
 
     @abc.abstractmethod
     def step_lr_scheduler(self) -> None: ...
+
+    # ------------------------------------------------------------------ versions and capabilities
+    # Declared here with defaults, so a trainer calls them on any train engine. The defaults of the
+    # capabilities an engine lacks raise a ConfigError that names the setting to change.
+    def set_version(self, version: int) -> None:
+        """Record which policy version the weights are (the trainer calls it after every step)."""
+        self._policy_version = version
+
+    def get_version(self) -> int:
+        return vars(self).get("_policy_version", 0)
+
+    def prepare(self, input_: Sequence[Trajectory] | Mapping[str, Any], mb_spec: MicroBatchSpec) -> Any:
+        """``input_`` in the form ``forward`` / ``train_batch`` take fastest (e.g. packed once, reused
+        by every pass of a step); the default is ``input_`` itself."""
+        return input_
+
+    def vocab_size(self) -> int | None:
+        """Rows of the policy's input embedding; None when unknown (token ids are then not checked)."""
+        return None
+
+    def weight_specs(self) -> list[Any]:
+        """Names, dtypes and shapes of the tensors an ``"nccl"`` upload broadcasts, in order."""
+        raise ConfigError(
+            f"trainer.weight_update=nccl needs a train engine that broadcasts its weights (FSDPEngine); "
+            f"{type(self).__name__} does not. Use trainer.weight_update=disk or mem"
+        )
+
+    def join_weight_update_group(self, meta: WeightUpdateMeta, world_size: int, backend: str | None = None) -> None:
+        """Join the ``"nccl"`` weight-update group as its rank 0 (before the first broadcast)."""
+        raise ConfigError(
+            f"trainer.weight_update=nccl needs a train engine that joins a weight-update group (FSDPEngine); "
+            f"{type(self).__name__} does not. Use trainer.weight_update=disk or mem"
+        )

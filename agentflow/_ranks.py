@@ -90,8 +90,7 @@ def follow(ranks: Ranks, plan: StepPlan, train_engine: TrainEngine) -> None:
             plan.update(train_engine, payload[ranks.rank])
         elif kind == "upload":
             train_engine.upload_weights(payload)
-            set_version = getattr(train_engine, "set_version", None)
-            if callable(set_version) and payload.version is not None:  # as rank 0's Trainer does
-                set_version(payload.version)
+            if payload.version is not None:  # as rank 0's Trainer does
+                train_engine.set_version(payload.version)
         elif kind == "save":
             train_engine.save(SaveLoadMeta(path=payload, with_optim=True))

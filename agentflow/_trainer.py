@@ -21,7 +21,6 @@ Not here: building engines, workflows or datasets from a config (``agentflow.rec
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -30,7 +29,6 @@ import pathlib
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +40,7 @@ from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
 from agentflow._guard import guard_workflow
 from agentflow._memory import peak_rss_gib, rss_gib, trim_heap
 from agentflow._metrics import MetricsLogger
+from agentflow._publish import WeightPublisher, call_on_loop
 from agentflow._rollout import Rollout
 from agentflow._types import Trajectory
 from agentflow.errors import ConfigError, EngineError, WorkflowError
@@ -195,11 +194,11 @@ class Trainer:
         self._resume_rollout: dict[str, Any] | None = None
         self._eval_task: asyncio.Task[None] | None = None
         self._stop = threading.Event()
-        self._nccl_joined = False  # train rank 0 is in the nccl weight-update group
-        self._nccl_port = 0  # its rendezvous port, picked at the first nccl update
-        self._nccl_group = ""  # and the group's name
+        self.publisher = WeightPublisher(config.weight_update, engine=engine, train_engine=train_engine,
+                                         run_dir=self.run_dir, nccl_address=config.nccl_address,
+                                         nccl_port=config.nccl_port, timeout_s=config.update_timeout_s)
         self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")
-        self._vocab_size = _vocab_size(train_engine)
+        self._vocab_size = train_engine.vocab_size()
         if not callable(getattr(workflow, "arun_episode", None)):
             raise WorkflowError(f"expected a workflow with `async def arun_episode(engine, data)`, got "
                                 f"{type(workflow).__name__}, which has no arun_episode method")
@@ -267,20 +266,7 @@ class Trainer:
         version = self.state.step
         if not version:
             return
-        meta = self._weight_meta(version)
-        if meta.type == "nccl":  # the servers receive while train rank 0 broadcasts
-            sending = asyncio.wrap_future(self._start_broadcast(meta, self.engine.weight_update_world_size()))
-            receiving = asyncio.get_running_loop().create_task(self.engine.aupdate_weights(meta))
-            try:
-                async with asyncio.timeout(self.cfg.update_timeout_s):
-                    await asyncio.wait([sending, receiving], return_when=asyncio.FIRST_EXCEPTION)
-                await receiving
-                await sending
-            finally:
-                receiving.cancel()
-        else:
-            meta = await asyncio.to_thread(self.train_engine.upload_weights, meta)
-            await self.engine.aupdate_weights(meta)
+        await self.publisher.restore(version)
         self.engine.set_version(version)
         saved = self._resume_rollout or {"buffer": {"groups": [], "version": version}, "pending": []}
         self.rollout.load_state_dict(saved, self.workflow, version)
@@ -318,12 +304,12 @@ class Trainer:
         groups, filtered = self._take_groups()
         t_wait = time.perf_counter() - t0
         trajs = [t for g in groups for t in g.trajectories]
-        self._sync_train_version()
+        self.train_engine.set_version(self.state.step)  # the version its weights are (the mismatch metric)
         stats = self.train_step(trajs)
         trim_heap()
         t_train = time.perf_counter() - t0 - t_wait
         version = self.state.step + 1
-        meta = self._upload(loop, version)
+        meta = self.publisher.publish(loop, version, self._publish)
         self.state.step = version
         n_tokens = sum(len(t) for t in trajs)
         self.state.tokens_trained += n_tokens
@@ -350,13 +336,6 @@ class Trainer:
             "rollout/extra_episodes": extra,
             "rollout/extra_episodes_total": self.state.extra_episodes,
         }
-
-    def _sync_train_version(self) -> None:
-        """Tell the train engine which policy version its weights are (the mismatch metric of
-        ``agentflow.algo.ppo_update`` compares the tokens generated at that version)."""
-        set_version = getattr(self.train_engine, "set_version", None)
-        if callable(set_version):
-            set_version(self.state.step)
 
     def _valid_groups(self, timeout: float) -> list[Group]:
         """A batch of groups whose every token id is inside the policy's vocabulary. A trajectory
@@ -399,91 +378,12 @@ class Trainer:
         if ev is not None and self.cfg.eval_every and version % self.cfg.eval_every == 0:
             self._eval_task = asyncio.get_running_loop().create_task(self._evaluate(version, ev))
 
-    def _upload(self, loop: asyncio.AbstractEventLoop, version: int) -> WeightUpdateMeta:
-        """Trainer thread: publish this step's weights as ``version`` and wait until rollout runs on them.
-
-        ``mem`` / ``disk``: upload, then the update on the loop. ``nccl``: both sides at once (the
-        servers sit in ``/update_weights_from_distributed`` while train rank 0 broadcasts).
-        """
-        timeout = self.cfg.update_timeout_s
-        meta = self._weight_meta(version)
-        if meta.type != "nccl":
-            meta = self.train_engine.upload_weights(meta)
-            self._call_on_loop(loop, self._publish(version, meta), timeout)
-            return meta
-        world = self._call_on_loop(loop, self._world_size(), timeout)
-        publishing = asyncio.run_coroutine_threadsafe(self._publish(version, meta), loop)
-        broadcasting = self._start_broadcast(meta, world)
-        both = [publishing, broadcasting]
-        done, _ = concurrent.futures.wait(both, timeout, return_when=concurrent.futures.FIRST_EXCEPTION)
-        failed = [f for f in both if f in done and f.exception() is not None]
-        if failed:
-            publishing.cancel()
-            raise failed[0].exception()  # type: ignore[misc]
-        if len(done) < 2:
-            publishing.cancel()
-            raise EngineError(f"the nccl weight update to version {version} took longer than "
-                              f"trainer.update_timeout_s={timeout}s; see the logs")
-        return meta
-
-    def _start_broadcast(self, meta: WeightUpdateMeta, world: int) -> concurrent.futures.Future[None]:
-        """:meth:`_broadcast` in a daemon thread of its own, so that a server refusing the update (its
-        error arrives through the inference side) fails the update at once: the join or broadcast
-        it leaves blocked ends at the group's timeout without holding up the process's exit."""
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                self._broadcast(meta, world)
-                done.set_result(None)
-            except BaseException as e:  # handed to whoever waits on `done`
-                done.set_exception(e)
-
-        threading.Thread(target=run, name="agentflow-nccl-broadcast", daemon=True).start()
-        return done
-
-    async def _world_size(self) -> int:
-        return int(self.engine.weight_update_world_size())
-
-    def _broadcast(self, meta: WeightUpdateMeta, world: int) -> None:
-        """Train side of an ``nccl`` update: join the group once (rank 0), then broadcast every tensor."""
-        if not self._nccl_joined:
-            # Both ends of the group must use one backend: the remote engine's (gloo for CPU servers).
-            backend = getattr(getattr(self.engine, "config", None), "dist_backend", None)
-            self.train_engine.join_weight_update_group(meta, world, backend)
-            self._nccl_joined = True
-        self.train_engine.upload_weights(meta)
-
-    def _weight_meta(self, version: int) -> WeightUpdateMeta:
-        kind = self.cfg.weight_update
-        if kind == "nccl":
-            if not callable(getattr(self.engine, "weight_update_world_size", None)) or not callable(
-                    getattr(self.train_engine, "join_weight_update_group", None)):
-                raise ConfigError(
-                    f"trainer.weight_update=nccl broadcasts to remote servers: expected a RemoteEngine and a train "
-                    f"engine with join_weight_update_group (FSDPEngine), got {type(self.engine).__name__} and "
-                    f"{type(self.train_engine).__name__}; use trainer.weight_update=mem for an in-process engine")
-            import torch
-
-            if self._nccl_port == 0:
-                self._nccl_port = self.cfg.nccl_port or _free_port(self.cfg.nccl_address)
-                # A fresh name per run: servers may still hold the group of an earlier run (a crash or
-                # kill -9 of the trainer leaves it), and a name can be joined only once.
-                self._nccl_group = f"agentflow_weight_update_{uuid.uuid4().hex[:8]}"
-            specs = {w.name: torch.empty(w.shape, dtype=getattr(torch, w.dtype), device="meta")
-                     for w in self.train_engine.weight_specs()}
-            return WeightUpdateMeta(type="nccl", state_dict=specs, version=version,
-                                    master_address=self.cfg.nccl_address, master_port=self._nccl_port,
-                                    group_name=self._nccl_group, timeout_s=self.cfg.update_timeout_s)
-        path = str(self.run_dir / "weights" / f"v{version:06d}") if kind == "disk" else None
-        return WeightUpdateMeta(type=kind, path=path, version=version)
-
     async def _evaluate(self, version: int, ev: EvalSpec) -> None:
         rewards = await evaluate(self.engine, ev.workflow, ev.data, concurrency=ev.concurrency)
         self.metrics.log(version, {"eval/version": version, "eval/reward": _mean(rewards), "eval/n": len(rewards)})
 
     def _checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
-        rollout_state = self._call_on_loop(loop, self._snapshot_rollout(), self.cfg.update_timeout_s)
+        rollout_state = call_on_loop(loop, self._snapshot_rollout(), self.cfg.update_timeout_s)
         trainer_state = {
             "step": self.state.step,
             "data": rollout_state.pop("data"),
@@ -517,14 +417,6 @@ class Trainer:
     async def _snapshot_rollout(self) -> dict[str, Any]:
         """Buffer, in-flight prompts and data position, read in one step on the loop (consistent)."""
         return {**self.rollout.state_dict(), "data": self.prompts.state_dict()}
-
-    def _call_on_loop(self, loop: asyncio.AbstractEventLoop, coro: Any, timeout: float) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError as e:
-            fut.cancel()
-            raise EngineError(f"a call on the event loop took longer than {timeout}s; see the logs") from e
 
     # ------------------------------------------------------------------ metrics
     def _step_record(self, groups: list[Group], trajs: list[Trajectory], stats: dict[str, float],
@@ -593,19 +485,6 @@ async def evaluate(
     return rewards
 
 
-def _vocab_size(train_engine: Any) -> int | None:
-    """Rows of the policy's input embedding (None when the engine does not expose its model)."""
-    model = getattr(train_engine, "model", None)
-    get = getattr(model, "get_input_embeddings", None)
-    if callable(get):
-        emb = get()
-        n = getattr(emb, "num_embeddings", None)
-        if isinstance(n, int):
-            return n
-    n = getattr(getattr(model, "config", None), "vocab_size", None)
-    return n if isinstance(n, int) else None
-
-
 class _Stopped(Exception):
     """Raised in the trainer thread's wait for rollouts once a stop was requested."""
 
@@ -642,12 +521,3 @@ def _progress_bar(total: int, initial: int) -> Any:
 def _postfix(r: dict[str, Any]) -> str:
     return (f"reward={r['reward/mean']:.3f} stale={r['staleness/max']} "
             f"tok/s={r['throughput/tokens_per_s']:.0f} step={r['time/step_s']:.1f}s")
-
-
-def _free_port(host: str) -> int:
-    """A TCP port that was free on ``host`` a moment ago (the ``nccl`` group's rendezvous)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

@@ -4,7 +4,7 @@
 config it trains the embedded SmolLM2-135M to call a calculator on two-digit multiplication.
 ``agentflow train --help`` lists every configuration field with its default.
 
-Not here: what the commands run (``agentflow.recipe``, ``agentflow.engines.sglang_server``); it only
+Not here: what the commands run (``agentflow.recipe``, ``agentflow.engines.serve.server``); it only
 parses arguments, prints results and turns agentflow's errors into one-line messages.
 """
 
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "serve":  # the server owns its flags
-        from agentflow.engines.sglang_server import serve_main
+        from agentflow.engines.serve.server import serve_main
 
         return int(serve_main(argv[1:]) or 0)
     parser = _parser()

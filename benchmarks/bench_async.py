@@ -39,7 +39,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 from agentflow import EngineError
-from agentflow.engines._sglang_launch import wait_healthy
+from agentflow.engines.serve._launch import wait_healthy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

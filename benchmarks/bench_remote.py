@@ -29,11 +29,11 @@ from typing import Any
 
 SERVER = (
     "import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
-    "from agentflow.engines.sglang_server import serve_main; sys.exit(serve_main(sys.argv[2:]))"
+    "from agentflow.engines.serve.server import serve_main; sys.exit(serve_main(sys.argv[2:]))"
 )
 FAKE_SERVER = (  # FakeEngine (no compute) behind the same app: isolates the protocol's own cost
     "import sys, uvicorn; from agentflow.testing import FakeEngine, byte_tokenizer; "
-    "from agentflow.engines.sglang_server import ServerConfig, build_app; "
+    "from agentflow.engines.serve.server import ServerConfig, build_app; "
     "app = build_app(FakeEngine(), model_path='fake', tokenizer=byte_tokenizer(), "
     "config=ServerConfig(chunk_tokens=int(sys.argv[3]))); "
     "uvicorn.run(app, host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')"

@@ -35,8 +35,8 @@ import torch
 
 from agentflow import MicroBatchSpec, Trajectory
 from agentflow.algo import pad_trajectories, sft_loss, token_count
-from agentflow.engines._packing import packing_efficiency, plan_micro_batches
 from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
+from agentflow.engines.fsdp._packing import packing_efficiency, plan_micro_batches
 from agentflow.testing import tiny_model_and_tokenizer
 
 

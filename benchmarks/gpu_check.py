@@ -329,7 +329,7 @@ def _world2_worker(rank: int, world: int, port: int, smoke: bool, out: str) -> N
 def step_fsdp_world2(ctx: dict[str, Any]) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    from agentflow.engines._dist import free_port
+    from agentflow.engines.fsdp._dist import free_port
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "rank0.json")

@@ -1,8 +1,17 @@
-"""agentflow.engines: inference engines (local transformers; remote HTTP servers through a protocol
-adapter, SGLang's by default), the SGLang-protocol server and the FSDP2 train engine. Each is
-imported on first use, so importing this package stays light.
+"""agentflow.engines: one package per product, each imported on first use so importing this
+package stays light:
 
-Not here: the engine contracts (``agentflow._engine_api``), rollout (:class:`agentflow.Rollout`).
+- ``local/``: :class:`LocalEngine`, the in-process transformers inference engine;
+- ``remote/``: :class:`RemoteEngine`, the HTTP client of inference servers (a server pool plus one
+  adapter per server protocol: :class:`ServerProtocol`, registered in :data:`PROTOCOLS`);
+- ``serve/``: ``agentflow serve``, SGLang's HTTP protocol over any agentflow inference engine;
+- ``fsdp/``: :class:`FSDPEngine`, the FSDP2 train engine.
+
+Shared by several of them: LoRA basics (``_lora.py``), the weight hand-off (``_handoff.py``: HF
+checkpoints on disk, the broadcast group) and model loading (``model_loading.py``).
+
+Not here: the engine contracts (:class:`agentflow.InferenceEngine`, :class:`agentflow.TrainEngine`),
+rollout (:class:`agentflow.Rollout`).
 """
 
 from __future__ import annotations
@@ -14,18 +23,10 @@ if TYPE_CHECKING:
     from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
     from agentflow.engines.local import LocalEngine, LocalEngineConfig
     from agentflow.engines.model_loading import load_model
-    from agentflow.engines.remote import RemoteEngine, RemoteEngineConfig, RemoteSGLangEngine
+    from agentflow.engines.remote import PROTOCOLS, RemoteEngine, RemoteEngineConfig, RemoteSGLangEngine, ServerProtocol
 
-__all__ = [
-    "FSDPEngine",
-    "FSDPEngineConfig",
-    "LocalEngine",
-    "LocalEngineConfig",
-    "RemoteEngine",
-    "RemoteEngineConfig",
-    "RemoteSGLangEngine",
-    "load_model",
-]
+__all__ = ["PROTOCOLS", "FSDPEngine", "FSDPEngineConfig", "LocalEngine", "LocalEngineConfig", "RemoteEngine",
+           "RemoteEngineConfig", "RemoteSGLangEngine", "ServerProtocol", "load_model"]
 
 _LAZY = {
     "LocalEngine": "agentflow.engines.local",
@@ -33,6 +34,8 @@ _LAZY = {
     "RemoteEngine": "agentflow.engines.remote",
     "RemoteSGLangEngine": "agentflow.engines.remote",
     "RemoteEngineConfig": "agentflow.engines.remote",
+    "ServerProtocol": "agentflow.engines.remote",
+    "PROTOCOLS": "agentflow.engines.remote",
     "FSDPEngine": "agentflow.engines.fsdp",
     "FSDPEngineConfig": "agentflow.engines.fsdp",
     "load_model": "agentflow.engines.model_loading",

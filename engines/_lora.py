@@ -35,27 +35,10 @@ from agentflow.errors import CheckpointError, ConfigError, EngineError
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
-    "DEFAULT_TARGETS",
-    "LORA_KEY",
-    "TRAIN_ADAPTER",
-    "LoRAConfig",
-    "adapter_config_dict",
-    "add_lora",
-    "check_fits",
-    "check_limits",
-    "check_targets",
-    "from_peft_key",
-    "is_adapter_dir",
-    "is_lora_param",
-    "linear_module_names",
-    "merge_adapter",
-    "read_adapter",
-    "to_peft_key",
-    "write_adapter",
-]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DEFAULT_TARGETS", "LORA_KEY", "TRAIN_ADAPTER", "LoRAConfig",
+           "adapter_config_dict", "add_lora", "check_fits", "check_limits", "check_targets", "from_peft_key",
+           "is_adapter_dir", "is_lora_param", "linear_module_names", "merge_adapter", "read_adapter", "to_peft_key",
+           "write_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

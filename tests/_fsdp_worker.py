@@ -173,7 +173,7 @@ def _save_load_checks(eng: Any, tok: Any, mine: list[Trajectory], spec: MicroBat
 
 # ----------------------------------------------------------------------------- weight receiver
 def _receive(port: int, specs_path: str, out_path: str, mode: str) -> None:
-    from agentflow.engines._weights import WeightSpec, init_weight_update_group, receive_tensors
+    from agentflow.engines._handoff import WeightSpec, init_weight_update_group, receive_tensors
 
     with open(specs_path) as f:
         specs = [WeightSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in json.load(f)]

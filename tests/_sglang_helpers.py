@@ -48,16 +48,15 @@ def trainer_broadcast(port: int, world_size: int, group_name: str) -> None:
     """Rank 0 of the weight-update group: broadcast WEIGHT_SPEC tensors (values = arange) in order."""
     import torch
 
-    from agentflow.engines._dist_group import (
+    from agentflow.engines._handoff import (
         broadcast_tensors,
         destroy_weight_update_group,
         init_weight_update_group,
     )
 
-    group = init_weight_update_group(master_address="127.0.0.1", master_port=port, rank=0, world_size=world_size,
-                                     group_name=group_name, backend="gloo", timeout_s=60)
-    tensors = [torch.arange(float(torch.Size(s).numel())).reshape(s) for s in WEIGHT_SPEC.values()]
-    broadcast_tensors(tensors, group)
+    group = init_weight_update_group("127.0.0.1", port, 0, world_size, group_name, "gloo", timeout_s=60)
+    tensors = [(n, torch.arange(float(torch.Size(s).numel())).reshape(s)) for n, s in WEIGHT_SPEC.items()]
+    broadcast_tensors(group, tensors, timeout_s=60)
     destroy_weight_update_group(group)
 
 

@@ -325,7 +325,7 @@ def test_tokenizer_without_chat_template_is_refused():
 
 # ------------------------------------------------------------------------------------------ real engine
 async def test_local_engine_with_the_tiny_model(tiny):
-    local = pytest.importorskip("agentflow.engines.local", reason="engines/local.py not available")
+    local = pytest.importorskip("agentflow.engines.local", reason="engines/local/engine.py not available")
     model, tok = tiny
     config = local.LocalEngineConfig(max_batch_size=4, max_seq_len=512)
     async with local.LocalEngine(model, tok, config=config) as engine:

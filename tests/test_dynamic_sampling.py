@@ -114,6 +114,9 @@ class _FakeTrainEngine:
     def set_version(self, version: int) -> None:
         self.versions.append(version)
 
+    def vocab_size(self) -> int | None:
+        return None
+
     def upload_weights(self, meta):
         return meta
 

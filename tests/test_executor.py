@@ -403,6 +403,9 @@ async def test_max_consecutive_rejections_none_disables_the_limit():
 class _NoTrainEngine:
     """A train engine for a run that must stop before its first train step."""
 
+    def vocab_size(self) -> int | None:
+        return None
+
     def upload_weights(self, meta):
         raise AssertionError("no train step should have run")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agentflow.engines._dist import free_port
+from agentflow.engines.fsdp._dist import free_port
 
 pytestmark = pytest.mark.integration
 

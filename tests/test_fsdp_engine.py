@@ -13,11 +13,19 @@ import pytest
 import torch
 from _fsdp_worker import LR, make_trajs, max_param_diff, ppo_batch, reference_logprobs, reference_step
 
-from agentflow import ConfigError, EngineError, FinetuneSpec, MicroBatchSpec, SaveLoadMeta, WeightUpdateMeta
+from agentflow import (
+    ConfigError,
+    EngineError,
+    FinetuneSpec,
+    MicroBatchSpec,
+    SaveLoadMeta,
+    TrainEngine,
+    WeightUpdateMeta,
+)
 from agentflow.algo import PPOConfig, PPOLoss, pad_trajectories, sft_loss, token_count
-from agentflow.engines._dist import free_port
-from agentflow.engines._fsdp_config import lr_factor
 from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
+from agentflow.engines.fsdp._config import lr_factor
+from agentflow.engines.fsdp._dist import free_port
 
 LENS = [9, 31, 4, 17, 12, 25]
 SPEC = MicroBatchSpec(n_mbs=2, max_tokens_per_mb=40)
@@ -266,7 +274,7 @@ def test_schedule_length_from_finetune_spec(tiny):
 # ----------------------------------------------------------------------------- GPU paths (skipped without CUDA)
 @pytest.mark.gpu
 def test_varlen_attention_matches_per_segment_sdpa_on_cuda():
-    from agentflow.engines._attention import _per_segment, packed_attention
+    from agentflow.engines.fsdp._attention import _per_segment, packed_attention
 
     torch.manual_seed(0)
     lens = [37, 130, 5, 300, 64]
@@ -306,7 +314,7 @@ def test_nccl_broadcast_upload_on_two_gpus(tmp_path, tiny):
                                                      for s in specs]))
     script = (
         "import json, sys, torch; torch.cuda.set_device(1)\n"
-        "from agentflow.engines._weights import WeightSpec, init_weight_update_group, receive_tensors\n"
+        "from agentflow.engines._handoff import WeightSpec, init_weight_update_group, receive_tensors\n"
         "specs = [WeightSpec(s['name'], s['dtype'], tuple(s['shape'])) for s in json.load(open(sys.argv[2]))]\n"
         "pg = init_weight_update_group('127.0.0.1', int(sys.argv[1]), 1, 2, 'agentflow_nccl_test', 'nccl', 60)\n"
         "got = receive_tensors(pg, specs, 'cuda:1', 60)\n"
@@ -327,14 +335,16 @@ def test_nccl_broadcast_upload_on_two_gpus(tmp_path, tiny):
 
 
 class _Unprepared:
-    """The same engine seen without ``prepare``: ppo_update falls back to padded batches."""
+    """The same engine with the contract's default ``prepare`` (the batch as is): ppo_update then
+    packs the padded batch for every pass."""
 
     def __init__(self, inner):
         self._inner = inner
 
+    def prepare(self, input_, mb_spec):
+        return TrainEngine.prepare(self, input_, mb_spec)
+
     def __getattr__(self, name):
-        if name == "prepare":
-            raise AttributeError(name)
         return getattr(self._inner, name)
 
 

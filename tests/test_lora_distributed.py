@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agentflow.engines._dist import free_port
+from agentflow.engines.fsdp._dist import free_port
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from test_lora_local import random_adapter
 from agentflow import GenerationConfig, ModelRequest, WeightUpdateMeta
 from agentflow.engines._lora import LoRAConfig, write_adapter
 from agentflow.engines.local import LocalEngine, LocalEngineConfig
-from agentflow.engines.sglang_server import ServerConfig, build_app
+from agentflow.engines.serve.server import ServerConfig, build_app
 
 pytest.importorskip("peft")
 
@@ -30,12 +30,12 @@ def local_engine(model: Any, tok: Any, **cfg: Any) -> LocalEngine:
 
 
 @pytest.fixture
-async def served(tiny) -> AsyncIterator[tuple[LocalEngine, httpx.AsyncClient]]:
+async def served(tiny, tmp_path) -> AsyncIterator[tuple[LocalEngine, httpx.AsyncClient]]:
     model, tok = tiny
     engine = local_engine(model, tok, max_lora_rank=8)
     async with engine:
-        app = build_app(engine, model_path="tiny", tokenizer=tok, config=ServerConfig(enable_lora=True),
-                        manage_engine=False)
+        app = build_app(engine, model_path="tiny", tokenizer=tok,
+                        config=ServerConfig(enable_lora=True, lora_dirs=(str(tmp_path),)), manage_engine=False)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             yield engine, c
 
@@ -92,8 +92,8 @@ async def test_lora_routes_need_enable_lora(tiny, tmp_path):
 
 
 def test_serve_flags_reach_the_engine_and_the_sglang_command():
-    from agentflow.engines._lora_serve import apply_lora_flags, parse_lora_paths, sglang_lora_flags
-    from agentflow.engines.sglang_server import _parse_args
+    from agentflow.engines.serve._lora import apply_lora_flags, parse_lora_paths, sglang_lora_flags
+    from agentflow.engines.serve.server import _parse_args
 
     args = _parse_args(["--enable-lora", "--max-lora-rank", "32", "--lora-target-modules", "q_proj", "v_proj",
                         "--max-loras-per-batch", "4", "--lora-paths", "a=/x", "/y",
@@ -134,7 +134,8 @@ async def test_adapter_update_through_serve_interrupts_one_request_with_versions
                          model=copy.deepcopy(model), tokenizer=tok)
     trainer.initialize()
     served = local_engine(model, tok)
-    app = build_app(served, model_path="tiny", tokenizer=tok, config=ServerConfig(enable_lora=True))
+    app = build_app(served, model_path="tiny", tokenizer=tok,
+                    config=ServerConfig(enable_lora=True, lora_dirs=(str(tmp_path),)))
     server = await asyncio.to_thread(ServerThread(app).start)
     try:
         for _ in range(2):
@@ -187,7 +188,7 @@ async def test_a_server_that_rejoins_gets_the_current_adapter_before_it_serves(t
 
     def start(port: int = 0) -> tuple[Any, ServerThread]:
         app = build_app(local_engine(model, tok), model_path="tiny", tokenizer=tok,
-                        config=ServerConfig(enable_lora=True))
+                        config=ServerConfig(enable_lora=True, lora_dirs=(str(tmp_path),)))
         return app, ServerThread(app, port).start()
 
     def meta(version: int) -> WeightUpdateMeta:
@@ -246,3 +247,47 @@ async def _until_up(remote: Any, i: int, wait_s: float = 30.0) -> None:
     while not remote.servers[i].up:
         assert time.monotonic() < end, f"server {i} did not rejoin: {remote.servers[i].last_error}"
         await asyncio.sleep(0.02)
+
+
+async def test_adapter_routes_need_the_admin_key_and_paths_come_from_lora_dirs(tiny, tmp_path):
+    """With an admin key, a chat client's key cannot swap the adapter the trainer samples from; a
+    runtime load reads only directories given with --lora-dir, under a plain name."""
+    from agentflow.engines.serve._guard import ServeLimits
+
+    model, tok = tiny
+    adapters = tmp_path / "adapters"
+    path = saved(adapters, "a", random_adapter(model, seed=1))
+    engine = local_engine(model, tok, max_lora_rank=8)
+    async with engine:
+        app = build_app(engine, model_path="tiny", tokenizer=tok, manage_engine=False,
+                        config=ServerConfig(enable_lora=True, lora_dirs=(str(adapters),)),
+                        limits=ServeLimits(api_key="user", admin_api_key="admin"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            user, admin = {"Authorization": "Bearer user"}, {"Authorization": "Bearer admin"}
+            for route, body in (("/load_lora_adapter", {"lora_name": "a", "lora_path": path}),
+                                ("/unload_lora_adapter", {"lora_name": "a"})):
+                assert (await c.post(route, json=body, headers=user)).status_code == 401
+            ok = await c.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": path}, headers=admin)
+            assert ok.status_code == 200, ok.text
+            for name, where, why in (
+                ("b", str(tmp_path / "elsewhere"), "outside the adapter directories"),
+                ("c", str(adapters / ".." / ".."), "outside the adapter directories"),
+                ("../../x\n\0y", path, "lora_name must be 1-128 characters"),
+                ("x" * 20_000, path, "lora_name must be 1-128 characters"),
+            ):
+                r = await c.post("/load_lora_adapter", json={"lora_name": name, "lora_path": where}, headers=admin)
+                assert r.status_code == 400 and why in r.json()["error_message"], r.text
+                assert len(r.text) < 1000  # the refused name is not echoed whole
+            assert (await c.post("/unload_lora_adapter", json={"lora_name": "a"}, headers=admin)).status_code == 200
+
+
+async def test_without_lora_dir_no_adapter_is_loaded_at_run_time(tiny, tmp_path):
+    model, tok = tiny
+    path = saved(tmp_path, "a", random_adapter(model, seed=2))
+    engine = local_engine(model, tok, max_lora_rank=8)
+    async with engine:
+        app = build_app(engine, model_path="tiny", tokenizer=tok, config=ServerConfig(enable_lora=True),
+                        manage_engine=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = await c.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": path})
+    assert r.status_code == 400 and "start agentflow serve with --lora-dir DIR" in r.json()["error_message"]

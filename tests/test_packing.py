@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from agentflow import ConfigError, TrajectoryError
-from agentflow.engines._attention import register_packed_attention
-from agentflow.engines._packing import (
+from agentflow.engines.fsdp._attention import register_packed_attention
+from agentflow.engines.fsdp._packing import (
     balanced_partition,
     dummy_micro_batch,
     normalize_batch,
@@ -145,7 +145,7 @@ def test_packed_row_equals_sequences_alone_with_gradients(tiny, impl):
 def test_length_bucketed_attention_equals_one_call_per_sequence():
     import torch.nn.functional as F
 
-    from agentflow.engines._attention import _per_segment
+    from agentflow.engines.fsdp._attention import _per_segment
 
     torch.manual_seed(0)
     lens = [1, 16, 17, 3, 40, 2]
@@ -168,7 +168,7 @@ def test_shared_prompt_attention_equals_each_sequence_in_full(kv_heads):
     the attention, and its gradients, of every sequence laid out in full."""
     import torch.nn.functional as F
 
-    from agentflow.engines._attention import _per_segment
+    from agentflow.engines.fsdp._attention import _per_segment
 
     torch.manual_seed(0)
     # (prompt length, continuation lengths): short and long continuations, a 12-sample group cut

@@ -174,3 +174,98 @@ def test_every_module_says_what_it_does_and_does_not_do():
             if not doc or not re.search(r"Not here|Not covered|\bdoes not\b|\bdo not\b|knows nothing|\bnever\b", doc):
                 missing.append(str(path.relative_to(ROOT)))
     assert not missing, "module docstrings without what the module does not do:\n" + "\n".join(missing)
+
+
+# engines/: one package per product. room -> rooms it may import besides the shared modules
+ENGINE_ROOMS = {"local": set(), "remote": set(), "serve": {"local"}, "fsdp": set()}
+ENGINE_SHARED = {"_lora", "_handoff", "model_loading"}
+
+
+def _engine_module(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT / "engines").with_suffix("")
+    parts = ["agentflow", "engines", *rel.parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _all_imports(path: pathlib.Path) -> set[str]:
+    """Every module an engines/ file imports: module level, in functions and under TYPE_CHECKING;
+    ``from pkg import name`` counts as the submodule ``pkg.name`` where that is a module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    mods: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mods.add(node.module)
+            mods.update(f"{node.module}.{a.name}" for a in node.names)
+    return mods
+
+
+def _engine_graph() -> dict[str, set[str]]:
+    files = {_engine_module(p): p for p in (ROOT / "engines").rglob("*.py")}
+    return {m: {d for d in _all_imports(p) if d in files} for m, p in files.items()}
+
+
+def test_engine_rooms_import_only_what_they_may():
+    """local/remote/serve/fsdp use the shared modules and their own room (serve may use local);
+    no engine module reaches into agentflow's private modules."""
+    bad = []
+    for path in (ROOT / "engines").rglob("*.py"):
+        rel = path.relative_to(ROOT / "engines")
+        room = rel.parts[0] if len(rel.parts) > 1 else None
+        for mod in _all_imports(path):
+            if mod.startswith("agentflow._") or (mod.startswith("agentflow.") and "._" in mod
+                                                  and not mod.startswith("agentflow.engines.")):
+                bad.append(f"engines/{rel} imports the private {mod}")
+            if not mod.startswith("agentflow.engines."):
+                continue
+            target = mod.split(".")[2]
+            if target in ENGINE_SHARED or target == room:
+                continue
+            if room is None and target in ENGINE_ROOMS and path.name == "__init__.py":
+                continue  # the package's lazy names
+            if room is None or target not in ENGINE_ROOMS[room]:
+                bad.append(f"engines/{rel} ({room or 'shared'}) imports {mod}")
+    assert not bad, "engine rooms crossing their walls:\n" + "\n".join(bad)
+
+
+def test_engines_have_no_import_cycles_counting_function_level_and_type_checking_imports():
+    graph = _engine_graph()
+    # a package's modules may import each other through it: edges to an ancestor package do not count
+    graph = {m: {d for d in deps if not m.startswith(d + ".") and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(d):], d]) if d in stack else f"{m} -> {d}")
+            elif d not in state:
+                visit(d, [*stack, d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles in engines/:\n" + "\n".join(cycles)
+
+
+def test_engine_packages_have_audited_public_names():
+    import importlib
+
+    expected = {
+        "local": {"LocalEngine", "LocalEngineConfig"},
+        "remote": {"RemoteEngine", "RemoteEngineConfig", "RemoteSGLangEngine", "ServerProtocol", "PROTOCOLS",
+                   "GenerateJob", "Generated", "ServerLink", "WeightGroup", "BroadcastSpec", "resolve_protocol"},
+        "serve": {"ServerConfig", "build_app", "serve_main"},
+        "fsdp": {"FSDPEngine", "FSDPEngineConfig"},
+    }
+    for room, names in expected.items():
+        module = importlib.import_module(f"agentflow.engines.{room}")
+        assert set(module.__all__) == names, room
+        assert all(getattr(module, n) is not None for n in names)
+    import agentflow.engines as engines
+
+    for name in engines.__all__:
+        assert getattr(engines, name) is not None

@@ -408,8 +408,8 @@ def test_token_ids_outside_the_vocabulary_reject_the_trajectory_not_the_run(capl
 async def _serve_client(limits=None, latency: float = 0.0):
     import httpx
 
-    from agentflow.engines._serve_guard import ServeLimits
-    from agentflow.engines.sglang_server import ServerConfig, build_app
+    from agentflow.engines.serve._guard import ServeLimits
+    from agentflow.engines.serve.server import ServerConfig, build_app
     from agentflow.testing import FakeEngine, byte_tokenizer
 
     engine = FakeEngine(latency=latency)
@@ -422,7 +422,7 @@ async def _serve_client(limits=None, latency: float = 0.0):
 
 
 async def test_serve_api_key_has_sglang_semantics():
-    from agentflow.engines._serve_guard import ServeLimits
+    from agentflow.engines.serve._guard import ServeLimits
 
     engine, _, c = await _serve_client(ServeLimits(api_key="k1", admin_api_key="admin"))
     try:
@@ -445,7 +445,7 @@ async def test_serve_api_key_has_sglang_semantics():
 
 def test_serve_refuses_a_public_bind_without_a_key():
     from agentflow import ConfigError
-    from agentflow.engines._serve_guard import ServeLimits, check_bind
+    from agentflow.engines.serve._guard import ServeLimits, check_bind
 
     with pytest.raises(ConfigError, match=r"non-loopback host '0\.0\.0\.0' without --api-key"):
         check_bind("0.0.0.0", ServeLimits())
@@ -461,7 +461,7 @@ def test_serve_refuses_a_public_bind_without_a_key():
     ({"input_ids": [1], "pad": "x" * (5 << 20)}, 413, "larger than the server's limit"),
 ])
 async def test_serve_caps_requests_with_4xx(body, status, expected):
-    from agentflow.engines._serve_guard import ServeLimits
+    from agentflow.engines.serve._guard import ServeLimits
 
     engine, app, c = await _serve_client(ServeLimits(vocab_size=259, max_new_tokens=4096))
     try:
@@ -481,7 +481,7 @@ async def test_serve_aborts_generations_whose_client_went_away():
     import httpx
     from _sglang_helpers import ServerThread
 
-    from agentflow.engines.sglang_server import ServerConfig, build_app
+    from agentflow.engines.serve.server import ServerConfig, build_app
     from agentflow.testing import FakeEngine, byte_tokenizer
 
     engine = FakeEngine(latency=0.05)

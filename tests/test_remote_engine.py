@@ -25,7 +25,7 @@ from agentflow import (
     WeightUpdateMeta,
 )
 from agentflow.engines.remote import RemoteEngineConfig, RemoteSGLangEngine
-from agentflow.engines.sglang_server import ServerConfig, build_app
+from agentflow.engines.serve.server import ServerConfig, build_app
 from agentflow.testing import FakeEngine, byte_tokenizer
 
 FAST = RemoteEngineConfig(probe_interval_s=0.05, backoff_initial_s=0.001, backoff_max_s=0.01,
@@ -472,7 +472,7 @@ async def test_a_server_that_never_comes_back_fails_the_update_naming_it_within_
 
 # ------------------------------------------------------------------------------------- API keys
 async def _keyed_server(key: str) -> tuple[FakeEngine, httpx.AsyncBaseTransport]:
-    from agentflow.engines._serve_guard import ServeLimits
+    from agentflow.engines.serve._guard import ServeLimits
 
     fake = FakeEngine()
     await fake.__aenter__()

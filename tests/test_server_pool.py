@@ -31,7 +31,8 @@ from agentflow import (
     Trajectory,
     WeightUpdateMeta,
 )
-from agentflow.engines.protocols import (
+from agentflow.engines.remote import RemoteEngine, RemoteEngineConfig
+from agentflow.engines.remote.protocol import (
     PROTOCOLS,
     BroadcastSpec,
     Generated,
@@ -40,7 +41,6 @@ from agentflow.engines.protocols import (
     WeightGroup,
     resolve_protocol,
 )
-from agentflow.engines.remote import RemoteEngine, RemoteEngineConfig
 
 FAST = RemoteEngineConfig(probe_interval_s=0.05, backoff_initial_s=0.001, backoff_max_s=0.01,
                           startup_timeout_s=2.0, server_wait_timeout_s=3.0, health_timeout_s=1.0)
@@ -85,7 +85,7 @@ class ToyProtocol:
 
     async def generate(self, link: ServerLink, job: GenerateJob) -> Generated:
         ans = await link.call("POST", "/v1/complete", {
-            "tokens": job.input_ids, "budget": job.max_new_tokens, "ticket": job.rid,
+            "tokens": job.input_ids, "budget": job.max_new_tokens, "ticket": job.rid, "adapter": job.adapter,
             "heat": 0.0 if job.gconfig.is_greedy else job.gconfig.temperature})
         steps = ans["steps"]
         return Generated([s["id"] for s in steps], [s["lp"] for s in steps], [_version(s["tag"]) for s in steps],
@@ -112,6 +112,19 @@ class ToyProtocol:
                                                 "tag": _tag(spec.version)})
 
 
+class ToyLoRAProtocol(ToyProtocol):
+    """The toy protocol with adapters: the three optional LoRA methods, on toy routes."""
+
+    async def load_adapter(self, link: ServerLink, name: str, path: str) -> None:
+        await link.call("PUT", "/v1/adapters", {"as": name, "from": path})
+
+    async def unload_adapter(self, link: ServerLink, name: str) -> None:
+        await link.call("DELETE", "/v1/adapters", {"as": name})
+
+    async def set_weight_version(self, link: ServerLink, version: int) -> None:
+        await link.call("POST", "/v1/tag", {"tag": _tag(version)})
+
+
 # ------------------------------------------------------------------------------------- the servers
 class Dead(Exception):
     """The server process is gone: the transport refuses the connection."""
@@ -130,6 +143,8 @@ class ToyServer:
         self.in_flight = 0
         self._idle = asyncio.Condition()
         self.fail_next: list[tuple[int, dict[str, Any]]] = []  # (status, body) answers to /v1/complete
+        self.adapters: dict[str, str] = {}  # served name -> directory
+        self.used: list[str | None] = []  # the adapter of each completion
 
     async def handle(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
         if not self.alive:
@@ -153,9 +168,26 @@ class ToyServer:
             return 200, {"done": True}
         if (method, path) == ("POST", "/v1/group"):
             return 200, {"joined": True}
+        if path in ("/v1/adapters", "/v1/tag"):
+            return self._adapter_route(method, body)
         return 404, {"problem": f"no route {method} {path}"}
 
+    def _adapter_route(self, method: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if method == "PUT":
+            if body["as"] in self.adapters:
+                return 400, {"problem": f"adapter {body['as']} already loaded"}
+            self.adapters[body["as"]] = body["from"]
+        elif method == "DELETE":
+            if self.adapters.pop(body["as"], None) is None:
+                return 400, {"problem": f"no adapter {body['as']}"}
+        else:
+            self.tag = body["tag"]
+        return 200, {}
+
     async def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("adapter") is not None and body["adapter"] not in self.adapters:
+            return {"steps": [], "end": "budget", "problem": f"unknown adapter {body['adapter']}"}
+        self.used.append(body.get("adapter"))
         self.in_flight += 1
         try:
             return await self._steps(body)
@@ -234,11 +266,40 @@ def test_an_incomplete_adapter_is_refused_with_what_it_lacks() -> None:
 def test_the_pool_and_the_engine_name_no_route() -> None:
     """What makes a new protocol one module: no route, and no protocol name, in the generic code."""
     root = pathlib.Path(__file__).resolve().parents[1] / "engines"
-    for name in ("_server_pool.py", "remote.py", "protocols.py"):
+    for name in ("remote/_pool.py", "remote/engine.py", "remote/protocol.py", "remote/_adapters.py"):
         tree = ast.parse((root / name).read_text(encoding="utf-8"))
         routes = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
                   and n.value.startswith("/") and len(n.value) > 1]
         assert routes == [], f"{name} speaks routes {routes}: move them into an adapter"
+
+
+async def test_a_lora_update_runs_through_any_protocol_with_the_adapter_methods() -> None:
+    """LoRA goes through the protocol's methods only: a stub protocol needs no other edit."""
+    cluster = ToyCluster(2)
+    async with toy_engine(cluster, ToyLoRAProtocol()) as engine:
+        for v in (1, 2):
+            await engine.aupdate_weights(WeightUpdateMeta(type="disk", path=f"/ckpt/a{v}", adapter="policy",
+                                                          version=v))
+        for server in cluster.servers.values():
+            assert server.adapters == {"policy-v2": "/ckpt/a2"}  # v1 unloaded after v2 loaded
+            assert server.tag == "v2"
+        out = await engine.agenerate(ModelRequest(input_ids=[1, 2], gconfig=GenerationConfig(max_new_tokens=3)))
+        assert out.output_versions == [2, 2, 2]
+        assert [u for s in cluster.servers.values() for u in s.used] == ["policy-v2"]
+        # a restarted server comes back empty and gets exactly the current adapter and version
+        restarted = cluster.servers["t0"]
+        restarted.alive = False
+        engine.pool.mark_down(engine.servers[0], "killed by the test")
+        restarted.adapters, restarted.tag, restarted.alive = {}, "v0", True
+        await _until(lambda: engine.servers[0].up, "the rejoin")
+        assert restarted.adapters == {"policy-v2": "/ckpt/a2"} and restarted.tag == "v2"
+
+
+async def test_an_adapter_update_on_a_protocol_without_lora_says_so() -> None:
+    async with toy_engine(ToyCluster(1)) as engine:
+        with pytest.raises(EngineError, match=r"the Toy protocol adapter \(ToyProtocol\) cannot serve LoRA adapters: "
+                                              r"it has no load_adapter, unload_adapter, set_weight_version"):
+            await engine.aupdate_weights(WeightUpdateMeta(type="disk", path="/ckpt/a1", adapter="policy", version=1))
 
 
 async def test_the_engine_speaks_the_toy_wire_format_by_registered_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from agentflow import ModelRequest, ModelResponse, WeightUpdateMeta
-from agentflow.engines.sglang_server import ServerConfig, build_app
+from agentflow.engines.serve.server import ServerConfig, build_app
 from agentflow.testing import FakeEngine, byte_tokenizer
 
 TOK = byte_tokenizer()
@@ -474,8 +474,8 @@ async def test_local_engine_pause_abort_then_text_prompt(local) -> None:
 
 
 def test_serve_limits_reach_the_local_engine_and_the_sglang_command(tmp_path) -> None:
-    from agentflow.engines._sglang_launch import local_engine, sglang_command
-    from agentflow.engines.sglang_server import _parse_args
+    from agentflow.engines.serve._launch import local_engine, sglang_command
+    from agentflow.engines.serve.server import _parse_args
     from agentflow.testing import tiny_model_and_tokenizer
 
     model, tok = tiny_model_and_tokenizer(0)

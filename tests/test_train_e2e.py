@@ -118,7 +118,7 @@ def test_train_against_agentflow_serve_over_http(tmp_path, weight_update):
 
     import httpx
 
-    from agentflow.engines._sglang_launch import wait_healthy
+    from agentflow.engines.serve._launch import wait_healthy
     from agentflow.testing import tiny_model_and_tokenizer
 
     model_dir = tmp_path / "tiny"

@@ -334,7 +334,7 @@ async def test_agent_rewards_set_by_the_agent_are_kept():
 # ------------------------------------------------------------------------------------ tiny LocalEngine
 @pytest.fixture
 def local_engine(tiny):
-    local = pytest.importorskip("agentflow.engines.local", reason="engines/local.py not available")
+    local = pytest.importorskip("agentflow.engines.local", reason="engines/local/engine.py not available")
     model, tok = tiny
     return local.LocalEngine(model, tok, config=local.LocalEngineConfig(max_batch_size=4, max_seq_len=2048))
 

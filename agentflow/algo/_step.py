@@ -120,13 +120,11 @@ def _padded_batch(items: Shard, algo: AlgoConfig) -> dict[str, torch.Tensor]:
 
 
 def _prepare(train_engine: TrainEngine, batch: dict[str, torch.Tensor], mb_spec: MicroBatchSpec) -> Any:
-    prepare = getattr(train_engine, "prepare", None)
-    return batch if prepare is None else prepare(batch, mb_spec)  # packed once, reused below
+    return train_engine.prepare(batch, mb_spec)  # packed once, reused below
 
 
 def _engine_version(train_engine: TrainEngine) -> int | None:
-    get = getattr(train_engine, "get_version", None)
-    version = get() if callable(get) else None
+    version = train_engine.get_version()
     return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 

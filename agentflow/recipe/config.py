@@ -120,7 +120,7 @@ class InferenceSpec:
     Attributes:
         backend: ``local`` (in-process LocalEngine) or ``remote`` (inference servers at ``addresses``).
         addresses: ``host:port`` of each server for the remote backend.
-        protocol: the servers' HTTP protocol, a name in ``agentflow.engines.protocols.PROTOCOLS``
+        protocol: the servers' HTTP protocol, a name in ``agentflow.engines.remote.protocol.PROTOCOLS``
             (``sglang``: SGLang servers and ``agentflow serve``).
         server_wait_timeout_s: remote backend: while every server is down, generation and weight
             updates wait this long for one to come back (a restarted server catches up on the last
@@ -259,7 +259,7 @@ def load_recipe_config(files: Sequence[str] = (), overrides: Sequence[str] = ())
     cfg = load_config(TrainRecipeConfig, files, overrides)
     if cfg.inference.backend == "remote" and not cfg.inference.addresses:
         raise ConfigError("inference.backend=remote needs inference.addresses=[host:port, ...]; got none")
-    from agentflow.engines.protocols import PROTOCOLS
+    from agentflow.engines.remote.protocol import PROTOCOLS
 
     if cfg.inference.protocol not in PROTOCOLS:
         raise ConfigError(f"inference.protocol must be one of {sorted(PROTOCOLS)}; got {cfg.inference.protocol!r}")

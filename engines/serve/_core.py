@@ -1,37 +1,13 @@
-"""``agentflow serve``: SGLang's native HTTP protocol over any agentflow ``InferenceEngine``.
-
-:func:`build_app` wraps an engine (the in-process transformers ``LocalEngine``, or ``FakeEngine``
-in tests) in a FastAPI app that answers SGLang 0.5.23's native routes with its payloads, defaults,
-status codes, error shapes and success messages (summarised in ``docs/sglang.md``), so
-``RemoteSGLangEngine`` and any SGLang client run against it unchanged. :func:`serve_main` is the
-CLI entry point; with ``--backend sglang`` it launches a real SGLang server instead.
-
-How generation maps onto an engine. With an engine that can abort one request and hand back its
-tokens so far (``engine.abort(rid)``, as ``LocalEngine`` does), a non-streaming request is one
-``engine.agenerate`` call; ``/pause_generation`` mode ``abort`` (and ``/abort_request``) aborts
-it in the engine and answers **200 with the tokens generated so far** and
-``finish_reason.type == "abort"``, as SGLang does. Otherwise, and for streaming, a request is
-generated in chunks of ``chunk_tokens`` tokens, each one ``engine.agenerate`` call on prompt +
-tokens so far: between chunks the server sees the partial output, so an abort answers with the
-tokens of the finished chunks, streaming sends one cumulative chunk per engine chunk, and stop
-strings are matched across chunk boundaries; the price is that every chunk boundary re-sends the
-prompt (the engine re-prefills it), so keep ``chunk_tokens`` at 16 or more outside tests. Modes
-``retract``/``in_place`` pause the engine itself (its transparent resume) and hold chunked
-requests between chunks. Tokens carry the weight version that generated them
-(``meta_info.weight_versions``).
-
-Not supported (400 with the reason): sampling features the engine's ``GenerationConfig`` lacks
-(``min_p``, penalties, grammars, seeds, ``ignore_eos``), prompt log-probs and top-k log-probs,
-``input_embeds``, ``flattened_bucket`` weight loading. LoRA (``--enable-lora``,
-``/load_lora_adapter``, ``lora_path``) is in ``engines/_lora_serve.py``. Not here: the engines themselves.
+"""The core of ``agentflow serve``: :class:`SGLangServer` runs SGLang-protocol requests on an
+agentflow ``InferenceEngine`` (generation, aborts, pause gates, weight versions, the context
+check) and :class:`ServerConfig` holds its settings. The routes (``_routes.py``) and the app and
+CLI (``server.py``) are built on it. Not here: HTTP, JSON parsing and the request guards.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
@@ -39,17 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
-from agentflow._types import GenerationConfig, ModelRequest, ModelResponse
-from agentflow.engines._lora_serve import LoraServing, add_lora_arguments, request_metadata
-from agentflow.engines._serve_guard import ServeLimits, check_bind, install_guards
-from agentflow.engines._sglang_protocol import (
-    GenerateItem,
-    abort_finish,
-    build_meta_info,
-)
+from agentflow import GenerationConfig, InferenceEngine, ModelRequest, ModelResponse, WeightUpdateMeta
+from agentflow.engines.serve._lora import LoraServing, request_metadata
+from agentflow.engines.serve._protocol import GenerateItem, abort_finish, build_meta_info
 
-__all__ = ["ServerConfig", "build_app", "serve_main"]
+__all__ = ["SGLangServer", "ServerConfig"]
 
 log = logging.getLogger("agentflow.serve")
 T = TypeVar("T")
@@ -70,6 +40,8 @@ class ServerConfig:
         host, port: reported by ``/get_server_info``.
         enable_lora: answer ``/load_lora_adapter`` and ``/unload_lora_adapter`` (SGLang's ``--enable-lora``).
         lora_paths: (name, path) of adapters loaded at start.
+        lora_dirs: the directories ``/load_lora_adapter`` may load adapters from (``--lora-dir``);
+            a path outside them is refused, and so is every runtime load when there are none.
     """
 
     chunk_tokens: int = 16
@@ -81,6 +53,7 @@ class ServerConfig:
     port: int = 30000
     enable_lora: bool = False
     lora_paths: tuple[tuple[str, str], ...] = ()
+    lora_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 1:
@@ -191,7 +164,7 @@ class SGLangServer:
         self.shutting_down = False
         self.eos_ids = _eos_ids(tokenizer)
         self._abortable = callable(getattr(engine, "abort", None))  # whole requests, aborted in the engine
-        self.lora = LoraServing(engine, config.enable_lora or bool(config.lora_paths))
+        self.lora = LoraServing(engine, config.enable_lora or bool(config.lora_paths), config.lora_dirs)
 
     # ------------------------------------------------------------------ versions
     def version_name(self, v: int) -> str:
@@ -422,86 +395,3 @@ def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
-
-
-def build_app(
-    engine: InferenceEngine, *, model_path: str, tokenizer: Any, config: ServerConfig | None = None,
-    manage_engine: bool = True, limits: ServeLimits | None = None,
-) -> Any:
-    """The FastAPI app. ``manage_engine``: enter/exit ``engine`` in the app's lifespan (set False
-    when the caller already runs ``async with engine:`` on the same loop). ``limits``: API keys and
-    request caps (default: no key; caps of :class:`ServeLimits`, the vocabulary from the model)."""
-    from agentflow.engines._sglang_routes import add_routes
-
-    app = add_routes(SGLangServer(engine, tokenizer, model_path, config or ServerConfig()),
-                     manage_engine=manage_engine)
-    install_guards(app, limits or ServeLimits(vocab_size=_vocab_size(engine, tokenizer)))
-    return app
-
-
-def _vocab_size(engine: Any, tokenizer: Any) -> int | None:
-    cfg = getattr(getattr(engine, "model", None), "config", None)
-    n = getattr(cfg, "vocab_size", None)
-    if isinstance(n, int):
-        return n
-    return len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
-
-
-# ---------------------------------------------------------------------------------- CLI
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="agentflow serve", description="Serve a model over SGLang's HTTP protocol.")
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded default) or a HF model path")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--backend", choices=("local", "sglang"), default="local")
-    p.add_argument("--chunk-tokens", type=int, default=16)
-    p.add_argument("--max-running-requests", type=int, default=None,
-                   help="sequences decoding at once (local backend: KV cache rows, default 16)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="prompt + output tokens of one request (local backend default 2048)")
-    p.add_argument("--weight-version", default="default")
-    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds (sglang backend)")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--api-key", default=None, help="required on every route but /health* (as SGLang's --api-key)")
-    p.add_argument("--admin-api-key", default=None, help="required on the weight-update and pause routes")
-    p.add_argument("--max-body-bytes", type=int, default=ServeLimits().max_body_bytes)
-    p.add_argument("--max-n", type=int, default=ServeLimits().max_n, help="largest sampling_params.n")
-    p.add_argument("--max-sequences", type=int, default=ServeLimits().max_sequences,
-                   help="most sequences (prompts x n) one /generate call may start")
-    add_lora_arguments(p)
-    return p.parse_args(argv)
-
-
-def serve_main(argv: Sequence[str] | None = None) -> int:
-    """``agentflow serve``: run until interrupted. Returns the process exit code."""
-    args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper())
-    if args.backend == "sglang":
-        from agentflow.engines._sglang_launch import run_sglang
-
-        return run_sglang(args)
-    import uvicorn
-
-    from agentflow.engines._lora_serve import apply_lora_flags, parse_lora_paths
-
-    limits = ServeLimits(api_key=args.api_key, admin_api_key=args.admin_api_key, max_body_bytes=args.max_body_bytes,
-                         max_n=args.max_n, max_sequences=args.max_sequences)
-    check_bind(args.host, limits)  # before loading the model
-    engine, tokenizer, model_path, ctx = _local_engine(args.model, args.max_running_requests, args.context_length)
-    config = ServerConfig(chunk_tokens=args.chunk_tokens, weight_version=args.weight_version,
-                          context_length=ctx, host=args.host, port=args.port,
-                          enable_lora=apply_lora_flags(engine, args),
-                          lora_paths=tuple(parse_lora_paths(args.lora_paths)))
-    limits = dataclasses.replace(limits, vocab_size=_vocab_size(engine, tokenizer), max_new_tokens=ctx)
-    app = build_app(engine, model_path=model_path, tokenizer=tokenizer, config=config, limits=limits)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
-
-
-def _local_engine(
-    model: str, max_running_requests: int | None = None, context_length: int | None = None
-) -> tuple[InferenceEngine, Any, str, int | None]:
-    from agentflow.engines._sglang_launch import local_engine
-
-    return local_engine(model, max_running_requests, context_length)
-

@@ -11,7 +11,7 @@ normally.
 Models that transform the logits after ``lm_head`` (final logit soft-capping, logit scales) keep
 their head; then the full logits are returned and the same function gathers from them.
 
-Not here: packing (:mod:`agentflow.engines._packing`), the loss (:mod:`agentflow.algo._loss`).
+Not here: packing (:mod:`agentflow.engines.fsdp._packing`), the loss (:mod:`agentflow.algo._loss`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ sees only the prompt's own keys) and *decode* (one token per row written at that
 position; attention sees ``[:kv_len]`` of every row, with a mask hiding each row's tail).
 Running rows stay packed at ``0 .. n-1``: when a row finishes, the last row moves into its slot.
 
-Not here: scheduling and sampling (``_local_worker.py``), paging or prefix sharing.
+Not here: scheduling and sampling (``_worker.py``), paging or prefix sharing.
 """
 
 from __future__ import annotations

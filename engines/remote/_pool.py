@@ -1,7 +1,7 @@
 """The server pool: a set of HTTP inference servers used as one, whatever protocol they speak.
 
 One ``httpx.AsyncClient`` (opened in :meth:`ServerPool.open`, closed in :meth:`ServerPool.close`)
-reaches every server; a :class:`~agentflow.engines.protocols.ServerProtocol` adapter says which
+reaches every server; a :class:`~agentflow.engines.remote.protocol.ServerProtocol` adapter says which
 routes and bodies each operation is. The pool does:
 
 - **Health**: ``open`` waits up to ``startup_timeout_s`` for the servers; those not healthy yet are
@@ -32,7 +32,7 @@ routes and bodies each operation is. The pool does:
   update's ``timeout_s``).
 
 Not here: any route or JSON body (the adapters), the resume-after-abort loop of a generation and
-token versions (``engines/remote.py``), launching or restarting servers, catching a server up on a
+token versions (``engines/remote/engine.py``), launching or restarting servers, catching a server up on a
 missed broadcast (``"nccl"``) update, and the admin key of SGLang's ``--admin-api-key`` (one key is
 sent on every route).
 """
@@ -53,9 +53,8 @@ from typing import Any
 import httpx
 import tenacity
 
-from agentflow._engine_api import WeightUpdateMeta
-from agentflow._types import GenerationConfig
-from agentflow.engines.protocols import BroadcastSpec, Generated, GenerateJob, ServerProtocol, WeightGroup
+from agentflow import GenerationConfig, WeightUpdateMeta
+from agentflow.engines.remote.protocol import BroadcastSpec, Generated, GenerateJob, ServerProtocol, WeightGroup
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, ServerError
 
 __all__ = ["RemoteEngineConfig", "Server", "ServerPool"]
@@ -193,7 +192,7 @@ def _decoded(r: httpx.Response, what: str) -> Any:
 
 
 class _Link:
-    """:class:`~agentflow.engines.protocols.ServerLink` for one server of a pool."""
+    """:class:`~agentflow.engines.remote.protocol.ServerLink` for one server of a pool."""
 
     __slots__ = ("_pool", "_server", "address")
 
@@ -489,12 +488,13 @@ class ServerPool:
             tasks = [tg.create_task(one(s)) for s in servers]
         return [t.result() for t in tasks]
 
-    async def _on_each(self, servers: Sequence[Server], what: str, limit: float,
-                       op: Callable[..., Awaitable[Any]], *args: Any) -> list[Any]:
+    async def on_each(self, servers: Sequence[Server], what: str, limit: float,
+                      op: Callable[..., Awaitable[Any]], *args: Any) -> list[Any]:
+        """``op(link, *args)`` on every server at once, each under ``limit``; results or errors, in order."""
         return await self.fan_out(servers, lambda s: self.within(s, what, limit, op, *args))
 
-    def _check_all(self, servers: Sequence[Server], results: list[Any], what: str, *,
-                   all_may_fail: bool = False) -> None:
+    def check_all(self, servers: Sequence[Server], results: list[Any], what: str, *,
+                  all_may_fail: bool = False) -> None:
         """Retryable failures mark their server down (it resyncs when back); others raise, and so
         does every server failing unless ``all_may_fail`` (the caller then waits for one to return)."""
         failed = [(s, r) for s, r in zip(servers, results, strict=True) if isinstance(r, Exception)]
@@ -514,7 +514,7 @@ class ServerPool:
     async def pause_all(self) -> None:
         """Pause every healthy server; a failure is logged (its requests still end when it dies)."""
         self._paused = self.up_servers()
-        results = await self._on_each(self._paused, "pause", self.config.control_timeout_s, self.protocol.pause)
+        results = await self.on_each(self._paused, "pause", self.config.control_timeout_s, self.protocol.pause)
         for s, r in zip(self._paused, results, strict=True):
             if isinstance(r, Exception):
                 log.warning("pause of %s failed: %s", s.address, r)
@@ -522,7 +522,7 @@ class ServerPool:
     async def resume_paused(self) -> None:
         """Resume the servers :meth:`pause_all` paused; one that fails is marked down."""
         servers = self._paused or []
-        results = await self._on_each(servers, "resume", self.config.control_timeout_s, self.protocol.resume)
+        results = await self.on_each(servers, "resume", self.config.control_timeout_s, self.protocol.resume)
         self._paused = None
         for s, r in zip(servers, results, strict=True):
             if isinstance(r, Exception):
@@ -616,11 +616,11 @@ class ServerPool:
             servers = [s for s in await self.await_servers(what, deadline) if s.weights is not update]
             if not servers:
                 return
-            results = await self._on_each(servers, what, limit, self.protocol.update_weights_from_disk, path, version)
+            results = await self.on_each(servers, what, limit, self.protocol.update_weights_from_disk, path, version)
             for s, r in zip(servers, results, strict=True):
                 if not isinstance(r, Exception):
                     s.weights = update
-            self._check_all(servers, results, what, all_may_fail=True)
+            self.check_all(servers, results, what, all_may_fail=True)
 
     def weight_update_world_size(self) -> int:
         """World size of the ``"nccl"`` weight-update group: the trainer (rank 0) + every server
@@ -635,7 +635,7 @@ class ServerPool:
                   for s, offset in zip(servers, offsets, strict=False)}
         results = await self.fan_out(servers, lambda s: self.within(
             s, "init_weight_group", meta.timeout_s, self.protocol.init_weight_group, groups[s.address]))
-        self._check_all(servers, results, "init_weight_group")
+        self.check_all(servers, results, "init_weight_group")
         self._group = (meta.master_address, meta.master_port, meta.group_name)
 
     async def update_from_distributed(self, meta: WeightUpdateMeta) -> None:
@@ -648,10 +648,10 @@ class ServerPool:
         sd = meta.state_dict
         spec = BroadcastSpec(list(sd), [str(t.dtype).removeprefix("torch.") for t in sd.values()],
                              [list(t.shape) for t in sd.values()], meta.group_name, meta.version)
-        results = await self._on_each(servers, "update_weights_from_distributed", meta.timeout_s,
+        results = await self.on_each(servers, "update_weights_from_distributed", meta.timeout_s,
                                       self.protocol.update_weights_from_distributed, spec)
         self._last_disk, self._expected_version = None, meta.version
-        self._check_all(servers, results, "update_weights_from_distributed")
+        self.check_all(servers, results, "update_weights_from_distributed")
 
     # ------------------------------------------------------------------ views
     def stats(self) -> dict[str, Any]:

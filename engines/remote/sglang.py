@@ -1,4 +1,4 @@
-"""SGLang's native HTTP protocol as a :class:`~agentflow.engines.protocols.ServerProtocol` adapter.
+"""SGLang's native HTTP protocol as a :class:`~agentflow.engines.remote.protocol.ServerProtocol` adapter.
 
 Speaks to real SGLang servers (0.5.x) and to ``agentflow serve``, which reproduces the same
 protocol (``docs/sglang.md``). Each engine operation is one route:
@@ -12,12 +12,14 @@ protocol (``docs/sglang.md``). Each engine operation is one route:
   their partial output) and ``POST /continue_generation {}``;
 - weights: ``/update_weights_from_disk``, ``/init_weights_update_group`` and
   ``/update_weights_from_distributed``; versions travel as strings (``weight_version``);
-- ``GET /get_server_info`` (``tp_size``) and ``GET /get_model_info`` (``weight_version``).
+- ``GET /get_server_info`` (``tp_size``) and ``GET /get_model_info`` (``weight_version``);
+- LoRA: ``/load_lora_adapter``, ``/unload_lora_adapter`` (``lora_path`` names the adapter of a
+  ``/generate``) and ``/update_weight_version`` (without aborting requests).
 
 Not here: retries, deadlines, routing, failover, and the API key (the server pool,
-``engines/_server_pool.py``, sends ``RemoteEngineConfig.api_key`` as ``Authorization: Bearer <key>``
+``engines/remote/_pool.py``, sends ``RemoteEngineConfig.api_key`` as ``Authorization: Bearer <key>``
 on every request, which is what SGLang's ``--api-key`` checks), and the server side of the
-protocol (``engines/_sglang_protocol.py``, ``engines/sglang_server.py``).
+protocol (``engines/serve/_protocol.py``, ``engines/serve/server.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agentflow.engines.protocols import BroadcastSpec, Generated, GenerateJob, ServerLink, WeightGroup
+from agentflow.engines.remote.protocol import BroadcastSpec, Generated, GenerateJob, ServerLink, WeightGroup
 from agentflow.errors import ServerError
 
 __all__ = ["SGLangProtocol"]
@@ -144,3 +146,12 @@ class SGLangProtocol:
         await link.call("POST", "/update_weights_from_distributed", {
             "names": spec.names, "dtypes": spec.dtypes, "shapes": spec.shapes, "group_name": spec.group_name,
             "weight_version": _label(spec.version), "flush_cache": True})
+
+    async def load_adapter(self, link: ServerLink, name: str, path: str) -> None:
+        await link.call("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": False})
+
+    async def unload_adapter(self, link: ServerLink, name: str) -> None:
+        await link.call("POST", "/unload_lora_adapter", {"lora_name": name})
+
+    async def set_weight_version(self, link: ServerLink, version: int) -> None:
+        await link.call("POST", "/update_weight_version", {"new_version": str(version), "abort_all_requests": False})

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from agentflow._engine_api import InferenceEngine
+from agentflow import InferenceEngine
 from agentflow.errors import ConfigError, EngineError
 
 __all__ = ["local_engine", "run_sglang", "sglang_command", "wait_healthy"]
@@ -56,8 +56,8 @@ def run_sglang(args: argparse.Namespace) -> int:
             "`pip install 'agentflow-rl[sglang]'` (or `pip install 'sglang[all]>=0.5.5'`, on a CUDA machine), "
             "or use `--backend local`"
         )
-    from agentflow.engines._lora_serve import sglang_lora_flags
     from agentflow.engines.model_loading import resolve_model_dir
+    from agentflow.engines.serve._lora import sglang_lora_flags
 
     cmd = sglang_command(str(resolve_model_dir(args.model)), args.host, args.port, args.weight_version,
                          args.max_running_requests, args.context_length) + sglang_lora_flags(args)

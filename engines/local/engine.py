@@ -2,7 +2,7 @@
 
 ``LocalEngine(model_or_path, tokenizer)`` runs a Hugging Face causal LM in one worker thread with
 continuous batching: requests that arrive while others decode are prefilled and join the running
-batch between two decode steps, and leave the step they finish (``_local_worker.py``). The event
+batch between two decode steps, and leave the step they finish (``_worker.py``). The event
 loop never runs a forward; the worker hands results back with ``loop.call_soon_threadsafe``.
 
 Why our own scheduler and not transformers' continuous batching (``init_continuous_batching``,
@@ -12,14 +12,14 @@ requests cannot share a batch), per-request sampling only for parameters given a
 up front, no terminal output on cancel, and versions could only be attached to tokens racily
 (its thread streams results while we update weights). On CPU it was measured no faster than padded
 ``generate`` at 64 requests and costs ~0.5 s per stop. Our scheduler is a padded KV cache with one
-row per sequence and per-row positions and masks (``_local_kv.py``), passed to the model as its
+row per sequence and per-row positions and masks (``_kv.py``), passed to the model as its
 cache, so any HF decoder whose attention calls ``cache.update`` works unchanged; throughput figures
 against ``generate`` are in docs/inference.md (benchmarks/bench_inference.py).
 
 Semantics (the contract of :class:`~agentflow.InferenceEngine`, plus):
 
 - log-probs: of the distribution the token was drawn from (after temperature, top-k, top-p); for
-  greedy requests of the raw distribution (see ``_local_sampling.py``). fp32.
+  greedy requests of the raw distribution (see ``_sampling.py``). fp32.
 - ``output_versions[i]``: the engine version when token ``i`` was produced (read by the worker
   before each forward; never -1).
 - stops: the tokenizer's and the model's eos ids always stop, plus ``stop_token_ids``; the stop
@@ -35,7 +35,7 @@ Semantics (the contract of :class:`~agentflow.InferenceEngine`, plus):
   steps; with ``recompute_kv_on_update`` (default) the running sequences are prefilled again under
   the new weights (re-issue semantics), so every token after an update comes from the new policy.
 
-- LoRA (``_lora_local.py``): adapters are loaded beside the base weights (a weight update with
+- LoRA (``local/_lora.py``): adapters are loaded beside the base weights (a weight update with
   ``meta.adapter`` set, or :meth:`LocalEngine.load_adapter`), several at once; a request picks
   one with ``ModelRequest.metadata["lora"]`` (None = the base model; no key = the default
   adapter, the first one loaded) and one batch mixes adapters. A new version of an adapter is
@@ -53,20 +53,17 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
-from agentflow._rollout_config import RolloutConfig
-from agentflow._types import ModelRequest, ModelResponse
+from agentflow import InferenceEngine, ModelRequest, ModelResponse, RolloutConfig, WeightUpdateMeta
 from agentflow.errors import ConfigError, EngineError, PromptTooLong
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from agentflow.engines._local_worker import DecodeWorker, Seq
-    from agentflow.engines._lora_local import AdapterSet
+    from agentflow.engines.local._lora import AdapterSet
+    from agentflow.engines.local._worker import DecodeWorker, Seq
 
 __all__ = ["LocalEngine", "LocalEngineConfig"]
 
@@ -167,7 +164,7 @@ class LocalEngine(InferenceEngine):
 
     # ------------------------------------------------------------------ lifetime
     async def initialize(self) -> None:
-        from agentflow.engines._local_worker import DecodeWorker, WorkerLimits
+        from agentflow.engines.local._worker import DecodeWorker, WorkerLimits
 
         if self._worker is not None:
             raise EngineError("LocalEngine is already running; expected one `async with` at a time")
@@ -212,8 +209,8 @@ class LocalEngine(InferenceEngine):
 
     # ------------------------------------------------------------------ generation
     async def agenerate(self, req: ModelRequest) -> ModelResponse:
-        from agentflow.engines._local_sampling import RowParams
-        from agentflow.engines._local_worker import Seq
+        from agentflow.engines.local._sampling import RowParams
+        from agentflow.engines.local._worker import Seq
 
         worker = self._running_worker()
         self._check_request(req)
@@ -310,8 +307,10 @@ class LocalEngine(InferenceEngine):
                 raise EngineError("WeightUpdateMeta(type='mem') needs state_dict=<name -> tensor>, got None")
             state = meta.state_dict
         elif meta.type == "disk":
+            from agentflow.engines._handoff import read_hf_state_dict
+
             assert meta.path is not None
-            state = await asyncio.to_thread(read_safetensors_dir, meta.path)
+            state = await asyncio.to_thread(read_hf_state_dict, meta.path)
         else:
             raise EngineError(
                 f"LocalEngine loads weights of type 'mem' or 'disk', got {meta.type!r}; "
@@ -381,7 +380,7 @@ class LocalEngine(InferenceEngine):
             self.set_version(version)
 
     def _adapter_set(self, model: Any = None) -> AdapterSet:
-        from agentflow.engines._lora_local import AdapterSet, LoraLimits
+        from agentflow.engines.local._lora import AdapterSet, LoraLimits
 
         if self._adapters is None:
             c = self.config
@@ -391,7 +390,7 @@ class LocalEngine(InferenceEngine):
         return self._adapters
 
     async def _in_worker(self, fn: Any) -> Any:
-        from agentflow.engines._local_worker import Command
+        from agentflow.engines.local._worker import Command
 
         fut: asyncio.Future[Any] = self.loop.create_future()
 
@@ -484,19 +483,3 @@ def adapter_payload(meta: WeightUpdateMeta) -> tuple[dict[str, Any], Mapping[str
             f"FSDPEngine.upload_weights returns) or type='disk' with an adapter directory; got type={meta.type!r}"
         )
     return dict(meta.lora_config), meta.state_dict
-
-
-def read_safetensors_dir(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """All tensors of the ``*.safetensors`` files of an HF checkpoint directory (on CPU)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise EngineError(
-            f"no *.safetensors files in {path}; expected an HF checkpoint directory "
-            "(save it with model.save_pretrained(path))"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state

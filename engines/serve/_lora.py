@@ -15,7 +15,7 @@ The engine must have ``load_adapter(name, path)`` and ``unload_adapter(name)``
 (``PATH``, ``NAME=PATH`` or SGLang's JSON ``{"lora_name", "lora_path", "pinned"}``); with
 ``--backend sglang`` they are passed on to SGLang unchanged.
 
-Not here: the engine side (``_lora_local.py``), the other routes (``_sglang_routes.py``).
+Not here: the engine side (``local/_lora.py``), the other routes (``_routes.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,12 +37,13 @@ from agentflow.engines._lora import LORA_KEY
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from agentflow.engines._sglang_protocol import GenerateItem
+    from agentflow.engines.serve._protocol import GenerateItem
 
-__all__ = ["LoraServing", "add_lora_arguments", "add_lora_routes", "apply_lora_flags", "lora_paths_of",
-           "parse_lora_paths", "sglang_lora_flags"]
+__all__ = ["LoraServing", "add_lora_arguments", "add_lora_routes", "apply_lora_flags", "parse_lora_paths",
+           "sglang_lora_flags"]
 
 _NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class LoadLoRAAdapterReqInput(BaseModel):
@@ -56,9 +59,10 @@ class UnloadLoRAAdapterReqInput(BaseModel):
 class LoraServing:
     """The server's adapter registry: name -> path, and the requests in flight per adapter."""
 
-    def __init__(self, engine: Any, enabled: bool) -> None:
+    def __init__(self, engine: Any, enabled: bool, dirs: Sequence[str] = ()) -> None:
         self.engine = engine
         self.enabled = enabled
+        self.dirs = tuple(os.path.realpath(d) for d in dirs)
         self.paths: dict[str, str] = {}
         self._in_flight: Counter[str] = Counter()
         self._idle: dict[str, asyncio.Event] = {}
@@ -86,6 +90,23 @@ class LoraServing:
                     self._idle[name].set()
 
     # ------------------------------------------------------------------ loading
+    def check_request(self, name: str, path: str) -> None:
+        """A runtime ``/load_lora_adapter``: a plain name, and a directory under ``--lora-dir``."""
+        if not self.enabled:
+            raise ValueError(_NOT_ENABLED)
+        if not _NAME.fullmatch(name):
+            shown = name if len(name) <= 80 else name[:80] + "..."
+            raise ValueError(f"lora_name must be 1-128 characters of letters, digits, '.', '_' or '-' starting with a "
+                             f"letter or digit; got {shown!r}")
+        if not self.dirs:
+            raise ValueError("this server loads no adapters at run time: start agentflow serve with --lora-dir DIR "
+                             "(the directories adapters may be loaded from), or name them at start with --lora-paths")
+        real = os.path.realpath(path)
+        if not any(os.path.commonpath([real, d]) == d for d in self.dirs):
+            raise ValueError(f"lora_path {path!r} is outside the adapter directories of this server "
+                             f"({', '.join(self.dirs)}); put the adapter under one of them or add its directory "
+                             "with --lora-dir at start")
+
     async def load(self, name: str, path: str) -> None:
         if not self.enabled:
             raise ValueError(_NOT_ENABLED)
@@ -119,17 +140,6 @@ def request_metadata(item: GenerateItem) -> dict[str, Any]:
     return {LORA_KEY: item.lora_path}
 
 
-def lora_paths_of(body: dict[str, Any], n: int) -> list[str | None]:
-    """``lora_path`` of a ``/generate`` body, one entry per prompt (ValueError on a bad shape)."""
-    v = body.get("lora_path")
-    if v is None or isinstance(v, str):
-        return [v] * n
-    if isinstance(v, list) and len(v) == n and all(x is None or isinstance(x, str) for x in v):
-        return list(v)
-    raise ValueError(f"`lora_path` must be a string, null, or a list of {n} strings or nulls (one per prompt); "
-                     f"got {v!r}")
-
-
 # ----------------------------------------------------------------------------------- routes
 def add_lora_routes(app: FastAPI, lora: LoraServing) -> None:
     from fastapi.responses import JSONResponse
@@ -137,6 +147,7 @@ def add_lora_routes(app: FastAPI, lora: LoraServing) -> None:
     @app.post("/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoRAAdapterReqInput) -> JSONResponse:
         try:
+            lora.check_request(req.lora_name, req.lora_path)
             await lora.load(req.lora_name, req.lora_path)
         except Exception as e:  # SGLang answers every failure with 400 + success=false
             status, body = lora.answer(e)
@@ -169,6 +180,8 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapters loaded at once (local backend; SGLang: adapters in one batch, default 8)")
     p.add_argument("--lora-paths", nargs="+", default=None, metavar="NAME=PATH",
                    help="adapters to load at start: PATH, NAME=PATH or JSON {lora_name, lora_path, pinned}")
+    p.add_argument("--lora-dir", nargs="+", default=None, metavar="DIR",
+                   help="directories /load_lora_adapter may load adapters from (none: no runtime loads)")
 
 
 def parse_lora_paths(values: Sequence[str] | None) -> list[tuple[str, str]]:

@@ -31,23 +31,9 @@ import torch
 
 from agentflow import ConfigError, Trajectory, TrajectoryError
 
-__all__ = [
-    "MicroBatch",
-    "PackedBatch",
-    "SharedLayout",
-    "Unit",
-    "balanced_partition",
-    "dummy_micro_batch",
-    "normalize_batch",
-    "pack",
-    "packing_efficiency",
-    "plan_micro_batches",
-    "prompt_length",
-    "share_prefixes",
-    "split_sequences",
-    "unit_rows",
-    "unpack",
-]
+__all__ = ["MicroBatch", "PackedBatch", "SharedLayout", "Unit", "balanced_partition", "dummy_micro_batch",
+           "normalize_batch", "pack", "packing_efficiency", "plan_micro_batches", "prompt_length", "share_prefixes",
+           "split_sequences", "unit_rows", "unpack"]
 
 
 def normalize_batch(input_: Sequence[Trajectory] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,7 +161,7 @@ class SharedLayout:
     gather: torch.Tensor
     scatter: torch.Tensor
     used: bool = False
-    plan: Any = None  # the attention's per-micro-batch plan (engines/_attention.py), made on first use
+    plan: Any = None  # the attention's per-micro-batch plan (engines/fsdp/_attention.py), made on first use
 
     def to(self, device: torch.device) -> SharedLayout:
         return SharedLayout(self.gather.to(device), self.scatter.to(device))

@@ -1,6 +1,6 @@
 """SGLang's ``/generate`` contract: request parsing, validation and response bodies (0.5.23).
 
-Pure functions and frozen dataclasses shared by ``agentflow serve`` (engines/sglang_server.py).
+Pure functions and frozen dataclasses shared by ``agentflow serve`` (engines/serve/server.py).
 They reproduce SGLang 0.5.23's HTTP contract (``docs/sglang.md``): the JSON contract gate (unknown
 ``sampling_params`` keys and wrong JSON types are a 400 whose ``error`` is a *string*), the
 ``SamplingParams.verify`` range checks (400 ``{"error": {"message": ...}}``), batch normalisation
@@ -20,14 +20,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "ContractError",
-    "GenerateItem",
-    "SamplingSpec",
-    "abort_finish",
-    "build_meta_info",
-    "parse_generate",
-]
+__all__ = ["ContractError", "GenerateItem", "SamplingSpec", "abort_finish", "build_meta_info", "lora_paths_of",
+           "parse_generate"]
 
 
 class ContractError(ValueError):
@@ -257,8 +251,6 @@ def parse_generate(body: Any, tokenizer: Any) -> tuple[list[GenerateItem], bool,
         if v is not None:
             _check_type(v, "a boolean")
     rids = _rids(body, n, is_batch)
-    from agentflow.engines._lora_serve import lora_paths_of
-
     loras = lora_paths_of(body, n)
     items: list[GenerateItem] = []
     for i in range(n):
@@ -310,3 +302,14 @@ def build_meta_info(
         meta["e2e_latency"] = e2e_latency
     meta["response_sent_to_client_ts"] = sent_ts
     return meta
+
+
+def lora_paths_of(body: dict[str, Any], n: int) -> list[str | None]:
+    """``lora_path`` of a ``/generate`` body, one entry per prompt (ValueError on a bad shape)."""
+    v = body.get("lora_path")
+    if v is None or isinstance(v, str):
+        return [v] * n
+    if isinstance(v, list) and len(v) == n and all(x is None or isinstance(x, str) for x in v):
+        return list(v)
+    raise ValueError(f"`lora_path` must be a string, null, or a list of {n} strings or nulls (one per prompt); "
+                     f"got {v!r}")

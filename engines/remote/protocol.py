@@ -2,15 +2,16 @@
 
 A remote inference engine (:class:`agentflow.engines.remote.RemoteEngine`) is two parts:
 
-- the **server pool** (``engines/_server_pool.py``): health checks, retries, routing, sticky
+- the **server pool** (``engines/remote/_pool.py``): health checks, retries, routing, sticky
   sessions, failover, rejoin, deadlines, fan-out of pause/resume and weight updates. It knows
   HTTP (a connection error or a 5xx is worth a retry, a 4xx is not) but no server's routes;
 - a **protocol adapter** (this contract, :class:`ServerProtocol`): which route and JSON body each
   operation is on one server, and how to read the answer. SGLang's is
-  ``engines/sglang_adapter.py``.
+  ``engines/remote/sglang.py``.
 
 Adding a protocol is one adapter module plus one line in :data:`PROTOCOLS` (see
-``docs/sglang.md``, "Adding a server protocol"). Not here: any HTTP, retry or routing code, or
+``docs/sglang.md``, "Adding a server protocol"); LoRA adapters, the weight version and every
+weight update are protocol methods too, so nothing else changes. Not here: any HTTP, retry or routing code, or
 any protocol's routes.
 """
 
@@ -20,23 +21,15 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from agentflow._types import GenerationConfig
+from agentflow import GenerationConfig
 from agentflow.errors import ConfigError
 
-__all__ = [
-    "PROTOCOLS",
-    "BroadcastSpec",
-    "GenerateJob",
-    "Generated",
-    "ServerLink",
-    "ServerProtocol",
-    "WeightGroup",
-    "resolve_protocol",
-]
+__all__ = ["PROTOCOLS", "BroadcastSpec", "GenerateJob", "Generated", "ServerLink", "ServerProtocol", "WeightGroup",
+           "resolve_protocol"]
 
 # name -> "module:attribute" of the adapter class (imported on first use, so the registry is light).
 PROTOCOLS: dict[str, str] = {
-    "sglang": "agentflow.engines.sglang_adapter:SGLangProtocol",
+    "sglang": "agentflow.engines.remote.sglang:SGLangProtocol",
 }
 
 Finish = Literal["stop", "length", "abort"]
@@ -177,10 +170,27 @@ class ServerProtocol(Protocol):
         """Receive the broadcast tensors of ``spec`` and load them; return when loaded."""
         ...
 
+    # LoRA (optional: a protocol without these three cannot serve adapters, and an adapter update on
+    # it fails naming the missing methods)
+    async def load_adapter(self, link: ServerLink, name: str, path: str) -> None:
+        """Load the PEFT adapter directory ``path`` (readable by the server) under the served ``name``."""
+        ...
 
+    async def unload_adapter(self, link: ServerLink, name: str) -> None:
+        """Unload the served adapter ``name`` (its requests in flight finish first)."""
+        ...
+
+    async def set_weight_version(self, link: ServerLink, version: int) -> None:
+        """Set the version the server reports for its weights, aborting nothing."""
+        ...
+
+
+# Members an adapter may leave out: without them it serves no LoRA adapters.
+LORA_METHODS = ("load_adapter", "unload_adapter", "set_weight_version")
 # Every member an adapter must have: the attributes, then the methods, in the contract's order.
 _MEMBERS = [*ServerProtocol.__annotations__,
-            *(n for n, v in vars(ServerProtocol).items() if callable(v) and not n.startswith("_"))]
+            *(n for n, v in vars(ServerProtocol).items()
+              if callable(v) and not n.startswith("_") and n not in LORA_METHODS)]
 
 
 def resolve_protocol(protocol: str | ServerProtocol) -> ServerProtocol:
@@ -188,11 +198,11 @@ def resolve_protocol(protocol: str | ServerProtocol) -> ServerProtocol:
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
             raise ConfigError(f"unknown server protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}. To add "
-                              "one, write an adapter module and register it in PROTOCOLS (engines/protocols.py)")
+                              "one, write an adapter module and register it in PROTOCOLS (engines/remote/protocol.py)")
         module, _, attr = PROTOCOLS[protocol].partition(":")
         protocol = getattr(importlib.import_module(module), attr)()
     missing = [m for m in _MEMBERS if not hasattr(protocol, m)]
     if missing:
         raise ConfigError(f"{type(protocol).__name__} is not a ServerProtocol adapter: it lacks {missing}; "
-                          "implement every member of engines/protocols.py:ServerProtocol")
+                          "implement every member of engines/remote/protocol.py:ServerProtocol")
     return protocol  # type: ignore[return-value]  # checked member by member just above

@@ -1,7 +1,7 @@
 """The HTTP routes of ``agentflow serve`` (FastAPI), over :class:`SGLangServer`'s state machine.
 
 Each route reproduces SGLang 0.5.23's request model, status codes, body shapes and success
-messages; see ``engines/sglang_server.py`` for the semantics and ``docs/sglang.md`` for the
+messages; see ``engines/serve/server.py`` for the semantics and ``docs/sglang.md`` for the
 protocol. Not here: generation and pausing logic (the server class).
 """
 
@@ -20,13 +20,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel
 
 import agentflow
-from agentflow._engine_api import WeightUpdateMeta
-from agentflow.engines._lora_serve import add_lora_routes, load_startup_adapters
-from agentflow.engines._serve_guard import check_items, read_json, until_disconnect
-from agentflow.engines._sglang_protocol import ContractError, parse_generate
+from agentflow import WeightUpdateMeta
+from agentflow.engines.serve._guard import check_items, read_json, until_disconnect
+from agentflow.engines.serve._lora import add_lora_routes, load_startup_adapters
+from agentflow.engines.serve._protocol import ContractError, parse_generate
 
 if TYPE_CHECKING:
-    from agentflow.engines.sglang_server import SGLangServer, _Run
+    from agentflow.engines.serve._core import SGLangServer, _Run
 
 __all__ = ["add_routes"]
 
@@ -326,7 +326,7 @@ def add_routes(server: SGLangServer, *, manage_engine: bool) -> FastAPI:  # noqa
         if entry is None:
             return JSONResponse({"success": False, "message": f"Failed to destroy custom process group: no group "
                                  f"named {req.group_name!r}; known: {sorted(server.groups)}."}, status_code=400)
-        from agentflow.engines._dist_group import destroy_weight_update_group
+        from agentflow.engines._handoff import destroy_weight_update_group
 
         await asyncio.to_thread(destroy_weight_update_group, entry[0])
         return JSONResponse({"success": True, "message": "Succeeded to destroy custom process group."})
@@ -336,24 +336,21 @@ def add_routes(server: SGLangServer, *, manage_engine: bool) -> FastAPI:  # noqa
 
 # ----------------------------------------------------------------------------------- weight groups
 async def _init_group(server: SGLangServer, req: InitWeightsUpdateGroupReqInput) -> None:
-    from agentflow.engines._dist_group import init_weight_update_group
+    from agentflow.engines._handoff import init_weight_update_group
 
     if req.group_name in server.groups:
         raise ValueError(f"group {req.group_name!r} already exists; destroy it first")
     t = server.config.dist_timeout_s
     async with asyncio.timeout(t + 5):
         pg = await asyncio.to_thread(
-            init_weight_update_group, master_address=req.master_address, master_port=req.master_port,
-            rank=req.rank_offset, world_size=req.world_size, group_name=req.group_name, backend=req.backend,
-            timeout_s=t,
+            init_weight_update_group, req.master_address, req.master_port, req.rank_offset, req.world_size,
+            req.group_name, req.backend, t,
         )
     server.groups[req.group_name] = (pg, req.backend)
 
 
 async def _update_from_distributed(server: SGLangServer, req: UpdateWeightsFromDistributedReqInput) -> None:
-    import torch
-
-    from agentflow.engines._dist_group import broadcast_tensors
+    from agentflow.engines._handoff import WeightSpec, receive_tensors
 
     entry = server.groups.get(req.group_name)
     if entry is None:
@@ -368,12 +365,10 @@ async def _update_from_distributed(server: SGLangServer, req: UpdateWeightsFromD
     async with server.gate.writer():
         group, backend = entry
         device = "cuda" if backend == "nccl" else "cpu"
-        tensors = [torch.empty(s, dtype=getattr(torch, d), device=device)
-                   for d, s in zip(req.dtypes, req.shapes, strict=True)]
-        async with asyncio.timeout(server.config.dist_timeout_s):
-            await asyncio.to_thread(broadcast_tensors, tensors, group)
-        meta = WeightUpdateMeta(type="mem", state_dict=dict(zip(req.names, tensors, strict=True)),
-                                version=_int_or_none(req.weight_version))
+        specs = [WeightSpec(n, d, tuple(s)) for n, d, s in zip(req.names, req.dtypes, req.shapes, strict=True)]
+        # each receive has its own deadline inside the thread: a timed-out one leaves no thread behind
+        received = await asyncio.to_thread(receive_tensors, group, specs, device, server.config.dist_timeout_s)
+        meta = WeightUpdateMeta(type="mem", state_dict=received, version=_int_or_none(req.weight_version))
         await server.engine.aupdate_weights(meta)
         if req.weight_version is not None:
             server.set_weight_version(req.weight_version)
@@ -382,7 +377,7 @@ async def _update_from_distributed(server: SGLangServer, req: UpdateWeightsFromD
 async def _destroy_groups(server: SGLangServer) -> None:
     if not server.groups:
         return
-    from agentflow.engines._dist_group import destroy_weight_update_group
+    from agentflow.engines._handoff import destroy_weight_update_group
 
     for name in list(server.groups):
         await asyncio.to_thread(destroy_weight_update_group, server.groups.pop(name)[0])

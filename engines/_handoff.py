@@ -1,9 +1,10 @@
-"""Moving weights out of the train engine: HF checkpoints on disk, and the broadcast group that
+"""The weight hand-off, both ends of the wire: HF checkpoints on disk, and the broadcast group that
 SGLang's ``/init_weights_update_group`` + ``/update_weights_from_distributed`` expect.
 
 Disk: :func:`write_hf_checkpoint` writes ``config.json``, ``generation_config.json``, safetensors
 (sharded with an index above ``max_shard_size``) and the tokenizer, loadable by
-``AutoModelForCausalLM.from_pretrained`` and SGLang; :func:`read_hf_state_dict` reads it back.
+``AutoModelForCausalLM.from_pretrained``, SGLang and vLLM; :func:`read_hf_state_dict` is the one
+reader of such a directory (the local engine's disk updates, ``agentflow serve``, tests).
 
 Broadcast (SGLang's ``/init_weights_update_group`` + ``/update_weights_from_distributed``): the
 trainer joins a process group *separate from its
@@ -12,9 +13,10 @@ call :func:`init_weight_update_group`, which does what SGLang's ``init_custom_pr
 does (TCP rendezvous at ``master_address:master_port`` hosted by rank 0, a ``PrefixStore`` named
 after the group, ``_new_process_group_helper``). The trainer then broadcasts every tensor from
 rank 0 in the order of the ``names``/``dtypes``/``shapes`` lists the server received
-(:func:`broadcast_tensors`); :func:`receive_tensors` is the receiving side (for tests and the
-in-repo server). Every wait has a deadline and fails with :class:`EngineError` instead of hanging.
-Not here: the HTTP calls (the remote engine makes them).
+(:func:`broadcast_tensors`); :func:`receive_tensors` is the receiving side (``agentflow serve``).
+Every collective runs under its own deadline and fails with :class:`EngineError` instead of
+hanging, so a thread that runs one is never left stuck in it. Not here: the HTTP calls (the remote
+engine's protocol adapters make them, the server's routes answer them).
 """
 
 from __future__ import annotations
@@ -31,15 +33,8 @@ import torch.distributed as dist
 
 from agentflow import CheckpointError, EngineError
 
-__all__ = [
-    "WeightSpec",
-    "broadcast_tensors",
-    "bucketed",
-    "init_weight_update_group",
-    "read_hf_state_dict",
-    "receive_tensors",
-    "write_hf_checkpoint",
-]
+__all__ = ["WeightSpec", "broadcast_tensors", "bucketed", "destroy_weight_update_group", "init_weight_update_group",
+           "read_hf_state_dict", "receive_tensors", "write_hf_checkpoint"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,24 +111,30 @@ def write_hf_checkpoint(
         tokenizer.save_pretrained(path)
 
 
-def read_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of the safetensors files of an HF checkpoint directory."""
+def read_hf_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory, on CPU: the files its
+    ``model.safetensors.index.json`` lists, else every ``*.safetensors`` file in it.
+
+    Raises:
+        CheckpointError: the directory is missing or holds no safetensors.
+    """
     from safetensors.torch import load_file
 
-    index = os.path.join(path, "model.safetensors.index.json")
+    root = os.fspath(path)
+    index = os.path.join(root, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
     else:
+        files = sorted(n for n in os.listdir(root) if n.endswith(".safetensors")) if os.path.isdir(root) else []
+    if not files:
         raise CheckpointError(
-            f"no model.safetensors or model.safetensors.index.json in {path!r}; expected an HF checkpoint "
-            "written by FSDPEngine.save or save_pretrained"
+            f"no *.safetensors files (nor model.safetensors.index.json) in {root!r}; expected an HF checkpoint "
+            "directory written by FSDPEngine.save, agentflow's trainer or model.save_pretrained(path)"
         )
     out: dict[str, torch.Tensor] = {}
     for name in files:
-        out.update(load_file(os.path.join(path, name)))
+        out.update(load_file(os.path.join(root, name)))
     return out
 
 
@@ -152,6 +153,10 @@ def init_weight_update_group(
     """
     from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
 
+    if backend not in ("nccl", "gloo"):
+        raise EngineError(f"weight-update group backend must be 'nccl' (GPUs) or 'gloo' (CPU), got {backend!r}")
+    if not 0 <= rank < world_size:
+        raise EngineError(f"weight-update group rank must be in [0, world_size={world_size}), got {rank}")
     timeout = timedelta(seconds=timeout_s)
     try:
         store, rank, world_size = next(
@@ -171,6 +176,11 @@ def init_weight_update_group(
         ) from e
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
+
+
+def destroy_weight_update_group(pg: dist.ProcessGroup) -> None:
+    """Leave the group (both sides, when the trainer is done with it or before a process exits)."""
+    dist.destroy_process_group(pg)
 
 
 def _wait(work: Any, what: str, timeout_s: float) -> None:

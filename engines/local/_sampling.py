@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from agentflow._types import GenerationConfig
+from agentflow import GenerationConfig
 
 __all__ = ["RowParams", "sample"]
 

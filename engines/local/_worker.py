@@ -14,15 +14,15 @@ prefilled again (prompt + tokens so far) under the new weights, the re-issue sem
 ``docs/inference.md``; otherwise it continues on its old-weight KV cache (SGLang's ``in_place`` mode).
 
 LoRA: each sequence may name an adapter (``Seq.adapter``, None = the base model); with adapters
-loaded (``DecodeWorker.adapters``, see ``_lora_local.py``) every forward passes one adapter name per
+loaded (``DecodeWorker.adapters``, see ``local/_lora.py``) every forward passes one adapter name per
 row, so a batch mixes adapters, and identical contexts share a prefill only under the same adapter.
 
 Stop strings are matched on the decoded text of the last few output tokens after every token; the
 token that completes a match is kept (``output_tokens`` ends with it) and the request stops with
 ``"stop"``. Callers that show text cut it at the match (SGLang does the same).
 
-Not here: the asyncio API and configuration (``local.py``), the KV layout (``_local_kv.py``),
-sampling (``_local_sampling.py``).
+Not here: the asyncio API and configuration (``engine.py``), the KV layout (``_kv.py``),
+sampling (``_sampling.py``).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agentflow._types import ModelRequest, ModelResponse, StopReason
-from agentflow.engines._local_kv import SlotKVCache, causal_prefill_mask, decode_mask
-from agentflow.engines._local_sampling import RowParams, sample
-from agentflow.engines._lora_local import AdapterSet
+from agentflow import ModelRequest, ModelResponse, StopReason
+from agentflow.engines.local._kv import SlotKVCache, causal_prefill_mask, decode_mask
+from agentflow.engines.local._lora import AdapterSet
+from agentflow.engines.local._sampling import RowParams, sample
 from agentflow.errors import EngineError
 
 if TYPE_CHECKING:

@@ -1,9 +1,9 @@
 """``RemoteEngine``: an ``InferenceEngine`` that generates on HTTP inference servers.
 
-Two parts it does not implement itself: a :class:`~agentflow.engines._server_pool.ServerPool`
+Two parts it does not implement itself: a :class:`~agentflow.engines.remote._pool.ServerPool`
 (health, retries, routing, sticky sessions, failover, rejoin, deadlines, fan-out) and a protocol
-adapter (:class:`~agentflow.engines.protocols.ServerProtocol`, chosen by name from
-:data:`~agentflow.engines.protocols.PROTOCOLS`, e.g. ``"sglang"``) that speaks the servers' routes.
+adapter (:class:`~agentflow.engines.remote.protocol.ServerProtocol`, chosen by name from
+:data:`~agentflow.engines.remote.protocol.PROTOCOLS`, e.g. ``"sglang"``) that speaks the servers' routes.
 What this module adds on top:
 
 - **Pause is invisible to workflows**: ``pause()`` pauses every server; aborted requests come back
@@ -12,8 +12,8 @@ What this module adds on top:
 - **Versions**: each token carries the version the server reports for it, else the engine's own
   version at the time of the answer.
 - **Weights**: ``"disk"`` and ``"nccl"`` updates go to the pool; ``"mem"`` is refused.
-- **LoRA** (``_lora_client.py``): an adapter update (``meta.adapter``) loads the adapter on every
-  server; each request's adapter is named in its generation job.
+- **LoRA** (``_adapters.py``): an adapter update (``meta.adapter``) loads the adapter on every
+  server through the protocol's adapter methods; each request's adapter is named in its generation job.
 
 :class:`RemoteSGLangEngine` is ``RemoteEngine`` bound to SGLang's protocol. Not here: launching
 the servers (``agentflow serve`` or ``python -m sglang.launch_server``), the trainer's broadcast side.
@@ -28,12 +28,10 @@ from typing import Any
 
 import httpx
 
-from agentflow._engine_api import InferenceEngine, WeightUpdateMeta
-from agentflow._rollout_config import RolloutConfig
-from agentflow._types import ModelRequest, ModelResponse, StopReason
-from agentflow.engines._lora_client import remote_adapters, update_remote_adapter
-from agentflow.engines._server_pool import RemoteEngineConfig, Server, ServerPool
-from agentflow.engines.protocols import Generated, ServerProtocol, resolve_protocol
+from agentflow import InferenceEngine, ModelRequest, ModelResponse, RolloutConfig, StopReason, WeightUpdateMeta
+from agentflow.engines.remote._adapters import RemoteAdapters
+from agentflow.engines.remote._pool import RemoteEngineConfig, Server, ServerPool
+from agentflow.engines.remote.protocol import Generated, ServerProtocol, resolve_protocol
 from agentflow.errors import EngineError
 
 __all__ = ["RemoteEngine", "RemoteEngineConfig", "RemoteSGLangEngine"]
@@ -78,6 +76,7 @@ class RemoteEngine(InferenceEngine):
         self.tokenizer = tokenizer
         self.config = config or RemoteEngineConfig()
         self.pool = ServerPool(addresses, resolve_protocol(protocol), self.config, transport)
+        self.adapters = RemoteAdapters(self.pool)
 
     @property
     def servers(self) -> list[Server]:
@@ -99,7 +98,7 @@ class RemoteEngine(InferenceEngine):
         for _ in range(self.config.max_resumes + 1):
             await self.wait_until_resumed()
             out = await self.pool.generate(list(req.input_ids) + got.tokens, req.gconfig, limit - len(got.tokens), key,
-                                           adapter=remote_adapters(self).served_name(req))
+                                           adapter=self.adapters.served_name(req))
             got.add(out, self.get_version(), loop.time())
             if out.finish == "abort" and len(got.tokens) < limit:
                 continue  # paused or aborted: wait for resume, then ask for the rest
@@ -125,7 +124,7 @@ class RemoteEngine(InferenceEngine):
     # ------------------------------------------------------------------ weights
     async def aupdate_weights(self, meta: WeightUpdateMeta) -> None:
         if meta.adapter is not None:
-            await update_remote_adapter(self, meta)
+            await self.adapters.update(meta)
         elif meta.type == "disk":
             assert meta.path is not None  # WeightUpdateMeta checks it
             await self.pool.update_from_disk(meta.path, meta.version, meta.timeout_s)
@@ -143,6 +142,10 @@ class RemoteEngine(InferenceEngine):
         """World size of the ``"nccl"`` weight-update group: the trainer (rank 0) + every server
         TP rank (server i's ranks start at 1 + the TP sizes of the servers before it)."""
         return self.pool.weight_update_world_size()
+
+    def weight_update_backend(self) -> str | None:
+        """The servers' side of the ``"nccl"`` group (``RemoteEngineConfig.dist_backend``)."""
+        return self.config.dist_backend
 
     # ------------------------------------------------------------------ views
     def stats(self) -> dict[str, Any]:

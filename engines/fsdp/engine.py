@@ -5,7 +5,7 @@ One process per device (``torchrun``), or one process alone (world size 1, creat
 model is an HF causal LM; every decoder layer and the root are wrapped with ``fully_shard``. Each
 ``train_batch`` packs its sequences into micro-batches (one row each, per-sequence position ids and
 ``cu_seq_lens``, the samples of one prompt sharing its rows when ``share_prefix`` is on; see
-:mod:`agentflow.engines._packing`), runs forward/backward per micro-batch with
+:mod:`agentflow.engines.fsdp._packing`), runs forward/backward per micro-batch with
 loss weights normalised over the whole batch on every rank, clips the gradient norm and steps AdamW
 (skipping, and reporting, a step whose norm is not finite).
 
@@ -21,7 +21,7 @@ and update run on one packing).
 With ``config.lora`` set the model is wrapped with a PEFT LoRA adapter before sharding: the base
 weights are frozen, only the adapter is in AdamW and its state, uploads and checkpoints carry the
 adapter only (PEFT's format), and :meth:`FSDPEngine.reference` is the base model with the adapter
-off (the KL reference, no second copy). See :mod:`agentflow.engines._lora_fsdp`.
+off (the KL reference, no second copy). See :mod:`agentflow.engines.fsdp._lora`.
 
 Not here: the RL loop (prox log-probs, advantages and minibatching are the trainer's), rollout,
 tensor/sequence parallelism, loading a model too big for one process's memory before sharding.
@@ -54,12 +54,21 @@ from agentflow import (
     TrajectoryError,
     WeightUpdateMeta,
 )
-from agentflow.engines import _dist
-from agentflow.engines._attention import register_packed_attention
-from agentflow.engines._fsdp_config import FSDPEngineConfig, lr_factor
-from agentflow.engines._logprobs import install_passthrough_head, token_logprobs
+from agentflow.engines._handoff import (
+    WeightSpec,
+    broadcast_tensors,
+    bucketed,
+    dtype_name,
+    init_weight_update_group,
+    read_hf_state_dict,
+    write_hf_checkpoint,
+)
 from agentflow.engines._lora import add_lora
-from agentflow.engines._lora_fsdp import (
+from agentflow.engines.fsdp import _dist
+from agentflow.engines.fsdp._attention import register_packed_attention
+from agentflow.engines.fsdp._config import FSDPEngineConfig, lr_factor
+from agentflow.engines.fsdp._logprobs import install_passthrough_head, token_logprobs
+from agentflow.engines.fsdp._lora import (
     ReferencePolicy,
     adapter_path_ok,
     adapter_state_dict,
@@ -70,7 +79,7 @@ from agentflow.engines._lora_fsdp import (
     share_frozen_weights,
     tensor_bytes,
 )
-from agentflow.engines._packing import (
+from agentflow.engines.fsdp._packing import (
     MicroBatch,
     PackedBatch,
     dummy_micro_batch,
@@ -81,15 +90,6 @@ from agentflow.engines._packing import (
     split_sequences,
     unit_rows,
     unpack,
-)
-from agentflow.engines._weights import (
-    WeightSpec,
-    broadcast_tensors,
-    bucketed,
-    dtype_name,
-    init_weight_update_group,
-    read_hf_state_dict,
-    write_hf_checkpoint,
 )
 
 __all__ = ["FSDPEngine", "FSDPEngineConfig"]
@@ -187,6 +187,12 @@ class FSDPEngine(TrainEngine):
 
     def get_version(self) -> int:
         return self.version
+
+    def vocab_size(self) -> int | None:
+        """Rows of the policy's input embedding (token ids outside it are rejected before training)."""
+        if self.model is None:
+            return None
+        return int(self.model.get_input_embeddings().weight.shape[0])
 
     # ------------------------------------------------------------------ model set-up
     def _model(self) -> Any:

@@ -4,7 +4,8 @@
   and paths starting with ``/health``, ``/ready`` or ``/metrics`` are always allowed. A key is
   accepted as ``Authorization: Bearer <key>`` (scheme case-insensitive) or ``x-api-key: <key>``,
   compared in constant time. Ordinary routes need ``api_key`` when it is set. Control routes
-  (:data:`ADMIN_PATHS`: weight updates, pause/continue, cache flush) need ``admin_api_key`` when
+  (:data:`ADMIN_PATHS`: everything that changes what is served: weights, adapters, the version,
+  pause/continue, cache flush) need ``admin_api_key`` when
   it is set, else ``api_key`` when that is set. A refusal is ``401 {"error": "Unauthorized"}``.
 - **Limits**, each a 4xx naming the limit and how to raise it: request body bytes (413, checked on
   ``Content-Length`` and on the bytes actually received), ``sampling_params.n`` and sequences per
@@ -14,7 +15,7 @@
   generations stop using the engine (a streaming one is cancelled by the server framework).
 
 :func:`check_bind` refuses a non-loopback bind without an API key. Not here: the routes' own
-semantics (``engines/_sglang_routes.py``).
+semantics (``engines/serve/_routes.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = ["ADMIN_PATHS", "ServeLimits", "check_bind", "check_items", "install_g
 ADMIN_PATHS = frozenset({
     "/update_weights_from_disk", "/update_weights_from_distributed", "/init_weights_update_group",
     "/destroy_weights_update_group", "/update_weight_version", "/pause_generation", "/continue_generation",
-    "/flush_cache",
+    "/flush_cache", "/load_lora_adapter", "/unload_lora_adapter",
 })
 _OPEN_PREFIXES = ("/health", "/ready", "/metrics")
 _OFF_LOOP_BYTES = 256 * 1024  # parse bodies larger than this in a thread

@@ -11,7 +11,7 @@ by transformers to the attention function) and attends only within each sequence
   transformers 5.24).
 
 With shared prompts (the train engine's ``agentflow_shared`` keyword, a
-:class:`~agentflow.engines._packing.SharedLayout`): on CPU each shared prompt is attended once
+:class:`~agentflow.engines.fsdp._packing.SharedLayout`): on CPU each shared prompt is attended once
 (with the first sequence of its group) and every other sequence's continuation attends to the
 prompt's rows and its own under a mask, so the prompt's q/k/v/outputs are not copied per sequence
 (what autograd saves stays ~ the packed rows; the plan and masks are made once per micro-batch);
@@ -88,7 +88,7 @@ def _per_segment(
     ops are slow on CPU), at most ~4x the attention FLOPs of the longest member per group.
 
     ``cu`` delimits sequences in the virtual layout. With ``shared`` (a
-    :class:`~agentflow.engines._packing.SharedLayout`) the rows hold each shared prompt once; see
+    :class:`~agentflow.engines.fsdp._packing.SharedLayout`) the rows hold each shared prompt once; see
     :func:`_shared_plan` for how those are attended without copying the prompt per sequence.
     All indexing is ``index_select`` (its backward is a fast ``index_add``).
     """

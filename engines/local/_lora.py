@@ -15,7 +15,7 @@ first adapter loaded, unless set otherwise), or the base model when no adapter i
 Threading: :meth:`AdapterSet.check` runs on the event loop (it only reads); :meth:`AdapterSet.load`
 and :meth:`AdapterSet.unload` change modules and run on the decode thread between two steps.
 
-Not here: the decode loop (``_local_worker.py``), the adapter file format (``_lora.py``), DoRA,
+Not here: the decode loop (``_worker.py``), the adapter file format (``_lora.py``), DoRA,
 adapters on embeddings.
 """
 

@@ -1,0 +1,159 @@
+"""Publishing a train step's weights to the inference engine, the loop side of the weight hand-off.
+
+After each train step the trainer thread asks :class:`WeightPublisher` to publish the new weights
+as the next version and returns once rollout runs on them:
+
+- ``mem`` / ``disk``: the train engine uploads (fills ``state_dict`` or writes an HF checkpoint
+  under ``<run_dir>/weights/v<version>``), then the engine's update runs on the event loop (the
+  caller's ``on_loop`` coroutine: pause rollout, load, bump the version, resume);
+- ``nccl``: both sides at once. The servers sit in their receive route while train rank 0 joins
+  the weight-update group (once per run, under a fresh group name, since a server may still hold
+  the group of a killed run) and broadcasts every tensor from a daemon thread of its own, so that a
+  server refusing the update fails the update at once.
+
+Resuming publishes the checkpoint's weights the same way (:meth:`WeightPublisher.restore`).
+
+Not here: the wire itself (``agentflow.engines``: the train engine's upload and broadcast, the
+inference engine's update), evaluation, checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import pathlib
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
+
+from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
+from agentflow.errors import EngineError
+
+__all__ = ["WeightPublisher", "call_on_loop"]
+
+OnLoop = Callable[[int, WeightUpdateMeta], Coroutine[Any, Any, None]]
+
+
+def call_on_loop(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float) -> Any:
+    """(A thread other than the loop's.) Run ``coro`` on ``loop`` and wait at most ``timeout`` s."""
+    fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return fut.result(timeout)
+    except TimeoutError as e:
+        fut.cancel()
+        raise EngineError(f"a call on the event loop took longer than {timeout}s; see the logs") from e
+
+
+class WeightPublisher:
+    """Publishes weights from ``train_engine`` to ``engine`` by ``kind`` (see the module docstring).
+
+    Args:
+        kind: ``trainer.weight_update``.
+        run_dir: ``disk`` checkpoints go under ``run_dir/weights``.
+        nccl_address, nccl_port: where the servers reach train rank 0's rendezvous (port 0 = a free
+            one, picked at the first ``nccl`` update).
+        timeout_s: ``trainer.update_timeout_s``, the deadline of one whole update.
+    """
+
+    def __init__(self, kind: Literal["mem", "disk", "nccl"], *, engine: InferenceEngine, train_engine: TrainEngine,
+                 run_dir: pathlib.Path, nccl_address: str = "127.0.0.1", nccl_port: int = 0,
+                 timeout_s: float = 600.0) -> None:
+        self.kind = kind
+        self.engine = engine
+        self.train_engine = train_engine
+        self.run_dir = run_dir
+        self.nccl_address = nccl_address
+        self.timeout_s = timeout_s
+        self._port = nccl_port
+        self._group = ""  # picked with the port at the first nccl update
+        self._joined = False  # train rank 0 is in the weight-update group
+
+    def meta(self, version: int) -> WeightUpdateMeta:
+        """What the train engine uploads for ``version``."""
+        if self.kind != "nccl":
+            path = str(self.run_dir / "weights" / f"v{version:06d}") if self.kind == "disk" else None
+            return WeightUpdateMeta(type=self.kind, path=path, version=version)
+        import torch
+
+        if not self._group:
+            self._port = self._port or _free_port(self.nccl_address)
+            self._group = f"agentflow_weight_update_{uuid.uuid4().hex[:8]}"
+        specs = {w.name: torch.empty(w.shape, dtype=getattr(torch, w.dtype), device="meta")
+                 for w in self.train_engine.weight_specs()}
+        return WeightUpdateMeta(type="nccl", state_dict=specs, version=version, master_address=self.nccl_address,
+                                master_port=self._port, group_name=self._group, timeout_s=self.timeout_s)
+
+    def publish(self, loop: asyncio.AbstractEventLoop, version: int, on_loop: OnLoop) -> WeightUpdateMeta:
+        """(Trainer thread.) Publish the current weights as ``version``; ``on_loop(version, meta)``
+        runs the inference side on the loop. Returns the meta that was published."""
+        meta = self.meta(version)
+        if meta.type != "nccl":
+            meta = self.train_engine.upload_weights(meta)
+            call_on_loop(loop, on_loop(version, meta), self.timeout_s)
+            return meta
+        world = call_on_loop(loop, self._world_size(), self.timeout_s)
+        publishing = asyncio.run_coroutine_threadsafe(on_loop(version, meta), loop)
+        broadcasting = self._start_broadcast(meta, world)
+        both = [publishing, broadcasting]
+        done, _ = concurrent.futures.wait(both, self.timeout_s, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = [f for f in both if f in done and f.exception() is not None]
+        if failed:
+            publishing.cancel()
+            raise failed[0].exception()  # type: ignore[misc]
+        if len(done) < 2:
+            publishing.cancel()
+            raise EngineError(f"the nccl weight update to version {version} took longer than "
+                              f"trainer.update_timeout_s={self.timeout_s}s; see the logs")
+        return meta
+
+    async def restore(self, version: int) -> None:
+        """(Event loop, on resume.) Load the train engine's weights into the engine as ``version``."""
+        meta = self.meta(version)
+        if meta.type != "nccl":
+            meta = await asyncio.to_thread(self.train_engine.upload_weights, meta)
+            await self.engine.aupdate_weights(meta)
+            return
+        sending = asyncio.wrap_future(self._start_broadcast(meta, self.engine.weight_update_world_size()))
+        receiving = asyncio.get_running_loop().create_task(self.engine.aupdate_weights(meta))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await asyncio.wait([sending, receiving], return_when=asyncio.FIRST_EXCEPTION)
+            await receiving
+            await sending
+        finally:
+            receiving.cancel()
+
+    def _start_broadcast(self, meta: WeightUpdateMeta, world: int) -> concurrent.futures.Future[None]:
+        """:meth:`_broadcast` in a daemon thread of its own: a join or broadcast left blocked by a
+        refused update ends at the group's deadline without holding up the process's exit."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                self._broadcast(meta, world)
+                done.set_result(None)
+            except BaseException as e:  # handed to whoever waits on `done`
+                done.set_exception(e)
+
+        threading.Thread(target=run, name="agentflow-nccl-broadcast", daemon=True).start()
+        return done
+
+    async def _world_size(self) -> int:
+        return int(self.engine.weight_update_world_size())
+
+    def _broadcast(self, meta: WeightUpdateMeta, world: int) -> None:
+        """Train side of an ``nccl`` update: join the group once (rank 0), then broadcast every tensor."""
+        if not self._joined:
+            # Both ends of the group use one backend: the receiving engine's (gloo for CPU servers).
+            self.train_engine.join_weight_update_group(meta, world, self.engine.weight_update_backend())
+            self._joined = True
+        self.train_engine.upload_weights(meta)
+
+
+def _free_port(host: str) -> int:
+    """A TCP port that was free on ``host`` a moment ago (the ``nccl`` group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
