@@ -118,12 +118,15 @@ def _lora_slot(rank: int) -> int:
 
 def serve_command(
     python: str, model: str, *, host: str = "127.0.0.1", port: int, lora_rank: int | None = None,
-    extra: Sequence[str] = (),
+    lora_dir: str | None = None, extra: Sequence[str] = (),
 ) -> ServerCommand:
-    """``agentflow serve`` (SGLang's protocol over the in-process engine) run by ``python``."""
+    """``agentflow serve`` (SGLang's protocol over the in-process engine) run by ``python``; with
+    ``lora_rank``, adapters may be loaded at run time from ``lora_dir``."""
     argv = [python, "-m", "agentflow", "serve", "--model", model, "--host", host, "--port", str(port)]
     if lora_rank is not None:
         argv += ["--enable-lora", "--max-lora-rank", str(lora_rank)]
+        if lora_dir is not None:
+            argv += ["--lora-dir", lora_dir]
     return ServerCommand([*argv, *extra], {}, host, port, "agentflow serve")
 
 
@@ -145,7 +148,7 @@ class ServerProcess:
         if self.alive:
             raise EngineError(f"{self.command.name} on {self.command.address} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop)
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.command.argv, env={**os.environ, **self.command.env}, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
@@ -172,8 +175,8 @@ class ServerProcess:
                     return
             time.sleep(delay)  # waiting on another process: nothing to notify us
             delay = min(2 * delay, 2.0)
-        raise EngineError(f"{self.command.name} did not answer 200 on {url} within {deadline_s} s; give it longer "
-                          f"(inference.launch_timeout_s) or read its log {self.log_path}:\n{self.log_tail()}")
+        raise EngineError(f"{self.command.name} did not answer 200 on {url} within {deadline_s} s; read its log "
+                          f"{self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
         try:

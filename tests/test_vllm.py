@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from agentflow import GenerationConfig, ModelRequest, WeightUpdateMeta
-from agentflow.engines.protocols import GenerateJob
 from agentflow.engines.remote import RemoteEngine, RemoteEngineConfig
-from agentflow.engines.vllm_adapter import VLLMProtocol, check_version, parse_generated
-from agentflow.errors import ConfigError
+from agentflow.engines.remote.protocol import GenerateJob
+from agentflow.engines.remote.vllm import VLLMProtocol, check_version, parse_generated
+from agentflow.errors import ConfigError, ServerError
 
 PROMPT = [257, *b"user\nCount to ten.", 258, 10, 257, *b"assistant\n"]
 GREEDY = GenerationConfig(max_new_tokens=24, greedy=True)
@@ -293,3 +293,25 @@ async def test_base_and_adapter_requests_are_never_in_flight_together_on_one_ser
         reqs = [ModelRequest([1], metadata={"lora": "a" if i % 3 else None}) for i in range(30)]
         await asyncio.gather(*(engine.agenerate(r) for r in reqs))
     assert max(overlaps) == 0 and len(overlaps) == 30
+
+
+async def test_an_unsupported_vllm_version_is_refused_when_the_engine_opens() -> None:
+    engine = RemoteEngine(["h:1"], protocol="vllm", transport=_mock("0.31.2", []))
+    with pytest.raises(ConfigError, match=r"h:1 runs vLLM '0\.31\.2'.*supports vLLM 0\.32\.x"):
+        async with engine:
+            pass
+
+
+async def test_max_tokens_is_cut_to_the_servers_context() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 10}]})
+        return await _mock("0.32.1", seen).handle_async_request(request)
+
+    async with RemoteEngine(["h:1"], protocol="vllm", transport=httpx.MockTransport(handler)) as engine:
+        await engine.agenerate(ModelRequest([1] * 7, GenerationConfig(max_new_tokens=50)))
+        with pytest.raises(ServerError, match="max_model_len=10"):
+            await engine.agenerate(ModelRequest([1] * 10, GenerationConfig(max_new_tokens=5)))
+    assert seen[0]["sampling_params"]["max_tokens"] == 3

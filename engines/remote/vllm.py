@@ -32,8 +32,10 @@ does (``VLLM_SERVER_DEV_MODE=1``, ``--enable-scale-out``; docs/vllm.md):
   CPU), so this adapter never has both kinds in flight on one server: a request of the other kind
   waits until the server's in-flight requests of the first kind are done.
 - ``GET /version`` (``{"version": "0.32.0"}``): checked against :data:`SUPPORTED` when a server
-  is first seen; ``GET /v1/models`` (``data[0].max_model_len``); ``GET /get_world_size`` (ranks of
-  the server in a weight-transfer group); ``GET /health``.
+  is first healthy and before it rejoins (``check_server``); ``GET /v1/models``
+  (``data[0].max_model_len``): a request's ``max_tokens`` is cut to what fits, so a full context
+  ends the generation with ``"length"`` (vLLM would refuse the request); ``GET /get_world_size``
+  (ranks of the server in a weight-transfer group); ``GET /health``.
 
 Not here: retries, deadlines, routing (the server pool), starting servers (``engines/launch.py``).
 """
@@ -46,7 +48,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from agentflow.engines.protocols import BroadcastSpec, Generated, GenerateJob, ServerLink, WeightGroup
+from agentflow.engines.remote.protocol import BroadcastSpec, Generated, GenerateJob, ServerLink, WeightGroup
 from agentflow.errors import ConfigError, ServerError
 
 __all__ = ["SUPPORTED", "VLLMProtocol", "check_version"]
@@ -159,7 +161,7 @@ class VLLMProtocol:
             raise ConfigError(f"pause_mode must be 'abort' or 'keep', got {pause_mode!r}")
         self.pause_mode = pause_mode
         self._lanes: dict[str, _Lanes] = {}
-        self._checked: set[str] = set()
+        self._max_len: dict[str, int] = {}  # server address -> its max_model_len (check_server)
 
     def error_text(self, body: str) -> str:
         """vLLM's error shapes: ``{"error": {"message"}}``, ``{"error": str}``, FastAPI's ``{"detail"}``."""
@@ -179,14 +181,16 @@ class VLLMProtocol:
         await link.call("GET", "/health")
 
     async def check_server(self, link: ServerLink) -> None:
-        """Refuse a server whose vLLM version is not supported (:data:`SUPPORTED`)."""
+        """Refuse a server whose vLLM version is not supported (:data:`SUPPORTED`); remember its
+        context length (``max_model_len``), which caps each request's ``max_tokens``."""
         info = await link.call("GET", "/version")
         check_version(str(info.get("version", "")), link.address)
-
-    async def max_model_len(self, link: ServerLink) -> int | None:
-        body = await link.call("GET", "/v1/models")
-        models = body.get("data") or []
-        return _as_int(models[0].get("max_model_len")) if models else None
+        models = (await link.call("GET", "/v1/models")).get("data") or []
+        limit = _as_int(models[0].get("max_model_len")) if models else None
+        if limit is None:
+            self._max_len.pop(link.address, None)
+        else:
+            self._max_len[link.address] = limit
 
     async def tp_size(self, link: ServerLink) -> int:
         info = await link.call("GET", "/get_world_size")
@@ -197,8 +201,15 @@ class VLLMProtocol:
         return _as_int(info.get("weight_version"))
 
     async def generate(self, link: ServerLink, job: GenerateJob) -> Generated:
-        payload: dict[str, Any] = {"token_ids": job.input_ids, "request_id": job.rid,
-                                   "sampling_params": sampling_params(job)}
+        params = sampling_params(job)
+        limit = self._max_len.get(link.address)
+        if limit is not None:  # vLLM refuses prompt + max_tokens > max_model_len; end with "length" instead
+            if len(job.input_ids) >= limit:
+                raise ServerError(f"a prompt of {len(job.input_ids)} tokens leaves no room in the context of "
+                                  f"the vLLM server at {link.address} (max_model_len={limit}); shorten the "
+                                  "prompt or start the server with a larger --max-model-len")
+            params["max_tokens"] = min(job.max_new_tokens, limit - len(job.input_ids))
+        payload: dict[str, Any] = {"token_ids": job.input_ids, "request_id": job.rid, "sampling_params": params}
         if job.adapter is not None:
             payload["model"] = job.adapter
         async with self._lanes.setdefault(link.address, _Lanes()).lane(job.adapter is not None):
