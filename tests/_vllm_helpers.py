@@ -1,4 +1,4 @@
-"""Where the vLLM tests find vLLM and their checkpoints (built by scripts/vllm_env.sh)."""
+"""Where the vLLM tests find vLLM (the venv scripts/vllm_env.sh builds)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,3 @@ def vllm_python() -> str | None:
     python = venv / "bin" / "python"
     return str(python) if python.exists() else None
 
-
-def vllm_checkpoint(name: str) -> Path | None:
-    """A checkpoint the script saved ($AGENTFLOW_CACHE/vllm/<name>), if present."""
-    path = cache_dir() / "vllm" / name
-    return path if (path / "config.json").exists() else None

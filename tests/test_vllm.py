@@ -55,12 +55,8 @@ def _greedy(model: Any, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def base_dir(vllm_server: Any) -> Path:
-    from _vllm_helpers import vllm_checkpoint
-
-    path = vllm_checkpoint("tiny-llama")
-    assert path is not None
-    return path
+def base_dir(vllm_server: Any, vllm_tiny_dir: Path) -> Path:
+    return vllm_tiny_dir
 
 
 @pytest.fixture(scope="module")
