@@ -21,6 +21,12 @@ from agentflow.engines.remote.protocol import GenerateJob
 from agentflow.engines.remote.vllm import VLLMProtocol, check_version, parse_generated
 from agentflow.errors import ConfigError, ServerError
 
+
+def real(test: Any) -> Any:
+    """A test on the real server: marker ``vllm``, and room for the server's start (30-100 s on 2 busy cores)."""
+    return pytest.mark.timeout(400)(pytest.mark.vllm(test))
+
+
 PROMPT = [257, *b"user\nCount to ten.", 258, 10, 257, *b"assistant\n"]
 GREEDY = GenerationConfig(max_new_tokens=24, greedy=True)
 
@@ -94,7 +100,7 @@ async def _restore(engine: RemoteEngine, base_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- real server
-@pytest.mark.vllm
+@real
 async def test_generation_is_token_exact_and_logprobs_match_transformers(vllm_server: Any, base_dir: Path) -> None:
     hf = _hf(base_dir)
     async with _engine(vllm_server.command.address) as engine:
@@ -108,7 +114,7 @@ async def test_generation_is_token_exact_and_logprobs_match_transformers(vllm_se
         assert max(abs(a - b) for a, b in zip(r.output_logprobs, ref, strict=True)) < 1e-4
 
 
-@pytest.mark.vllm
+@real
 async def test_a_stop_token_ends_generation_and_is_part_of_the_output(vllm_server: Any) -> None:
     async with _engine(vllm_server.command.address) as engine:
         free = await engine.agenerate(ModelRequest(PROMPT, GREEDY))
@@ -119,7 +125,7 @@ async def test_a_stop_token_ends_generation_and_is_part_of_the_output(vllm_serve
     assert r.output_tokens == free.output_tokens[:first + 1] and r.stop_reason == "stop"
 
 
-@pytest.mark.vllm
+@real
 async def test_an_update_in_the_middle_of_a_long_request_switches_versions_and_loses_no_token(
         vllm_server: Any, base_dir: Path, noisy_dir: Path) -> None:
     n = 900
@@ -143,7 +149,7 @@ async def test_an_update_in_the_middle_of_a_long_request_switches_versions_and_l
     assert after == _greedy(_hf(noisy_dir), PROMPT + r.output_tokens[:k], len(after)), (k, r.output_tokens[k - 4:k])
 
 
-@pytest.mark.vllm
+@real
 async def test_pause_keep_freezes_a_request_and_the_weight_versions_span_the_update(
         vllm_server: Any, base_dir: Path, noisy_dir: Path) -> None:
     proto = VLLMProtocol(pause_mode="keep")
@@ -168,7 +174,7 @@ async def test_pause_keep_freezes_a_request_and_the_weight_versions_span_the_upd
     assert 0 < k and out.versions == [1] * k + [2] * (900 - k)
 
 
-@pytest.mark.vllm
+@real
 async def test_abort_takes_the_servers_id_and_returns_the_partial_output(vllm_server: Any) -> None:
     proto = VLLMProtocol()
     async with _engine(vllm_server.command.address) as engine:
@@ -185,7 +191,7 @@ async def test_abort_takes_the_servers_id_and_returns_the_partial_output(vllm_se
     assert out.finish == "abort" and 0 < len(out.tokens) < 800 and len(out.logprobs) == len(out.tokens)
 
 
-@pytest.mark.vllm
+@real
 async def test_lora_load_in_place_update_and_generation_match_peft(
         vllm_server: Any, base_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel
@@ -206,7 +212,7 @@ async def test_lora_load_in_place_update_and_generation_match_peft(
     assert base.output_tokens == _greedy(_hf(base_dir), PROMPT, 24)
 
 
-@pytest.mark.vllm
+@real
 async def test_a_restarted_server_rejoins_through_the_pool_with_the_current_weights(
         vllm_server: Any, base_dir: Path, noisy_dir: Path) -> None:
     async with _engine(vllm_server.command.address) as engine:
