@@ -180,12 +180,15 @@ def test_train_starts_agentflow_serve_itself_and_stops_it(tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
-def test_train_starts_a_vllm_server_itself_and_stops_it(tmp_path):
+def test_train_with_lora_starts_a_vllm_server_itself_and_stops_it(tmp_path):
+    """The trainer's adapter directories load in vLLM (one served name per version)."""
     from _vllm_helpers import BUILD, vllm_python
 
     python = vllm_python()
     if python is None:
         pytest.skip(f"needs a vLLM venv: {BUILD}")
     # head size 64: vLLM's CPU attention does not take the tiny model's default 16
-    log = _launch_run(tmp_path, "vllm", python, "model.tiny_hidden_size=256")
-    assert "Application startup complete" in log.read_text()
+    log = _launch_run(tmp_path, "vllm", python, "model.tiny_hidden_size=256", "train.lora.rank=8")
+    text = log.read_text()
+    assert text.count('"POST /v1/load_lora_adapter HTTP/1.1" 200') == 2  # versions 1 and 2
+    assert text.count('"POST /v1/unload_lora_adapter HTTP/1.1" 200') == 1  # version 1's name
