@@ -144,9 +144,14 @@ async def test_an_update_in_the_middle_of_a_long_request_switches_versions_and_l
     assert r.stop_reason == "length" and 1 in r.output_versions, (len(r.output_tokens), r.stop_reason)
     k = r.output_versions.index(1)
     assert 0 < k < n and r.output_versions == [0] * k + [1] * (n - k) and len(r.output_tokens) == n
-    assert r.output_tokens[:k] == _greedy(_hf(base_dir), PROMPT, k)
-    after = r.output_tokens[k:k + 32]
-    assert after == _greedy(_hf(noisy_dir), PROMPT + r.output_tokens[:k], len(after)), (k, r.output_tokens[k - 4:k])
+    # Each side's log-probs = transformers with that side's weights over the whole context. (Not the
+    # greedy tokens over hundreds of steps: the random model's logits are nearly flat, and fp32
+    # rounding can flip a near tie.)
+    before = _logprobs(_hf(base_dir), PROMPT, r.output_tokens[:k])
+    after = _logprobs(_hf(noisy_dir), PROMPT + r.output_tokens[:k], r.output_tokens[k:k + 64])
+    got = r.output_logprobs
+    assert max(abs(a - b) for a, b in zip(got[:k], before, strict=True)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(got[k:k + 64], after, strict=True)) < 1e-4
 
 
 @real
