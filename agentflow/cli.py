@@ -140,6 +140,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_launch(args: argparse.Namespace) -> int:
     from agentflow.recipe.launch import launch, load_launch_config
 
+    logging.getLogger("agentflow.launch").setLevel(logging.INFO)  # placement, addresses, restarts
     files, overrides = _split(args.items)
     cfg = load_launch_config(files, overrides)
     print(launch(cfg, resume=args.resume, verbose=args.verbose))  # noqa: T201

@@ -88,8 +88,9 @@ def check_fits(groups: tuple[Group, ...], cluster: dict[str, float], nodes: list
                           + (" (launch.device=cpu runs on CPUs)" if resource == "GPU" else ""))
 
 
-def reserve(ray: Any, group: Group, timeout_s: float) -> Any:
-    """Create ``group``'s placement group and wait until it is placed, at most ``timeout_s``."""
+def reserve(ray: Any, group: Group, timeout_s: float, holding: tuple[Group, ...] = ()) -> Any:
+    """Create ``group``'s placement group and wait until it is placed, at most ``timeout_s``
+    (``holding``: groups this launch placed already, named in the error)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     pg = placement_group(group.bundle_list(), strategy=group.strategy, name=f"agentflow-{group.name}")
@@ -98,9 +99,11 @@ def reserve(ray: Any, group: Group, timeout_s: float) -> Any:
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
         free = ray.available_resources().get(group.resource, 0.0)
-        raise ConfigError(f"launch could not place the {group.name} within launch.placement_timeout_s={timeout_s:g}: "
-                          f"it asks for {_asked((group,))} ({group.strategy}); {free:g} {group.resource} are free now "
-                          f"of {ray.cluster_resources().get(group.resource, 0.0):g} on "
-                          f"{_nodes_line(group.resource, ray.nodes())}. Other jobs hold the rest: wait for them, or "
-                          "ask for less") from None
+        held = f" (this launch holds {_asked(holding)} already)" if holding else ""
+        raise ConfigError(f"launch could not place the {group.name} within {timeout_s:.0f} s "
+                          f"(launch.placement_timeout_s): it asks for {_asked((group,))} ({group.strategy}); "
+                          f"{free:g} {group.resource} are free now{held} of "
+                          f"{ray.cluster_resources().get(group.resource, 0.0):g} on "
+                          f"{_nodes_line(group.resource, ray.nodes())}. Wait for other jobs to finish, or ask for "
+                          "less") from None
     return pg

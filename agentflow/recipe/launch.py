@@ -153,14 +153,18 @@ class _Job:
         self.world = self.spec.nodes * self.spec.ranks_per_node
         self.key = cfg.inference.api_key or secrets.token_urlsafe(24)
         self.restarts = 0
+        self.waiting: dict[Any, tuple[str, int]] = {}  # the watcher's refs -> (what, index)
 
     # ------------------------------------------------------------------------------ placement
     def place(self) -> None:
         check_fits(self.groups, self.ray.cluster_resources(), self.ray.nodes())
         end = time.monotonic() + self.spec.placement_timeout_s
-        for g in self.groups:
-            self.pgs.append(reserve(self.ray, g, max(1.0, end - time.monotonic())))
-        log.warning("placed: %s", "; ".join(f"{g.bundles} {g.name} bundle(s) x {g.per_bundle} {g.resource} "
+        servers, trainer = self.groups
+        # the trainer first: its nodes must be distinct, which servers packed first could make impossible
+        trainer_pg = reserve(self.ray, trainer, self.spec.placement_timeout_s)
+        self.pgs = [trainer_pg]
+        self.pgs.insert(0, reserve(self.ray, servers, max(1.0, end - time.monotonic()), holding=(trainer,)))
+        log.info("placed: %s", "; ".join(f"{g.bundles} {g.name} bundle(s) x {g.per_bundle} {g.resource} "
                                            f"({g.strategy})" for g in self.groups))
 
     def _options(self, group: int, bundle: int, units: int) -> dict[str, Any]:
@@ -189,7 +193,7 @@ class _Job:
             raise EngineError(f"an inference server did not start: {_cause(e)}") from None
         for s, address in zip(self.servers, addresses, strict=True):
             s.address, s.port = address, int(address.rsplit(":", 1)[1])
-        log.warning("servers ready: %s", ", ".join(f"server-{s.index} {s.address}" for s in self.servers))
+        log.info("servers ready: %s", ", ".join(f"server-{s.index} {s.address}" for s in self.servers))
 
     def _restart(self, s: _Server, why: str, waiting: dict[Any, tuple[str, int]]) -> None:
         with contextlib.suppress(Exception):
@@ -236,13 +240,14 @@ class _Job:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for i in node for g in ends[i][2])
             refs.append(a.start.remote(config, master, env, args))
         hosts = self.ray.get(refs)
-        log.warning("trainer: %d rank(s), MASTER_ADDR=%s MASTER_PORT=%d; ranks on %s", self.world, master[0],
-                    master[1], ", ".join(f"rank-{r} {h}" for r, h in enumerate(hosts)))
+        log.info("trainer: %d rank(s), MASTER_ADDR=%s MASTER_PORT=%d; %s", self.world, master[0], master[1],
+                 ", ".join(f"rank-{r} on {h}" for r, h in enumerate(hosts)))
 
     # ------------------------------------------------------------------------------ watching
     def watch(self) -> None:
         """Until every rank exits: restart dead servers, stop the job when a rank fails."""
-        waiting: dict[Any, tuple[str, int]] = {s.actor.watch.remote(): ("server", s.index) for s in self.servers}
+        waiting = self.waiting
+        waiting |= {s.actor.watch.remote(): ("server", s.index) for s in self.servers}
         waiting |= {a.wait.remote(): ("rank", r) for r, a in enumerate(self.ranks)}
         ranks_left = self.world
         while ranks_left:
@@ -256,7 +261,7 @@ class _Job:
                 ranks_left -= 1
             elif kind == "started" and code == 0:
                 s = self.servers[i]
-                log.warning("server-%d is back on %s; the trainer's server pool rejoins it with the current weights",
+                log.info("server-%d is back on %s; the trainer's server pool rejoins it with the current weights",
                             i, s.address)
                 waiting[s.actor.watch.remote()] = ("server", i)
             else:
@@ -293,6 +298,12 @@ class _Job:
         for actor in [*self.ranks, *(s.actor for s in self.servers if s.actor is not None)]:
             with contextlib.suppress(Exception):
                 self.ray.kill(actor, no_restart=True)
+        if self.waiting:  # collect what the killed actors answer, so Ray does not print it as unhandled
+            refs = list(self.waiting)
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=10)
+            for ref in ready:
+                with contextlib.suppress(self.ray.exceptions.RayError):
+                    self.ray.get(ref)
         from ray.util.placement_group import remove_placement_group
 
         for pg in self.pgs:
