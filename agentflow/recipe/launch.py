@@ -137,7 +137,6 @@ class _Server:
     address: str = ""
     port: int = 0
     restarts: int = 0
-    down: bool = False
 
 
 class _Job:
@@ -199,7 +198,6 @@ class _Job:
         with contextlib.suppress(Exception):
             self.ray.kill(s.actor, no_restart=True)
         if s.restarts >= self.spec.max_server_restarts:
-            s.down = True
             log.error("server-%d on %s %s and has used its %d restart(s) (launch.max_server_restarts); the run goes "
                       "on with the other servers", s.index, s.address, why, self.spec.max_server_restarts)
             return
@@ -209,6 +207,14 @@ class _Job:
                     self.spec.max_server_restarts)
         s.actor = self._server_actor(s)
         waiting[s.actor.start.remote(s.port, self.spec.startup_timeout_s)] = ("started", s.index)
+
+    def _back(self, s: _Server, address: str) -> None:
+        if address == s.address:
+            log.info("server-%d is back on %s; the trainer's server pool rejoins it with the current weights",
+                     s.index, address)
+            return
+        log.error("server-%d came back on %s, not %s (its node was lost and Ray placed its bundle elsewhere); the "
+                  "trainer knows only %s, so the run goes on without it", s.index, address, s.address, s.address)
 
     # ------------------------------------------------------------------------------ ranks
     def _trainer_config(self) -> str:
@@ -260,10 +266,8 @@ class _Job:
                     raise EngineError(f"trainer rank {i} {why}; the job was stopped. {self.where()}")
                 ranks_left -= 1
             elif kind == "started" and code == 0:
-                s = self.servers[i]
-                log.info("server-%d is back on %s; the trainer's server pool rejoins it with the current weights",
-                            i, s.address)
-                waiting[s.actor.watch.remote()] = ("server", i)
+                self._back(self.servers[i], self.ray.get(ref))
+                waiting[self.servers[i].actor.watch.remote()] = ("server", i)
             else:
                 self._restart(self.servers[i], why, waiting)
 
