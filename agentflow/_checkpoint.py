@@ -26,7 +26,6 @@ Not here: what the model files hold (the train engine writes and reads them).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -45,6 +44,7 @@ __all__ = ["Checkpointer"]
 
 log = logging.getLogger("agentflow.checkpoint")
 _MANIFEST, _ROLLOUT, _TRAINER, _PICKLED = "MANIFEST.json", "rollout.json", "trainer.json", "rollout.pkl"
+_TRAIN_STATE = "agentflow_train_state.pt"  # the train engine's optimiser and scheduler state, in model/
 
 
 class Checkpointer:
@@ -149,10 +149,7 @@ class Checkpointer:
             )
         _check_manifest(path)
         self._read_states(path)
-        for f in sorted((path / "model").rglob("*.safetensors")):
-            _check_safetensors(f)
-        for f in sorted((path / "model").rglob("*.pt")):
-            _check_torch_zip(f)
+        _check_model_dir(path / "model")
 
     def load(self, path: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(trainer_state, rollout_state)`` of the checkpoint at ``path`` (verified first)."""
@@ -162,25 +159,40 @@ class Checkpointer:
     def _read_states(self, path: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer = _plainstate.loads(_read(path / _TRAINER), what=str(path / _TRAINER))
         rollout = _plainstate.loads(_read(path / _ROLLOUT), what=str(path / _ROLLOUT))
-        _expect_keys(trainer, ("step",), path / _TRAINER)
-        _expect_keys(rollout, (), path / _ROLLOUT)
+        _check_trainer_state(trainer, str(path / _TRAINER))
+        _check_rollout_state(rollout, str(path / _ROLLOUT))
         return trainer, rollout
 
     def _candidates(self) -> list[pathlib.Path]:
-        pointer = self.root / "latest"
-        out: list[pathlib.Path] = []
-        with contextlib.suppress(OSError):
-            if pointer.is_file():
-                out.append(self.root / pointer.read_text().strip())
-        out += [p for p in sorted(self.root.glob("step-*"), reverse=True) if p not in out]
-        return out
+        """Checkpoint directories, newest step first (by step number, not name order). The
+        ``latest`` pointer is written for people and tools but never trusted over the directories
+        themselves: it may name an older checkpoint or a path outside the run directory."""
+        return sorted(self._step_dirs(), key=_step_of, reverse=True)
+
+    def _step_dirs(self) -> list[pathlib.Path]:
+        return [p for p in self.root.glob("step-*") if _step_of(p) >= 0 and p.is_dir()]
+
+    def problems(self) -> list[str]:
+        """What makes this run's checkpoint directory unusable before anything is trained: the
+        ``checkpoints`` path or a ``step-N`` entry that is not a directory."""
+        if self.root.exists() and not self.root.is_dir():
+            return [f"{self.root} is a file; expected the directory of this run's checkpoints. Move the file "
+                    "away or point logging.run_dir elsewhere"]
+        return [f"{p} is not a directory; expected only checkpoint directories named step-N there. Move it away"
+                for p in sorted(self.root.glob("step-*")) if _step_of(p) >= 0 and not p.is_dir()]
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step-*") if (p / "COMPLETE").is_file())
+        done = sorted((p for p in self._step_dirs() if (p / "COMPLETE").is_file()), key=_step_of)
         for old in done[: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
         for tmp in self.root.glob(".tmp-step-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _step_of(path: pathlib.Path) -> int:
+    """The step number of ``step-N`` (any number of digits), -1 for other names."""
+    digits = path.name.removeprefix("step-")
+    return int(digits) if digits.isdigit() and path.name.startswith("step-") else -1
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -191,12 +203,68 @@ def _read(path: pathlib.Path) -> bytes:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
 
 
-def _expect_keys(state: Any, keys: tuple[str, ...], where: pathlib.Path) -> None:
+def _expect_keys(state: Any, keys: tuple[str, ...], where: str) -> None:
     if not isinstance(state, dict):
-        raise CheckpointError(f"{where}: expected a JSON object, got {type(state).__name__}")
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(state).__name__} {_short(state)}")
     missing = [k for k in keys if k not in state]
     if missing:
         raise CheckpointError(f"{where}: missing {', '.join(missing)}; expected the keys {', '.join(keys)}")
+
+
+def _expect(ok: bool, where: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise CheckpointError(f"{where}: expected {expected}, got {type(got).__name__} {_short(got)}")
+
+
+def _is_int(v: Any, lo: int | None = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_trainer_state(state: Any, where: str) -> None:
+    """``{"step": int, "data": {"epoch", "pos", "seed", "size": int}, ...counters: int}``."""
+    _expect_keys(state, ("step", "data"), where)
+    _expect(_is_int(state["step"]), f"{where}: step", "an integer >= 0", state["step"])
+    _expect_keys(state["data"], ("epoch", "pos", "seed", "size"), f"{where}: data")
+    for key in ("epoch", "pos", "size"):
+        _expect(_is_int(state["data"][key]), f"{where}: data.{key}", "an integer >= 0", state["data"][key])
+    _expect(_is_int(state["data"]["seed"], None), f"{where}: data.seed", "an integer", state["data"]["seed"])
+    for key in ("tokens_trained", "episodes_trained"):
+        if key in state:
+            _expect(_is_int(state[key]), f"{where}: {key}", "an integer >= 0", state[key])
+
+
+def _check_rollout_state(state: Any, where: str) -> None:
+    """``{"buffer": {"version": int, "groups": [group]}, "pending": [{"data", "group_id"}]}``; each
+    group's trajectories must build (the same checks as a freshly made :class:`Trajectory`)."""
+    _expect_keys(state, ("buffer", "pending"), where)
+    _expect_keys(state["buffer"], ("version", "groups"), f"{where}: buffer")
+    buf = state["buffer"]
+    _expect(_is_int(buf["version"]), f"{where}: buffer.version", "an integer >= 0", buf["version"])
+    _expect(isinstance(buf["groups"], list), f"{where}: buffer.groups", "a list", buf["groups"])
+    for i, group in enumerate(buf["groups"]):
+        _check_group(group, f"{where}: buffer.groups[{i}]")
+    _expect(isinstance(state["pending"], list), f"{where}: pending", "a list", state["pending"])
+    for i, item in enumerate(state["pending"]):
+        _expect_keys(item, ("data", "group_id"), f"{where}: pending[{i}]")
+
+
+def _check_group(group: Any, where: str) -> None:
+    from agentflow._types import Trajectory
+
+    _expect_keys(group, ("group_id", "data", "requeues", "trajectories"), where)
+    _expect(_is_int(group["requeues"]), f"{where}.requeues", "an integer >= 0", group["requeues"])
+    _expect(isinstance(group["trajectories"], list), f"{where}.trajectories", "a list", group["trajectories"])
+    for j, traj in enumerate(group["trajectories"]):
+        _expect_keys(traj, ("input_ids", "loss_mask", "logprobs", "versions"), f"{where}.trajectories[{j}]")
+        try:
+            Trajectory.from_dict(traj)
+        except Exception as e:  # TypeError (unknown field), TrajectoryError (fields disagree), ...
+            raise CheckpointError(f"{where}.trajectories[{j}] is not a valid trajectory: {e}") from e
 
 
 def _sizes(root: pathlib.Path) -> dict[str, int]:
@@ -235,13 +303,36 @@ def _check_safetensors(f: pathlib.Path) -> None:
         raise CheckpointError(f"{f} has {size} bytes but its header lists {8 + n + end}: truncated or damaged")
 
 
+def _check_model_dir(model: pathlib.Path) -> None:
+    """``model/`` holds safetensors weights that parse and a train state (optimiser, scheduler)
+    that is a torch archive, as :meth:`TrainEngine.save` with the optimiser writes them."""
+    if not model.is_dir():
+        raise CheckpointError(f"{model} is missing or not a directory; expected the model weights and train state "
+                              "written by the train engine")
+    weights = sorted(model.rglob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{model} holds no *.safetensors weights; expected the files the train engine wrote")
+    for f in weights:
+        _check_safetensors(f)
+    if not (model / _TRAIN_STATE).is_file():
+        raise CheckpointError(f"{model / _TRAIN_STATE} is missing; expected the optimiser and scheduler state "
+                              "saved with every checkpoint")
+    for f in sorted(model.rglob("*.pt")):
+        _check_torch_zip(f)
+
+
 def _check_torch_zip(f: pathlib.Path) -> None:
-    """A ``torch.save`` file is a zip archive: its central directory must be readable."""
+    """A ``torch.save`` file is a zip archive holding ``<name>/data.pkl``: its central directory
+    must be readable and list it."""
     try:
         with zipfile.ZipFile(f) as z:
-            z.infolist()
+            names = z.namelist()
     except (OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{f} is not a readable torch.save archive ({e}): truncated or damaged") from e
+        raise CheckpointError(f"{f} is not a readable torch.save archive ({e}): expected the zip archive torch.save "
+                              "writes; the file is truncated or damaged") from e
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        raise CheckpointError(f"{f} is a zip archive but not a torch.save archive: expected a data.pkl entry, got "
+                              f"{_short(names[:5])}; the file was damaged or replaced")
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -460,7 +460,27 @@ class WorkflowExecutor:
             )
             self._log_failure(item, e)
             return [], "WorkflowError"
-        return trajs, None
+        return self._within_caps(item, trajs)
+
+    def _within_caps(self, item: _Item, trajs: list[Trajectory]) -> tuple[list[Trajectory], str | None]:
+        """Reject an episode of more than ``max_trajectories_per_episode`` trajectories; drop each
+        trajectory longer than ``max_trajectory_tokens`` (the reason is counted and noted)."""
+        cap = self.config.max_trajectories_per_episode
+        if len(trajs) > cap:
+            self._log_failure(item, WorkflowError(
+                f"arun_episode returned {len(trajs)} trajectories; expected at most "
+                f"rollout.max_trajectories_per_episode={cap}. Return fewer (e.g. concat a conversation's "
+                "turns) or raise the cap"))
+            return [], "too_many_trajectories"
+        limit = self.config.max_trajectory_tokens
+        if limit is None or all(len(t) <= limit for t in trajs):
+            return trajs, None
+        longest = max(len(t) for t in trajs)
+        self._log_failure(item, WorkflowError(
+            f"a trajectory of {longest} tokens is longer than rollout.max_trajectory_tokens={limit} (what one "
+            "train micro-batch holds); it was dropped. Cap the episode's length (max_new_tokens, turns) or "
+            "raise trainer.max_tokens_per_mb"))
+        return [t for t in trajs if len(t) <= limit], "too_long"
 
     def _log_failure(self, item: _Item, e: BaseException) -> None:
         leaf = e

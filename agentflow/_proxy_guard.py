@@ -2,7 +2,8 @@
 
 The proxy runs on the training event loop, so a request must not be able to hold it:
 :func:`read_body` refuses bodies over the cap before reading them (``Content-Length``) or while
-reading them, and parses large ones in a thread. :func:`check_chat_body` checks the type of every
+reading them, answers 408 for a body not received within its deadline, and parses large ones in a
+thread. :func:`check_chat_body` checks the type of every
 chat-completion field the proxy's client reads and refuses keys that are not field names, each
 as a :class:`RequestError` naming the field (the proxy answers it as a JSON 4xx).
 :func:`check_reward_body` makes a reward that would break training (not a number, non-finite,
@@ -36,18 +37,20 @@ class RequestError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-async def read_body(request: Any, cap: int = MAX_BODY_BYTES) -> Any:
-    """The JSON body of ``request``; 413 over ``cap`` bytes, 400 when it is not JSON."""
+async def read_body(request: Any, cap: int = MAX_BODY_BYTES, timeout_s: float = 30.0) -> Any:
+    """The JSON body of ``request``; 413 over ``cap`` bytes, 408 when not received within ``timeout_s``,
+    400 when it is not JSON."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > cap:
         raise RequestError(413, f"request body of {length} bytes exceeds the proxy's limit of {cap} bytes; "
-                                "shorten the messages (the proxy's max_body_bytes sets the limit)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise RequestError(413, f"request body exceeds the proxy's limit of {cap} bytes; shorten the messages")
-        chunks.append(chunk)
+                                "shorten the messages (ProxyLimits.max_body_bytes sets the limit)")
+    chunks: list[bytes] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            await _receive(request, chunks, cap)
+    except TimeoutError:
+        raise RequestError(408, f"request body not received within {timeout_s} s (got {sum(map(len, chunks))} bytes); "
+                                "send the whole body at once (ProxyLimits.body_timeout_s sets the limit)") from None
     raw = b"".join(chunks)
     try:
         body = await asyncio.to_thread(json.loads, raw) if len(raw) > _OFF_LOOP_BYTES else json.loads(raw)
@@ -56,6 +59,15 @@ async def read_body(request: Any, cap: int = MAX_BODY_BYTES) -> Any:
     if not isinstance(body, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+async def _receive(request: Any, chunks: list[bytes], cap: int) -> None:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise RequestError(413, f"request body exceeds the proxy's limit of {cap} bytes; shorten the messages")
+        chunks.append(chunk)
 
 
 def _is_int(v: Any) -> bool:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["ResponsesRequest", "build_response", "input_messages", "new_id", "parse_request"]
 
 Json = dict[str, Any]
+History = Callable[[str], tuple[list[Json], int] | None]
 
 # Parameters accepted only at their default, with what to do instead.
 _DEFAULT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -90,6 +91,7 @@ class ResponsesRequest:
     store: bool
     stream: bool
     logprobs: bool
+    history_bytes: int = 0
 
 
 def new_id(prefix: str) -> str:
@@ -97,14 +99,18 @@ def new_id(prefix: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- request
-def parse_request(kw: Mapping[str, Any], conversations: Mapping[str, list[Json]], who: str) -> ResponsesRequest:
-    """Check and translate ``responses.create`` kwargs (plain JSON data, ``None`` = not given)."""
+def parse_request(kw: Mapping[str, Any], conversations: History, who: str) -> ResponsesRequest:
+    """Check and translate ``responses.create`` kwargs (plain JSON data, ``None`` = not given).
+
+    ``conversations`` maps a stored response id to its conversation and that conversation's text
+    size (None when the id is unknown or deleted).
+    """
     _check_params(kw, who)
     tools = kw.get("tools") or []
     if not isinstance(tools, list):
         raise ConfigError(f"tools must be a list of function tools, got {type(tools).__name__}")
     chat_tools = [_chat_tool(i, t, who) for i, t in enumerate(tools)]
-    history = _history(kw.get("previous_response_id"), conversations, who)
+    history, history_bytes = _history(kw.get("previous_response_id"), conversations, who)
     new = input_messages(kw.get("input"), who)
     chat = {k: kw[k] for k in _PASSED if k in kw}
     chat["messages"] = [*_instructions(kw.get("instructions")), *history, *new]
@@ -114,6 +120,7 @@ def parse_request(kw: Mapping[str, Any], conversations: Mapping[str, list[Json]]
     return ResponsesRequest(
         chat={k: v for k, v in chat.items() if v is not None}, history=history, new=new,
         echo=_echo(kw, tools), store=_flag(kw, "store", True), stream=_stream(kw), logprobs=_include(kw, who),
+        history_bytes=history_bytes,
     )
 
 
@@ -171,16 +178,17 @@ def _instructions(value: Any) -> list[Json]:
     return [{"role": "system", "content": value}]
 
 
-def _history(previous_id: Any, conversations: Mapping[str, list[Json]], who: str) -> list[Json]:
+def _history(previous_id: Any, conversations: History, who: str) -> tuple[list[Json], int]:
     if previous_id is None:
-        return []
-    if previous_id not in conversations:
+        return [], 0
+    found = conversations(previous_id) if isinstance(previous_id, str) else None
+    if found is None:
         raise ConfigError(
             f"previous_response_id={previous_id!r} is unknown to {who}; expected the id of a response it created "
-            "with store left true (kept while the client or proxy session lives), or send the whole "
-            "conversation in input"
+            "with store left true and did not delete (kept while the client or proxy session lives), or send the "
+            "whole conversation in input"
         )
-    return [dict(m) for m in conversations[previous_id]]
+    return found
 
 
 def _flag(kw: Mapping[str, Any], name: str, default: bool) -> bool:

@@ -38,6 +38,12 @@ class RolloutConfig:
             ``WorkflowError`` naming the last reasons, instead of waiting out a batch timeout.
             Catches a misconfigured run early (a workflow that always raises, prompts longer than
             the engine's ``max_seq_len``). ``None`` (YAML ``null``) = never stop.
+        max_trajectories_per_episode: an ``arun_episode`` call that returns more trajectories is
+            rejected (reason ``too_many_trajectories``) instead of flooding the buffer and the step.
+        max_trajectory_tokens: a trajectory longer than this many tokens is dropped at accept time
+            (reason ``too_long``; the episode's other trajectories are kept) instead of failing the
+            train step. ``None`` = no cap; ``agentflow train`` uses ``trainer.max_tokens_per_mb``
+            (a longer sequence cannot be trained on) unless this is set.
     """
 
     max_staleness: int = 1
@@ -49,6 +55,8 @@ class RolloutConfig:
     buffer_size: int = 4096
     max_requeues: int = 3
     max_consecutive_rejections: int | None = 64
+    max_trajectories_per_episode: int = 1024
+    max_trajectory_tokens: int | None = None
 
     def __post_init__(self) -> None:
         ConfigError.check(self.problems())
@@ -57,7 +65,8 @@ class RolloutConfig:
         """Every invalid field, one line each (empty when valid)."""
         out = []
         for name, lo in (("max_staleness", 0), ("max_concurrent", 1), ("consumer_batch_size", 1),
-                         ("episodes_per_item", 1), ("buffer_size", 1), ("max_requeues", 0)):
+                         ("episodes_per_item", 1), ("buffer_size", 1), ("max_requeues", 0),
+                         ("max_trajectories_per_episode", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 out.append(f"rollout.{name} must be an integer >= {lo}, got {v!r}")
@@ -69,6 +78,9 @@ class RolloutConfig:
         m = self.max_consecutive_rejections
         if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
             out.append(f"rollout.max_consecutive_rejections must be an integer >= 1 or null, got {m!r}")
+        c = self.max_trajectory_tokens
+        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 2):
+            out.append(f"rollout.max_trajectory_tokens must be an integer >= 2 or null, got {c!r}")
         return out
 
     @classmethod

@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("out", help="directory of the merged HF checkpoint")
     merge.add_argument("--base", default=None,
                        help="base model (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace OUT if it is an existing, non-empty directory (never the adapter itself)")
     merge.add_argument("-v", "--verbose", action="store_true")
     merge.set_defaults(func=_cmd_merge_lora)
 
@@ -159,7 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
     from agentflow.recipe.build import merge_lora
 
-    print(merge_lora(args.adapter, args.out, args.base))  # noqa: T201
+    print(merge_lora(args.adapter, args.out, args.base, overwrite=args.overwrite))  # noqa: T201
     return 0
 
 

@@ -23,13 +23,17 @@ rendering, recording and chaining (:mod:`agentflow._responses`).
 
 Not covered: token-by-token streaming, ``n > 1`` (call ``create`` n times), forced tool choice,
 the legacy Completions API and other endpoints (they still point at the dummy base URL and fail to
-connect), ``with_streaming_response``. Templating and tokenising run on the event loop (fast for
-chat-sized inputs).
+connect), ``with_streaming_response``. Templating and tokenising run on the event loop for
+chat-sized requests and in a thread for large ones (:mod:`agentflow._recording`), so a huge
+conversation cannot hold the loop. What the client keeps per turn does not copy earlier turns
+(prefix digests, linked stored responses, shared message objects); a proxy session bounds it
+(:attr:`OpenAIClient.bounds`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -43,7 +47,7 @@ import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 
-from agentflow import _responses, _streaming
+from agentflow import _recording, _responses, _sampling, _streaming
 from agentflow._toolcalls import ParsedOutput, ToolParser, get_tool_parser
 from agentflow._types import GenerationConfig, ModelRequest, ModelResponse, Trajectory
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, TrajectoryError
@@ -54,15 +58,14 @@ if TYPE_CHECKING:
 __all__ = ["CompletionRecord", "OpenAIClient", "ResponseNotFound"]
 
 ExportStyle = Literal["individual", "concat"]
+_TEXT_CACHE = 32  # decoded texts of recorded conversations kept for continuing them
+_NEUTRAL = _sampling.NEUTRAL  # accepted at their neutral value (refused otherwise)
 _NO_NETWORK_URL = "http://agentflow.invalid/v1"  # the parent client needs one; chat never uses it
 
-# Parameters accepted only at their default (None means "not given").
+# Parameters accepted only at their default (None means "not given"); sampling parameters the
+# engines cannot honour are in agentflow._sampling.
 _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-    "seed": (None,),
     "top_logprobs": (None, 0),
     "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
@@ -77,7 +80,6 @@ _HINTS = {
                        "(Agents SDK: output_type; LangChain: with_structured_output) and parse the text",
     "tool_choice": "the model decides whether to call a tool (Agents SDK: leave ModelSettings.tool_choice unset)",
     "top_logprobs": "only the sampled tokens' log-probs exist; use logprobs=True",
-    "seed": "sampling is seeded by the engine, not per request",
 }
 # Accepted and ignored: informational, or transport options of the openai SDK.
 _IGNORED = frozenset(
@@ -110,7 +112,19 @@ class CompletionRecord:
     finish_reason: str
     parent: str | None
     context: str = field(repr=False, default="")
-    key: tuple[str, ...] = field(repr=False, default=())
+    key: bytes = field(repr=False, default=b"")
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A request's prompt: its ids, the record it continues (and the ids appended to it), the
+    rendering context and the digest of context + messages (see :mod:`agentflow._recording`)."""
+
+    prompt_ids: list[int]
+    parent: CompletionRecord | None
+    delta_ids: list[int]
+    context: str
+    digest: bytes
 
 
 # ---------------------------------------------------------------------------------------- messages
@@ -199,16 +213,20 @@ def _given(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 def _check_params(kw: Mapping[str, Any], who: str) -> None:
     problems = []
     for name, value in kw.items():
-        if name in _DEFAULT_ONLY and value not in _DEFAULT_ONLY[name]:
+        refused = _sampling.refusal(name, value, who)
+        if refused is not None:
+            problems.append(refused)
+        elif name in _DEFAULT_ONLY and value not in _DEFAULT_ONLY[name]:
             hint = f": {_HINTS[name]}" if name in _HINTS else ""
             problems.append(
                 f"{name}={value!r} is not supported by {who}; accepted values: "
                 f"{[v for v in _DEFAULT_ONLY[name] if v is not None]} (or leave it out){hint}"
             )
-        elif name not in _DEFAULT_ONLY and name not in _IGNORED and name not in _HANDLED:
+        elif name not in _DEFAULT_ONLY and name not in _IGNORED and name not in _HANDLED and name not in _NEUTRAL:
             problems.append(
-                f"unknown parameter {name!r}; supported: {sorted(_HANDLED - {'extra_body'})}, "
-                f"ignored: {sorted(_IGNORED)}, default-only: {sorted(_DEFAULT_ONLY)}"
+                f"unknown parameter {name!r}: {who} does not know it. Supported: {sorted(_HANDLED - {'extra_body'})}"
+                f"; ignored: {sorted(_IGNORED)}; accepted only at their default: {sorted(_DEFAULT_ONLY)}. "
+                f"Remove {name} from the agent's request"
             )
     if problems:
         raise ConfigError(problems)
@@ -346,9 +364,11 @@ class _Responses:
         """Forget a stored response: it can no longer be retrieved or continued with
         ``previous_response_id`` (its completions stay recorded for training)."""
         _check_lookup("responses.delete", kwargs, self._client._who)
-        self._client._stored(response_id)
-        del self._client._responses_by_id[response_id]
-        del self._client._conversations[response_id]
+        client = self._client
+        client._stored(response_id)
+        del client._responses_by_id[response_id]
+        if all(turn.previous != response_id for turn in client._conversations.values()):
+            client._conversations.pop(response_id, None)  # else its turn stays: later responses continue it
 
 
 # Request options the openai client accepts on every call; a lookup has no other parameters here.
@@ -428,15 +448,16 @@ class OpenAIClient(openai.AsyncOpenAI):
         self.tool_parser = get_tool_parser(tool_parser)
         self.stats: dict[str, int] = dict.fromkeys(
             ("completions", "continued", "tool_calls", "tool_parse_failures", "template_drift",
-             "template_not_prefix"), 0
+             "template_not_prefix", "abandoned"), 0
         )
+        self.bounds = _recording.Bounds()  # what the client may hold (a proxy session sets its limits)
         self._records: dict[str, CompletionRecord] = {}
-        self._by_key: dict[tuple[str, ...], str] = {}
+        self._by_key: dict[bytes, str] = {}  # digest of context + messages + reply -> completion id
         self._parents: set[str] = set()
         self._rewards: dict[str, float] = {}
         self._texts: dict[str, str] = {}
-        self._conversations: dict[str, list[dict[str, Any]]] = {}  # stored Responses' messages, by id
-        self._responses_by_id: dict[str, Response] = {}  # stored Responses, by id
+        self._conversations: dict[str, _recording.StoredTurn] = {}  # stored Responses' turns, by id
+        self._responses_by_id: dict[str, Response] = {}  # stored Responses (retrievable), by id
 
     @cached_property
     def chat(self) -> _Chat:  # type: ignore[override]  # same call shape, served in-process
@@ -465,27 +486,61 @@ class OpenAIClient(openai.AsyncOpenAI):
     with_options = copy  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ create
-    async def _create(self, kwargs: Mapping[str, Any]) -> ChatCompletion | openai.AsyncStream[ChatCompletionChunk]:
-        p = _parse_params(kwargs, self.gconfig, self.chat_template_kwargs, self._who)
-        rec = await self._complete(p, f"chatcmpl-{uuid.uuid4().hex}")
+    async def _create(
+        self, kwargs: Mapping[str, Any], *, off_loop: bool | None = None
+    ) -> ChatCompletion | openai.AsyncStream[ChatCompletionChunk]:
+        p, rec = await self._chat_record(kwargs, f"chatcmpl-{uuid.uuid4().hex}", off_loop)
         completion = self._completion(rec, p)
         if not p.stream:
             return completion
         chunks = _streaming.chat_chunks(completion.model_dump(mode="json", exclude_none=True), p.include_usage)
         return _streaming.chat_stream(self, chunks)
 
-    async def _respond(self, kwargs: Mapping[str, Any]) -> Response | openai.AsyncStream[ResponseStreamEvent]:
-        req = _responses.parse_request(_plain(_given(kwargs)), self._conversations, self._who)
-        p = _parse_params(req.chat, self.gconfig, self.chat_template_kwargs, self._who)
-        rec = await self._complete(p, _responses.new_id("resp"))
+    async def _chat_record(
+        self, kwargs: Mapping[str, Any], completion_id: str, off_loop: bool | None
+    ) -> tuple[_Params, CompletionRecord]:
+        """Check, render (in a thread when ``off_loop``, or when large), generate and record a chat request."""
+        big = _recording.is_large(kwargs, "messages") if off_loop is None else off_loop
+        prepare = functools.partial(self._prepare_chat, kwargs)
+        p, prep = await asyncio.to_thread(prepare) if big else prepare()
+        return p, await self._complete(p, prep, completion_id)
+
+    def _prepare_chat(self, kwargs: Mapping[str, Any]) -> tuple[_Params, _Prepared]:
+        p = _parse_params(kwargs, self.gconfig, self.chat_template_kwargs, self._who)
+        self.bounds.check_conversation(_recording.conversation_bytes(p.messages))
+        return p, self._prepare(p)
+
+    async def _respond(
+        self, kwargs: Mapping[str, Any], *, off_loop: bool | None = None
+    ) -> Response | openai.AsyncStream[ResponseStreamEvent]:
+        kw = _given(kwargs)
+        prev_id = kw.get("previous_response_id")
+        previous = self._conversations.get(prev_id) if isinstance(prev_id, str) else None
+        big = off_loop if off_loop is not None else (
+            _recording.is_large(kw, "input") or (previous is not None and previous.is_large()))
+        prepare = functools.partial(self._prepare_response, kw)
+        req, p, prep = await asyncio.to_thread(prepare) if big else prepare()
+        rec = await self._complete(p, prep, _responses.new_id("resp"))
         response = _responses.build_response(rec, req, p.model, self._token_logprobs(rec) if req.logprobs else None)
         if req.store:
-            self._conversations[rec.id] = [*req.history, *req.new, rec.reply]
+            turn = (*req.new, rec.reply)
+            total = req.history_bytes + _recording.conversation_bytes(turn)
+            self._conversations[rec.id] = _recording.StoredTurn(
+                req.echo["previous_response_id"], turn, total, len(req.history) + len(turn))
             self._responses_by_id[rec.id] = response
         if not req.stream:
             return response
         events = _streaming.response_events(response.model_dump(mode="json", exclude_none=True))
         return _streaming.response_stream(self, events)
+
+    def _prepare_response(self, kw: Mapping[str, Any]) -> tuple[_responses.ResponsesRequest, _Params, _Prepared]:
+        if kw.get("store", True) is not False:
+            self.bounds.check_store(len(self._conversations))
+        history = _recording.stored_history(self._conversations, self._responses_by_id.__contains__)
+        req = _responses.parse_request(_plain(kw), history, self._who)
+        p = _parse_params(req.chat, self.gconfig, self.chat_template_kwargs, self._who)
+        self.bounds.check_conversation(req.history_bytes + _recording.conversation_bytes(req.new))
+        return req, p, self._prepare(p)
 
     def _stored(self, response_id: str) -> Response:
         try:
@@ -495,21 +550,31 @@ class OpenAIClient(openai.AsyncOpenAI):
                 f"response {response_id!r} is unknown to {self._who}: expected the id of a response it created with "
                 "store left true and did not delete (kept while the client or proxy session lives)") from None
 
-    async def _complete(self, p: _Params, completion_id: str) -> CompletionRecord:
-        """Render, generate, parse and record one completion."""
+    def _prepare(self, p: _Params) -> _Prepared:
+        """The prompt of a request (token-in, token-out): pure, may run in a thread."""
         context = json.dumps([p.tools, p.template_kwargs], sort_keys=True, ensure_ascii=False)
-        keys = tuple(_message_key(m) for m in p.messages)
-        prompt_ids, parent, delta_ids = self._prompt(p, context, keys)
-        resp = await self._generate(ModelRequest(input_ids=prompt_ids, gconfig=p.gconfig), p.timeout)
+        digests = _recording.prefix_digests(context, [_message_key(m) for m in p.messages])
+        prompt_ids, parent, delta_ids = self._prompt(p, digests)
+        return _Prepared(prompt_ids, parent, delta_ids, context, digests[-1])
+
+    async def _complete(self, p: _Params, prep: _Prepared, completion_id: str) -> CompletionRecord:
+        """Generate, parse and record one completion of a prepared prompt."""
+        if self.bounds.budget is not None:
+            self.bounds.budget.check(len(prep.prompt_ids) + p.gconfig.max_new_tokens)
+        resp = await self._generate(ModelRequest(input_ids=prep.prompt_ids, gconfig=p.gconfig), p.timeout)
         text = self._output_text(resp.output_tokens, p.gconfig)
         parsed = self.tool_parser.parse(text) if p.parse_tools else ParsedOutput(content=text or None)
         reply = _reply_message(parsed)
+        parent = prep.parent
+        # A follow-up turn shares its parent's message objects (no copy of the history per turn).
+        messages = tuple(p.messages) if parent is None else (
+            *parent.messages, parent.reply, *p.messages[len(parent.messages) + 1:])
         rec = CompletionRecord(
-            id=completion_id, messages=tuple(p.messages), reply=reply,
-            prompt_ids=prompt_ids, delta_ids=delta_ids, output_ids=list(resp.output_tokens),
+            id=completion_id, messages=messages, reply=reply,
+            prompt_ids=prep.prompt_ids, delta_ids=prep.delta_ids, output_ids=list(resp.output_tokens),
             logprobs=list(resp.output_logprobs), versions=list(resp.output_versions),
             finish_reason=_finish_reason(resp, parsed), parent=parent.id if parent else None,
-            context=context, key=(context, *keys, _message_key(reply)),
+            context=prep.context, key=_recording.extend_digest(prep.digest, _message_key(reply)),
         )
         self._record(rec, parsed)
         return rec
@@ -528,15 +593,37 @@ class OpenAIClient(openai.AsyncOpenAI):
             )
         return resp
 
-    def _record(self, rec: CompletionRecord, parsed: ParsedOutput) -> None:
+    def _record(self, rec: CompletionRecord, parsed: ParsedOutput | None) -> None:
         self._records[rec.id] = rec
-        self._by_key[rec.key] = rec.id
+        if rec.key:
+            self._by_key[rec.key] = rec.id
         if rec.parent is not None:
             self._parents.add(rec.parent)
             self.stats["continued"] += 1
         self.stats["completions"] += 1
-        self.stats["tool_calls"] += len(parsed.tool_calls)
-        self.stats["tool_parse_failures"] += parsed.error is not None
+        if parsed is not None:
+            self.stats["tool_calls"] += len(parsed.tool_calls)
+            self.stats["tool_parse_failures"] += parsed.error is not None
+        if self.bounds.budget is not None:
+            self.bounds.budget.add(len(rec.prompt_ids) + len(rec.output_ids))
+
+    def _forget(self, completion_id: str) -> None:
+        """Drop a recorded completion its requester never received (the proxy's client went away)."""
+        rec = self._records.pop(completion_id, None)
+        if rec is None:
+            return
+        if self._by_key.get(rec.key) == rec.id:
+            del self._by_key[rec.key]
+        if rec.parent is not None:
+            self.stats["continued"] -= 1
+            if all(r.parent != rec.parent for r in self._records.values()):
+                self._parents.discard(rec.parent)
+        for table in (self._rewards, self._texts, self._conversations, self._responses_by_id):
+            table.pop(rec.id, None)  # type: ignore[attr-defined]  # dicts keyed by completion id
+        self.stats["completions"] -= 1
+        self.stats["abandoned"] += 1
+        if self.bounds.budget is not None:
+            self.bounds.budget.add(-(len(rec.prompt_ids) + len(rec.output_ids)))
 
     # ------------------------------------------------------------------ prompts (token-in, token-out)
     def _render(self, messages: list[dict[str, Any]], p: _Params, *, generation: bool) -> str:
@@ -547,26 +634,27 @@ class OpenAIClient(openai.AsyncOpenAI):
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _find_parent(self, context: str, keys: tuple[str, ...]) -> CompletionRecord | None:
-        """The recorded completion whose messages + reply are the longest prefix of ``keys``."""
-        for k in range(len(keys), 1, -1):
-            rid = self._by_key.get((context, *keys[:k]))
-            if rid is not None:
+    def _find_parent(self, digests: list[bytes]) -> CompletionRecord | None:
+        """The recorded completion whose messages + reply are the longest prefix of the request's messages."""
+        for k in range(len(digests) - 1, 1, -1):
+            rid = self._by_key.get(digests[k])
+            if rid is not None and rid in self._records:
                 return self._records[rid]
         return None
 
     def _recorded_text(self, rec: CompletionRecord) -> str:
-        if rec.id not in self._texts:
-            ids = rec.prompt_ids + rec.output_ids
-            self._texts[rec.id] = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return self._texts[rec.id]
+        text = self._texts.get(rec.id)
+        if text is None:
+            text = self.tokenizer.decode(rec.prompt_ids + rec.output_ids, skip_special_tokens=False)
+            if len(self._texts) >= _TEXT_CACHE:  # a bounded cache: the newest turns are the ones continued
+                self._texts.pop(next(iter(self._texts)), None)
+            self._texts[rec.id] = text
+        return text
 
-    def _prompt(
-        self, p: _Params, context: str, keys: tuple[str, ...]
-    ) -> tuple[list[int], CompletionRecord | None, list[int]]:
+    def _prompt(self, p: _Params, digests: list[bytes]) -> tuple[list[int], CompletionRecord | None, list[int]]:
         """(prompt ids, parent record or None, ids appended to the parent's tokens)."""
         full = self._render(p.messages, p, generation=True)
-        parent = self._find_parent(context, keys)
+        parent = self._find_parent(digests)
         if parent is None:
             ids = self._encode(full)
             return ids, None, ids

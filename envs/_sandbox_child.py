@@ -6,14 +6,19 @@ Steps, each before the first line of user code runs:
 
 1. resource limits (soft = hard, so the code cannot raise them back; CPU hard = soft + 1 s): CPU seconds, address space,
    processes, file size, open files, core size 0; then, inside the sandbox's own mount namespace,
-   a tmpfs of ``max_disk_mb`` / ``max_files`` over the cwd (``main.py`` copied in);
+   a tmpfs of ``max_disk_mb`` / ``max_files`` over the cwd (``main.py`` copied in), and a private
+   ``/dev`` holding only ``null``, ``zero``, ``full``, ``random`` and ``urandom``;
 2. ``PR_SET_NO_NEW_PRIVS`` and ``PR_SET_PDEATHSIG(SIGKILL)`` (dies with its parent);
 3. Landlock (Linux >= 5.13, when the kernel has it): writes only beneath the cwd (and ``/dev/null``),
-   reads everywhere except ``/proc`` and ``/sys`` (other processes' environments) and credential
-   files (``_SECRETS``), no TCP connect/bind (ABI >= 4), no signals to or abstract sockets of
-   processes outside the sandbox (ABI >= 6);
-4. a seccomp filter: no ``socket(AF_UNIX)``, ``unshare``, ``setns``, ``io_uring_setup`` or
-   ``clone(CLONE_NEWUSER)``; when ``max_processes == 1`` also no new processes (fork, vfork, clone
+   reads everywhere except ``/proc`` and ``/sys`` (other processes' environments), ``/dev`` (but
+   the five nodes above) and credential files (``_SECRETS``), no TCP connect/bind (ABI >= 4), no
+   signals to or abstract sockets of processes outside the sandbox (ABI >= 6);
+4. every capability dropped (bounding, ambient, effective, permitted, inheritable sets; secure bits
+   locked), so uid 0 is an ordinary user: no ``sethostname``, mounts, raw devices or
+   ``CAP_DAC_OVERRIDE``;
+5. a seccomp filter: no ``socket(AF_UNIX)``, ``unshare``, ``setns``, ``io_uring_setup``,
+   kernel keyring calls (``add_key``, ``request_key``, ``keyctl``) or ``clone(CLONE_NEWUSER)``; when
+   ``max_processes == 1`` also no new processes (fork, vfork, clone
    without ``CLONE_THREAD``): threads still work, and this bounds fork bombs even for uid 0, where
    the kernel does not enforce ``RLIMIT_NPROC``.
 
@@ -97,7 +102,7 @@ _SECRETS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/et
 def _secrets() -> set[str]:
     """Paths never readable in the sandbox (what root could otherwise read), plus /proc and /sys."""
     homes = [f"/home/{h}/{d}" for h in _listdir("/home") for d in (".ssh", ".gnupg")]
-    return {"/proc", "/sys", *_SECRETS, *homes}
+    return {"/proc", "/sys", "/dev", *_SECRETS, *homes}
 
 
 def _listdir(path: str) -> list[str]:
@@ -136,6 +141,9 @@ def landlock(cwd: str) -> int:
     _allow_reads_except(ruleset, "/", read, handled, _secrets())
     _add_path_rule(ruleset, f"/proc/{os.getpid()}", read, handled)
     _add_path_rule(ruleset, "/dev/null", _FILE_RIGHTS, handled)
+    _add_path_rule(ruleset, "/dev", _FS_READ_DIR, handled)  # listing only; files beneath need their own rule
+    for name in DEV_NODES[1:]:
+        _add_path_rule(ruleset, f"/dev/{name}", read, handled)
     _add_path_rule(ruleset, cwd, handled, handled)
     _check(_libc.syscall(_LL_RESTRICT, ruleset, 0), "landlock_restrict_self")
     os.close(ruleset)
@@ -143,14 +151,17 @@ def landlock(cwd: str) -> int:
 
 
 # ------------------------------------------------------------------------------------ seccomp
-# arch audit value, then syscall numbers: clone, fork, vfork, clone3, socket, unshare, setns, io_uring_setup
-# (None = no such syscall on that architecture)
+# arch audit value, then syscall numbers: clone, fork, vfork, clone3, socket, unshare, setns, io_uring_setup,
+# and the kernel keyring's add_key, request_key, keyctl (None = no such syscall on that architecture)
 _ARCHES = {
     "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435, "socket": 41, "unshare": 272,
-                            "setns": 308, "io_uring_setup": 425}),
+                            "setns": 308, "io_uring_setup": 425, "add_key": 248, "request_key": 249,
+                            "keyctl": 250}),
     "aarch64": (0xC00000B7, {"clone": 220, "fork": None, "vfork": None, "clone3": 435, "socket": 198,
-                             "unshare": 97, "setns": 268, "io_uring_setup": 425}),
+                             "unshare": 97, "setns": 268, "io_uring_setup": 425, "add_key": 217,
+                             "request_key": 218, "keyctl": 219}),
 }
+_ALWAYS_DENIED = ("unshare", "setns", "io_uring_setup", "add_key", "request_key", "keyctl")
 _LD_W_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
 _CLONE_THREAD, _CLONE_NEWUSER, _AF_UNIX, _EPERM, _ENOSYS = 0x00010000, 0x10000000, 1, 1, 38
@@ -183,11 +194,12 @@ def _assemble(prog: list) -> list[tuple]:
 
 def _filter_program(arch: int, nr: dict, no_fork: bool) -> list[tuple]:
     """BPF: wrong arch or x32 -> EPERM; unshare, setns, io_uring -> EPERM (no new namespaces, no
-    io_uring side door); socket(AF_UNIX) -> EPERM (no host UNIX sockets; socketpair still works);
-    clone3 -> ENOSYS (libc falls back to clone, whose flags can be read). With ``no_fork``: fork,
-    vfork -> EPERM, clone only with CLONE_THREAD; else clone with CLONE_NEWUSER -> EPERM."""
+    io_uring side door); add_key, request_key, keyctl -> EPERM (the kernel keyring is not
+    namespaced: uid 0's keys would be readable); socket(AF_UNIX) -> EPERM (no host UNIX sockets;
+    socketpair still works); clone3 -> ENOSYS (libc falls back to clone, whose flags can be read).
+    With ``no_fork``: fork, vfork -> EPERM, clone only with CLONE_THREAD; else clone with CLONE_NEWUSER -> EPERM."""
     prog: list = [("ld", 4), ("jeq", arch, None, "deny"), ("ld", 0), ("jge", 0x40000000, "deny", None)]
-    for name in ("unshare", "setns", "io_uring_setup") + (("fork", "vfork") if no_fork else ()):
+    for name in _ALWAYS_DENIED + (("fork", "vfork") if no_fork else ()):
         if nr[name] is not None:
             prog.append(("jeq", nr[name], "deny", None))
     prog += [("jeq", nr["clone3"], "nosys", None), ("jeq", nr["socket"], "socket", None),
@@ -230,16 +242,79 @@ def private_disk(cwd: str, max_disk_mb: int, max_files: int, uid: int) -> None:
         f.write(src)
 
 
+# ------------------------------------------------------------------------------------ a private /dev
+DEV_NODES = ("null", "zero", "full", "random", "urandom")  # what Python and its standard library open
+_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+              ("stderr", "/proc/self/fd/2"))
+_MS_NOEXEC, _MS_BIND = 8, 4096
+
+
+def private_dev() -> None:
+    """Replace ``/dev`` (in the sandbox's own mount namespace) by a tiny tmpfs holding only
+    :data:`DEV_NODES`, bind-mounted from the host's, and the ``fd``/``std*`` links: no ``kmsg``,
+    disks, ttys, ``kvm``, ``fuse``, ``/dev/shm``..."""
+    fds = {n: os.open(f"/dev/{n}", os.O_PATH | os.O_CLOEXEC) for n in DEV_NODES if os.path.exists(f"/dev/{n}")}
+    try:
+        _check(_libc.mount(b"tmpfs", b"/dev", b"tmpfs", _MS_NOSUID | _MS_NOEXEC, b"size=64k,nr_inodes=64,mode=0755"),
+               "mount(tmpfs on /dev)")
+        for name, fd in fds.items():
+            os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+            _check(_libc.mount(f"/proc/self/fd/{fd}".encode(), f"/dev/{name}".encode(), None, _MS_BIND, None),
+                   f"bind-mount /dev/{name}")
+        for name, target in _DEV_LINKS:
+            os.symlink(target, f"/dev/{name}")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ capabilities
+_PR_CAPBSET_DROP, _PR_SET_SECUREBITS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
+_SECURE_ALL_LOCKED = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks: uid 0 gains nothing
+_CAP_VERSION_3, _CAP_LAST = 0x20080522, 63
+
+
+def _capabilities() -> tuple[int, int]:
+    """(effective, permitted) of this process, as 64-bit masks."""
+    header = struct.pack("=Ii", _CAP_VERSION_3, 0)
+    data = ctypes.create_string_buffer(24)
+    _check(_libc.capget(ctypes.create_string_buffer(header, len(header)), data), "capget")
+    e0, p0, _, e1, p1, _ = struct.unpack("=6I", data.raw)
+    return e0 | e1 << 32, p0 | p1 << 32
+
+
+def drop_capabilities() -> None:
+    """Empty the bounding, ambient, effective, permitted and inheritable sets and lock the secure
+    bits, so uid 0 holds no capability now or after any ``execve`` (no ``sethostname``, mounts,
+    module loading, raw I/O, ``CAP_DAC_OVERRIDE``...). A process with no capabilities (not root,
+    no user namespace) has nothing to drop."""
+    if _capabilities() == (0, 0):
+        return
+    for cap in range(_CAP_LAST + 1):
+        if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 and ctypes.get_errno() != 22:  # EINVAL: no such cap
+            _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+    _check(_libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    _check(_libc.prctl(_PR_SET_SECUREBITS, _SECURE_ALL_LOCKED, 0, 0, 0), "prctl(PR_SET_SECUREBITS)")
+    header = struct.pack("=Ii", _CAP_VERSION_3, 0)
+    empty = bytes(24)
+    _check(_libc.capset(ctypes.create_string_buffer(header, len(header)), ctypes.create_string_buffer(empty, 24)),
+           "capset")
+    if _capabilities() != (0, 0):
+        raise OSError("capabilities are still held after capset; refusing to run the code")
+
+
 # ------------------------------------------------------------------------------------ main
 def lock_down(lim: dict) -> None:
     cwd = os.getcwd()
     set_limits(lim)
     if lim["private_disk"]:
         private_disk(cwd, lim["max_disk_mb"], lim["max_files"], os.geteuid())
+        private_dev()
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if lim["landlock"]:
         landlock(os.getcwd())
+    drop_capabilities()
     if not install_seccomp(no_fork=lim["max_processes"] == 1) and lim["max_processes"] == 1:
         raise OSError(f"no seccomp filter for architecture {os.uname().machine}; set max_processes > 1")
 

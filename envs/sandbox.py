@@ -11,20 +11,29 @@ runs it with ``python -I -u`` under these layers, each applied where the machine
   read as they arrive and each is capped at ``max_output_bytes`` (the process is killed at the cap);
 - **a scrubbed environment** (always): only ``PATH``, ``HOME``/``TMPDIR`` (= the temp dir), a UTF-8
   locale; nothing of the parent's environment (API keys, tokens) is passed on;
-- **namespaces** via ``unshare`` (root, or unprivileged user namespaces): no network (a new network
-  namespace has only a down loopback), a PID namespace with its own ``/proc`` (the code cannot see,
-  signal or read the environment of host processes; killing the namespace kills every process in
-  it, including ones that called ``setsid``);
-- **a private disk** (with namespaces): the work dir is a tmpfs of ``max_disk_mb`` megabytes and
-  ``max_files`` inodes inside the sandbox's own mount namespace, so total bytes written and files
-  created are capped (writes past either fail with ``ENOSPC``) and vanish with the run;
+- **namespaces** via ``unshare`` (a user namespace where the kernel allows one, for root too; else,
+  as root, the others alone): no network (a new network namespace has only a down loopback), a
+  PID namespace with its own ``/proc`` (the code cannot see, signal or read the environment of
+  host processes; killing the namespace kills every process in it, including ones that called
+  ``setsid``), its own UTS namespace (hostname) and IPC namespace (System V shared memory,
+  semaphores and message queues vanish with the run instead of staying on the host);
+- **a private disk and /dev** (with namespaces): the work dir is a tmpfs of ``max_disk_mb``
+  megabytes and ``max_files`` inodes inside the sandbox's own mount namespace, so total bytes
+  written and files created are capped (writes past either fail with ``ENOSPC``) and vanish with
+  the run; ``/dev`` holds only ``null``, ``zero``, ``full``, ``random``, ``urandom`` (no ``kmsg``,
+  disks, ttys, ``/dev/shm``);
+- **no capabilities** (always): every capability set emptied and the secure bits locked, plus
+  ``no_new_privs``: uid 0 in the sandbox cannot ``sethostname``, mount, load modules, set the
+  clock or override file permissions;
 - **Landlock** (Linux >= 5.13): writes only beneath the temp dir, no reads of ``/proc``/``/sys``
-  except its own, nor of credential files (``/etc/shadow``, ``/etc/gshadow``, ``/etc/sudoers*``,
-  ``/etc/ssh``, ``~/.ssh`` and ``~/.gnupg`` of root and of ``/home/*``) even as root, no TCP
-  connect/bind, no signals to processes outside the sandbox;
+  except its own, of ``/dev`` except the five nodes above, nor of credential files
+  (``/etc/shadow``, ``/etc/gshadow``, ``/etc/sudoers*``, ``/etc/ssh``, ``~/.ssh`` and ``~/.gnupg``
+  of root and of ``/home/*``) even as root, no TCP connect/bind, no signals to processes outside
+  the sandbox;
 - **seccomp** (x86-64, aarch64), always: no ``socket(AF_UNIX)`` (host UNIX sockets such as a Docker
   socket, an ssh-agent, X11 or a database are unreachable; ``socketpair`` still works), no
-  ``unshare``/``setns``/``clone(CLONE_NEWUSER)`` (no user or other namespaces), no io_uring;
+  ``unshare``/``setns``/``clone(CLONE_NEWUSER)`` (no user or other namespaces), no io_uring, no
+  kernel keyring (``add_key``/``request_key``/``keyctl``: keys are per uid, not namespaced);
   with ``max_processes=1`` (the default) no new processes at all (threads are fine). This is what
   bounds fork bombs for uid 0, for which the kernel does not enforce ``RLIMIT_NPROC``.
 
@@ -41,8 +50,10 @@ boundary against a determined attacker; use a VM or gVisor for that):
 - CPU and memory are bounded per process only (no cgroup): ``max_processes`` processes may each
   use ``memory_mb``; **without namespaces** disk use is bounded per file (``max_file_mb``), not
   in total nor in file count (no private tmpfs);
-- **without seccomp** (other architectures, with ``max_processes > 1``): host UNIX sockets stay
-  reachable and user namespaces can be created where the kernel allows them;
+- **without seccomp** (other architectures, with ``max_processes > 1``): host UNIX sockets and the
+  uid's kernel keyring stay reachable and user namespaces can be created where the kernel allows
+  them; **without namespaces** System V IPC objects it creates outlive the run and ``/dev`` is
+  the host's (Landlock still denies reading it but for the five nodes);
 - the kernel itself: a kernel exploit escapes all of the above. UDP without namespaces is open.
 
 Not here: deciding what the output means (see :mod:`agentflow.envs.tools` and the code workflow).
@@ -207,12 +218,15 @@ async def detect_isolation(network: bool = False) -> Isolation:
     """Probe (once per process) which isolation layers work here."""
     if network in _isolation:
         return _isolation[network]
-    ns = ["--pid", "--mount-proc", "--fork", "--kill-child"] + ([] if network else ["--net"])
-    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    ns = ["--pid", "--mount-proc", "--fork", "--kill-child", "--uts", "--ipc"] + ([] if network else ["--net"])
+    user = ["--user", "--map-root-user"]  # as root too: its capabilities then only reach the sandbox's own
     prefix: tuple[str, ...] = ()
     unshare = shutil.which("unshare")
-    if unshare and await _works([unshare, *user, *ns, "--", "true"]):
-        prefix = (unshare, *user, *ns, "--")
+    # a user namespace where the kernel allows one; as root without it, the other namespaces still work
+    for cmd in ([unshare, *user, *ns], [unshare, *ns]) if os.geteuid() == 0 else ([unshare, *user, *ns],):
+        if unshare and await _works([*cmd, "--", "true"]):
+            prefix = (*cmd, "--")
+            break
     machine = os.uname().machine if hasattr(os, "uname") else ""
     iso = Isolation(prefix, _landlock_abi(), sys.platform == "linux" and machine in ("x86_64", "aarch64"))
     _isolation[network] = iso

@@ -362,9 +362,27 @@ def _generated(spec: TaskSpec, make: Callable[[int, int], list[Task]], reward: R
                     reward, eval_reward or reward)
 
 
+def _arithmetic_problem_count(digits: int = 1, ops: Sequence[str] = ("+",)) -> int:
+    """How many distinct questions :func:`arithmetic_tasks` can draw (``digits``-digit operand pairs
+    times operators)."""
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+    return (hi - lo + 1) ** 2 * len(set(ops))
+
+
+def _check_eval_size(spec: TaskSpec, distinct: int) -> None:
+    """Held-out rows are drawn with replacement: more than the task's distinct problems only
+    repeats them (and makes every evaluation that much longer)."""
+    if spec.eval_size > distinct:
+        raise ConfigError(f"data.eval_size={spec.eval_size} is larger than the {distinct} distinct problems of "
+                          f"data.task={spec.task!r}; expected at most {distinct} (more only repeats problems and "
+                          "slows every evaluation). Lower data.eval_size.")
+
+
 @register_task("addition")
 def _addition(spec: TaskSpec) -> TaskData:
     """One-digit a + b; reported reward 1 only for exactly the number (``train_reward`` picks training's)."""
+    _check_eval_size(spec, _arithmetic_problem_count(1, ("+",)))
+
     def make(n: int, seed: int) -> list[Task]:
         return arithmetic_tasks(n, seed=seed, digits=1, ops=("+",), **spec.options)
 
@@ -375,6 +393,7 @@ def _addition(spec: TaskSpec) -> TaskData:
 
 @register_task("arithmetic")
 def _arithmetic(spec: TaskSpec) -> TaskData:
+    _check_eval_size(spec, _arithmetic_problem_count(spec.options.get("digits", 1), spec.options.get("ops", ("+",))))
     return _generated(spec, lambda n, seed: arithmetic_tasks(n, seed=seed, **spec.options), arithmetic_reward)
 
 

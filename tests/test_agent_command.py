@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 
@@ -101,3 +102,71 @@ def test_agentflow_train_runs_an_agent_command(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "train/loss" in r]
     assert len(steps) == 2 and all(r["rollout/episodes"] == 2 * 2 for r in steps)
+
+
+# ------------------------------------------------------------------------------------ no process outlives its episode
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+_FORK_HOLDING_STDOUT = """
+import os, sys, time
+if os.fork() == 0:          # a child that keeps stdout open, then the agent exits 0
+    print(os.getpid(), file=open(sys.argv[1], "w"), flush=True)
+    time.sleep(60)
+    os._exit(0)
+time.sleep(0.2)
+"""
+_DAEMON = """
+import os, sys, time
+if os.fork() == 0:          # double fork + setsid: a daemon, no longer in the agent's group or session
+    os.setsid()
+    if os.fork() == 0:
+        fd = os.open(os.devnull, os.O_RDWR)
+        for i in (0, 1, 2):
+            os.dup2(fd, i)
+        print(os.getpid(), file=open(sys.argv[1], "w"), flush=True)
+        time.sleep(60)
+    os._exit(0)
+time.sleep(0.3)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize(("agent", "agent_sleeps", "reason"), [
+    (_FORK_HOLDING_STDOUT, None, "made no chat completion"),
+    (_DAEMON, 0, "made no chat completion"),
+    (_DAEMON, 60, "timeout_s=1.5"),
+])
+async def test_every_process_an_episode_starts_ends_with_it(tmp_path, agent, agent_sleeps, reason):
+    import time
+
+    (tmp_path / "agent.py").write_text(agent)
+    pid_file = tmp_path / "pid"
+    argv = [sys.executable, str(tmp_path / "agent.py"), str(pid_file)]
+    wf = AgentCommandWorkflow(TOK, exact_answer, command=argv + ([] if agent_sleeps is None else [str(agent_sleeps)]),
+                              timeout_s=1.5 if agent_sleeps else 20)
+    engine = FakeEngine()
+    t0 = time.monotonic()
+    async with engine, wf:
+        with pytest.raises(WorkflowError, match=reason):
+            await wf.arun_episode(engine, {"prompt": "x", "answer": "1"})
+    took = time.monotonic() - t0
+    pid = int(pid_file.read_text())
+    alive = _alive(pid)
+    if alive:
+        os.kill(pid, 9)
+    assert not alive, f"pid {pid} outlived its episode"
+    assert took < 10, took  # not the 20 s deadline: the episode ended when the agent did
+
+
+async def test_a_command_that_cannot_start_says_so():
+    engine = FakeEngine()
+    wf = AgentCommandWorkflow(TOK, exact_answer, command=["/nonexistent/agent"])
+    async with engine, wf:
+        with pytest.raises(WorkflowError, match=r"cannot start agent command \['/nonexistent/agent'\].*No such file"):
+            await wf.arun_episode(engine, {"prompt": "x", "answer": "1"})

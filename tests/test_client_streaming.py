@@ -201,4 +201,4 @@ async def test_proxy_sends_server_sent_events_and_json_errors(proxy):
     assert assemble(chunks)["message"] == session.client.records[0].reply
     assert bad.status_code == 400 and bad.headers["content-type"] == "application/json"
     message = bad.json()["error"]["message"]
-    assert "seed=3 is not supported by agentflow's proxy" in message and "OpenAIClient" not in message
+    assert "seed=3 is refused by agentflow's proxy" in message and "OpenAIClient" not in message

@@ -181,3 +181,77 @@ def test_a_config_naming_another_workflow_gets_none_of_the_defaults_options():
     cfg = load_recipe_config(overrides=["data.task=addition", "workflow.name=rlvr"])
     assert cfg.workflow.options == {}
     workflow(cfg.workflow, byte_tokenizer(), None, cfg.generation)  # no "unknown option" error
+
+
+def _secret_config(monkeypatch):
+    from agentflow.recipe import load_recipe_config
+
+    monkeypatch.setenv("AF_TEST_AGENT_TOKEN", "tok-from-env")
+    return load_recipe_config(overrides=[
+        "inference.backend=remote", "inference.addresses=[127.0.0.1:30000]", "trainer.weight_update=disk",
+        "inference.api_key=server-s3cret", "workflow.name=agent_command",
+        "workflow.options={command: 'python agent.py', env: {OPENAI_ORG: org-s3cret, "
+        "GH: '${oc.env:AF_TEST_AGENT_TOKEN}'}, hf_token: hf-s3cret}",
+    ])
+
+
+SECRETS = ("server-s3cret", "org-s3cret", "tok-from-env", "hf-s3cret")
+
+
+def test_secrets_are_redacted_in_config_json_and_repr(tmp_path, monkeypatch):
+    import json
+
+    from agentflow.recipe._startup import commit_run_dir
+
+    cfg = _secret_config(monkeypatch)
+    cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=str(tmp_path / "run")))
+    commit_run_dir(cfg, resumed_step=None)
+    saved = (tmp_path / "run" / "config.json").read_text()
+    assert not [s for s in SECRETS if s in saved], saved
+    options = json.loads(saved)["workflow"]["options"]
+    assert options["env"] == {"OPENAI_ORG": "<redacted>", "GH": "<redacted>"}
+    assert options["command"] == "python agent.py"  # what is not a secret is kept
+    assert not [s for s in SECRETS if s in repr(cfg)], repr(cfg)
+
+
+def test_wandb_gets_the_redacted_config(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from agentflow.recipe._startup import open_metrics
+
+    seen = {}
+
+    class Run:
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    cfg = _secret_config(monkeypatch)
+    cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=str(tmp_path), wandb=True))
+    open_metrics(cfg).close()
+    assert seen["config"]["inference"]["api_key"] == "<redacted>"
+    assert not [s for s in SECRETS if s in repr(seen["config"])], seen["config"]
+
+
+def test_a_max_seq_len_shorter_than_every_prompt_is_refused_at_start():
+    from agentflow.envs.tasks import build_task
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe._startup import check_prompts_fit
+    from agentflow.testing import byte_tokenizer
+
+    cfg = load_recipe_config(overrides=["data.task=addition", "inference.local.max_seq_len=16",
+                                        "generation.max_new_tokens=8"])
+    rows = build_task(cfg.data).train
+    with pytest.raises(ConfigError, match=r"inference.local.max_seq_len=16 is not longer than any of the first 32 "
+                                          r"training prompts \(shortest \d+ tokens"):
+        check_prompts_fit(cfg, rows, byte_tokenizer())
+    roomy = load_recipe_config(overrides=["data.task=addition", "inference.local.max_seq_len=4096"])
+    check_prompts_fit(roomy, rows, byte_tokenizer())

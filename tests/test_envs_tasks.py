@@ -15,7 +15,7 @@ from agentflow.envs.tasks import (
     gsm8k_reward,
     load_gsm8k_jsonl,
 )
-from agentflow.errors import EnvError
+from agentflow.errors import ConfigError, EnvError
 
 
 def test_arithmetic_is_deterministic_and_verifiable():
@@ -118,3 +118,18 @@ def test_exact_and_shaped_answer_rewards():
     assert shaped_answer_reward("2 + 9 = 11", t) == pytest.approx(0.1)
     assert shaped_answer_reward("The answer is 11.", t) == 0.0  # right, but buried in text
     assert shaped_answer_reward("12", t) == 0.0
+
+
+def test_an_eval_size_beyond_the_distinct_problems_is_refused_at_start():
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe.build import task_data
+
+    cfg = load_recipe_config(overrides=["data.task=addition", "data.eval_size=100000"])
+    with pytest.raises(ConfigError, match=r"data.eval_size=100000 is larger than the 100 distinct problems of "
+                                          r"data.task='addition'; expected at most 100.*Lower data.eval_size"):
+        task_data(cfg.data)
+    cfg = load_recipe_config(overrides=["data.task=arithmetic", "data.eval_size=500",
+                                        "data.options={digits: 1, ops: ['+', '-']}"])
+    with pytest.raises(ConfigError, match=r"larger than the 200 distinct problems"):
+        task_data(cfg.data)
+    assert len(task_data(load_recipe_config(overrides=["data.task=addition", "data.eval_size=100"]).data).eval) == 100

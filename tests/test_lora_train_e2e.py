@@ -80,7 +80,7 @@ def test_lora_sigkill_then_resume_repeats_the_next_step_bit_for_bit(tmp_path):
     is on, so the restored RNG matters too."""
     from safetensors.torch import load_file
 
-    from agentflow.engines.fsdp import _load_plain
+    from agentflow.engines.fsdp.engine import _load_plain
 
     run = tmp_path / "run"
     args = ["train", TINY, f"logging.run_dir={run}", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10",

@@ -145,7 +145,7 @@ async def test_malformed_tool_call_does_not_break_the_episode(proxy):
 async def test_bad_requests_get_openai_errors(proxy):
     session = proxy.new_session()
     async with openai.AsyncOpenAI(base_url=session.base_url, api_key=session.api_key, max_retries=0) as client:
-        with pytest.raises(openai.BadRequestError, match="seed=3 is not supported"):
+        with pytest.raises(openai.BadRequestError, match=r"seed=3 is refused by agentflow's proxy"):
             await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], seed=3)
         with pytest.raises(openai.BadRequestError, match="unknown parameter 'foo'"):
             await client.chat.completions.create(

@@ -35,10 +35,14 @@ def _safetensors(path: pathlib.Path, n_floats: int = 4) -> None:
 
 def _save(ck: Checkpointer, step: int, rollout_state=None) -> pathlib.Path:
     def save_model(path):
+        import torch
+
         path.mkdir(parents=True)
         _safetensors(path / "model.safetensors")
+        torch.save({"optimizer": {}}, path / "agentflow_train_state.pt")
 
-    return ck.save(step, save_model=save_model, trainer_state={"step": step, "data": {"pos": step}},
+    data = {"epoch": 0, "pos": step, "seed": 0, "size": 10}
+    return ck.save(step, save_model=save_model, trainer_state={"step": step, "data": data},
                    rollout_state=rollout_state or {"buffer": {"groups": [], "version": step}, "pending": []})
 
 
@@ -60,8 +64,9 @@ def test_a_pickled_rollout_state_is_refused_not_executed(tmp_path, monkeypatch):
 
 def test_rollout_state_is_plain_json_and_round_trips(tmp_path):
     ck = Checkpointer(tmp_path)
-    state = {"buffer": {"groups": [{"data": {"pair": (1, 2), 3: b"\x00"}, "trajectories": []}], "version": 2},
-             "pending": [{"data": {"__tuple__": "looks like a tag"}}]}
+    group = {"group_id": "g", "requeues": 0, "data": {"pair": (1, 2), 3: b"\x00"}, "trajectories": []}
+    state = {"buffer": {"groups": [group], "version": 2},
+             "pending": [{"group_id": "h", "data": {"__tuple__": "looks like a tag"}}]}
     path = _save(ck, 2, state)
     assert not (path / "rollout.pkl").exists()
     _, loaded = ck.load(path)
@@ -605,7 +610,7 @@ def test_a_really_full_disk_is_named(tmp_path):
 def test_a_train_state_holding_objects_is_refused_not_executed(tmp_path, monkeypatch):
     import torch
 
-    from agentflow.engines.fsdp import _load_plain
+    from agentflow.engines.fsdp.engine import _load_plain
 
     monkeypatch.chdir(tmp_path)
     torch.save({"optimizer": _Evil()}, tmp_path / "agentflow_train_state.pt")

@@ -196,3 +196,50 @@ async def test_a_wait_begun_during_a_weight_update_counts_on_the_new_version():
         await asyncio.sleep(0.01)  # inside the update: paused, still at version 0
         assert len(await engine.wait(2, timeout=5)) == 2
         await update
+
+
+# ------------------------------------------------------------------------------------ caps per episode
+def _traj(n: int) -> Trajectory:
+    return Trajectory([1] * n, [0] * (n - 1) + [1], [0.0] * n, [-1] * (n - 1) + [0], reward=1.0)
+
+
+class Returns:
+    def __init__(self, *trajs: Trajectory) -> None:
+        self.trajs = list(trajs)
+
+    async def arun_episode(self, engine, data):
+        return self.trajs
+
+
+async def test_an_episode_returning_too_many_trajectories_is_rejected_with_the_reason(caplog):
+    one = _traj(4)
+    async with FakeEngine(rollout=RolloutConfig(max_consecutive_rejections=None)) as engine:
+        t0 = time.perf_counter()
+        with caplog.at_level("WARNING"):
+            assert await engine.rollout([0], Returns(*[one] * 100_000)) == []
+        assert time.perf_counter() - t0 < 1.0
+        s = _books(engine)
+    assert s["rejected_by_reason"] == {"too_many_trajectories": 1}
+    assert "returned 100000 trajectories; expected at most rollout.max_trajectories_per_episode=1024" in caplog.text
+
+
+async def test_a_trajectory_too_long_to_train_is_dropped_not_the_run(caplog):
+    cfg = RolloutConfig(max_trajectory_tokens=1024, max_consecutive_rejections=None)
+    async with FakeEngine(rollout=cfg) as engine:
+        with caplog.at_level("WARNING"):
+            kept = await engine.rollout([0], Returns(_traj(10**6), _traj(50)))
+            alone = await engine.rollout([1], Returns(_traj(10**6)))
+        s = Rollout.of(engine).executor.stats()  # a partial group's dropped sample is counted, not booked
+    assert [len(t) for t in kept] == [50] and alone == []
+    assert s["rejected_by_reason"] == {"sample:too_long": 1, "too_long": 1}
+    assert "a trajectory of 1000000 tokens is longer than rollout.max_trajectory_tokens=1024" in caplog.text
+
+
+def test_the_recipe_caps_trajectories_at_what_one_micro_batch_holds():
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe._startup import with_trajectory_cap
+
+    cfg = with_trajectory_cap(load_recipe_config(overrides=["trainer.max_tokens_per_mb=2048"]))
+    assert cfg.rollout.max_trajectory_tokens == 2048
+    cfg = with_trajectory_cap(load_recipe_config(overrides=["rollout.max_trajectory_tokens=512"]))
+    assert cfg.rollout.max_trajectory_tokens == 512

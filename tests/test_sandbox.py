@@ -361,3 +361,101 @@ async def test_file_count_and_total_bytes_are_capped():
     """)
     r = await run_python(total, max_disk_mb=8, **FAST)
     assert r.ok and r.stdout.split()[1] == "28" and int(r.stdout.split()[0]) <= 8, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------------ host state it must not own
+async def test_no_capability_is_held_so_sethostname_is_refused():
+    src = code("""
+        import socket
+        status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\\t" in line)
+        print(*(status[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh", "NoNewPrivs")))
+        try:
+            socket.sethostname(socket.gethostname())  # the same name: harmless if it were allowed
+            print("sethostname allowed")
+        except PermissionError:
+            print("sethostname refused")
+    """)
+    r = await run_python(src, **FAST)
+    zero = "0000000000000000"
+    assert r.stdout == f"{zero} {zero} {zero} {zero} {zero} 1\nsethostname refused\n", r.stdout + r.stderr
+
+
+async def test_the_kernel_keyring_is_unreachable():
+    if not (await detect_isolation()).seccomp:
+        pytest.skip("no seccomp filter on this architecture (documented)")
+    nr = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+    src = code(f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0): the uid's keyring, shared with the host
+        print(libc.syscall({nr[1]}, 0, -4, 0), ctypes.get_errno())
+        # add_key("user", "agentflow-sandbox", "x", 1, KEY_SPEC_USER_KEYRING)
+        print(libc.syscall({nr[0]}, b"user", b"agentflow-sandbox", b"x", 1, -4), ctypes.get_errno())
+    """)
+    r = await run_python(src, **FAST)
+    assert r.stdout == "-1 1\n-1 1\n", r.stdout + r.stderr  # EPERM
+
+
+def _host_shm_keys() -> set[int]:
+    with open("/proc/sysvipc/shm") as f:
+        return {int(line.split()[0]) for line in f.read().splitlines()[1:] if line.strip()}
+
+
+def _remove_host_shm(key: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    shmid = libc.shmget(key, 0, 0)
+    if shmid >= 0:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
+
+
+async def test_system_v_shared_memory_does_not_outlive_the_run():
+    if not (await detect_isolation()).unshare:
+        pytest.skip("no namespaces: no IPC namespace (documented)")
+    key = 0x5AF00000 + os.getpid() % 0xFFFF
+    src = code(f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        shmid = libc.shmget({key}, 4 << 20, 0o1000 | 0o600)   # IPC_CREAT
+        print(shmid >= 0)
+    """)
+    try:
+        r = await run_python(src, **FAST)
+        assert r.stdout == "True\n", r.stdout + r.stderr
+        assert key not in _host_shm_keys()
+    finally:
+        _remove_host_shm(key)
+
+
+async def test_dev_holds_only_what_python_needs():
+    iso = await detect_isolation()
+    if not (iso.unshare or iso.writes_isolated):
+        pytest.skip("neither namespaces nor Landlock: /dev is the host's (documented)")
+    src = code("""
+        import os
+        for path in ("/dev/kmsg", "/dev/mem", "/dev/vda", "/dev/tty"):
+            try:
+                open(path, "rb").close()
+                print(path, "opened")
+            except OSError:
+                pass
+        print(len(os.urandom(8)), open("/dev/zero", "rb").read(2), open("/dev/null", "w").write("x"))
+    """)
+    r = await run_python(src, **FAST)
+    assert r.stdout == "8 b'\\x00\\x00' 1\n", r.stdout + r.stderr
+    if iso.unshare:
+        r = await run_python("import os; print(sorted(os.listdir('/dev')))", **FAST)
+        assert r.stdout == "['fd', 'full', 'null', 'random', 'stderr', 'stdin', 'stdout', 'urandom', 'zero']\n"
+
+
+async def test_it_runs_in_its_own_uts_ipc_and_user_namespaces():
+    iso = await detect_isolation()
+    if not iso.unshare:
+        pytest.skip("no namespaces on this machine (documented)")
+    kinds = ("uts", "ipc", "pid", "mnt") + (("user",) if "--user" in iso.unshare else ())
+    r = await run_python(f"import os; print(*(os.readlink('/proc/self/ns/' + k) for k in {kinds!r}))", **FAST)
+    host = [os.readlink(f"/proc/self/ns/{k}") for k in kinds]
+    inside = r.stdout.split()
+    assert len(inside) == len(kinds), r.stdout + r.stderr
+    assert [k for k, a, b in zip(kinds, host, inside, strict=True) if a == b] == []

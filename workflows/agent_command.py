@@ -10,8 +10,13 @@ the agent posted to ``AGENTFLOW_REWARD_URL`` (``POST {"reward": r}`` with its ke
 
 The proxy is the workflow's own, on loopback, over the engine of the first episode; it starts on
 first use or when the workflow is entered (``async with workflow:``; ``agentflow train`` does it)
-and stops on exit. A command that exits non-zero, outlives ``timeout_s`` (its process group is
-killed) or makes no completion rejects the episode with a reason that quotes its stderr.
+and stops on exit. A command that exits non-zero, outlives ``timeout_s`` or makes no completion
+rejects the episode with a reason that quotes its stderr.
+
+Every process an episode starts ends with it: the command runs under a small supervisor
+(``_reaper.py``, a child subreaper) that, when the command exits or the deadline passes, kills
+every descendant, including children still holding stdout open and daemons that double-forked
+and called ``setsid``. The event loop only waits on pipes and the supervisor's exit.
 
 Not here: sandboxing the command (it runs with this process's permissions: run only agents you
 trust, or wrap the command in a sandbox of your own), installing the agent's dependencies.
@@ -23,8 +28,10 @@ import asyncio
 import contextlib
 import json
 import os
+import pathlib
 import shlex
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,6 +44,9 @@ from agentflow.workflows.rlvr import score
 __all__ = ["AgentCommandConfig", "AgentCommandWorkflow"]
 
 _TAIL = 600  # characters of stderr quoted in a rejection reason
+_REAPER = str(pathlib.Path(__file__).with_name("_reaper.py"))  # runs the command; ends all it started
+_CANNOT_START = 127  # the reaper's exit status when the command cannot be executed
+_END_GRACE_S = 15.0  # how long the reaper may take to kill the episode's processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +70,7 @@ class AgentCommandConfig:
     data_via: Literal["stdin", "env"] = "stdin"
     timeout_s: float = 300.0
     max_output_bytes: int = 1 << 20
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # often API keys: never in a repr
     cwd: str | None = None
     gconfig: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=256))
     style: Literal["individual", "concat"] = "concat"
@@ -165,9 +175,9 @@ class AgentCommandWorkflow:
         payload = json.dumps(_plain(data))
         try:
             proc = await asyncio.create_subprocess_exec(
-                *cfg.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=self._environment(session, payload), cwd=cfg.cwd,
-                start_new_session=True,  # its own process group, so a timeout kills its children too
+                sys.executable, "-I", _REAPER, *cfg.command, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=self._environment(session, payload),
+                cwd=cfg.cwd, start_new_session=True,  # its own process group too: the last-resort kill
             )
         except OSError as e:
             raise WorkflowError(f"cannot start agent command {list(cfg.command)}: {e}") from e
@@ -182,8 +192,9 @@ class AgentCommandWorkflow:
                                 "it was killed (raise timeout_s or make the agent stop sooner)") from e
         finally:
             if proc.returncode is None:
-                _kill_group(proc)
-                await asyncio.shield(proc.wait())
+                await asyncio.shield(_end(proc))
+        if code == _CANNOT_START and err.startswith("agentflow: cannot start"):
+            raise WorkflowError(err.strip() + "; expected an executable command (check command and cwd)")
         return _Run(code, out, err)
 
     async def _trajectories(self, session: Any, run: _Run, data: Any) -> list[Trajectory] | None:
@@ -230,9 +241,18 @@ async def _feed(stdin: asyncio.StreamWriter | None, payload: str) -> None:
     stdin.close()
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+async def _end(proc: asyncio.subprocess.Process) -> None:
+    """Ask the reaper to kill every process of the episode (SIGTERM), then wait for it; past
+    :data:`_END_GRACE_S` kill its process group outright."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(_END_GRACE_S):
+            await proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
 
 
 def command_from(value: str | Sequence[str]) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ Not here: building the run (:mod:`agentflow.recipe.build`) or running it (:mod:`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,12 +22,13 @@ import time
 from typing import Any
 
 from agentflow._checkpoint import Checkpointer
+from agentflow._metrics import MetricsLogger
 from agentflow.config import to_dict
 from agentflow.errors import CheckpointError, ConfigError
-from agentflow.recipe.config import TrainRecipeConfig
+from agentflow.recipe.config import REDACTED, TrainRecipeConfig, redact_options
 
-__all__ = ["check_run_dir", "commit_run_dir", "describe_config_change", "resume_failure", "saved_form",
-           "warn_bent_options"]
+__all__ = ["check_prompts_fit", "check_run_dir", "commit_run_dir", "describe_config_change", "drop_metrics_after",
+           "open_metrics", "resume_failure", "saved_form", "warn_bent_options", "with_trajectory_cap"]
 
 log = logging.getLogger("agentflow.train")
 
@@ -37,6 +39,8 @@ def check_run_dir(cfg: TrainRecipeConfig, resume: bool) -> pathlib.Path | None:
     run_dir = pathlib.Path(cfg.logging.run_dir)
     _check_writable(run_dir)
     ckpts = Checkpointer(run_dir)
+    if problems := ckpts.problems():
+        raise ConfigError(problems)
     if resume:
         latest = ckpts.latest_intact()
         if latest is None:
@@ -67,8 +71,10 @@ def _check_writable(run_dir: pathlib.Path) -> None:
                           "system is read-only); point logging.run_dir at a writable directory")
 
 
-def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
-    """Create the run directory and write ``config.json`` (the run is known to be startable)."""
+def commit_run_dir(cfg: TrainRecipeConfig, resumed_step: int | None) -> pathlib.Path:
+    """Create the run directory and write ``config.json`` (the run is known to be startable).
+    A resumed run (``resumed_step``) drops the metrics of steps after that checkpoint: they are
+    trained again, and would otherwise appear twice in ``metrics.jsonl``."""
     run_dir = pathlib.Path(cfg.logging.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,9 @@ def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
         raise ConfigError(f"cannot create logging.run_dir={run_dir} ({e.strerror}); point logging.run_dir at a "
                           "writable directory") from e
     stale = run_dir / "metrics.jsonl"
-    if not resumed and stale.exists():
+    if resumed_step is not None:
+        drop_metrics_after(stale, resumed_step)
+    elif stale.exists():
         aside = run_dir / f"metrics.stale-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         stale.rename(aside)
         log.warning("%s had no checkpoint (its run stopped before the first one): starting afresh; its metrics "
@@ -85,11 +93,46 @@ def commit_run_dir(cfg: TrainRecipeConfig, resumed: bool) -> pathlib.Path:
     return run_dir
 
 
+def drop_metrics_after(path: pathlib.Path, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` without the records of steps after ``step`` (and torn lines);
+    returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.warning("resuming at step %d: dropped %d metrics records of later steps (they are trained again)",
+                    step, dropped)
+    return dropped
+
+
+def open_metrics(cfg: TrainRecipeConfig) -> MetricsLogger:
+    """The run's metrics sinks; wandb gets the same redacted configuration as ``config.json``."""
+    lg = cfg.logging
+    return MetricsLogger(lg.run_dir, tensorboard=lg.tensorboard, wandb=lg.wandb, wandb_project=lg.wandb_project,
+                         config=saved_form(cfg))
+
+
 def saved_form(cfg: TrainRecipeConfig) -> dict[str, Any]:
-    """The config as plain data for ``config.json``, secrets (``inference.api_key``) redacted."""
+    """The config as plain data for every sink (``config.json``, wandb), secrets redacted:
+    ``inference.api_key`` and, in ``workflow.options`` and ``data.options``, what
+    :func:`~agentflow.recipe.config.redact_options` names."""
     data = to_dict(cfg)
     if data["inference"].get("api_key") is not None:
-        data["inference"]["api_key"] = "<redacted>"
+        data["inference"]["api_key"] = REDACTED
+    for section in ("workflow", "data"):
+        data[section]["options"] = redact_options(data[section]["options"])
     return data
 
 
@@ -122,6 +165,37 @@ def warn_bent_options(cfg: TrainRecipeConfig, n_train: int) -> list[str]:
     for w in warnings:
         log.warning("%s", w)
     return warnings
+
+
+def with_trajectory_cap(cfg: TrainRecipeConfig) -> TrainRecipeConfig:
+    """``cfg`` with ``rollout.max_trajectory_tokens`` defaulting to ``trainer.max_tokens_per_mb``: a
+    longer trajectory cannot be trained on, so it is dropped when accepted, not at the train step."""
+    cap = cfg.trainer.max_tokens_per_mb
+    if cfg.rollout.max_trajectory_tokens is not None or cap is None:
+        return cfg
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_trajectory_tokens=cap))
+
+
+def check_prompts_fit(cfg: TrainRecipeConfig, rows: list[dict[str, Any]], tokenizer: Any, sample: int = 32) -> None:
+    """With the local engine, raise :class:`ConfigError` when even the shortest of the first
+    ``sample`` training prompts (its chat messages alone, before any tools a workflow adds) leaves
+    no room for one token under ``inference.local.max_seq_len``: every episode would be refused."""
+    from agentflow.envs.tasks import Task
+
+    if cfg.inference.backend != "local" or not rows or not hasattr(tokenizer, "apply_chat_template"):
+        return
+    cap = cfg.inference.local.max_seq_len
+    def length(row: dict[str, Any]) -> int:
+        text = tokenizer.apply_chat_template(Task.from_data(row).messages(), tokenize=False, add_generation_prompt=True)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    lengths = [length(r) for r in rows[:sample]]
+    if min(lengths) >= cap:
+        raise ConfigError(f"inference.local.max_seq_len={cap} is not longer than any of the first {len(lengths)} "
+                          f"training prompts (shortest {min(lengths)} tokens, longest {max(lengths)}); expected "
+                          "room for the prompt and an answer. Raise inference.local.max_seq_len above "
+                          f"{max(lengths) + cfg.generation.max_new_tokens} or shorten the prompts (data.shots, "
+                          "data.system).")
 
 
 def resume_failure(e: BaseException, checkpoint: pathlib.Path, change: str) -> CheckpointError:

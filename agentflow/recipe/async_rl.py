@@ -28,15 +28,17 @@ from agentflow._ranks import LeadEngine, Ranks, StepPlan, follow
 from agentflow._stop import GracefulStop
 from agentflow._trainer import EvalSpec, Trainer, evaluate
 from agentflow.algo import group_filter
-from agentflow.config import to_dict
 from agentflow.errors import CheckpointError, Interrupted
 from agentflow.recipe import build
 from agentflow.recipe._startup import (
+    check_prompts_fit,
     check_run_dir,
     commit_run_dir,
     describe_config_change,
+    open_metrics,
     resume_failure,
     warn_bent_options,
+    with_trajectory_cap,
 )
 from agentflow.recipe.config import TrainRecipeConfig
 
@@ -46,6 +48,7 @@ __all__ = ["evaluate_model", "train"]
 def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     """Run ``agentflow train``; returns a one-line summary."""
     checkpoint = check_run_dir(cfg, resume)  # nothing is written before the run is known to start
+    cfg = with_trajectory_cap(cfg)
     run_dir = pathlib.Path(cfg.logging.run_dir)
     mmap_large_allocations()  # freed activations go back to the OS at once (agentflow/_memory.py)
     if cfg.threads:
@@ -68,6 +71,7 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     workflow = build.workflow(cfg.workflow, tokenizer, task.reward, cfg.generation)
     eval_workflow = build.workflow(cfg.workflow, tokenizer, task.eval_reward,
                                    cfg.generation.new(n_samples=cfg.trainer.eval_samples))
+    check_prompts_fit(cfg, task.train, tokenizer)
     warn_bent_options(cfg, len(task.train))
     if ranks is None:
         step: Any = lambda trajs: plan.step(train_engine, trajs)  # noqa: E731
@@ -84,9 +88,8 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     )
     if checkpoint is not None:
         _resume(trainer, checkpoint, cfg)
-    commit_run_dir(cfg, resumed=checkpoint is not None)
-    trainer.metrics = metrics = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                                              wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+    commit_run_dir(cfg, resumed_step=trainer.state.step if checkpoint is not None else None)
+    trainer.metrics = metrics = open_metrics(cfg)
 
     t0 = time.perf_counter()
     stop = GracefulStop(trainer.request_stop, lambda: _where(trainer), grace_s=cfg.trainer.stop_grace_s)

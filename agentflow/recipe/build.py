@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import inspect
 import pathlib
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -58,10 +59,12 @@ def policy_for_eval(path: str, spec: ModelSpec | None = None, base: str | None =
     return merge_adapter(model, path), tokenizer
 
 
-def merge_lora(adapter: str, out: str, base: str | None = None) -> str:
+def merge_lora(adapter: str, out: str, base: str | None = None, *, overwrite: bool = False) -> str:
     """``agentflow merge-lora``: write the base model with the adapter folded in as an HF checkpoint
     (weights, config, tokenizer) at ``out``; ``adapter`` is an adapter directory or a LoRA run
-    checkpoint (its ``model/``). Returns a one-line summary."""
+    checkpoint (its ``model/``). ``out`` must be a new path or an empty directory; ``overwrite``
+    replaces an existing directory (never the adapter's own). The checkpoint is written beside
+    ``out`` and renamed into place. Returns a one-line summary."""
     from agentflow.engines._lora import is_adapter_dir, read_adapter
 
     path = pathlib.Path(adapter)
@@ -70,13 +73,39 @@ def merge_lora(adapter: str, out: str, base: str | None = None) -> str:
     if not is_adapter_dir(path):
         raise ConfigError(f"{adapter!r} is not a LoRA adapter directory or LoRA checkpoint; expected "
                           "adapter_config.json in it (or in its model/)")
+    target = pathlib.Path(out)
+    check_merge_target(pathlib.Path(adapter), target, overwrite)
     if base is None and not read_adapter(path)[0].get("base_model_name_or_path"):
         raise ConfigError(f"the adapter at {str(path)!r} names no base model (base_model_name_or_path); pass --base")
     model, tokenizer = policy_for_eval(str(path), base=base)
-    model.save_pretrained(out)
+    tmp = target.with_name(f".{target.name}.merging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(tmp)
+    if not any(tmp.glob("*.safetensors")):
+        raise ConfigError(f"merge-lora wrote no weights to {tmp}; expected *.safetensors there")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
     return f"merged {path} into its base model; HF checkpoint written to {out}"
+
+
+def check_merge_target(adapter: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, the adapter (or holds or is inside it), or a non-empty
+    directory without ``overwrite``; each message says what was expected and how to fix it."""
+    src, dst = adapter.resolve(), out.resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"merge-lora OUT={str(out)!r} is an existing file; expected a directory path for the "
+                          "merged HF checkpoint (a new path, or an existing directory with --overwrite). Pick "
+                          "another OUT or remove the file.")
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise ConfigError(f"merge-lora OUT={str(out)!r} is the adapter {str(adapter)!r} or overlaps it; expected "
+                          "a directory outside the adapter (writing there would destroy the input). Pick another "
+                          "OUT.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"merge-lora OUT={str(out)!r} is a directory that is not empty; expected a new path or "
+                          "an empty directory. Pass --overwrite to replace its contents, or pick another OUT.")
 
 
 def reference_engine(cfg: TrainRecipeConfig, policy: FSDPEngine, model: Any, tokenizer: Any) -> Any:

@@ -113,6 +113,35 @@ class WorkflowSpec:
     name: str = "calculator_agent"
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # options.env is the agent's environment (API keys): never shown
+        return f"WorkflowSpec(name={self.name!r}, options={redact_options(self.options)!r})"
+
+
+REDACTED = "<redacted>"
+_SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "credential", "auth")
+
+
+def redact_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with its secrets replaced by ``"<redacted>"``: every value of ``env`` (an agent's
+    environment, often ``${oc.env:...}`` already resolved) and every string whose key names a key,
+    token, secret, password or credential, at any depth."""
+    out = _redact_named(options)
+    if isinstance(out.get("env"), dict):
+        out["env"] = dict.fromkeys(out["env"], REDACTED)
+    return out
+
+
+def _redact_named(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret_name(k) and isinstance(v, str) else _redact_named(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_named(v) for v in value]
+    return value
+
+
+def _secret_name(name: Any) -> bool:
+    return isinstance(name, str) and any(w in name.lower() for w in _SECRET_WORDS)
+
 
 @dataclass(frozen=True, slots=True)
 class InferenceSpec:

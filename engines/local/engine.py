@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from agentflow import InferenceEngine, ModelRequest, ModelResponse, RolloutConfig, WeightUpdateMeta
-from agentflow.errors import ConfigError, EngineError, PromptTooLong
+from agentflow.errors import CheckpointError, ConfigError, EngineError, PromptTooLong
 
 if TYPE_CHECKING:
     import torch
@@ -310,7 +310,10 @@ class LocalEngine(InferenceEngine):
             from agentflow.engines._handoff import read_hf_state_dict
 
             assert meta.path is not None
-            state = await asyncio.to_thread(read_hf_state_dict, meta.path)
+            try:
+                state = await asyncio.to_thread(read_hf_state_dict, meta.path)
+            except CheckpointError as e:  # a weight update that cannot be loaded is the engine's error
+                raise EngineError(str(e)) from e
         else:
             raise EngineError(
                 f"LocalEngine loads weights of type 'mem' or 'disk', got {meta.type!r}; "
