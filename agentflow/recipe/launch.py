@@ -316,5 +316,11 @@ class _Job:
 
 
 def _cause(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else type(e).__name__
+    """One line for a Ray error: what killed the actor, where Ray says so."""
+    text = str(e)
+    if "low on memory" in text or "OutOfMemoryError" in type(e).__name__:
+        return ("Ray's memory monitor killed it: the node ran low on memory; free memory on the node, or raise "
+                "RAY_memory_usage_threshold when starting Ray")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = [ln for ln in lines if "exit detail" in ln.lower() or ln.startswith("The actor is dead because")]
+    return (detail or lines or [type(e).__name__])[-1][:500]
