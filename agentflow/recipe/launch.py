@@ -318,7 +318,7 @@ class _Job:
 def _cause(e: BaseException) -> str:
     """One line for a Ray error: what killed the actor, where Ray says so."""
     text = str(e)
-    if "low on memory" in text or "OutOfMemoryError" in type(e).__name__:
+    if "low on memory" in text or "out of memory issue" in text or "OutOfMemory" in type(e).__name__:
         return ("Ray's memory monitor killed it: the node ran low on memory; free memory on the node, or raise "
                 "RAY_memory_usage_threshold when starting Ray")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
