@@ -54,11 +54,14 @@ def test_the_server_command_fills_its_placeholders_and_runs_agentflow_with_this_
 
     argv = server_argv("agentflow serve --model {model} --port {port} --api-key {api_key}", model="/m dir",
                        port=31000, host="h", gpus=1, api_key="k")
-    assert argv == [sys.executable, "-m", "agentflow", "serve", "--model", "/m dir", "--port", "31000",
-                    "--api-key", "k"]
-    sglang = server_argv("python -m sglang.launch_server --model-path {model} --tp {gpus} --port {port}",
-                         model="m", port=1, host="h", gpus=2, api_key="k")
+    assert argv == ([sys.executable, "-m", "agentflow", "serve", "--model", "/m dir", "--port", "31000",
+                     "--api-key", "k"], {})
+    sglang, _ = server_argv("python -m sglang.launch_server --model-path {model} --tp {gpus} --port {port}",
+                            model="m", port=1, host="h", gpus=2, api_key="k")
     assert sglang[:3] == ["python", "-m", "sglang.launch_server"] and sglang[-3:] == ["2", "--port", "1"]
+    vllm = server_argv("VLLM_SERVER_DEV_MODE=1 vllm serve {model} --host {host} --port {port} -tp {gpus}",
+                       model="m", port=1, host="h", gpus=4, api_key="k")
+    assert vllm == (["vllm", "serve", "m", "--host", "h", "--port", "1", "-tp", "4"], {"VLLM_SERVER_DEV_MODE": "1"})
     with pytest.raises(ConfigError, match=r"bad placeholder .*'modle'"):
         server_argv("agentflow serve --model {modle} --port {port}", model="m", port=1, host="h", gpus=1, api_key="")
 

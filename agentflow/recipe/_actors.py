@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import socket
@@ -31,18 +32,26 @@ from agentflow.errors import ConfigError
 
 __all__ = ["RankActor", "ServerActor", "server_argv"]
 
+_ENV_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.S)
 _STDOUT = pathlib.Path("/dev/stdout")  # the actor's stdout: Ray forwards it to the driver with a prefix
 
 
-def server_argv(template: str, **values: Any) -> list[str]:
-    """The server command with its placeholders filled in; a leading ``agentflow`` runs this
-    Python's ``-m agentflow`` (no dependence on PATH on the node)."""
+def server_argv(template: str, **values: Any) -> tuple[list[str], dict[str, str]]:
+    """The server command with its placeholders filled in, and the ``NAME=value`` words before it
+    as environment (``VLLM_SERVER_DEV_MODE=1 vllm serve ...``, as a shell would). A leading
+    ``agentflow`` runs this Python's ``-m agentflow`` (no dependence on PATH on the node)."""
     try:
         argv = [part.format(**values) for part in shlex.split(template)]
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"launch.server_command={template!r}: bad placeholder ({e}); use {{model}}, {{host}}, "
                           "{port}, {gpus} and {api_key}") from e
-    return [sys.executable, "-m", "agentflow", *argv[1:]] if argv and argv[0] == "agentflow" else argv
+    env = {}
+    while argv and _ENV_WORD.fullmatch(argv[0]):
+        name, value = argv.pop(0).split("=", 1)
+        env[name] = value
+    if argv and argv[0] == "agentflow":
+        argv = [sys.executable, "-m", "agentflow", *argv[1:]]
+    return argv, env
 
 
 def node_ip() -> str:
@@ -87,8 +96,9 @@ class ServerActor:
         host = node_ip()
         port = port or free_port(host)
         await _port_free(host, port, 30.0)
-        argv = server_argv(self.template, host=host, port=port, **self.values)
-        self.server = ServerProcess(ServerCommand(argv, {"PYTHONUNBUFFERED": "1"}, host, port, repr(self)), _STDOUT)
+        argv, env = server_argv(self.template, host=host, port=port, **self.values)
+        self.server = ServerProcess(ServerCommand(argv, {"PYTHONUNBUFFERED": "1", **env}, host, port, repr(self)),
+                                    _STDOUT)
         self.server.start()
         await asyncio.to_thread(self.server.wait_healthy, startup_timeout_s)
         return f"{host}:{port}"

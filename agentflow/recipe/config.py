@@ -194,7 +194,8 @@ class LaunchSpec:
         servers: inference servers to start (their addresses become ``inference.addresses``).
         gpus_per_server: GPUs of each server (its tensor-parallel size; ``{gpus}`` in the command).
         server_command: the command that starts one server, with ``{model}`` (``model.path``),
-            ``{host}``, ``{port}``, ``{gpus}`` and ``{api_key}`` filled in; the server must answer
+            ``{host}``, ``{port}``, ``{gpus}`` and ``{api_key}`` filled in (``NAME=value`` words before
+            it go to its environment); the server must answer
             ``GET /health`` and speak ``inference.protocol``. A leading ``agentflow`` runs this
             Python's ``-m agentflow``. SGLang: ``python -m sglang.launch_server --model-path {model}
             --host {host} --port {port} --tp {gpus} --api-key {api_key}``.
