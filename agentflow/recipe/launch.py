@@ -297,6 +297,7 @@ class _Job:
 
     def teardown(self) -> None:
         refs = [s.actor.stop.remote(10.0) for s in self.servers if s.actor is not None]
+        refs += [a.stop.remote(5.0) for a in self.ranks]  # exited already, or killed now; removes its config file
         with contextlib.suppress(self.ray.exceptions.RayError):
             self.ray.get(refs, timeout=30)
         for actor in [*self.ranks, *(s.actor for s in self.servers if s.actor is not None)]:
