@@ -296,24 +296,28 @@ class _Job:
             self.ray.get(refs, timeout=grace + 15)
 
     def teardown(self) -> None:
-        refs = [s.actor.stop.remote(10.0) for s in self.servers if s.actor is not None]
-        refs += [a.stop.remote(5.0) for a in self.ranks]  # exited already, or killed now; removes its config file
-        with contextlib.suppress(self.ray.exceptions.RayError):
-            self.ray.get(refs, timeout=30)
+        stops = [s.actor.stop.remote(10.0) for s in self.servers if s.actor is not None]
+        stops += [a.stop.remote(5.0) for a in self.ranks]  # exited already, or stopped now; removes its config file
+        self._settle(stops, 30.0)
         for actor in [*self.ranks, *(s.actor for s in self.servers if s.actor is not None)]:
             with contextlib.suppress(Exception):
                 self.ray.kill(actor, no_restart=True)
-        if self.waiting:  # collect what the killed actors answer, so Ray does not print it as unhandled
-            refs = list(self.waiting)
-            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=10)
-            for ref in ready:
-                with contextlib.suppress(self.ray.exceptions.RayError):
-                    self.ray.get(ref)
+        self._settle(list(self.waiting), 10.0)
         from ray.util.placement_group import remove_placement_group
 
         for pg in self.pgs:
             with contextlib.suppress(Exception):
                 remove_placement_group(pg)
+
+    def _settle(self, refs: list[Any], timeout_s: float) -> None:
+        """Wait for ``refs`` (at most ``timeout_s``) and collect their errors, so Ray does not print
+        them as unhandled: a dead actor's answer is expected here."""
+        if not refs:
+            return
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            with contextlib.suppress(self.ray.exceptions.RayError):
+                self.ray.get(ref)
 
 
 def _cause(e: BaseException) -> str:
