@@ -274,3 +274,30 @@ def test_ctrl_c_stops_every_actor_and_resume_continues_through_the_launcher(clus
     out = _finish(proc)
     assert proc.returncode == 0, out[-4000:]
     assert max(_steps(run)) == done + 1
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(200)
+def test_ctrl_c_while_the_servers_start_stops_the_launch_at_once(cluster, launch_cli, tmp_path):
+    import ray
+
+    _, model = cluster
+    never_healthy = f"launch.server_command={sys.executable} -c 'import time; time.sleep(600)' {{port}}"
+    proc = launch_cli(TINY, f"model.path={model}", "launch.servers=1", never_healthy,
+                      f"logging.run_dir={tmp_path / 'run'}")
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # the launcher's "placed:" line: it now waits for the server's /health
+        seen.append(line)
+        if "agentflow.launch: placed:" in line:
+            break
+    else:
+        raise AssertionError("".join(seen[-40:]))
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    out = _finish(proc, timeout=90)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 30, out[-3000:]
+    assert "interrupted by SIGINT: stopped every rank and server" in out
+    with pytest.raises(ValueError):
+        ray.get_actor("server-0", namespace="agentflow")

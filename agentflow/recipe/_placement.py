@@ -12,13 +12,14 @@ Not here: what runs in the bundles (:mod:`agentflow.recipe._actors`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from agentflow.errors import ConfigError
 from agentflow.recipe.config import LaunchSpec
 
-__all__ = ["Group", "check_fits", "plan", "reserve", "resource_of"]
+__all__ = ["Group", "check_fits", "get_within", "plan", "reserve", "resource_of", "wait_within"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,7 @@ def reserve(ray: Any, group: Group, timeout_s: float, holding: tuple[Group, ...]
 
     pg = placement_group(group.bundle_list(), strategy=group.strategy, name=f"agentflow-{group.name}")
     try:
-        ray.get(pg.ready(), timeout=timeout_s)
+        get_within(ray, [pg.ready()], timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
         free = ray.available_resources().get(group.resource, 0.0)
@@ -107,3 +108,22 @@ def reserve(ray: Any, group: Group, timeout_s: float, holding: tuple[Group, ...]
                           f"{_nodes_line(group.resource, ray.nodes())}. Wait for other jobs to finish, or ask for "
                           "less") from None
     return pg
+
+
+def wait_within(ray: Any, refs: list[Any], timeout_s: float) -> list[Any]:
+    """The refs of ``refs`` that are ready within ``timeout_s``. Ray's ``get`` and ``wait`` with a
+    timeout hold off Ctrl-C until they return (Ray 2.60), so this waits in slices of at most one
+    second and Python handles the signal between them."""
+    end = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending and (left := end - time.monotonic()) > 0:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
+    waiting = {r.hex() for r in pending}
+    return [r for r in refs if r.hex() not in waiting]
+
+
+def get_within(ray: Any, refs: list[Any], timeout_s: float) -> list[Any]:
+    """``ray.get(refs, timeout=timeout_s)`` that a Ctrl-C interrupts (:func:`wait_within`)."""
+    if len(wait_within(ray, refs, timeout_s)) < len(refs):
+        raise ray.exceptions.GetTimeoutError(f"not ready within {timeout_s:g} s")
+    return list(ray.get(refs))

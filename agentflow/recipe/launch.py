@@ -34,7 +34,7 @@ import yaml
 from agentflow._checkpoint import Checkpointer
 from agentflow.config import build, merge_sources, to_dict
 from agentflow.errors import ConfigError, EngineError, Interrupted
-from agentflow.recipe._placement import Group, check_fits, plan, reserve, resource_of
+from agentflow.recipe._placement import Group, check_fits, get_within, plan, reserve, resource_of, wait_within
 from agentflow.recipe._startup import check_run_dir
 from agentflow.recipe.config import TrainRecipeConfig
 
@@ -187,7 +187,7 @@ class _Job:
             s.actor = self._server_actor(s)
         refs = [s.actor.start.remote(s.port, self.spec.startup_timeout_s) for s in self.servers]
         try:
-            addresses = self.ray.get(refs, timeout=self.spec.startup_timeout_s + 60)
+            addresses = get_within(self.ray, refs, self.spec.startup_timeout_s + 60)
         except self.ray.exceptions.RayError as e:
             raise EngineError(f"an inference server did not start: {_cause(e)}") from None
         for s, address in zip(self.servers, addresses, strict=True):
@@ -293,7 +293,7 @@ class _Job:
         grace = self.cfg.trainer.stop_grace_s + 5
         refs = [a.stop.remote(grace) for a in self.ranks]
         with contextlib.suppress(self.ray.exceptions.RayError):
-            self.ray.get(refs, timeout=grace + 15)
+            get_within(self.ray, refs, grace + 15)
 
     def teardown(self) -> None:
         stops = [s.actor.stop.remote(10.0) for s in self.servers if s.actor is not None]
@@ -314,8 +314,7 @@ class _Job:
         them as unhandled: a dead actor's answer is expected here."""
         if not refs:
             return
-        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        for ref in ready:
+        for ref in wait_within(self.ray, refs, timeout_s):
             with contextlib.suppress(self.ray.exceptions.RayError):
                 self.ray.get(ref)
 
