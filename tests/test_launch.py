@@ -78,6 +78,43 @@ def test_the_launch_config_uses_the_launched_servers_and_checks_its_section():
     assert len(e.value.problems) == 3 and "launch.servers must be >= 1, got 0" in str(e.value)
 
 
+class _Ref:
+    def __init__(self, name: str, ready_after: int) -> None:
+        self.name, self.ready_after = name, ready_after
+
+    def hex(self) -> str:
+        return self.name
+
+
+class _FakeRay:
+    """Ray's ``wait``/``get`` over refs that become ready after a number of ``wait`` calls."""
+
+    class exceptions:  # mirrors ray.exceptions
+        class GetTimeoutError(TimeoutError):
+            pass
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, refs, num_returns, timeout):
+        self.waits.append(timeout)
+        ready = [r for r in refs if r.ready_after <= len(self.waits)]
+        return ready, [r for r in refs if r not in ready]
+
+    def get(self, refs):
+        return [r.name for r in refs]
+
+
+def test_waits_on_ray_come_in_one_second_slices_so_ctrl_c_gets_through():
+    from agentflow.recipe._placement import get_within
+
+    ray = _FakeRay()
+    assert get_within(ray, [_Ref("a", 1), _Ref("b", 3)], 30.0) == ["a", "b"]
+    assert ray.waits == [1.0, 1.0, 1.0]  # never one long wait that would hold off SIGINT
+    with pytest.raises(_FakeRay.exceptions.GetTimeoutError):
+        get_within(_FakeRay(), [_Ref("never", 10**9)], 0.05)
+
+
 # ------------------------------------------------------------------------------ on a Ray cluster
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
