@@ -14,6 +14,11 @@ for (padding and tokens past a request's own limit do not count):
   projection, random weights): ``batch`` requests all on one adapter vs the same requests spread
   round-robin over 2 and 4 adapters (one batch mixing them: PEFT runs each adapter on its own
   rows), and the base model alone in the same engine; tokens/s and the ratio to one adapter.
+- ``vllm``: the ``equal`` workload on a real vLLM server as well (``--vllm-python``: the
+  interpreter of a vLLM 0.32 install, default the venv of ``scripts/vllm_env.sh``), started on a
+  free loopback port with ``--dtype`` and one OpenMP thread (vLLM's CPU binding), the requests
+  sent concurrently to ``/inference/v1/generate`` (``ignore_eos``); generate, LocalEngine and vLLM
+  alternate in one run.
 - ``rss``: a fresh subprocess loads the model, serves ``batch`` concurrent requests with
   LocalEngine, and reports its peak RSS (``ru_maxrss``) before and after serving.
 
@@ -128,6 +133,8 @@ def compare(name: str, reps: int, useful: int, runs: dict[str, Callable[[], None
             times[k].append(timed(f))
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: useful / v for k, v in med.items()}
+    if "vllm" in tps:
+        extra["ratio_vllm_vs_local"] = round(tps["vllm"] / tps["local"], 3)
     emit(bench=name, useful_tokens=useful, seconds=med, tokens_per_s={k: round(v, 1) for k, v in tps.items()},
          ratio_local_vs_generate=round(tps["local"] / tps["generate"], 3), reps=reps, **extra, **after())
 
@@ -268,6 +275,42 @@ def rss_child(args: argparse.Namespace) -> None:
          tokens_per_s=round(args.batch * args.max_new / serve_s, 1))
 
 
+# ---------------------------------------------------------------------------------------- vLLM
+def bench_vllm(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace) -> None:
+    """The equal workload on generate, LocalEngine and a vLLM server started here (see the docstring)."""
+    import tempfile
+
+    from agentflow.engines.launch import free_port, launched, vllm_command
+    from agentflow.engines.model_loading import cache_dir, resolve_model_dir
+
+    python = args.vllm_python or str(cache_dir() / "vllm-venv" / "bin" / "python")
+    cmd = vllm_command(python, str(resolve_model_dir("smollm2-135m")), port=free_port(), dtype=args.dtype,
+                       max_model_len=1024, extra=["--max-num-seqs", str(args.batch)])
+    reqs = [(p, args.max_new) for p in prompts(tok, args.batch)]
+    with tempfile.TemporaryDirectory() as logs, launched([cmd], logs) as [server]:
+        url = f"http://{server.command.address}/inference/v1/generate"
+        compare("vllm_equal", args.reps, sum(m for _, m in reqs), {
+            "generate": lambda: run_generate(model, tok, [reqs]),
+            "local": lambda: _local(host, reqs),
+            "vllm": lambda: asyncio.run(_vllm(url, reqs)),
+        }, batch=args.batch, max_new=args.max_new, dtype=args.dtype, threads=args.threads, vllm_threads=1)
+
+
+async def _vllm(url: str, reqs: list[tuple[list[int], int]]) -> None:
+    import httpx
+
+    async def one(client: httpx.AsyncClient, p: list[int], m: int) -> None:
+        r = await client.post(url, json={"token_ids": p, "sampling_params": {
+            "max_tokens": m, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}})
+        r.raise_for_status()
+        n = len(r.json()["choices"][0]["token_ids"])
+        if n != m:
+            raise RuntimeError(f"expected {m} tokens from vLLM, got {n}")
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(one(client, p, m) for p, m in reqs))
+
+
 # ---------------------------------------------------------------------------------------- remote
 def bench_remote(args: argparse.Namespace) -> None:
     """RemoteSGLangEngine through `agentflow serve` (loopback) vs LocalEngine in-process, same
@@ -294,7 +337,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads; use 1 on a shared machine (2 OpenMP threads on busy cores collapse)")
-    ap.add_argument("--only", choices=["equal", "mixed", "rss", "remote", "lora"], action="append")
+    ap.add_argument("--only", choices=["equal", "mixed", "rss", "remote", "lora", "vllm"], action="append")
+    ap.add_argument("--vllm-python", default=None, help="interpreter of a vLLM 0.32 install (workload vllm)")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -307,7 +351,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     only = set(args.only or ["equal", "mixed", "rss", "remote", "lora"])
-    if only & {"equal", "mixed"}:
+    if only & {"equal", "mixed", "vllm"}:
         model, tok = load(args.dtype)
         host = EngineHost(model, tok, args.batch, args.dtype)
         try:
@@ -315,6 +359,8 @@ def main() -> None:
                 bench_equal(model, tok, host, args)
             if "mixed" in only:
                 bench_mixed(model, tok, host, args)
+            if "vllm" in only:
+                bench_vllm(model, tok, host, args)
         finally:
             host.close()
     if "lora" in only:

@@ -85,8 +85,8 @@ def test_an_override_keeps_the_recipe_defaults_of_its_section():
 def test_an_unknown_server_protocol_is_refused_at_config_time():
     from agentflow.recipe import load_recipe_config
 
-    with pytest.raises(ConfigError, match=r"inference.protocol must be one of .*'sglang'.*got 'vllm'"):
-        load_recipe_config(overrides=["inference.protocol=vllm"])
+    with pytest.raises(ConfigError, match=r"inference.protocol must be one of .*'sglang'.*got 'tgi'"):
+        load_recipe_config(overrides=["inference.protocol=tgi"])
 
 
 def test_remote_inference_settings_reach_the_engine_and_the_key_is_not_saved(tmp_path, monkeypatch):

@@ -248,8 +248,9 @@ def test_a_registered_name_resolves_to_its_adapter(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(PROTOCOLS, "toy", f"{__name__}:ToyProtocol")  # the one registry line
     assert type(resolve_protocol("toy")).__name__ == "ToyProtocol"
     assert type(resolve_protocol("sglang")).__name__ == "SGLangProtocol"
-    with pytest.raises(ConfigError, match=r"unknown server protocol 'vllm'; expected one of \['sglang', 'toy'\]"):
-        resolve_protocol("vllm")
+    assert type(resolve_protocol("vllm")).__name__ == "VLLMProtocol"
+    with pytest.raises(ConfigError, match=r"unknown server protocol 'tgi'; expected one of \['sglang', 'toy', 'vll"):
+        resolve_protocol("tgi")
 
 
 def test_an_incomplete_adapter_is_refused_with_what_it_lacks() -> None:

@@ -152,3 +152,43 @@ def test_train_against_agentflow_serve_over_http(tmp_path, weight_update):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _launch_run(tmp_path: pathlib.Path, protocol: str, python: str, *extra: str) -> pathlib.Path:
+    """`agentflow train` that starts its own server (inference.launch), 2 steps on the tiny model."""
+    import httpx
+
+    run = tmp_path / "run"
+    out = _agentflow("train", TINY, "inference.backend=remote", f"inference.protocol={protocol}",
+                     f"inference.launch={python}", "trainer.weight_update=disk", "trainer.eval_every=0",
+                     "trainer.total_steps=2", "trainer.checkpoint_every=0", f"logging.run_dir={run}", *extra,
+                     timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(_steps(run)) == [1, 2]
+    [log] = (run / "servers").glob("*.log")
+    port = int(log.stem.rsplit("-", 1)[1])
+    with pytest.raises(httpx.ConnectError):  # stopped with the run
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    return log
+
+
+@pytest.mark.integration
+def test_train_starts_agentflow_serve_itself_and_stops_it(tmp_path):
+    log = _launch_run(tmp_path, "sglang", sys.executable)
+    assert log.name.startswith("agentflow-serve-")
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_train_with_lora_starts_a_vllm_server_itself_and_stops_it(tmp_path):
+    """The trainer's adapter directories load in vLLM (one served name per version)."""
+    from _vllm_helpers import BUILD, vllm_python
+
+    python = vllm_python()
+    if python is None:
+        pytest.skip(f"needs a vLLM venv: {BUILD}")
+    # head size 64: vLLM's CPU attention does not take the tiny model's default 16
+    log = _launch_run(tmp_path, "vllm", python, "model.tiny_hidden_size=256", "train.lora.rank=8")
+    text = log.read_text()
+    assert text.count('"POST /v1/load_lora_adapter HTTP/1.1" 200') == 2  # versions 1 and 2
+    assert text.count('"POST /v1/unload_lora_adapter HTTP/1.1" 200') == 1  # version 1's name

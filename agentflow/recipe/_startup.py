@@ -179,17 +179,22 @@ def with_trajectory_cap(cfg: TrainRecipeConfig) -> TrainRecipeConfig:
 def check_prompts_fit(cfg: TrainRecipeConfig, rows: list[dict[str, Any]], tokenizer: Any, sample: int = 32) -> None:
     """With the local engine, raise :class:`ConfigError` when even the shortest of the first
     ``sample`` training prompts (its chat messages alone, before any tools a workflow adds) leaves
-    no room for one token under ``inference.local.max_seq_len``: every episode would be refused."""
+    no room for one token under ``inference.local.max_seq_len``: every episode would be refused.
+    Rows that are not prompts (a verifiers environment's row ids: the environment makes the prompt)
+    are not checked."""
     from agentflow.envs.tasks import Task
 
     if cfg.inference.backend != "local" or not rows or not hasattr(tokenizer, "apply_chat_template"):
         return
     cap = cfg.inference.local.max_seq_len
+
     def length(row: dict[str, Any]) -> int:
         text = tokenizer.apply_chat_template(Task.from_data(row).messages(), tokenize=False, add_generation_prompt=True)
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    lengths = [length(r) for r in rows[:sample]]
+    lengths = [length(r) for r in rows[:sample] if isinstance(r.get("prompt", r.get("question")), str)]
+    if not lengths:
+        return
     if min(lengths) >= cap:
         raise ConfigError(f"inference.local.max_seq_len={cap} is not longer than any of the first {len(lengths)} "
                           f"training prompts (shortest {min(lengths)} tokens, longest {max(lengths)}); expected "

@@ -65,7 +65,8 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     if ranks is not None and ranks.rank > 0:
         return _follower(ranks, plan, train_engine, ref_engine, run_dir, checkpoint)
 
-    engine = build.inference_engine(cfg, model, tokenizer)
+    addresses = build.server_addresses(cfg)
+    engine = build.inference_engine(cfg, model, tokenizer, addresses)
     build.share_lora_base(cfg, train_engine, model)
     task = build.task_data(cfg.data)
     workflow = build.workflow(cfg.workflow, tokenizer, task.reward, cfg.generation)
@@ -94,7 +95,8 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     t0 = time.perf_counter()
     stop = GracefulStop(trainer.request_stop, lambda: _where(trainer), grace_s=cfg.trainer.stop_grace_s)
     try:
-        asyncio.run(_run_until_stopped(trainer, stop))
+        with build.launched_servers(cfg, cfg.model.path, model, tokenizer, run_dir, addresses):
+            asyncio.run(_run_until_stopped(trainer, stop))
     finally:
         if ranks is not None:
             ranks.send(("stop", None))
@@ -156,7 +158,8 @@ def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int |
     task = build.task_data(cfg.data)
     rows = task.eval[: n or len(task.eval)]
     workflow = build.workflow(cfg.workflow, tokenizer, task.eval_reward, cfg.generation)
-    engine = build.inference_engine(cfg, policy, tokenizer)
+    addresses = build.server_addresses(cfg)
+    engine = build.inference_engine(cfg, policy, tokenizer, addresses)
 
     async def run() -> list[float]:
         async with engine, contextlib.AsyncExitStack() as stack:
@@ -165,7 +168,8 @@ def evaluate_model(cfg: TrainRecipeConfig, *, model: str | None = None, n: int |
             return await evaluate(engine, workflow, rows, concurrency=cfg.rollout.max_concurrent)
 
     t0 = time.perf_counter()
-    rewards = asyncio.run(run())
+    with build.launched_servers(cfg, path, policy, tokenizer, pathlib.Path(cfg.logging.run_dir), addresses):
+        rewards = asyncio.run(run())
     mean = sum(rewards) / len(rewards) if rewards else float("nan")
     return json.dumps({"model": path, "task": cfg.data.task, "n": len(rewards), "mean_reward": round(mean, 4),
                        "seconds": round(time.perf_counter() - t0, 1), "pid": os.getpid()})

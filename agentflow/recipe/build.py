@@ -10,28 +10,37 @@ Not here: the training loop (:mod:`agentflow.recipe.async_rl`), the config's fie
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib
 import importlib.util
 import inspect
+import logging
 import pathlib
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from agentflow._engine_api import FinetuneSpec, InferenceEngine
 from agentflow._types import GenerationConfig
 from agentflow.engines.fsdp import FSDPEngine
-from agentflow.envs.tasks import TaskData, build_task
+from agentflow.envs.tasks import TASKS, TaskData, build_task, register_task
 from agentflow.errors import ConfigError
 from agentflow.recipe.config import DataSpec, ModelSpec, TrainRecipeConfig, WorkflowSpec
+from agentflow.workflows.verifiers import verifiers_rows
+
+if "verifiers" not in TASKS:  # ``data.task=verifiers``: the rows of ``workflow.name=verifiers`` (task indices)
+    register_task("verifiers")(verifiers_rows)
 
 __all__ = [
-    "WORKFLOWS", "import_object", "inference_engine", "merge_lora", "model_and_tokenizer", "policy_for_eval",
-    "reference_engine", "share_lora_base", "task_data", "train_engine", "workflow",
+    "WORKFLOWS", "import_object", "inference_engine", "launched_servers", "merge_lora", "model_and_tokenizer",
+    "policy_for_eval", "reference_engine", "server_addresses", "share_lora_base", "task_data", "train_engine",
+    "workflow",
 ]
+
+log = logging.getLogger("agentflow.recipe")
 
 
 def model_and_tokenizer(path: str, spec: ModelSpec | None = None) -> tuple[Any, Any]:
@@ -124,8 +133,59 @@ def share_lora_base(cfg: TrainRecipeConfig, policy: FSDPEngine, model: Any) -> i
     return policy.share_base_with(model)
 
 
-def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> InferenceEngine:
-    """The in-process :class:`LocalEngine`, or a client of the servers at ``inference.addresses``."""
+def server_addresses(cfg: TrainRecipeConfig) -> list[str]:
+    """``inference.addresses``; when agentflow launches the servers and none are given, one free loopback port."""
+    if cfg.inference.launch is None or cfg.inference.addresses:
+        return list(cfg.inference.addresses)
+    from agentflow.engines.launch import free_port
+
+    return [f"127.0.0.1:{free_port()}"]
+
+
+@contextlib.contextmanager
+def launched_servers(cfg: TrainRecipeConfig, path: str, model: Any, tokenizer: Any, run_dir: pathlib.Path,
+                     addresses: list[str]) -> Iterator[None]:
+    """With ``inference.launch``: start one server per address serving ``model`` (loaded from
+    ``path``), wait until all are healthy, and stop them on the way out. Without it: nothing."""
+    spec = cfg.inference
+    if spec.launch is None:
+        yield
+        return
+    from agentflow.engines.launch import describe, launched, serve_command, split_launch, vllm_command
+
+    python, extra = split_launch(spec.launch)
+    model_dir = _served_model_dir(path, model, tokenizer, run_dir / "servers" / "model")
+    rank = None if cfg.train.lora is None else cfg.train.lora.rank
+    key = [] if spec.api_key is None else ["--api-key", spec.api_key]
+    commands = []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if spec.protocol == "vllm":
+            commands.append(vllm_command(python, model_dir, host=host, port=int(port), dtype="float32",
+                                         lora_rank=rank, extra=[*key, *extra]))
+        else:
+            commands.append(serve_command(python, model_dir, host=host, port=int(port), lora_rank=rank,
+                                          lora_dir=str(run_dir / "weights"), extra=[*key, *extra]))
+    with launched(commands, run_dir / "servers") as servers:
+        log.info("started %s", describe(servers))
+        yield
+
+
+def _served_model_dir(path: str, model: Any, tokenizer: Any, out: pathlib.Path) -> str:
+    """An HF directory of ``model``: its own (``path``), or (a model built in process) saved to ``out``."""
+    if path != "tiny":
+        from agentflow.engines.model_loading import resolve_model_dir
+
+        return str(resolve_model_dir(path))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any,
+                     addresses: list[str] | None = None) -> InferenceEngine:
+    """The in-process :class:`LocalEngine`, or a client of the servers at ``addresses`` (default
+    ``inference.addresses``)."""
     spec = cfg.inference
     if spec.backend == "remote":
         import torch
@@ -135,7 +195,7 @@ def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any) -> Infe
         backend = spec.dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
         remote = RemoteEngineConfig(server_wait_timeout_s=spec.server_wait_timeout_s, api_key=spec.api_key,
                                     dist_backend=backend)
-        return RemoteEngine(list(spec.addresses), tokenizer, protocol=spec.protocol, rollout=cfg.rollout,
+        return RemoteEngine(addresses or list(spec.addresses), tokenizer, protocol=spec.protocol, rollout=cfg.rollout,
                             config=remote)
     from agentflow.engines.local import LocalEngine
 
@@ -188,11 +248,20 @@ def _calculator_agent(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfi
     return CalculatorAgentWorkflow(tokenizer, gconfig, reward_fn, CalculatorAgentConfig(**options))
 
 
+def _verifiers(spec: WorkflowSpec, tokenizer: Any, reward_fn: Any, gconfig: GenerationConfig) -> Any:
+    from agentflow.workflows.verifiers import VerifiersConfig, VerifiersWorkflow
+
+    _check_options(spec, _config_fields(VerifiersConfig), has_kwargs=False)
+    # the environment's rubric gives the reward: ``reward_fn`` (the data task's) is not used
+    return VerifiersWorkflow(tokenizer, gconfig, **spec.options)
+
+
 # built-in workflow names for ``workflow.name``; anything else is ``module:Class`` or ``file.py:Class``
 WORKFLOWS: dict[str, Callable[[WorkflowSpec, Any, Any, GenerationConfig], Any]] = {
     "rlvr": _rlvr,
     "agent_command": _agent_command,
     "calculator_agent": _calculator_agent,
+    "verifiers": _verifiers,
 }
 
 

@@ -68,8 +68,10 @@ class DataSpec:
             calculator tool, for the ``calculator_agent`` workflow; reward 1 only for the exact
             product after a call that returned a number), ``addition`` (one-digit a + b; reported
             reward: 1 only for exactly the number), ``arithmetic`` (options: digits, ops; reward =
-            last number right), ``countdown``, ``gsm8k`` (a GSM8K-format JSONL file at ``path``), or
-            any task added with ``agentflow.envs.tasks.register_task``.
+            last number right), ``countdown``, ``gsm8k`` (a GSM8K-format JSONL file at ``path``),
+            ``verifiers`` (the tasks of ``workflow.name=verifiers``'s environment: held-out = its first
+            ``eval_size``, training = the next ``size``), or any task added with
+            ``agentflow.envs.tasks.register_task``.
         path: data file for file-based tasks.
         size: training prompts to generate (built-in tasks).
         eval_size: held-out prompts (a different seed, or the file's last rows).
@@ -103,7 +105,10 @@ class WorkflowSpec:
             fields of ``CalculatorAgentConfig``), ``rlvr`` (single turn, ``generation.n_samples``
             answers per prompt), ``agent_command``
             (an agent process per episode over the OpenAI-compatible proxy; options: ``command``,
-            ``timeout_s``, ...; set ``rollout.episodes_per_item`` for the group size),
+            ``timeout_s``, ...; set ``rollout.episodes_per_item`` for the group size), ``verifiers``
+            (a verifiers environment, run in its own Python environment, over the proxy; options:
+            ``env``, ``env_args``, ``env_config``, ``env_path``, ``rollouts_per_example``, ...; with
+            ``data.task=verifiers``; docs/verifiers.md),
             ``module:Class`` or ``path/to/file.py:Class``. A custom class is constructed with
             ``options`` plus whichever of ``tokenizer``, ``reward_fn`` and ``gconfig`` its
             constructor accepts; one with ``__aenter__`` is entered for the run.
@@ -151,7 +156,7 @@ class InferenceSpec:
         backend: ``local`` (in-process LocalEngine) or ``remote`` (inference servers at ``addresses``).
         addresses: ``host:port`` of each server for the remote backend.
         protocol: the servers' HTTP protocol, a name in ``agentflow.engines.remote.protocol.PROTOCOLS``
-            (``sglang``: SGLang servers and ``agentflow serve``).
+            (``sglang``: SGLang servers and ``agentflow serve``; ``vllm``: vLLM 0.32 servers, docs/vllm.md).
         server_wait_timeout_s: remote backend: while every server is down, generation and weight
             updates wait this long for one to come back (a restarted server catches up on the last
             weight update first); then the run fails naming each server and its last error.
@@ -161,6 +166,13 @@ class InferenceSpec:
         dist_backend: remote backend with ``trainer.weight_update=nccl``: the broadcast group's
             backend on both ends (``nccl`` for GPU servers, ``gloo`` for CPU ones; null = ``nccl``
             when this machine has CUDA, else ``gloo``).
+        launch: start the servers for the run: the Python interpreter of their install,
+            optionally followed by extra server flags (``~/.cache/agentflow/vllm-venv/bin/python``
+            for ``protocol=vllm``: vLLM's OpenAI server; ``.venv/bin/python`` for ``protocol=sglang``:
+            ``agentflow serve``). One server per address in ``addresses`` (on this machine), or one
+            on a free loopback port when there are none; each is healthy before the run starts and
+            stopped when it ends (also on Ctrl-C or an error). Logs: ``<run_dir>/servers/``. Null:
+            the servers at ``addresses`` are started by someone else.
         local: the LocalEngine's settings (here 64 rows of at most 320 tokens; the KV cache grows
             in blocks of 32 tokens, so 100-token sequences hold 128 positions per row, not 320).
     """
@@ -171,6 +183,7 @@ class InferenceSpec:
     server_wait_timeout_s: float = 120.0
     api_key: str | None = field(default=None, repr=False)
     dist_backend: Literal["nccl", "gloo"] | None = None
+    launch: str | None = None
     local: LocalEngineConfig = field(default_factory=lambda: LocalEngineConfig(max_batch_size=64, max_seq_len=320,
                                                                                  cache_block_tokens=32))
 
@@ -179,6 +192,12 @@ class InferenceSpec:
         t = self.server_wait_timeout_s
         if not (isinstance(t, int | float) and 0 < t < math.inf):
             problems.append(f"inference.server_wait_timeout_s must be a positive finite number of seconds, got {t!r}")
+        if self.launch is not None and self.backend != "remote":
+            problems.append("inference.launch starts inference servers: set inference.backend=remote too (or drop "
+                            "inference.launch for the in-process engine)")
+        if self.launch is not None and not self.launch.strip():
+            problems.append("inference.launch must name a Python interpreter (optionally followed by server flags), "
+                            "or be null")
         if self.api_key is not None and (not self.api_key.strip() or any(c in self.api_key for c in "\r\n")):
             problems.append("inference.api_key must be the servers' --api-key (one non-empty line), or null for "
                             "servers without a key")
@@ -334,6 +353,10 @@ class TrainRecipeConfig:
         if self.train.lora is not None and self.trainer.weight_update == "nccl":
             problems.append("trainer.weight_update=nccl broadcasts full weights; with train.lora the adapter "
                             "travels as trainer.weight_update=disk (remote servers) or mem (in process)")
+        if self.inference.protocol == "vllm" and self.trainer.weight_update == "nccl":
+            problems.append("trainer.weight_update=nccl with inference.protocol=vllm is not supported yet: vLLM joins "
+                            "a broadcast group of its own kind (StatelessProcessGroup + PyNccl), not the "
+                            "torch.distributed group agentflow's trainer broadcasts on; use trainer.weight_update=disk")
         if self.inference.backend == "remote" and self.trainer.weight_update == "mem":
             problems.append("trainer.weight_update=mem needs the in-process engine (inference.backend=local); with "
                             "inference.backend=remote use trainer.weight_update=disk or nccl")
@@ -352,8 +375,9 @@ def _with_budgets(algo: AlgoConfig, max_new_tokens: int) -> AlgoConfig:
 
 def load_recipe_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> TrainRecipeConfig:
     cfg = load_config(TrainRecipeConfig, files, overrides)
-    if cfg.inference.backend == "remote" and not cfg.inference.addresses:
-        raise ConfigError("inference.backend=remote needs inference.addresses=[host:port, ...]; got none")
+    if cfg.inference.backend == "remote" and not cfg.inference.addresses and cfg.inference.launch is None:
+        raise ConfigError("inference.backend=remote needs inference.addresses=[host:port, ...] or "
+                          "inference.launch=<python of the servers' install> (agentflow starts one); got neither")
     from agentflow.engines.remote.protocol import PROTOCOLS
 
     if cfg.inference.protocol not in PROTOCOLS:

@@ -218,7 +218,7 @@ class _Job:
 
     # ------------------------------------------------------------------------------ ranks
     def _trainer_config(self) -> str:
-        inference = dataclasses.replace(self.cfg.inference, backend="remote",
+        inference = dataclasses.replace(self.cfg.inference, backend="remote", launch=None,  # the servers are ours
                                         addresses=tuple(s.address for s in self.servers),
                                         api_key="${oc.env:" + KEY_ENV + "}")
         logging_ = dataclasses.replace(self.cfg.logging, progress=False)  # a bar does not survive Ray's log stream

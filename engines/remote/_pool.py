@@ -8,7 +8,9 @@ routes and bodies each operation is. The pool does:
   marked down. A background probe (one task in the pool's own ``TaskGroup``, asleep while every
   server is up) health-checks down servers every ``probe_interval_s``; while a call waits for a
   server it probes at once and then with exponential backoff. While paused it probes only for a
-  waiting call (SGLang answers ``/health`` with 503 after ~20 s while paused).
+  waiting call (SGLang answers ``/health`` with 503 after ~20 s while paused). A healthy server
+  passes the protocol's optional ``check_server`` first (vLLM's: a supported version); a refusal
+  fails ``open``, or keeps a returning server down.
 - **Every server down**: a generation or a weight update waits for a server to come back, up to
   ``server_wait_timeout_s`` (one log line per wait, naming each server and its last error), then
   fails naming each server, how long it has been down and its last error.
@@ -307,7 +309,14 @@ class ServerPool:
             self._some_down.set()
         for s in self.servers:
             if s.up:
+                await self._check_server(s)  # a refused server (ConfigError) fails open
                 await self._read_tp_size(s)
+
+    async def _check_server(self, s: Server) -> None:
+        """The protocol's optional ``check_server`` (e.g. a supported server version)."""
+        check = getattr(self.protocol, "check_server", None)
+        if check is not None:
+            await self.within(s, "check_server", self.config.control_timeout_s, check)
 
     async def _wait_healthy(self, s: Server, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -565,8 +574,9 @@ class ServerPool:
         if not await self._healthy(s, self.config.health_timeout_s):
             return
         try:
+            await self._check_server(s)
             await self._resync(s)
-        except EngineError as e:
+        except (EngineError, ConfigError) as e:
             s.last_error = f"rejoin failed: {e}"
             log.warning("server %s is healthy but could not rejoin: %s", s.address, e)
             return

@@ -30,6 +30,7 @@ __all__ = ["PROTOCOLS", "BroadcastSpec", "GenerateJob", "Generated", "ServerLink
 # name -> "module:attribute" of the adapter class (imported on first use, so the registry is light).
 PROTOCOLS: dict[str, str] = {
     "sglang": "agentflow.engines.remote.sglang:SGLangProtocol",
+    "vllm": "agentflow.engines.remote.vllm:VLLMProtocol",
 }
 
 Finish = Literal["stop", "length", "abort"]
@@ -184,13 +185,21 @@ class ServerProtocol(Protocol):
         """Set the version the server reports for its weights, aborting nothing."""
         ...
 
+    # Optional: a protocol without it accepts every healthy server.
+    async def check_server(self, link: ServerLink) -> None:
+        """Refuse a server the adapter cannot speak to (e.g. an unsupported version): raise
+        :class:`~agentflow.errors.ConfigError` naming what is supported. The pool calls it when a
+        server is first healthy (a refusal fails ``open``) and before a server rejoins (a refused
+        one stays down)."""
+        ...
+
 
 # Members an adapter may leave out: without them it serves no LoRA adapters.
 LORA_METHODS = ("load_adapter", "unload_adapter", "set_weight_version")
 # Every member an adapter must have: the attributes, then the methods, in the contract's order.
 _MEMBERS = [*ServerProtocol.__annotations__,
             *(n for n, v in vars(ServerProtocol).items()
-              if callable(v) and not n.startswith("_") and n not in LORA_METHODS)]
+              if callable(v) and not n.startswith("_") and n not in (*LORA_METHODS, "check_server"))]
 
 
 def resolve_protocol(protocol: str | ServerProtocol) -> ServerProtocol:
