@@ -1,8 +1,9 @@
-"""The ``agentflow`` command: ``train``, ``eval``, ``serve``, ``plot``, ``merge-lora``.
+"""The ``agentflow`` command: ``train``, ``launch``, ``eval``, ``serve``, ``plot``, ``merge-lora``.
 
 ``agentflow train [CONFIG.yaml ...] [key=value ...]`` trains with the built-in recipe; with no
 config it trains the embedded SmolLM2-135M to call a calculator on two-digit multiplication.
-``agentflow train --help`` lists every configuration field with its default.
+``agentflow train --help`` lists every configuration field with its default. ``agentflow launch``
+takes the same arguments and runs the same training on a Ray cluster (the ``launch`` section).
 
 Not here: what the commands run (``agentflow.recipe``, ``agentflow.engines.serve.server``); it only
 parses arguments, prints results and turns agentflow's errors into one-line messages.
@@ -85,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("-v", "--verbose", action="store_true")
     train.set_defaults(func=_cmd_train)
 
+    launch = sub.add_parser("launch", help="train on a Ray cluster: servers and trainer ranks placed by Ray",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="The launch.* fields place the run (`agentflow train --help` lists them; "
+                                   "docs/launch.md); RAY_ADDRESS names the cluster (default: a local one).")
+    launch.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                        help="YAML files, then dotted overrides (later wins)")
+    launch.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    launch.add_argument("-v", "--verbose", action="store_true")
+    launch.set_defaults(func=_cmd_launch)
+
     ev = sub.add_parser("eval", help="score a model or checkpoint on a dataset with a workflow")
     ev.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     ev.add_argument("--model", help="checkpoint or model directory (default: model.path of the config)")
@@ -125,6 +136,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_recipe_config(files, overrides)
     summary = train(cfg, resume=args.resume)
     print(summary)  # noqa: T201
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from agentflow.recipe.launch import launch, load_launch_config
+
+    logging.getLogger("agentflow.launch").setLevel(logging.INFO)  # placement, addresses, restarts
+    files, overrides = _split(args.items)
+    cfg = load_launch_config(files, overrides)
+    print(launch(cfg, resume=args.resume, verbose=args.verbose))  # noqa: T201
     return 0
 
 

@@ -28,7 +28,8 @@ from agentflow.engines.local import LocalEngineConfig
 from agentflow.errors import ConfigError
 
 __all__ = [
-    "DataSpec", "InferenceSpec", "LoggingSpec", "ModelSpec", "TrainRecipeConfig", "WorkflowSpec", "load_recipe_config",
+    "DataSpec", "InferenceSpec", "LaunchSpec", "LoggingSpec", "ModelSpec", "TrainRecipeConfig", "WorkflowSpec",
+    "load_recipe_config",
 ]
 
 
@@ -204,6 +205,69 @@ class InferenceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """``agentflow launch``: where Ray places the inference servers and the trainer ranks
+    (``docs/launch.md``). ``agentflow train`` ignores this section.
+
+    Attributes:
+        servers: inference servers to start (their addresses become ``inference.addresses``).
+        gpus_per_server: GPUs of each server (its tensor-parallel size; ``{gpus}`` in the command).
+        server_command: the command that starts one server, with ``{model}`` (``model.path``),
+            ``{host}``, ``{port}``, ``{gpus}`` and ``{api_key}`` filled in (``NAME=value`` words before
+            it go to its environment); the server must answer
+            ``GET /health`` and speak ``inference.protocol``. A leading ``agentflow`` runs this
+            Python's ``-m agentflow``. SGLang: ``python -m sglang.launch_server --model-path {model}
+            --host {host} --port {port} --tp {gpus} --api-key {api_key}``.
+        nodes: trainer nodes.
+        ranks_per_node: trainer ranks on each node, one GPU each (one process per GPU, as torchrun).
+        device: ``gpu`` (servers and ranks ask Ray for GPUs), ``cpu`` (they ask for one CPU each;
+            the ranks use gloo) or ``auto`` (``gpu`` when the cluster has GPUs).
+        placement: ``pack`` (fill one node before the next) or ``spread`` (one server per node
+            where possible); trainer nodes are always distinct nodes.
+        server_port: the first server on a node listens here, the next one port above, ...; 0 =
+            a free port picked on the node at start (a restarted server keeps its port).
+        master_port: rank 0's ``MASTER_PORT``; 0 = a free port picked on rank 0's node.
+        address: the Ray cluster (``ray://`` or ``host:port``); null = ``RAY_ADDRESS`` if set, else
+            a local cluster started (and stopped) by the launcher.
+        placement_timeout_s: how long placement may wait for resources (busy nodes) before the
+            launch fails naming what it asked for and what the cluster has.
+        startup_timeout_s: how long each server may take to answer ``/health``.
+        max_server_restarts: restarts per server after it died; then the run goes on without it.
+    """
+
+    servers: int = 1
+    gpus_per_server: int = 1
+    server_command: str = "agentflow serve --model {model} --host {host} --port {port} --api-key {api_key}"
+    nodes: int = 1
+    ranks_per_node: int = 1
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    placement: Literal["pack", "spread"] = "pack"
+    server_port: int = 0
+    master_port: int = 0
+    address: str | None = None
+    placement_timeout_s: float = 45.0
+    startup_timeout_s: float = 600.0
+    max_server_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        problems = [f"launch.{name} must be >= {low}, got {getattr(self, name)}"
+                    for name, low in (("servers", 1), ("gpus_per_server", 1), ("nodes", 1), ("ranks_per_node", 1),
+                                      ("server_port", 0), ("master_port", 0), ("max_server_restarts", 0))
+                    if getattr(self, name) < low]
+        problems += [f"launch.{name} must be a positive finite number of seconds, got {getattr(self, name)!r}"
+                     for name in ("placement_timeout_s", "startup_timeout_s")
+                     if not 0 < getattr(self, name) < math.inf]
+        for port in ("server_port", "master_port"):
+            if getattr(self, port) > 65535:
+                problems.append(f"launch.{port} must be a TCP port (0-65535; 0 = pick a free one), "
+                                f"got {getattr(self, port)}")
+        if "{port}" not in self.server_command:
+            problems.append("launch.server_command must contain {port} (each server's port is chosen by the "
+                            f"launcher), got {self.server_command!r}")
+        ConfigError.check(problems)
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSpec:
     """Where the run writes.
 
@@ -261,6 +325,7 @@ class TrainRecipeConfig:
         trainer: the loop (steps, minibatches, checkpoints, evaluation).
         inference: the inference backend.
         logging: run directory and metrics sinks.
+        launch: ``agentflow launch`` only: servers, trainer ranks and their placement on Ray.
         threads: torch intra-op threads (0 = torch's default).
     """
 
@@ -274,6 +339,7 @@ class TrainRecipeConfig:
     trainer: TrainerConfig = field(default_factory=_default_trainer)
     inference: InferenceSpec = field(default_factory=InferenceSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
     threads: int = 0
 
     def __post_init__(self) -> None:
