@@ -109,6 +109,20 @@ def _complete(run_dir: pathlib.Path, steps: int) -> bool:
     )
 
 
+def _servable(model: str, where: pathlib.Path) -> str:
+    """``agentflow serve`` loads HF directories and embedded models: save ``tiny`` to a directory once."""
+    if model != "tiny":
+        return model
+    path = where / "tiny_model"
+    if not path.exists():
+        from agentflow.testing import tiny_model_and_tokenizer
+
+        tiny, tok = tiny_model_and_tokenizer(seed=0)
+        tiny.save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path)
+
+
 def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir: pathlib.Path) -> None:
     """One ``agentflow train`` run into ``run_dir`` (skipped with ``--reuse`` when already complete)."""
     if args.reuse and _complete(run_dir, args.steps):
@@ -125,14 +139,15 @@ def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir:
         f"logging.run_dir={run_dir}",
         *args.override,
     ]
-    if args.model:
-        overrides.append(f"model.path={args.model}")
+    model = _servable(args.model, pathlib.Path(args.runs)) if args.remote and args.model else args.model
+    if model:
+        overrides.append(f"model.path={model}")
     cmd = [sys.executable, "-m", "agentflow", "train", str(ROOT / "examples" / f"{task}.yaml"), *overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
     if not args.remote:
         _run(cmd, run_dir, os.environ, None)
         return
-    with _server(args.model or "smollm2-135m", CONTEXT[task], run_dir / "server.log") as address:
+    with _server(model or "smollm2-135m", CONTEXT[task], run_dir / "server.log") as address:
         remote = [
             "inference.backend=remote",
             f"inference.addresses=[{address}]",
