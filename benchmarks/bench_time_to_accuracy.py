@@ -99,7 +99,11 @@ def _server(model: str, context: int, log: pathlib.Path) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # a starved server (a loaded machine) may not exit in time
+            proc.kill()
+            proc.wait(30)
 
 
 def _complete(run_dir: pathlib.Path, steps: int) -> bool:
