@@ -101,6 +101,7 @@ class WorkflowExecutor:
             max_staleness=config.max_staleness,
             max_concurrent=config.max_concurrent,
             batch_size=config.consumer_batch_size,
+            ramp=config.staleness_ramp,
         )
         self._queue: deque[_Item] = deque()  # submitted items (staleness budget, buffer)
         self._direct: deque[_Item] = deque()  # rollout() items (concurrency slots only)
@@ -295,14 +296,16 @@ class WorkflowExecutor:
         if missing <= can_arrive:
             return
         got = count - missing
-        eta, v, b = st.max_staleness, st.version, st.batch_size
+        eta, v, b = st.eta, st.version, st.batch_size
+        term = "min(max_staleness, version)" if st.ramp else "max_staleness"  # rollout.staleness_ramp
         raise RolloutBlocked(
             f"wait({count}) cannot finish at policy version {v}: the staleness bound lets "
-            f"(max_staleness + version + 1) * consumer_batch_size = ({eta} + {v} + 1) * {b} = {st.limit} items be "
+            f"({term} + version + 1) * consumer_batch_size = ({eta} + {v} + 1) * {b} = {st.limit} items be "
             f"accepted before the version moves and {st.accepted} already were, so at most {can_arrive} more can "
             f"arrive ({got} taken by this call, {missing} missing). To fix: wait for at most the capacity at a time "
             "and move the version between waits (train on them, then Rollout.update_weights or engine.set_version), "
-            "raise rollout.max_staleness or rollout.consumer_batch_size, or call engine.rollout(items, workflow), "
+            "raise rollout.max_staleness or rollout.consumer_batch_size (or turn rollout.staleness_ramp off), or "
+            "call engine.rollout(items, workflow), "
             "which returns its items' trajectories outside the staleness budget."
         )
 

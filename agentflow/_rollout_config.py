@@ -23,6 +23,10 @@ class RolloutConfig:
     Attributes:
         max_staleness: eta. A trajectory whose oldest token came from version ``v0`` is trained on
             by version ``v0 + eta`` at the latest. 0 = synchronous RL.
+        staleness_ramp: let the bound grow with the versions done, ``min(max_staleness, v)`` at
+            version ``v``: version 0 admits one batch (not ``max_staleness + 1``), so the first
+            steps train on fresh data instead of all on the untrained policy's; from version
+            ``max_staleness`` on nothing changes. Costs one generation's wait at the second step.
         max_concurrent: episodes (submitted items) running at once.
         consumer_batch_size: B, items (prompts) the trainer consumes per step.
         stale_policy: what the buffer does with an item found too stale at consume time:
@@ -47,6 +51,7 @@ class RolloutConfig:
     """
 
     max_staleness: int = 1
+    staleness_ramp: bool = False
     max_concurrent: int = 64
     consumer_batch_size: int = 8
     stale_policy: StalePolicy = "drop"

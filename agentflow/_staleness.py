@@ -6,6 +6,11 @@ version v + eta at the latest, so at most ``(eta + v + 1) * B`` items may have b
 total (AReaL, arXiv:2505.24298, section 5). This module is that formula and its counters; the
 executor decides when to call it. It holds no locks: it lives on the event loop's thread.
 
+With ``ramp`` the bound grows with the versions done: ``min(eta, v)`` replaces ``eta``, so the
+start of a run does not admit ``(eta + 1) * B`` items on the untrained policy (the first ``eta + 1``
+steps would all train on version-0 data); version 0 admits ``B`` items, version 1 up to ``3 * B``,
+and from version ``eta`` on the formula is AReaL's. No item is ever staler than without it.
+
 Items run for ``rollout()`` (their trajectories go straight back to the caller, never through the
 replay buffer) take concurrency slots but no staleness budget: they are counted apart
 (``running_direct``, ``stats.returned``).
@@ -22,16 +27,25 @@ __all__ = ["StalenessManager", "StalenessStats", "staleness_capacity"]
 
 
 def staleness_capacity(
-    *, version: int, accepted: int, running: int, max_staleness: int, max_concurrent: int, batch_size: int
+    *,
+    version: int,
+    accepted: int,
+    running: int,
+    max_staleness: int,
+    max_concurrent: int,
+    batch_size: int,
+    ramp: bool = False,
 ) -> int:
     """How many more items may start now.
 
-    ``capacity = min(max_concurrent - running, (max_staleness + version + 1) * batch_size - (accepted + running))``,
-    floored at 0. ``accepted`` counts items accepted into the replay buffer and not given back
-    (an item dropped or requeued at consume time gives its slot back).
+    ``capacity = min(max_concurrent - running, (eta + version + 1) * batch_size - (accepted + running))``,
+    floored at 0, with ``eta = max_staleness`` (``min(max_staleness, version)`` when ``ramp``).
+    ``accepted`` counts items accepted into the replay buffer and not given back (an item dropped
+    or requeued at consume time gives its slot back).
     """
+    eta = min(max_staleness, version) if ramp else max_staleness
     by_concurrency = max_concurrent - running
-    by_staleness = (max_staleness + version + 1) * batch_size - (accepted + running)
+    by_staleness = (eta + version + 1) * batch_size - (accepted + running)
     return max(0, min(by_concurrency, by_staleness))
 
 
@@ -59,8 +73,9 @@ class StalenessManager:
     accepted (their data was trained on before the checkpoint).
     """
 
-    def __init__(self, *, max_staleness: int, max_concurrent: int, batch_size: int) -> None:
+    def __init__(self, *, max_staleness: int, max_concurrent: int, batch_size: int, ramp: bool = False) -> None:
         self.max_staleness = max_staleness
+        self.ramp = ramp
         self.max_concurrent = max_concurrent
         self.batch_size = batch_size
         self.version = 0
@@ -74,9 +89,14 @@ class StalenessManager:
         return self.stats.accepted - self.stats.given_back + self._offset
 
     @property
+    def eta(self) -> int:
+        """The staleness bound in force now: ``max_staleness``, or ``min(max_staleness, version)`` with ``ramp``."""
+        return min(self.max_staleness, self.version) if self.ramp else self.max_staleness
+
+    @property
     def limit(self) -> int:
-        """``(max_staleness + version + 1) * batch_size``: items that may be accepted by this version."""
-        return (self.max_staleness + self.version + 1) * self.batch_size
+        """``(eta + version + 1) * batch_size``: items that may be accepted by this version."""
+        return (self.eta + self.version + 1) * self.batch_size
 
     def capacity(self) -> int:
         """How many more budgeted items may start now (concurrency slots and staleness budget)."""
@@ -87,6 +107,7 @@ class StalenessManager:
             max_staleness=self.max_staleness,
             max_concurrent=self.max_concurrent - self.running_direct,
             batch_size=self.batch_size,
+            ramp=self.ramp,
         )
 
     def free_slots(self) -> int:

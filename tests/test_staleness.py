@@ -64,3 +64,37 @@ def test_recover_counts_version_times_batch_as_accepted():
     m.on_start()
     m.on_accept()
     assert m.accepted == 21
+
+
+# (version, accepted, eta, B) -> capacity with the ramp: eta grows as min(eta, version)
+RAMP_CASES = [
+    (0, 0, 2, 8, 8),  # version 0 admits one batch, not (2 + 1) * 8 = 24
+    (1, 8, 2, 8, 16),  # (1 + 1 + 1) * 8 - 8
+    (2, 24, 2, 8, 16),  # (2 + 2 + 1) * 8 - 24
+    (3, 40, 2, 8, 8),  # from version eta on: AReaL's formula, (2 + 3 + 1) * 8 - 40
+    (0, 0, 0, 8, 8),  # synchronous: unchanged
+]
+
+
+@pytest.mark.parametrize(("version", "accepted", "eta", "b", "expected"), RAMP_CASES)
+def test_ramp_grows_the_bound_with_the_versions_done(version, accepted, eta, b, expected):
+    got = staleness_capacity(
+        version=version, accepted=accepted, running=0, max_staleness=eta, max_concurrent=1000, batch_size=b, ramp=True
+    )
+    assert got == expected
+
+
+@pytest.mark.parametrize(("ramp", "expected"), [(True, [0, 0, 1, 1, 2, 2]), (False, [0, 1, 2, 2, 2, 2])])
+def test_ramp_admits_one_batch_at_version_zero_so_the_first_steps_train_on_fresh_data(ramp, expected):
+    m = StalenessManager(max_staleness=2, max_concurrent=100, batch_size=4, ramp=ramp)
+    lags = []
+    accepted_at: list[int] = []  # version at which each item started
+    for step in range(6):  # admit what the bound allows, train on the next batch, bump the version
+        while m.capacity():
+            m.on_start()
+            m.on_accept()
+            accepted_at.append(m.version)
+        lags.append(step - min(accepted_at[step * 4 : (step + 1) * 4]))
+        m.set_version(step + 1)
+    assert lags == expected  # a fast generator: every batch is as stale as the bound allows
+    assert max(lags) <= m.max_staleness

@@ -1,0 +1,295 @@
+"""Time to accuracy: the same task and seed trained at several staleness settings, side by side.
+
+Each setting is one ``agentflow train`` run of a shipped example (``examples/addition.yaml``,
+``examples/calculator.yaml``) that differs only in its rollout settings: ``eta0`` is synchronous
+(``rollout.max_staleness=0``), ``eta1`` / ``eta2`` / ``eta4`` asynchronous, a ``-ramp`` suffix adds
+``rollout.staleness_ramp=true``. Held-out accuracy (``data.eval_size`` problems x
+``trainer.eval_samples`` samples at the example's temperature) is measured every ``--eval-every``
+versions. A version's time is when the step that made it finished (seconds since the training
+loop started, model loading excluded); evaluation runs beside rollout in every setting alike.
+
+Reported per run, as one JSON line each: held-out per version, time to each ``--targets`` accuracy
+(null = not reached), held-out at each ``--budgets`` wall-clock second (the last evaluated version
+published by then), median seconds per step (steps 2..N) and episodes trained. Then one line per
+(task, layout, setting) with the means over seeds, and a plot (held-out accuracy against
+wall-clock seconds, one curve per setting, one panel per task and layout) at ``--out``.
+
+Layouts: in process (default: generation and training share the process and the cores), and with
+``--remote`` generation in an ``agentflow serve`` process pinned to core 0 (one thread) and the
+trainer pinned to core 1 (one thread), weights through disk: the layout where inference has
+devices of its own. Runs go one after the other; ``--reuse`` keeps runs whose metrics are complete.
+
+    python benchmarks/bench_time_to_accuracy.py --tasks addition --settings eta0,eta1,eta2 --seeds 0,1
+    python benchmarks/bench_time_to_accuracy.py --tasks addition,calculator --remote
+    python benchmarks/bench_time_to_accuracy.py --quick        # plumbing only: tiny model, 2 steps
+
+Measured figures and the commands that produced them: ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import socket
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONTEXT = {"addition": 256, "calculator": 320}  # the examples' inference.local.max_seq_len
+
+
+def setting_overrides(name: str) -> list[str]:
+    """``eta2`` -> ``rollout.max_staleness=2``; a ``-ramp`` suffix adds ``rollout.staleness_ramp=true``."""
+    base, _, flag = name.partition("-")
+    if not base.startswith("eta") or not base[3:].isdigit() or flag not in ("", "ramp"):
+        raise SystemExit(f"--settings: expected names like eta0, eta2 or eta2-ramp, got {name!r}")
+    return [f"rollout.max_staleness={int(base[3:])}", f"rollout.staleness_ramp={'true' if flag else 'false'}"]
+
+
+def _pinned(cpus: set[int]) -> Callable[[], None] | None:
+    if not hasattr(os, "sched_setaffinity") or not cpus <= os.sched_getaffinity(0):
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _server(model: str, context: int, log: pathlib.Path) -> Iterator[str]:
+    """``agentflow serve`` pinned to core 0 with one torch thread; yields its address."""
+    from agentflow import EngineError
+    from agentflow.engines._sglang_launch import wait_healthy
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "agentflow",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--max-running-requests",
+        "64",
+        "--context-length",
+        str(context),
+        "--log-level",
+        "warning",
+    ]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=_pinned({0}), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_healthy(proc, f"http://127.0.0.1:{port}/health", 300, "agentflow serve")
+        except EngineError as e:
+            raise SystemExit(f"{e}:\n{log.read_text()[-3000:]}") from e
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # a starved server (a loaded machine) may not exit in time
+            proc.kill()
+            proc.wait(30)
+
+
+def _complete(run_dir: pathlib.Path, steps: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and any(
+        json.loads(line).get("eval/version") == steps for line in path.read_text().splitlines()
+    )
+
+
+def _servable(model: str, where: pathlib.Path) -> str:
+    """``agentflow serve`` loads HF directories and embedded models: save ``tiny`` to a directory once."""
+    if model != "tiny":
+        return model
+    path = where / "tiny_model"
+    if not path.exists():
+        from agentflow.testing import tiny_model_and_tokenizer
+
+        tiny, tok = tiny_model_and_tokenizer(seed=0)
+        tiny.save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path)
+
+
+def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir: pathlib.Path) -> None:
+    """One ``agentflow train`` run into ``run_dir`` (skipped with ``--reuse`` when already complete)."""
+    if args.reuse and _complete(run_dir, args.steps):
+        return
+    overrides = [
+        *setting_overrides(setting),
+        f"inference.local.seed={seed}",
+        f"trainer.total_steps={args.steps}",
+        f"trainer.eval_every={args.eval_every}",
+        f"trainer.eval_samples={args.eval_samples}",
+        f"data.eval_size={args.eval_size}",
+        "trainer.checkpoint_every=0",
+        "logging.progress=false",
+        f"logging.run_dir={run_dir}",
+        *args.override,
+    ]
+    model = _servable(args.model, pathlib.Path(args.runs)) if args.remote and args.model else args.model
+    if model:
+        overrides.append(f"model.path={model}")
+    cmd = [sys.executable, "-m", "agentflow", "train", str(ROOT / "examples" / f"{task}.yaml"), *overrides]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.remote:
+        _run(cmd, run_dir, os.environ, None)
+        return
+    with _server(model or "smollm2-135m", CONTEXT[task], run_dir / "server.log") as address:
+        remote = [
+            "inference.backend=remote",
+            f"inference.addresses=[{address}]",
+            "trainer.weight_update=disk",
+            "threads=1",
+        ]
+        _run([*cmd, *remote], run_dir, {**os.environ, "OMP_NUM_THREADS": "1"}, _pinned({1}))
+
+
+def _run(cmd: list[str], run_dir: pathlib.Path, env: Any, preexec: Callable[[], None] | None) -> None:
+    with (run_dir / "train.log").open("w") as log:
+        code = subprocess.run(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec
+        ).returncode
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{(run_dir / 'train.log').read_text()[-3000:]}")
+
+
+def summarize(records: list[dict[str, Any]], targets: list[float], budgets: list[float]) -> dict[str, Any]:
+    """Held-out per version with the version's time, times to ``targets``, held-out at ``budgets``."""
+    steps = {r["step"]: r for r in records if "reward/mean" in r}
+    published = {0: 0.0, **{v: r["time"] for v, r in steps.items()}}  # version v exists from this second
+    evals = sorted((r["eval/version"], r["eval/reward"]) for r in records if "eval/reward" in r)
+    curve = [(v, round(published[v], 1), round(acc, 4)) for v, acc in evals if v in published]
+    step_s = sorted(r["time/step_s"] for v, r in steps.items() if v >= 2)
+    return {
+        "heldout": [{"version": v, "time_s": t, "accuracy": a} for v, t, a in curve],
+        "time_to": {f"{x:g}": next((t for _, t, a in curve if a >= x), None) for x in targets},
+        "heldout_at": {
+            f"{b:g}s": max(((t, a) for _, t, a in curve if t <= b), default=(None, None))[1] for b in budgets
+        },
+        "median_step_s": round(statistics.median(step_s), 2) if step_s else None,
+        "episodes_trained": sum(r.get("rollout/episodes", 0) for r in steps.values()),
+        "steps": len(steps),
+    }
+
+
+def _mean(xs: list[Any]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return round(statistics.fmean(vals), 4) if vals and len(vals) == len(xs) else None
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds (a time to a target is null unless every seed reached it)."""
+    first = rows[0]
+    versions = [h["version"] for h in first["heldout"]]
+    return {
+        "bench": "time_to_accuracy_mean",
+        **{k: first[k] for k in ("task", "layout", "setting")},
+        "seeds": [r["seed"] for r in rows],
+        "heldout_mean": {
+            str(v): _mean([next((h["accuracy"] for h in r["heldout"] if h["version"] == v), None) for r in rows])
+            for v in versions
+        },
+        "time_to_mean": {k: _mean([r["time_to"][k] for r in rows]) for k in first["time_to"]},
+        "heldout_at_mean": {k: _mean([r["heldout_at"][k] for r in rows]) for k in first["heldout_at"]},
+        "median_step_s_mean": _mean([r["median_step_s"] for r in rows]),
+    }
+
+
+def plot(rows: list[dict[str, Any]], out: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["task"], r["layout"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, constrained_layout=True)
+    for ax, (task, layout) in zip(axes[0], panels, strict=True):
+        settings = sorted({r["setting"] for r in rows if (r["task"], r["layout"]) == (task, layout)})
+        for i, setting in enumerate(settings):
+            mine = [r for r in rows if (r["task"], r["layout"], r["setting"]) == (task, layout, setting)]
+            for j, r in enumerate(mine):  # one line per seed, one colour per setting
+                ax.plot(
+                    [h["time_s"] for h in r["heldout"]],
+                    [100 * h["accuracy"] for h in r["heldout"]],
+                    marker="o",
+                    color=f"C{i}",
+                    alpha=0.9 if j == 0 else 0.5,
+                    label=setting if j == 0 else None,
+                )
+        ax.set_title(f"{task}, {layout}")
+        ax.set_xlabel("wall-clock seconds (training loop)")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="addition,calculator", help="comma-separated: addition, calculator")
+    p.add_argument("--settings", default="eta0,eta1,eta2,eta4", help="comma-separated: etaN or etaN-ramp")
+    p.add_argument("--seeds", default="0", help="comma-separated sampling seeds (inference.local.seed)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--eval-size", type=int, default=64, help="held-out problems")
+    p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out problem")
+    p.add_argument("--targets", default="0.5,0.7,0.9", help="held-out accuracies to time")
+    p.add_argument("--budgets", default="120,240,480", help="wall-clock seconds to read held-out at")
+    p.add_argument("--remote", action="store_true", help="generation in agentflow serve on core 0, training on core 1")
+    p.add_argument("--model", default=None, help="model.path override (e.g. tiny for a plumbing check)")
+    p.add_argument("--override", action="append", default=[], help="extra key=value for every run (repeatable)")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "bench_tta"), help="run directories go here")
+    p.add_argument("--reuse", action="store_true", help="keep runs whose metrics are complete")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_tta" / "time_to_accuracy.png"))
+    p.add_argument("--quick", action="store_true", help="plumbing check: tiny model, 2 steps, 8 held-out problems")
+    args = p.parse_args()
+    if args.quick:
+        args.model, args.steps, args.eval_every, args.eval_size = args.model or "tiny", 2, 1, 8
+        args.override += ["data.shots=0", "generation.max_new_tokens=8"]
+    layout = "remote" if args.remote else "in_process"
+    targets = [float(x) for x in args.targets.split(",")]
+    budgets = [float(x) for x in args.budgets.split(",")]
+    rows: list[dict[str, Any]] = []
+    for task in args.tasks.split(","):
+        for setting in args.settings.split(","):
+            mine = []
+            for seed in (int(s) for s in args.seeds.split(",")):
+                run_dir = pathlib.Path(args.runs) / layout / task / setting / f"seed{seed}"
+                train(task, setting, seed, args, run_dir)
+                records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                row = {
+                    "bench": "time_to_accuracy",
+                    "task": task,
+                    "layout": layout,
+                    "setting": setting,
+                    "seed": seed,
+                    **summarize(records, targets, budgets),
+                    "run_dir": str(run_dir),
+                }
+                print(json.dumps(row), flush=True)
+                mine.append(row)
+            rows += mine
+            print(json.dumps(aggregate(mine)), flush=True)
+    plot(rows, pathlib.Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
