@@ -3,8 +3,6 @@
 Not here: argument parsing and commands (``agentflow.cli``).
 """
 
-import sys
+from agentflow.cli import run
 
-from agentflow.cli import main
-
-sys.exit(main())
+run()

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["exit_process", "main", "run"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +42,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"agentflow {command}: interrupted{f' by {e}' if str(e) else ''} before the run started; nothing "
              "was written")
         return 130 if not str(e) else 143
+
+
+def run() -> None:
+    """The ``agentflow`` console script: :func:`main`, then :func:`exit_process`."""
+    exit_process(main())
+
+
+def exit_process(code: int) -> None:
+    """Exit with ``code``. A rank of a multi-process run (``WORLD_SIZE`` > 1: torchrun, ``agentflow
+    launch``) leaves without interpreter teardown once its work is flushed: torch.distributed's
+    gloo threads can abort a finished process there (SIGABRT, "terminate called without an active
+    exception"), which its launcher would take for a crash."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _dispatch(argv: list[str]) -> int:
