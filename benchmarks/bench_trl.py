@@ -82,8 +82,7 @@ MISMATCHES = [
     "evaluation: agentflow evaluates in its inference engine concurrently with training (its clock includes "
     "the evaluations' CPU share); TRL evaluates in a callback between steps with generate(), off its clock",
     "advantages: both (r - mean) / (std + eps) per group; agentflow eps 1e-6, TRL 1e-4",
-    "optimiser: both AdamW (betas 0.9/0.999, weight decay 0); agentflow eps from its FSDPEngineConfig, "
-    "TRL 1e-8",
+    "activation checkpointing: off on both sides (TRL's GRPOConfig defaults to on; agentflow's to off)",
 ]
 
 
@@ -200,7 +199,8 @@ def trl_python(venv: pathlib.Path) -> pathlib.Path:
     """The venv's Python, building the venv first when it lacks TRL at :data:`TRL_VERSION`."""
     py = venv / "bin" / "python"
     check = f"import trl, agentflow.envs.tasks, sys; sys.exit(trl.__version__ != {TRL_VERSION!r})"
-    if py.exists() and subprocess.run([py, "-c", check], capture_output=True).returncode == 0:
+    # -P: not the current directory first on sys.path (the checkout's agentflow/ lacks envs/)
+    if py.exists() and subprocess.run([py, "-P", "-c", check], capture_output=True).returncode == 0:
         return py
     pins = [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in ("torch", "transformers")]
     print(json.dumps({"bench": "trl_side_by_side", "building_venv": str(venv), "pins": pins}), flush=True)
@@ -208,15 +208,16 @@ def trl_python(venv: pathlib.Path) -> pathlib.Path:
     pip = [str(py), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, *pins, f"trl=={TRL_VERSION}", "datasets", "psutil"], check=True)
     subprocess.run([*pip, "--no-deps", str(ROOT)], check=True)  # agentflow's reward code, nothing else
-    subprocess.run([py, "-c", check], check=True)
+    subprocess.run([py, "-P", "-c", check], check=True)
     return py
 
 
 def run_trl(args: argparse.Namespace, out_dir: pathlib.Path, job_path: pathlib.Path) -> dict[str, Any]:
-    py = trl_python(pathlib.Path(args.trl_venv))
+    py = trl_python(pathlib.Path(args.trl_venv).resolve())
     result = out_dir / "trl.json"
     result.unlink(missing_ok=True)
-    cmd = [str(py), str(pathlib.Path(__file__).resolve()), "--trl-worker", str(job_path), "--trl-out", str(result)]
+    cmd = [str(py), "-P", str(pathlib.Path(__file__).resolve()), "--trl-worker", str(job_path),
+           "--trl-out", str(result)]
     rss = run_measured(cmd, _env(args.threads), out_dir / "trl.log")
     return {"setting": "trl", "command": " ".join(cmd), "peak_rss_gib": rss, **json.loads(result.read_text())}
 
@@ -283,7 +284,7 @@ def trl_worker(job_path: pathlib.Path, out: pathlib.Path) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     job = json.loads(job_path.read_text())
     torch.set_num_threads(job["threads"])
@@ -314,6 +315,7 @@ def grpo_config(job: dict[str, Any], output_dir: pathlib.Path) -> Any:
         temperature=job["temperature"], top_p=1.0, top_k=0, max_completion_length=job["max_new_tokens"],
         mask_truncated_completions=False, logging_steps=1, report_to="none", save_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0,
+        gradient_checkpointing=False,  # TRL's default is True; agentflow's train engine does not recompute
     )
 
 
