@@ -188,7 +188,7 @@ def run_agentflow(setting: str, args: argparse.Namespace, out_dir: pathlib.Path)
     evals = [{"version": r["eval/version"], "heldout": r["eval/reward"], "n_prompts": r["eval/n"],
               "train_s": steps[r["eval/version"]]["time/elapsed_s"] if r["eval/version"] else 0.0,
               "eval_done_s": r["time"]} for r in records if "eval/version" in r]
-    return {"setting": setting, "command": " ".join(cmd[1:]), "peak_rss_gib": rss,
+    return {"setting": setting, "command": " ".join(["python", *cmd[1:]]), "peak_rss_gib": rss,
             "step_s": [steps[s]["time/step_s"] for s in sorted(steps)],
             "train_reward": [steps[s]["reward/mean"] for s in sorted(steps)],
             "evals": sorted(evals, key=lambda e: e["version"])}
