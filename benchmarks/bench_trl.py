@@ -108,7 +108,7 @@ def export_job(args: argparse.Namespace, path: pathlib.Path) -> dict[str, Any]:
         "max_new_tokens": cfg.generation.max_new_tokens, "temperature": cfg.generation.temperature,
         "lr": cfg.train.lr, "grad_clip": cfg.train.grad_clip, "kl_coef": cfg.algo.ppo.kl_coef,
         "eval_every": args.eval_every, "eval_samples": cfg.trainer.eval_samples,
-        "threads": args.threads, "seed": cfg.data.seed,
+        "threads": args.threads, "seed": cfg.data.seed, "trl_micro_batch": args.trl_micro_batch,
     }
     path.write_text(json.dumps(job))
     return job
@@ -252,6 +252,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     p.add_argument("--settings", nargs="+", default=["agentflow", "trl"], choices=sorted(SETTINGS))
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "bench_trl"))
+    p.add_argument("--trl-micro-batch", type=int, default=64,
+                   help="TRL's per-device batch: 64 trains a step's 64 samples in one padded batch (peak RSS ~8-9 "
+                   "GiB); 16 in 4 accumulated micro-batches, the same update with less memory")
     p.add_argument("--trl-venv", default=None, help="TRL's venv (default: <agentflow cache>/venvs/trl-1.16.0)")
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: run TRL from job.json (in TRL's venv)
     p.add_argument("--trl-out", help=argparse.SUPPRESS)
@@ -306,10 +309,15 @@ def grpo_config(job: dict[str, Any], output_dir: pathlib.Path) -> Any:
     from trl import GRPOConfig
 
     group = job["batch"] * job["n_samples"]
+    micro = job["trl_micro_batch"]
+    if group % micro:
+        raise SystemExit(f"--trl-micro-batch must divide {group} (prompts x samples per step), got {micro}")
+    # one generation of `group` samples, trained in group // micro accumulated micro-batches: one optimiser step
     return GRPOConfig(
         output_dir=str(output_dir), use_cpu=True, bf16=False, fp16=False, seed=job["seed"],
-        max_steps=job["steps"], per_device_train_batch_size=group, gradient_accumulation_steps=1,
-        num_generations=job["n_samples"], steps_per_generation=1, num_iterations=1, shuffle_dataset=False,
+        max_steps=job["steps"], per_device_train_batch_size=micro, gradient_accumulation_steps=group // micro,
+        num_generations=job["n_samples"], steps_per_generation=group // micro, num_iterations=1,
+        shuffle_dataset=False,
         learning_rate=job["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=job["grad_clip"], beta=job["kl_coef"], loss_type="dapo", scale_rewards="group",
         temperature=job["temperature"], top_p=1.0, top_k=0, max_completion_length=job["max_new_tokens"],
