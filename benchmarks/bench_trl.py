@@ -37,9 +37,10 @@ peak RSS of the training process tree (psutil, sampled every 0.5 s). ``--out-dir
 
 What cannot be matched (also printed as a ``mismatches`` line): see :data:`MISMATCHES`.
 
-    python benchmarks/bench_trl.py --steps 10                 # both sides, ~25 min on a quiet 2-core machine
+    python benchmarks/bench_trl.py --steps 10                 # both sides: ~13 s + ~60 s per step on 2 quiet cores
     python benchmarks/bench_trl.py --steps 2 --eval-every 1   # a smoke run of both sides
     python benchmarks/bench_trl.py --settings trl agentflow agentflow_sync
+    python benchmarks/bench_trl.py --trl-micro-batch 16       # TRL's step in 4 micro-batches (less memory)
 
 Not here: GPUs (both sides run on CPU), vLLM generation in TRL, several seeds.
 """
