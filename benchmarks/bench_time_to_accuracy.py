@@ -68,7 +68,7 @@ def _free_port() -> int:
 def _server(model: str, context: int, log: pathlib.Path) -> Iterator[str]:
     """``agentflow serve`` pinned to core 0 with one torch thread; yields its address."""
     from agentflow import EngineError
-    from agentflow.engines._sglang_launch import wait_healthy
+    from agentflow.engines.serve._launch import wait_healthy
 
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
