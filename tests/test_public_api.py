@@ -118,10 +118,8 @@ def _module_level_imports(path: pathlib.Path) -> set[str]:
     return {m for m in mods if m.startswith("agentflow.")}
 
 
-def test_core_has_no_import_cycles():
-    graph = {_module_name(p): _module_level_imports(p) for p in (ROOT / "agentflow").rglob("*.py")}
-    # a package's own modules may import each other through it: edges to an ancestor package do not count
-    graph = {m: {d for d in deps if d in graph and not m.startswith(d + ".") and d != m} for m, deps in graph.items()}
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every back edge of a depth-first walk of ``graph``, as the cycle it closes."""
     state: dict[str, int] = {}
     cycles = []
 
@@ -137,6 +135,14 @@ def test_core_has_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+    return cycles
+
+
+def test_core_has_no_import_cycles():
+    graph = {_module_name(p): _module_level_imports(p) for p in (ROOT / "agentflow").rglob("*.py")}
+    # a package's own modules may import each other through it: edges to an ancestor package do not count
+    graph = {m: {d for d in deps if d in graph and not m.startswith(d + ".") and d != m} for m, deps in graph.items()}
+    cycles = _cycles(graph)
     assert not cycles, "import cycles in agentflow/:\n" + "\n".join(cycles)
 
 
@@ -233,21 +239,7 @@ def test_engines_have_no_import_cycles_counting_function_level_and_type_checking
     graph = _engine_graph()
     # a package's modules may import each other through it: edges to an ancestor package do not count
     graph = {m: {d for d in deps if not m.startswith(d + ".") and d != m} for m, deps in graph.items()}
-    state: dict[str, int] = {}
-    cycles = []
-
-    def visit(m: str, stack: list[str]) -> None:
-        state[m] = 1
-        for d in sorted(graph[m]):
-            if state.get(d) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(d):], d]) if d in stack else f"{m} -> {d}")
-            elif d not in state:
-                visit(d, [*stack, d])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [m])
+    cycles = _cycles(graph)
     assert not cycles, "import cycles in engines/:\n" + "\n".join(cycles)
 
 
