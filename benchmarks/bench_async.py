@@ -11,8 +11,11 @@ one intra-op thread per thread of work (``threads=1``), so the generation worker
 can each keep one of the two cores busy, but they share one Python interpreter (the GIL) and the
 memory bus. ``--engine remote``: generation runs in an ``agentflow serve`` process pinned to
 core 0 and training in the trainer process pinned to core 1 (weights shipped through disk), the
-layout of a real deployment where inference servers and trainers own separate devices. Both
-eta values run under the same layout. Measured figures: ``docs/benchmarks.md``.
+layout of a real deployment where inference servers and trainers own separate devices. With
+``--server vllm`` the server on core 0 is a real vLLM (``--vllm-python``: the interpreter of a vLLM
+0.32 install, default the venv of ``scripts/vllm_env.sh``; fp32, one OpenMP thread bound to core 0)
+and the trainer talks to it with ``inference.protocol=vllm``, weights reloaded from disk each step.
+Both eta values run under the same layout. Measured figures: ``docs/benchmarks.md``.
 
     python benchmarks/bench_async.py                     # ~2 minutes on 2 cores
 
@@ -21,6 +24,7 @@ step's generation and training take about the same time on 2 cores (~1.4 s and ~
 ideal speed-up approaches 2x; larger batches make training dominate (the ideal then is
 (generation + training) / training).
     python benchmarks/bench_async.py --engine remote     # inference and training on separate cores
+    python benchmarks/bench_async.py --engine remote --server vllm   # the same with vLLM serving
     python benchmarks/bench_async.py --steps 6 --quick   # a smoke run
 """
 
@@ -78,6 +82,30 @@ def _server(model_dir: pathlib.Path, args: argparse.Namespace, rows: int) -> Ite
         proc.wait(30)
 
 
+@contextlib.contextmanager
+def _vllm_server(model_dir: pathlib.Path, args: argparse.Namespace, rows: int) -> Iterator[str]:
+    """A vLLM server on core 0 (one OpenMP thread bound there); yields its address."""
+    import dataclasses
+
+    from agentflow.engines.launch import free_port, launched, vllm_command
+    from agentflow.engines.model_loading import cache_dir
+
+    python = args.vllm_python or str(cache_dir() / "vllm-venv" / "bin" / "python")
+    if not pathlib.Path(python).exists():
+        raise SystemExit(f"--server vllm: no vLLM interpreter at {python}; build one with "
+                         "`bash scripts/vllm_env.sh` or pass --vllm-python")
+    cmd = vllm_command(python, str(model_dir), port=free_port(), dtype="float32", max_model_len=256,
+                       extra=["--max-num-seqs", str(rows)])
+    pinned = ["taskset", "-c", "0"] if _pinned({0}) is not None else []
+    cmd = dataclasses.replace(cmd, argv=[*pinned, *cmd.argv],
+                              env={**cmd.env, "VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1"})
+    try:
+        with launched([cmd], model_dir.parent, startup_timeout_s=300) as [server]:
+            yield server.command.address
+    except EngineError as e:
+        raise SystemExit(str(e)) from e
+
+
 def run(eta: int, args: argparse.Namespace, run_dir: pathlib.Path) -> list[dict]:
     rows = args.batch * args.n_samples * (eta + 1)
     if args.engine == "remote":
@@ -88,9 +116,12 @@ def run(eta: int, args: argparse.Namespace, run_dir: pathlib.Path) -> list[dict]
             model, tok = tiny_model_and_tokenizer(seed=0, hidden_size=args.hidden, num_layers=args.layers)
             model.save_pretrained(model_dir)
             tok.save_pretrained(model_dir)
-        with _server(model_dir, args, rows) as address:
+        server = _vllm_server if args.server == "vllm" else _server
+        with server(model_dir, args, rows) as address:
             extra = [f"model.path={model_dir}", "inference.backend=remote", f"inference.addresses=[{address}]",
                      "trainer.weight_update=disk"]
+            if args.server == "vllm":
+                extra.append("inference.protocol=vllm")
             return _train(eta, args, run_dir, extra, _pinned({1}))
     extra = ["model.path=tiny", f"model.tiny_hidden_size={args.hidden}", f"model.tiny_layers={args.layers}",
              f"inference.local.max_batch_size={rows}", "inference.local.max_seq_len=256"]
@@ -103,15 +134,17 @@ def _train(eta: int, args: argparse.Namespace, run_dir: pathlib.Path, extra: lis
         *extra,
         "data.task=addition", "data.size=2000", "data.eval_size=8", "data.shots=0",
         f"generation.n_samples={args.n_samples}", f"generation.max_new_tokens={args.max_new_tokens}",
-        # A stop id that never occurs: every answer runs to max_new_tokens, so --max-new-tokens sets
-        # the generation time (a random model would otherwise stop at a random early token).
-        "generation.stop_token_ids=[1000000]",
         f"rollout.max_staleness={eta}", f"rollout.consumer_batch_size={args.batch}",
         f"rollout.max_concurrent={args.batch * (eta + 1)}", "rollout.stale_policy=keep",
         f"trainer.total_steps={args.steps}", "trainer.checkpoint_every=0", "trainer.eval_every=0",
         f"trainer.max_queued={args.batch * 2}", "train.lr=1e-4", "threads=1",
         f"logging.run_dir={run_dir}", "logging.progress=false",
     ]
+    if "inference.protocol=vllm" not in extra:
+        # A stop id that never occurs: every answer runs to max_new_tokens, so --max-new-tokens sets
+        # the generation time (a random model would otherwise stop at a random early token). vLLM
+        # refuses ids outside the vocabulary; there the eos id stops as in the other runs.
+        overrides.append("generation.stop_token_ids=[1000000]")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # examples/addition.yaml: the single-turn addition run these overrides were measured on
     out = subprocess.run([sys.executable, "-m", "agentflow", "train", str(ROOT / "examples" / "addition.yaml"),
@@ -123,16 +156,17 @@ def _train(eta: int, args: argparse.Namespace, run_dir: pathlib.Path, extra: lis
             if "reward/mean" in line]
 
 
-def summarize(eta: int, records: list[dict], engine: str) -> dict:
+def summarize(eta: int, records: list[dict], engine: str, server: str) -> dict:
     steady = records[1:]  # step 1 includes start-up (first rollouts, warm-up)
     step_s = statistics.fmean(r["time/step_s"] for r in steady)
     wall = records[-1]["time/elapsed_s"] - records[0]["time/elapsed_s"]
     return {
-        "bench": "async_rl", "engine": engine, "max_staleness": eta, "steps": len(records),
+        "bench": "async_rl", "engine": engine, "server": server, "max_staleness": eta, "steps": len(records),
         "mean_step_s": round(step_s, 3), "steady_wall_s": round(wall, 2),
         "train_s_per_step": round(statistics.fmean(r["time/train_s"] for r in steady), 3),
         "wait_s_per_step": round(statistics.fmean(r["time/wait_s"] for r in steady), 3),
         "max_staleness_seen": max(r["staleness/max"] for r in records),
+        "gen_tokens_mean": round(statistics.fmean(r.get("rollout/gen_tokens_mean", 0.0) for r in steady), 1),
         "reward_first": records[0]["reward/mean"], "reward_last": records[-1]["reward/mean"],
     }
 
@@ -170,16 +204,22 @@ def main() -> None:
                    help="local: generation in the trainer's process; remote: agentflow serve on core 0, "
                    "the trainer on core 1")
     p.add_argument("--chunk-tokens", type=int, default=16, help="agentflow serve --chunk-tokens (remote)")
+    p.add_argument("--server", choices=("serve", "vllm"), default="serve",
+                   help="the server of --engine remote: agentflow serve or a real vLLM")
+    p.add_argument("--vllm-python", default=None, help="interpreter of a vLLM 0.32 install (--server vllm)")
     args = p.parse_args()
+    if args.server == "vllm" and args.engine != "remote":
+        raise SystemExit("--server vllm needs --engine remote (vLLM runs in its own process)")
     if args.quick:
-        args.hidden, args.layers, args.max_new_tokens = 64, 2, 16
+        # vLLM's CPU attention needs a head size of 32 or more (64 / 4 heads is refused)
+        args.hidden, args.layers, args.max_new_tokens = 256 if args.server == "vllm" else 64, 2, 16
     curves, rows = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for eta in (0, 2):
             curves[eta] = run(eta, args, pathlib.Path(tmp) / f"eta{eta}")
-            rows[eta] = summarize(eta, curves[eta], args.engine)
+            rows[eta] = summarize(eta, curves[eta], args.engine, args.server if args.engine == "remote" else "")
             print(json.dumps(rows[eta]), flush=True)
-    print(json.dumps({"bench": "async_rl_speedup", "engine": args.engine, "speedup_eta2_vs_eta0":
+    print(json.dumps({"bench": "async_rl_speedup", "engine": args.engine, "server": args.server, "speedup_eta2_vs_eta0":
                       round(rows[0]["mean_step_s"] / rows[2]["mean_step_s"], 3),
                       "train_s_per_step_eta0": rows[0]["train_s_per_step"],
                       "wait_s_per_step_eta0": rows[0]["wait_s_per_step"]}))

@@ -492,6 +492,29 @@ async def test_generation_waits_for_a_server_then_fails_naming_it(caplog: pytest
             await eng.agenerate(ModelRequest([1], GenerationConfig(max_new_tokens=2)))
 
 
+async def test_once_every_server_has_been_down_past_the_wait_new_calls_fail_at_once() -> None:
+    """A dead fleet costs one wait, not one per call (a run would otherwise crawl through its
+    rejection limit one server_wait_timeout_s at a time); a server seen again ends that."""
+    cluster = ToyCluster(2)
+    async with toy_engine(cluster, server_wait_timeout_s=0.6) as eng:
+        loop = asyncio.get_running_loop()
+        for server in cluster.servers.values():
+            server.alive = False
+        start = loop.time()
+        with pytest.raises(EngineError, match="none came back"):
+            await eng.agenerate(ModelRequest([1], GenerationConfig(max_new_tokens=2)))
+        assert loop.time() - start >= 0.5
+        start = loop.time()
+        for i in range(3):
+            with pytest.raises(EngineError, match=r"server_wait_timeout_s=0.6 s: http://t0:4000 down for"):
+                await eng.agenerate(ModelRequest([i + 1], GenerationConfig(max_new_tokens=2)))
+        assert loop.time() - start < 0.3
+        cluster.servers["t1"].alive = True
+        await asyncio.sleep(0.5)  # a probe sees it
+        resp = await eng.agenerate(ModelRequest([1], GenerationConfig(max_new_tokens=2)))
+    assert len(resp.output_tokens) == 2
+
+
 # ------------------------------------------------------------------------------------- loopback
 def toy_asgi_app(server: ToyServer) -> Any:
     """The toy server as a bare ASGI app, for uvicorn on a loopback port."""

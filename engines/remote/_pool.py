@@ -394,8 +394,17 @@ class ServerPool:
 
     # ------------------------------------------------------------------ waiting for a server
     def wait_deadline(self) -> float:
-        """The loop time until which a call that starts waiting now may wait for a server."""
-        return asyncio.get_running_loop().time() + self.config.server_wait_timeout_s
+        """The loop time until which a call that starts waiting now may wait for a server:
+        ``server_wait_timeout_s`` from now, cut short to when every server will have been down that
+        long. The cut keeps a dead fleet from costing each new call the whole wait: once every server
+        has been down that long, calls fail at once (and the rollout's rejection limit stops a run
+        promptly with the error) until a probe sees a server again."""
+        now = asyncio.get_running_loop().time()
+        wait = self.config.server_wait_timeout_s
+        downs = [s.down_since for s in self.servers if not s.up and s.down_since is not None]
+        if downs and len(downs) == len(self.servers):
+            wait = min(wait, max(downs) + wait - time.monotonic())
+        return now + wait
 
     async def await_servers(self, what: str, deadline: float | None = None) -> list[Server]:
         """The healthy servers. While there are none, wait for one until ``deadline`` (a loop time;
@@ -404,6 +413,8 @@ class ServerPool:
         if up:
             return up
         deadline = self.wait_deadline() if deadline is None else deadline
+        if deadline <= asyncio.get_running_loop().time():
+            raise self._none_came_back(what)  # the fleet has been down past the wait (no log line per call)
         self._begin_wait(what, deadline)
         try:
             async with asyncio.timeout_at(deadline), self._changed:
