@@ -31,79 +31,18 @@ ideal speed-up approaches 2x; larger batches make training dominate (the ideal t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-
-from agentflow import EngineError
-from agentflow.engines.serve._launch import wait_healthy
+from collections.abc import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _pinned(cpus: set[int]) -> Callable[[], None] | None:
-    if not hasattr(os, "sched_setaffinity") or not cpus <= os.sched_getaffinity(0):
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _server(model_dir: pathlib.Path, args: argparse.Namespace, rows: int) -> Iterator[str]:
-    """``agentflow serve`` on core 0 (one thread); yields its address."""
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "agentflow", "serve", "--model", str(model_dir), "--port", str(port),
-           "--max-running-requests", str(rows), "--context-length", "256", "--log-level", "warning",
-           "--chunk-tokens", str(args.chunk_tokens)]
-    log = model_dir.parent / f"server-{port}.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=_pinned({0}), stdout=f, stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_healthy(proc, f"http://127.0.0.1:{port}/health", 120, "agentflow serve")
-        except EngineError as e:
-            raise SystemExit(f"{e}:\n{log.read_text()[-3000:]}") from e
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-@contextlib.contextmanager
-def _vllm_server(model_dir: pathlib.Path, args: argparse.Namespace, rows: int) -> Iterator[str]:
-    """A vLLM server on core 0 (one OpenMP thread bound there); yields its address."""
-    import dataclasses
-
-    from agentflow.engines.launch import free_port, launched, vllm_command
-    from agentflow.engines.model_loading import cache_dir
-
-    python = args.vllm_python or str(cache_dir() / "vllm-venv" / "bin" / "python")
-    if not pathlib.Path(python).exists():
-        raise SystemExit(f"--server vllm: no vLLM interpreter at {python}; build one with "
-                         "`bash scripts/vllm_env.sh` or pass --vllm-python")
-    cmd = vllm_command(python, str(model_dir), port=free_port(), dtype="float32", max_model_len=256,
-                       extra=["--max-num-seqs", str(rows)])
-    pinned = ["taskset", "-c", "0"] if _pinned({0}) is not None else []
-    cmd = dataclasses.replace(cmd, argv=[*pinned, *cmd.argv],
-                              env={**cmd.env, "VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1"})
-    try:
-        with launched([cmd], model_dir.parent, startup_timeout_s=300) as [server]:
-            yield server.command.address
-    except EngineError as e:
-        raise SystemExit(str(e)) from e
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/_servers.py, also when this file is loaded by path
+from _servers import pinned, server_on_core  # noqa: E402
 
 
 def run(eta: int, args: argparse.Namespace, run_dir: pathlib.Path) -> list[dict]:
@@ -116,13 +55,14 @@ def run(eta: int, args: argparse.Namespace, run_dir: pathlib.Path) -> list[dict]
             model, tok = tiny_model_and_tokenizer(seed=0, hidden_size=args.hidden, num_layers=args.layers)
             model.save_pretrained(model_dir)
             tok.save_pretrained(model_dir)
-        server = _vllm_server if args.server == "vllm" else _server
-        with server(model_dir, args, rows) as address:
+        extra = ["--chunk-tokens", str(args.chunk_tokens)] if args.server == "serve" else []
+        with server_on_core(args.server, str(model_dir), run_dir.parent, core=0, rows=rows,
+                            python=args.vllm_python, extra=extra) as address:
             extra = [f"model.path={model_dir}", "inference.backend=remote", f"inference.addresses=[{address}]",
                      "trainer.weight_update=disk"]
             if args.server == "vllm":
                 extra.append("inference.protocol=vllm")
-            return _train(eta, args, run_dir, extra, _pinned({1}))
+            return _train(eta, args, run_dir, extra, pinned({1}))
     extra = ["model.path=tiny", f"model.tiny_hidden_size={args.hidden}", f"model.tiny_layers={args.layers}",
              f"inference.local.max_batch_size={rows}", "inference.local.max_seq_len=256"]
     return _train(eta, args, run_dir, extra, None)

@@ -15,9 +15,10 @@ published by then), median seconds per step (steps 2..N) and episodes trained. T
 wall-clock seconds, one curve per setting, one panel per task and layout) at ``--out``.
 
 Layouts: in process (default: generation and training share the process and the cores), and with
-``--remote`` generation in an ``agentflow serve`` process pinned to core 0 (one thread) and the
-trainer pinned to core 1 (one thread), weights through disk: the layout where inference has
-devices of its own. Runs go one after the other; ``--reuse`` keeps runs whose metrics are complete.
+``--remote`` generation in an ``agentflow serve`` process (``--server vllm``: a real vLLM, fp32,
+``inference.protocol=vllm``) pinned to core 0 (one thread) and the trainer pinned to core 1 (one
+thread), weights through disk: the layout where inference has devices of its own. Runs go one
+after the other; ``--reuse`` keeps runs whose metrics are complete.
 
     python benchmarks/bench_time_to_accuracy.py --tasks addition --settings eta0,eta1,eta2 --seeds 0,1
     python benchmarks/bench_time_to_accuracy.py --tasks addition,calculator --remote
@@ -29,18 +30,19 @@ Measured figures and the commands that produced them: ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
-import socket
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/_servers.py, also when this file is loaded by path
+from _servers import pinned, server_on_core  # noqa: E402
+
 CONTEXT = {"addition": 256, "calculator": 320}  # the examples' inference.local.max_seq_len
 
 
@@ -50,60 +52,6 @@ def setting_overrides(name: str) -> list[str]:
     if not base.startswith("eta") or not base[3:].isdigit() or flag not in ("", "ramp"):
         raise SystemExit(f"--settings: expected names like eta0, eta2 or eta2-ramp, got {name!r}")
     return [f"rollout.max_staleness={int(base[3:])}", f"rollout.staleness_ramp={'true' if flag else 'false'}"]
-
-
-def _pinned(cpus: set[int]) -> Callable[[], None] | None:
-    if not hasattr(os, "sched_setaffinity") or not cpus <= os.sched_getaffinity(0):
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _server(model: str, context: int, log: pathlib.Path) -> Iterator[str]:
-    """``agentflow serve`` pinned to core 0 with one torch thread; yields its address."""
-    from agentflow import EngineError
-    from agentflow.engines.serve._launch import wait_healthy
-
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "agentflow",
-        "serve",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        "--max-running-requests",
-        "64",
-        "--context-length",
-        str(context),
-        "--log-level",
-        "warning",
-    ]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=_pinned({0}), stdout=f, stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_healthy(proc, f"http://127.0.0.1:{port}/health", 300, "agentflow serve")
-        except EngineError as e:
-            raise SystemExit(f"{e}:\n{log.read_text()[-3000:]}") from e
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:  # a starved server (a loaded machine) may not exit in time
-            proc.kill()
-            proc.wait(30)
 
 
 def _complete(run_dir: pathlib.Path, steps: int) -> bool:
@@ -151,14 +99,21 @@ def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir:
     if not args.remote:
         _run(cmd, run_dir, os.environ, None)
         return
-    with _server(model or "smollm2-135m", CONTEXT[task], run_dir / "server.log") as address:
+    served = model or "smollm2-135m"
+    if args.server == "vllm":
+        from agentflow.engines.model_loading import resolve_model_dir
+
+        served = str(resolve_model_dir(served))  # vLLM loads HF directories only
+    with server_on_core(args.server, served, run_dir / "servers", core=0, context=CONTEXT[task],
+                        python=args.vllm_python) as address:
         remote = [
             "inference.backend=remote",
+            f"inference.protocol={'vllm' if args.server == 'vllm' else 'sglang'}",
             f"inference.addresses=[{address}]",
             "trainer.weight_update=disk",
             "threads=1",
         ]
-        _run([*cmd, *remote], run_dir, {**os.environ, "OMP_NUM_THREADS": "1"}, _pinned({1}))
+        _run([*cmd, *remote], run_dir, {**os.environ, "OMP_NUM_THREADS": "1"}, pinned({1}))
 
 
 def _run(cmd: list[str], run_dir: pathlib.Path, env: Any, preexec: Callable[[], None] | None) -> None:
@@ -253,7 +208,10 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out problem")
     p.add_argument("--targets", default="0.5,0.7,0.9", help="held-out accuracies to time")
     p.add_argument("--budgets", default="120,240,480", help="wall-clock seconds to read held-out at")
-    p.add_argument("--remote", action="store_true", help="generation in agentflow serve on core 0, training on core 1")
+    p.add_argument("--remote", action="store_true", help="generation in a server on core 0, training on core 1")
+    p.add_argument("--server", choices=("serve", "vllm"), default="serve",
+                   help="with --remote: agentflow serve or a real vLLM (fp32) generates")
+    p.add_argument("--vllm-python", default=None, help="interpreter of a vLLM 0.32 install (--server vllm)")
     p.add_argument("--model", default=None, help="model.path override (e.g. tiny for a plumbing check)")
     p.add_argument("--override", action="append", default=[], help="extra key=value for every run (repeatable)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench_tta"), help="run directories go here")
@@ -264,7 +222,9 @@ def main() -> None:
     if args.quick:
         args.model, args.steps, args.eval_every, args.eval_size = args.model or "tiny", 2, 1, 8
         args.override += ["data.shots=0", "generation.max_new_tokens=8"]
-    layout = "remote" if args.remote else "in_process"
+    if args.server == "vllm" and not args.remote:
+        raise SystemExit("--server vllm needs --remote (vLLM runs in its own process)")
+    layout = ("remote_vllm" if args.server == "vllm" else "remote") if args.remote else "in_process"
     targets = [float(x) for x in args.targets.split(",")]
     budgets = [float(x) for x in args.budgets.split(",")]
     rows: list[dict[str, Any]] = []
