@@ -206,7 +206,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-size", type=int, default=64, help="held-out problems")
     p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out problem")
-    p.add_argument("--targets", default="0.5,0.7,0.9", help="held-out accuracies to time")
+    p.add_argument("--targets", default="0.5,0.6,0.7,0.9", help="held-out accuracies to time")
     p.add_argument("--budgets", default="120,240,480", help="wall-clock seconds to read held-out at")
     p.add_argument("--remote", action="store_true", help="generation in a server on core 0, training on core 1")
     p.add_argument("--server", choices=("serve", "vllm"), default="serve",
