@@ -5,7 +5,9 @@ as the next version and returns once rollout runs on them:
 
 - ``mem`` / ``disk``: the train engine uploads (fills ``state_dict`` or writes an HF checkpoint
   under ``<run_dir>/weights/v<version>``), then the engine's update runs on the event loop (the
-  caller's ``on_loop`` coroutine: pause rollout, load, bump the version, resume);
+  caller's ``on_loop`` coroutine: pause rollout, load, bump the version, resume). Once every server
+  has loaded a disk version, all but the newest ``keep_disk_versions`` directories are deleted (a
+  server that rejoins later is sent the newest; each directory is a whole model);
 - ``nccl``: both sides at once. The servers sit in their receive route while train rank 0 joins
   the weight-update group (once per run, under a fresh group name, since a server may still hold
   the group of a killed run) and broadcasts every tensor from a daemon thread of its own, so that a
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import pathlib
+import re
+import shutil
 import socket
 import threading
 import uuid
@@ -32,6 +37,9 @@ from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
 from agentflow.errors import EngineError
 
 __all__ = ["WeightPublisher", "call_on_loop"]
+
+log = logging.getLogger("agentflow.trainer")
+_VERSION_DIR = re.compile(r"v(\d{6,})")
 
 OnLoop = Callable[[int, WeightUpdateMeta], Coroutine[Any, Any, None]]
 
@@ -55,12 +63,15 @@ class WeightPublisher:
         nccl_address, nccl_port: where the servers reach train rank 0's rendezvous (port 0 = a free
             one, picked at the first ``nccl`` update).
         timeout_s: ``trainer.update_timeout_s``, the deadline of one whole update.
+        keep_disk_versions: ``trainer.keep_weight_versions``: ``disk`` directories kept after an
+            update (the newest); None keeps them all.
     """
 
     def __init__(self, kind: Literal["mem", "disk", "nccl"], *, engine: InferenceEngine, train_engine: TrainEngine,
                  run_dir: pathlib.Path, nccl_address: str = "127.0.0.1", nccl_port: int = 0,
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, keep_disk_versions: int | None = 1) -> None:
         self.kind = kind
+        self.keep_disk_versions = keep_disk_versions
         self.engine = engine
         self.train_engine = train_engine
         self.run_dir = run_dir
@@ -92,6 +103,7 @@ class WeightPublisher:
         if meta.type != "nccl":
             meta = self.train_engine.upload_weights(meta)
             call_on_loop(loop, on_loop(version, meta), self.timeout_s)
+            self._prune(version)
             return meta
         world = call_on_loop(loop, self._world_size(), self.timeout_s)
         publishing = asyncio.run_coroutine_threadsafe(on_loop(version, meta), loop)
@@ -114,6 +126,7 @@ class WeightPublisher:
         if meta.type != "nccl":
             meta = await asyncio.to_thread(self.train_engine.upload_weights, meta)
             await self.engine.aupdate_weights(meta)
+            await asyncio.to_thread(self._prune, version)
             return
         sending = asyncio.wrap_future(self._start_broadcast(meta, self.engine.weight_update_world_size()))
         receiving = asyncio.get_running_loop().create_task(self.engine.aupdate_weights(meta))
@@ -124,6 +137,20 @@ class WeightPublisher:
             await sending
         finally:
             receiving.cancel()
+
+    def _prune(self, version: int) -> None:
+        """Delete the ``disk`` version directories older than the newest ``keep_disk_versions``
+        (counting ``version``, just loaded by every server); a failure is logged, not raised."""
+        if self.kind != "disk" or self.keep_disk_versions is None:
+            return
+        root = self.run_dir / "weights"
+        older = sorted((int(m.group(1)), d) for d in root.glob("v*")
+                       if (m := _VERSION_DIR.fullmatch(d.name)) and d.is_dir() and int(m.group(1)) <= version)
+        for _, d in older[:-self.keep_disk_versions]:
+            try:
+                shutil.rmtree(d)
+            except OSError as e:
+                log.warning("could not delete the old weights directory %s (%s); it stays on disk", d, e)
 
     def _start_broadcast(self, meta: WeightUpdateMeta, world: int) -> concurrent.futures.Future[None]:
         """:meth:`_broadcast` in a daemon thread of its own: a join or broadcast left blocked by a

@@ -66,6 +66,9 @@ class TrainerConfig:
         nccl_port: TCP port of that group's rendezvous on train rank 0; 0 = a free port picked at start.
         checkpoint_every: steps between checkpoints (0 = only at the end of the run).
         keep_checkpoints: complete checkpoints kept on disk.
+        keep_weight_versions: with ``weight_update=disk``, the newest weight directories kept under
+            ``<run_dir>/weights`` once every server has loaded them (each is a whole model); null
+            keeps every version.
         eval_every: steps between evaluations (0 = never); with evaluation on, version 0 (the
             starting policy) is evaluated too.
         eval_samples: samples per held-out prompt in an evaluation.
@@ -88,6 +91,7 @@ class TrainerConfig:
     nccl_port: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
+    keep_weight_versions: int | None = 1
     eval_every: int = 0
     eval_samples: int = 2
     batch_timeout_s: float = 1800.0
@@ -108,6 +112,9 @@ class TrainerConfig:
         for name in ("batch_timeout_s", "update_timeout_s", "stop_grace_s", "loop_block_warn_s"):
             if not 0 < getattr(self, name) < math.inf:
                 problems.append(f"trainer.{name} must be a finite number of seconds > 0, got {getattr(self, name)}")
+        if self.keep_weight_versions is not None and self.keep_weight_versions < 1:
+            problems.append(f"trainer.keep_weight_versions must be >= 1 or null (keep all), got "
+                            f"{self.keep_weight_versions}")
         if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
             problems.append(f"trainer.max_skipped_steps must be >= 1 or null, got {self.max_skipped_steps}")
         ConfigError.check(problems)
@@ -196,7 +203,8 @@ class Trainer:
         self._stop = threading.Event()
         self.publisher = WeightPublisher(config.weight_update, engine=engine, train_engine=train_engine,
                                          run_dir=self.run_dir, nccl_address=config.nccl_address,
-                                         nccl_port=config.nccl_port, timeout_s=config.update_timeout_s)
+                                         nccl_port=config.nccl_port, timeout_s=config.update_timeout_s,
+                                         keep_disk_versions=config.keep_weight_versions)
         self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")
         self._vocab_size = train_engine.vocab_size()
         if not callable(getattr(workflow, "arun_episode", None)):

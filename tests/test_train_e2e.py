@@ -144,6 +144,8 @@ def test_train_against_agentflow_serve_over_http(tmp_path, weight_update):
         info = httpx.get(f"http://127.0.0.1:{port}/get_model_info", timeout=5).json()
         assert info["weight_version"] == "3"  # the server holds the trainer's latest weights
         assert (run / "weights").exists() == (weight_update == "disk")  # a broadcast writes nothing
+        if weight_update == "disk":  # older versions deleted once loaded (trainer.keep_weight_versions=1)
+            assert sorted(d.name for d in (run / "weights").iterdir()) == ["v000003"]
         if weight_update == "nccl":  # a resumed run joins a new group and sends its weights before rolling out
             out = _agentflow(*args[:-2], "trainer.total_steps=4", args[-1], "--resume", timeout=300)
             assert out.returncode == 0, out.stderr[-3000:]

@@ -1,0 +1,83 @@
+"""WeightPublisher's disk hand-off: each version a directory, the old ones deleted once loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agentflow._publish import WeightPublisher
+from agentflow.errors import ServerError
+
+
+class DiskWriter:
+    """The train engine's side: writes a (one-file) checkpoint where the meta says."""
+
+    def upload_weights(self, meta: Any) -> Any:
+        path = pathlib.Path(meta.path)
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"weights")
+        return meta
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def _names(run_dir: pathlib.Path) -> list[str]:
+    return sorted(d.name for d in (run_dir / "weights").iterdir())
+
+
+def _publisher(run_dir: pathlib.Path, keep: int | None) -> WeightPublisher:
+    return WeightPublisher("disk", engine=None, train_engine=DiskWriter(), run_dir=run_dir,  # type: ignore[arg-type]
+                           keep_disk_versions=keep)
+
+
+def test_versions_past_the_newest_kept_are_deleted_once_loaded(tmp_path, loop):
+    loaded: list[str] = []
+
+    async def load(version: int, meta: Any) -> None:
+        assert pathlib.Path(meta.path).is_dir()  # noqa: ASYNC240 (written before the servers are told)
+        loaded.append(pathlib.Path(meta.path).name)
+
+    (tmp_path / "weights" / "notes").mkdir(parents=True)  # not a version directory: never touched
+    pub = _publisher(tmp_path, keep=2)
+    for version in range(1, 6):
+        pub.publish(loop, version, load)
+    assert loaded == [f"v00000{v}" for v in range(1, 6)]
+    assert _names(tmp_path) == ["notes", "v000004", "v000005"]
+
+
+def test_keep_none_keeps_every_version(tmp_path, loop):
+    async def load(version: int, meta: Any) -> None:
+        pass
+
+    pub = _publisher(tmp_path, keep=None)
+    for version in range(1, 4):
+        pub.publish(loop, version, load)
+    assert _names(tmp_path) == ["v000001", "v000002", "v000003"]
+
+
+def test_a_failed_update_deletes_nothing(tmp_path, loop):
+    """The servers may still be on the older version: it must stay loadable."""
+
+    async def load(version: int, meta: Any) -> None:
+        if version == 2:
+            raise ServerError("refused")
+
+    pub = _publisher(tmp_path, keep=1)
+    pub.publish(loop, 1, load)
+    with pytest.raises(ServerError, match="refused"):
+        pub.publish(loop, 2, load)
+    assert _names(tmp_path) == ["v000001", "v000002"]
