@@ -54,6 +54,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import re
 import shutil
 import statistics
 import subprocess
@@ -71,10 +72,13 @@ TARGET = 0.6  # held-out accuracy whose time is reported
 # agentflow train overrides per setting ("trl" is TRL's GRPOTrainer)
 SETTINGS: dict[str, list[str]] = {"agentflow": [], "agentflow_sync": ["rollout.max_staleness=0"], "trl": []}
 
+_ETA = re.search(r"^\s*max_staleness:\s*(\d+)", ADDITION.read_text(), re.M)
+ETA = int(_ETA.group(1)) if _ETA else 2  # the example's staleness bound (2 is the recipe default)
+
 MISMATCHES = [
-    "off-policy handling: agentflow (default max_staleness=2) trains on samples up to 2 versions old with its "
-    "decoupled PPO correction; TRL generates and trains synchronously (num_iterations=1: every ratio is 1), "
-    "as agentflow_sync does",
+    f"off-policy handling: agentflow (the example's max_staleness={ETA}) trains on samples up to {ETA} "
+    "version(s) old with its decoupled PPO correction; TRL generates and trains synchronously "
+    "(num_iterations=1: every ratio is 1), as agentflow_sync does",
     "generation: agentflow's LocalEngine (continuous batching, shared-prompt packing in training) against "
     "TRL's transformers generate() on a padded batch of 64 (then a padded forward for the loss)",
     "batch shape: agentflow trains the 8 groups of a step packed into rows of up to 8192 tokens; TRL trains "
