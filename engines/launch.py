@@ -185,27 +185,16 @@ class ServerProcess:
             return "(no log)"
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it after ``grace_s``; idempotent.
-
-        Returns once the whole group is gone, not only the server's main process: vLLM's engine
-        core outlives its API process for a moment, and a server started again on the same port
-        while it still runs can crash at start.
-        """
+        """SIGTERM the server's process group, SIGKILL it after ``grace_s``; idempotent."""
         proc, self.proc = self.proc, None
         try:
-            if proc is not None and (proc.poll() is None or _group_alive(proc.pid)):
-                deadline = time.monotonic() + grace_s
+            if proc is not None and proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(timeout=grace_s)
                 except subprocess.TimeoutExpired:
-                    pass
-                while _group_alive(proc.pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                if proc.poll() is None or _group_alive(proc.pid):
                     _signal_group(proc, signal.SIGKILL)
                     proc.wait()
-                    _wait_group_gone(proc.pid, 5.0)
         finally:
             if self._log is not None:
                 self._log.close()
@@ -215,33 +204,6 @@ class ServerProcess:
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)  # the server and its workers (vLLM's engine core and workers)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` still runs (zombies waiting for their reaper count as gone)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return not os.path.isdir("/proc")
-
-
-def _wait_group_gone(pgid: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _die_with_parent() -> None:
