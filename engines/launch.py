@@ -21,6 +21,7 @@ HTTP client (``engines/remote``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import signal
@@ -28,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -151,7 +152,7 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.command.argv, env={**os.environ, **self.command.env}, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_pdeathsig(),
         )
 
     @property
@@ -206,13 +207,24 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)  # the server and its workers (vLLM's engine core and workers)
 
 
-def _die_with_parent() -> None:
-    """(In the child, before exec.) Linux: get SIGTERM when the parent dies, so no server outlives it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _pdeathsig() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to SIGTERM the child when its parent dies; None elsewhere.
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    libc is looked up here, in the parent, so that what runs in the child between ``fork`` and
+    ``exec`` is the one call (code run there in a process with other threads should do as little
+    as it can). The signal follows the *thread* that started the child: start servers from a
+    thread that lives as long as they should (the main thread, an actor's loop), not a pool
+    thread that may exit first.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return functools.partial(prctl, 1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager
