@@ -21,15 +21,15 @@ HTTP client (``engines/remote``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -98,7 +98,8 @@ def vllm_command(
             "--logprobs-mode", "processed_logprobs"]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
-    env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    # PYTHONFAULTHANDLER: a crash of the server (or its engine core) leaves its stack in the log
+    env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONFAULTHANDLER": "1"}
     if lora_rank is not None:
         argv += ["--enable-lora", "--max-lora-rank", str(_lora_slot(lora_rank)), "--max-loras", str(max_loras)]
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -148,11 +149,12 @@ class ServerProcess:
     def start(self) -> None:
         if self.alive:
             raise EngineError(f"{self.command.name} on {self.command.address} is already running")
+        argv = _with_pdeathsig(self.command.argv)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self.command.argv, env={**os.environ, **self.command.env}, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_pdeathsig(),
+            argv, env={**os.environ, **self.command.env}, stdout=self._log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
 
     @property
@@ -207,24 +209,36 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)  # the server and its workers (vLLM's engine core and workers)
 
 
-def _pdeathsig() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that asks Linux to SIGTERM the child when its parent dies; None elsewhere.
+# Run as the child before the server: ask Linux for SIGTERM when the parent dies (kept across
+# exec), exit if the parent is already gone, then become the server.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
-    libc is looked up here, in the parent, so that what runs in the child between ``fork`` and
-    ``exec`` is the one call (code run there in a process with other threads should do as little
-    as it can). The signal follows the *thread* that started the child: start servers from a
-    thread that lives as long as they should (the main thread, an actor's loop), not a pool
-    thread that may exit first.
+
+def _with_pdeathsig(argv: list[str]) -> list[str]:
+    """``argv`` run so that the server gets SIGTERM when this process dies (Linux; unchanged elsewhere).
+
+    Not a ``preexec_fn``: one forces ``fork()``, which runs every library's fork handlers in the
+    child of a many-threaded process and then Python code between fork and exec. Restarting a vLLM
+    server from such a process (after the test suite had loaded torch, Ray, gRPC, ...) crashed the
+    child with SIGSEGV before the server printed a line (3 times out of 3; without the ``preexec_fn``
+    the same restart passed). Without one, the child is started with ``vfork``/``exec`` and a small
+    interpreter sets the signal. The signal follows the *thread* that
+    started the child: start servers from a thread that lives as long as they should (the main
+    thread, an actor's loop), not a pool thread that may exit first.
     """
     if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return functools.partial(prctl, 1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        return argv
+    program = shutil.which(argv[0])
+    if program is None:
+        raise EngineError(f"cannot start {argv[0]!r}: no such executable (expected a path to a program or a "
+                          f"command on PATH; command: {shlex.join(argv)})")
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), program, *argv[1:]]
 
 
 @contextlib.contextmanager

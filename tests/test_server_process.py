@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from agentflow.engines.launch import ServerCommand, ServerProcess
+from agentflow.errors import EngineError
+
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 
 # A parent that starts a "server" (a sleeping child that writes its pid), then blocks until killed.
@@ -59,3 +62,11 @@ def test_a_server_gets_sigterm_when_its_parent_is_killed(tmp_path: Path) -> None
             with_pid = int(pidfile.read_text())
             if _running(with_pid):
                 os.kill(with_pid, signal.SIGKILL)
+
+
+def test_a_missing_program_is_named_before_anything_starts(tmp_path: Path) -> None:
+    cmd = ServerCommand(["/nonexistent/python", "-m", "server"], {}, "127.0.0.1", 1, "toy")
+    server = ServerProcess(cmd, tmp_path / "toy.log")
+    with pytest.raises(EngineError, match=r"cannot start '/nonexistent/python': no such executable"):
+        server.start()
+    assert server.proc is None and not server.alive
