@@ -49,6 +49,33 @@ def test_a_placement_that_can_never_fit_names_what_was_asked_and_what_the_cluste
         check_fits(plan(LaunchSpec(servers=1, nodes=3), "GPU"), {"GPU": 8.0}, [_node("a", 4), _node("b", 4)])
 
 
+def test_a_restart_the_pool_saw_before_the_launcher_did_is_still_reported(caplog):
+    """The ranks can finish (the trainer's pool rejoined a restarted server) before the server's
+    actor confirms its start; the launcher waits briefly for that answer instead of dropping it."""
+    import logging
+    import types
+
+    from agentflow.recipe.launch import _Job, _Server
+
+    class FakeRay:
+        exceptions = types.SimpleNamespace(RayError=RuntimeError)
+
+        def wait(self, refs, timeout=None):
+            return [r for r in refs if r != "slow"], [r for r in refs if r == "slow"]
+
+        def get(self, ref):
+            return {"fast": "10.0.0.1:31000"}[ref]
+
+    job = object.__new__(_Job)
+    job.ray, job.servers = FakeRay(), [_Server(0, address="10.0.0.1:31000"), _Server(1, address="10.0.0.2:31001")]
+    waiting = {"fast": ("started", 0), "slow": ("started", 1), "watch": ("server", 0)}
+    with caplog.at_level(logging.INFO, logger="agentflow"):
+        job._confirm_restarts(waiting)
+    assert "server-0 is back on 10.0.0.1:31000" in caplog.text
+    assert "server-1 was still restarting when the run ended" in caplog.text
+    assert "fast" not in waiting and "slow" in waiting  # what is left is settled at teardown
+
+
 def test_the_server_command_fills_its_placeholders_and_runs_agentflow_with_this_python():
     from agentflow.recipe._actors import server_argv
 

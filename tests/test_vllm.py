@@ -99,6 +99,19 @@ async def _restore(engine: RemoteEngine, base_dir: Path) -> None:
     await engine.aupdate_weights(WeightUpdateMeta(type="disk", path=str(base_dir), version=0))
 
 
+def _next_delay(versions: list[Any], old: int, new: int, delay: float, spans: list[Any]) -> float | None:
+    """For the tests that update weights in the middle of a request: None when the update landed
+    inside it (tokens on both versions), else the delay to try next. Too early and every token is on
+    the new version; too late (the tiny model decodes 900 tokens in well under a second on a quiet
+    machine) and every token is on the old one."""
+    spans.append((delay, versions.count(old), versions.count(new)))
+    if old not in versions:
+        return delay * 1.5
+    if new not in versions:
+        return delay / 3
+    return None
+
+
 # ---------------------------------------------------------------------------- real server
 @real
 async def test_generation_is_token_exact_and_logprobs_match_transformers(vllm_server: Any, base_dir: Path) -> None:
@@ -130,7 +143,7 @@ async def test_an_update_in_the_middle_of_a_long_request_switches_versions_and_l
         vllm_server: Any, base_dir: Path, noisy_dir: Path) -> None:
     n, delay, spans = 900, 0.3, []
     async with _engine(vllm_server.command.address) as engine:
-        for _ in range(8):  # until the update lands mid-request (see the pause-keep test below)
+        for _ in range(8):  # until the update lands mid-request
             await _restore(engine, base_dir)
             engine.set_version(0)
             request = ModelRequest(PROMPT, GenerationConfig(max_new_tokens=n, greedy=True))
@@ -142,12 +155,7 @@ async def test_an_update_in_the_middle_of_a_long_request_switches_versions_and_l
             await engine.resume()
             r = await task
             assert r.stop_reason == "length" and len(r.output_tokens) == n, (len(r.output_tokens), r.stop_reason)
-            spans.append((delay, r.output_versions.count(0), r.output_versions.count(1)))
-            if 0 not in r.output_versions:
-                delay *= 1.5
-            elif 1 not in r.output_versions:
-                delay /= 3
-            else:
+            if (delay := _next_delay(r.output_versions, 0, 1, delay, spans)) is None:
                 break
         await _restore(engine, base_dir)
         engine.set_version(0)
@@ -167,9 +175,7 @@ async def test_an_update_in_the_middle_of_a_long_request_switches_versions_and_l
 @real
 async def test_pause_keep_freezes_a_request_and_the_weight_versions_span_the_update(
         vllm_server: Any, base_dir: Path, noisy_dir: Path) -> None:
-    # The pause has to land while the request decodes: too early and every token is on version 2,
-    # too late (the tiny model decodes 900 tokens in well under a second on a quiet machine) and
-    # every token is on version 1. Each miss retries with the pause moved the other way.
+    # The pause has to land while the request decodes; each miss retries it earlier or later.
     proto = VLLMProtocol(pause_mode="keep")
     delay, spans = 0.3, []
     async with _engine(vllm_server.command.address, pause_mode="keep") as engine:
@@ -189,12 +195,7 @@ async def test_pause_keep_freezes_a_request_and_the_weight_versions_span_the_upd
             out = await task
             assert await call(proto.weight_version) == 2
             assert out.finish == "length" and len(out.tokens) == 900
-            spans.append((delay, out.versions.count(1), out.versions.count(2)))
-            if 1 not in out.versions:
-                delay *= 1.5
-            elif 2 not in out.versions:
-                delay /= 3
-            else:
+            if (delay := _next_delay(out.versions, 1, 2, delay, spans)) is None:
                 break
         await call(proto.update_weights_from_disk, str(base_dir), 0)
     assert 1 in out.versions and 2 in out.versions, f"the pause never landed mid-request: {spans}"

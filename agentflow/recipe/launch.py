@@ -270,6 +270,21 @@ class _Job:
                 waiting[self.servers[i].actor.watch.remote()] = ("server", i)
             else:
                 self._restart(self.servers[i], why, waiting)
+        self._confirm_restarts(waiting)
+
+    def _confirm_restarts(self, waiting: dict[Any, tuple[str, int]]) -> None:
+        """The ranks are done: report restarts still under way. The trainer's pool may have seen a
+        restarted server healthy, rejoined it and finished the run before the server's actor (which
+        polls more slowly) confirmed the start; give each a few seconds to say so."""
+        for ref, (kind, i) in list(waiting.items()):
+            if kind != "started":
+                continue
+            ready, _ = self.ray.wait([ref], timeout=5.0)
+            if ready and self._outcome(ref)[0] == 0:
+                waiting.pop(ref)
+                self._back(self.servers[i], self.ray.get(ref))
+            else:
+                log.warning("server-%d was still restarting when the run ended", i)
 
     def _outcome(self, ref: Any) -> tuple[int, str]:
         """(0, "") for a clean exit or a started server; else (code, what happened)."""
