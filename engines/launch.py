@@ -228,9 +228,9 @@ def _with_pdeathsig(argv: list[str]) -> list[str]:
     server from such a process (after the test suite had loaded torch, Ray, gRPC, ...) crashed the
     child with SIGSEGV before the server printed a line (3 times out of 3; without the ``preexec_fn``
     the same restart passed). Without one, the child is started with ``vfork``/``exec`` and a small
-    interpreter sets the signal. The signal follows the *thread* that
-    started the child: start servers from a thread that lives as long as they should (the main
-    thread, an actor's loop), not a pool thread that may exit first.
+    interpreter sets the signal. The signal follows the *thread* that started the child: start
+    servers from a thread that lives as long as they should (the main thread, an actor's loop), not
+    a pool thread that may exit first.
     """
     if not sys.platform.startswith("linux"):
         return argv
