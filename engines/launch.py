@@ -232,12 +232,12 @@ def _with_pdeathsig(argv: list[str]) -> list[str]:
     servers from a thread that lives as long as they should (the main thread, an actor's loop), not
     a pool thread that may exit first.
     """
-    if not sys.platform.startswith("linux"):
-        return argv
     program = shutil.which(argv[0])
     if program is None:
         raise EngineError(f"cannot start {argv[0]!r}: no such executable (expected a path to a program or a "
                           f"command on PATH; command: {shlex.join(argv)})")
+    if not sys.platform.startswith("linux"):
+        return argv
     return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), program, *argv[1:]]
 
 
