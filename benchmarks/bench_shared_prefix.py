@@ -62,8 +62,9 @@ def step(engine: FSDPEngine, trajs: list[Trajectory], spec: MicroBatchSpec) -> t
     return time.perf_counter() - t0, stats, prox
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def batch_from_args(doc: str) -> tuple[argparse.Namespace, torch.nn.Module, object, list[Trajectory]]:
+    """The command line shared with ``bench_prox_forward.py``: the model and a step's batch."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--model", default="tiny", help="tiny (random 4-layer, byte vocabulary) or smollm2-135m")
     p.add_argument("--groups", type=int, default=8, help="prompts per step")
     p.add_argument("--n-samples", type=int, default=8)
@@ -75,7 +76,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load(args.model)
     vocab = model.get_input_embeddings().num_embeddings
-    trajs = make_batch(args.groups, args.n_samples, args.prompt, args.answer, vocab, seed=0)
+    return args, model, tok, make_batch(args.groups, args.n_samples, args.prompt, args.answer, vocab, seed=0)
+
+
+def main() -> None:
+    args, model, tok, trajs = batch_from_args(__doc__)
     spec = MicroBatchSpec(max_tokens_per_mb=8192)
     engines = {}
     for share in (False, True):

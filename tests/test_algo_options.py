@@ -14,6 +14,7 @@ from agentflow.algo import (
     AlgoConfig,
     PPOConfig,
     PPOLoss,
+    accumulate_sums,
     aggregation_weights,
     batch_stats,
     behaviour_weight,
@@ -252,6 +253,19 @@ def test_mismatch_metrics_by_hand_and_version_filter():
     assert none == {"mismatch/tokens": 0.0, "mismatch/current_version_only": 1.0}
     every = mismatch_stats(mismatch_sums(behav, prox, mask, 0.1), prefix="mismatch/all_")
     assert every["mismatch/all_tokens"] == 3 and every["mismatch/all_max_abs_diff"] == pytest.approx(0.2, rel=1e-5)
+
+
+def test_mismatch_sums_of_shards_combine_to_the_whole():
+    """Two shards (minibatches, micro-batches) accumulated give the whole batch's metrics: the
+    totals add up and the max is the larger one, not the sum of both."""
+    behav = torch.tensor([[0.0, -1.0, -2.0, -0.5], [0.0, -0.3, -0.9, -1.1]])
+    prox = torch.tensor([[0.0, -1.0, -1.8, -0.55], [0.0, -0.6, -0.8, -1.0]])
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0]])
+    total = torch.zeros(5, dtype=torch.float64)
+    for row in range(2):
+        accumulate_sums(total, mismatch_sums(behav[row:row + 1], prox[row:row + 1], mask[row:row + 1], 0.1))
+    assert mismatch_stats(total) == pytest.approx(mismatch_stats(mismatch_sums(behav, prox, mask, 0.1)))
+    assert mismatch_stats(total)["mismatch/max_abs_diff"] == pytest.approx(0.3, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------ validation

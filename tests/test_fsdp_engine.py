@@ -365,3 +365,49 @@ def test_a_ppo_step_on_one_packing_equals_the_padded_path(tiny, make_engine, min
         assert s1[key] == pytest.approx(s2[key], rel=1e-5, abs=1e-7), key
     a, b = got.full_state_dict(), want.full_state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+class _CountingForwards(_Unprepared):
+    """The same engine, counting its no-grad forward passes."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.forwards = 0
+
+    def prepare(self, input_, mb_spec):
+        return self._inner.prepare(input_, mb_spec)
+
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        return self._inner.forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_the_first_minibatch_takes_its_proximal_logprobs_from_its_own_update_forward(make_engine, minibatches):
+    """Decoupled PPO without a separate proximal forward for the first minibatch: the same loss,
+    statistics, mismatch metrics and weights as recomputing it, with one forward fewer per step."""
+    import dataclasses
+
+    from agentflow.algo import AlgoConfig, ppo_update, token_advantages
+
+    trajs = make_trajs(5, [9, 14, 11, 8, 12, 10], shared_prompt=True)
+    trajs = [dataclasses.replace(t, versions=[v + 1 if v >= 0 else v for v in t.versions]) if i % 2 else t
+             for i, t in enumerate(trajs)]  # half of them generated one version before the trainer's weights
+    algo = AlgoConfig(ppo=PPOConfig(eps_clip=0.1))
+    items = token_advantages(trajs, algo)
+    reused, recomputed = _CountingForwards(make_engine()), _CountingForwards(make_engine())
+    s1 = ppo_update(reused, algo, items, max_tokens_per_mb=40, minibatches=minibatches, version=1)
+    recompute = dataclasses.replace(algo, ppo=dataclasses.replace(algo.ppo, recompute_prox=True))
+    s2 = ppo_update(recomputed, recompute, items, max_tokens_per_mb=40, minibatches=minibatches, version=1)
+    assert (reused.forwards, recomputed.forwards) == (minibatches - 1, minibatches)
+    assert s1.keys() == s2.keys()
+    assert s1["mismatch/tokens"] > 0 and s1["mismatch/all_tokens"] > s1["mismatch/tokens"]
+    for key in s1:
+        assert s1[key] == pytest.approx(s2[key], rel=1e-4, abs=1e-6), key
+    a, b = reused.full_state_dict(), recomputed.full_state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_recompute_prox_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"ppo\.recompute_prox must be true or false, got .yes."):
+        PPOConfig(recompute_prox="yes")

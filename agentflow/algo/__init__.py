@@ -45,7 +45,7 @@ from agentflow.algo._loss import (
     sft_loss,
     token_count,
 )
-from agentflow.algo._mismatch import mismatch_stats, mismatch_sums
+from agentflow.algo._mismatch import accumulate_sums, mismatch_stats, mismatch_sums
 from agentflow.algo._step import Shard, batch_stats, ppo_step, ppo_update, split_by_tokens, token_advantages
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "PPOLoss",
     "RatioLevel",
     "Shard",
+    "accumulate_sums",
     "aggregation_weights",
     "batch_normalize",
     "batch_stats",

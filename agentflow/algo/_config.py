@@ -54,10 +54,17 @@ class PPOConfig:
     Attributes:
         eps_clip: lower clip, the ratio is clipped to ``[1 - eps_clip, 1 + eps_clip_high]``.
         eps_clip_high: upper clip (DAPO's "clip-higher"); ``None`` = ``eps_clip``.
-        decoupled: use the proximal policy (``prox_logp``, recomputed by the trainer before the
-            update) as the trust-region centre and weight each token by the behaviour importance
-            weight ``w = exp(prox_logp - behav_logp)`` (AReaL). ``False`` = standard PPO/GRPO with the
-            behaviour log-probs as the old log-probs and no weight.
+        decoupled: use the proximal policy (``prox_logp``, the log-probs of the weights before
+            this step's update) as the trust-region centre and weight each token by the behaviour
+            importance weight ``w = exp(prox_logp - behav_logp)`` (AReaL). ``False`` = standard
+            PPO/GRPO with the behaviour log-probs as the old log-probs and no weight.
+        recompute_prox: ``False`` (the default): the first minibatch of a step takes its proximal
+            log-probs from its own update forward (detached): those weights *are* the proximal
+            policy, so a separate no-grad forward would compute the same numbers. With
+            ``trainer.ppo_minibatches=1`` that saves one forward pass over the batch per step
+            (about a quarter of the train step). Later minibatches always get a separate forward
+            before the first update. ``True``: the separate forward for every minibatch (only
+            differs with dropout or nondeterministic kernels).
         behav_imp_weight_cap: upper threshold on ``w``; ``None`` = no threshold.
         behav_imp_weight_mode: ``"cap"`` = truncated importance sampling (TIS): ``min(w, cap)``;
             ``"mask"`` = masked importance sampling (MIS): a token (or sequence, see
@@ -90,6 +97,7 @@ class PPOConfig:
     eps_clip: float = 0.2
     eps_clip_high: float | None = None
     decoupled: bool = True
+    recompute_prox: bool = False
     behav_imp_weight_cap: float | None = 5.0
     behav_imp_weight_mode: ImpWeightMode = "cap"
     behav_imp_weight_floor: float | None = None
@@ -119,6 +127,9 @@ class PPOConfig:
             out.append(f"ppo.eps_clip must be in (0, 1), got {self.eps_clip!r}")
         if self.eps_clip_high is not None and not (_finite(self.eps_clip_high) and self.eps_clip_high > 0):
             out.append(f"ppo.eps_clip_high must be > 0 or null, got {self.eps_clip_high!r}")
+        for name in ("decoupled", "recompute_prox"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"ppo.{name} must be true or false, got {getattr(self, name)!r}")
         out += self._correction_problems()
         if self.ratio_level not in ("token", "geo_mean"):
             out.append(f"ppo.ratio_level must be 'token' or 'geo_mean', got {self.ratio_level!r}")

@@ -22,16 +22,16 @@ selected tokens:
   measure numerics *plus* staleness, i.e. the full off-policyness that the behaviour weight of
   decoupled PPO (and TIS / MIS) corrects.
 
-Sums are kept so that shards (minibatches, ranks) combine exactly: :func:`mismatch_sums`, then
-:func:`reduce_sums` across ranks, then :func:`mismatch_stats`. Not here: the corrections that act on
-the same ratio (:mod:`agentflow.algo._loss`).
+Sums are kept so that shards (minibatches, ranks) combine exactly: :func:`mismatch_sums` and
+:func:`accumulate_sums` per shard, then :func:`reduce_sums` across ranks, then
+:func:`mismatch_stats`. Not here: the corrections that act on the same ratio (:mod:`agentflow.algo._loss`).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["mismatch_stats", "mismatch_sums", "reduce_sums"]
+__all__ = ["accumulate_sums", "mismatch_stats", "mismatch_sums", "reduce_sums"]
 
 _N, _KL, _ABS, _OVER, _MAX = range(5)
 
@@ -56,6 +56,13 @@ def mismatch_sums(
     out[_OVER] = (absd > threshold).sum()
     out[_MAX] = absd.max()
     return out
+
+
+def accumulate_sums(total: torch.Tensor, sums: torch.Tensor) -> None:
+    """Add one shard's :func:`mismatch_sums` (a minibatch, a micro-batch) into ``total``, in place:
+    the totals add up, the max is the larger of the two."""
+    total[:_MAX] += sums[:_MAX]
+    total[_MAX] = torch.maximum(total[_MAX], sums[_MAX])
 
 
 def reduce_sums(sums: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from agentflow.algo._advantages import compute_advantages, has_signal, overlong_
 from agentflow.algo._batch import pad_trajectories
 from agentflow.algo._config import AlgoConfig
 from agentflow.algo._loss import PPOLoss, aggregation_weights, loss_weight
-from agentflow.algo._mismatch import mismatch_stats, mismatch_sums, reduce_sums
+from agentflow.algo._mismatch import accumulate_sums, mismatch_stats, mismatch_sums, reduce_sums
 from agentflow.errors import ConfigError
 
 __all__ = ["Shard", "batch_stats", "ppo_step", "ppo_update", "split_by_tokens", "token_advantages"]
@@ -130,29 +130,60 @@ def _engine_version(train_engine: TrainEngine) -> int | None:
 
 def _reference_logprobs(
     train_engine: TrainEngine, algo: AlgoConfig, padded: list[dict[str, torch.Tensor]], batches: list[Any],
-    mb_spec: MicroBatchSpec, ref_engine: TrainEngine | None, version: int | None,
-) -> dict[str, float]:
-    """Proximal log-probs of every minibatch before the first update, and the reference's; returns
-    the rollout-training mismatch of the proximal log-probs (empty without them)."""
+    mb_spec: MicroBatchSpec, ref_engine: TrainEngine | None, mismatch: _Mismatch,
+) -> None:
+    """Proximal log-probs of every minibatch before the first update (but the first minibatch's,
+    which its own update forward provides, see :class:`_ProxFromUpdate`), and the reference's;
+    adds the proximal log-probs' rollout-training mismatch to ``mismatch``."""
     if algo.ppo.kl_coef > 0 and ref_engine is None:
         raise ConfigError("algo.ppo.kl_coef > 0 needs a reference model; none was built")
-    current, every = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
-    for pad, batch in zip(padded, batches, strict=True):
-        if algo.ppo.decoupled:
+    for i, (pad, batch) in enumerate(zip(padded, batches, strict=True)):
+        if algo.ppo.decoupled and (i > 0 or algo.ppo.recompute_prox):
             prox = train_engine.forward(batch, mb_spec)
             _attach(batch, "prox_logp", prox)
-            args = (pad["logprobs"], prox, pad["loss_mask"], algo.mismatch_threshold)
-            current += mismatch_sums(*args, pad["versions"], version)
-            every += mismatch_sums(*args)
+            mismatch.add(pad["logprobs"], prox, pad["loss_mask"], pad["versions"])
         if ref_engine is not None and algo.ppo.kl_coef > 0:
             _attach(batch, "ref_logp", ref_engine.forward(batch, mb_spec))
     trim_heap()  # the forwards' temporaries, before the update allocates its own
-    if not algo.ppo.decoupled:
-        return {}
-    stats = mismatch_stats(reduce_sums(current), current_version_only=version is not None)
-    if version is not None:
-        stats.update(mismatch_stats(reduce_sums(every), prefix="mismatch/all_"))
-    return stats
+
+
+class _Mismatch:
+    """Rollout-training mismatch sums of the proximal log-probs: of the tokens generated at the
+    train engine's ``version`` and of every loss token (:mod:`agentflow.algo._mismatch`)."""
+
+    def __init__(self, threshold: float, version: int | None) -> None:
+        self.threshold, self.version = threshold, version
+        self.current = torch.zeros(5, dtype=torch.float64)
+        self.every = torch.zeros(5, dtype=torch.float64)
+
+    def add(self, behav: torch.Tensor, prox: torch.Tensor, mask: torch.Tensor, versions: torch.Tensor | None) -> None:
+        accumulate_sums(self.current, mismatch_sums(behav, prox, mask, self.threshold, versions, self.version))
+        accumulate_sums(self.every, mismatch_sums(behav, prox, mask, self.threshold))
+
+    def stats(self) -> dict[str, float]:
+        out = mismatch_stats(reduce_sums(self.current), current_version_only=self.version is not None)
+        if self.version is not None:
+            out.update(mismatch_stats(reduce_sums(self.every), prefix="mismatch/all_"))
+        return out
+
+
+class _ProxFromUpdate:
+    """The first minibatch's loss: the update forward runs the weights before this step's update,
+    which are the proximal policy, so its log-probs (detached) are the proximal log-probs and no
+    separate forward is needed (``algo.ppo.recompute_prox`` restores one). Gradients are those of
+    a separate forward's: the policy ratio is 1 and its derivative is that of ``logp``."""
+
+    def __init__(self, loss: PPOLoss, mismatch: _Mismatch) -> None:
+        self.loss, self.mismatch = loss, mismatch
+
+    @property
+    def entropy_grad(self) -> bool:
+        return self.loss.entropy_grad
+
+    def __call__(self, logprobs: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        prox = logprobs.detach()
+        self.mismatch.add(mb["logprobs"], prox, mb["loss_mask"], mb.get("versions"))
+        return self.loss(logprobs, {**mb, "prox_logp": prox})
 
 
 def _attach(batch: Any, key: str, padded: torch.Tensor) -> None:
@@ -186,15 +217,18 @@ def ppo_update(
     padded = [_padded_batch(items[i * n // k: (i + 1) * n // k], algo) for i in range(k)]
     batches = [_prepare(train_engine, b, mb_spec) for b in padded]
     version = _engine_version(train_engine) if version is None else version
-    mismatch = _reference_logprobs(train_engine, algo, padded, batches, mb_spec, ref_engine, version)
+    mismatch = _Mismatch(algo.mismatch_threshold, version)
+    _reference_logprobs(train_engine, algo, padded, batches, mb_spec, ref_engine, mismatch)
     del padded
     loss = PPOLoss(algo.ppo)
     stats: dict[str, float] = {}
-    for batch in batches:
-        for key, value in train_engine.train_batch(batch, mb_spec, loss, loss_weight).items():
+    for i, batch in enumerate(batches):
+        loss_fn = _ProxFromUpdate(loss, mismatch) if i == 0 and algo.ppo.decoupled and not algo.ppo.recompute_prox \
+            else loss
+        for key, value in train_engine.train_batch(batch, mb_spec, loss_fn, loss_weight).items():
             stats[key] = stats.get(key, 0.0) + value / k
     train_engine.step_lr_scheduler()
-    return {**stats, **mismatch}
+    return {**stats, **mismatch.stats()} if algo.ppo.decoupled else stats
 
 
 def ppo_step(
