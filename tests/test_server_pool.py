@@ -563,3 +563,40 @@ async def test_two_loopback_toy_servers_one_killed_mid_run_loses_no_episode() ->
     finally:
         await asyncio.to_thread(servers[1].stop)
     assert len(trajs) == n and stats["accepted"] == n and stats["rejected"] == 0
+
+
+async def test_requests_spread_over_small_http_clients_within_the_connection_limit() -> None:
+    """One httpx pool's bookkeeping grows with its connections, so the pool's requests go through
+    clients of a few connections each: the least loaded one for its size takes the next request,
+    no client is sent more than its size while another has room, and the sizes add up to
+    max_connections. A custom transport means one client."""
+    from agentflow.engines.remote._http import ClientShards
+
+    release = asyncio.Event()
+    in_flight: Counter[int] = Counter()
+    sizes: list[int] = []
+
+    def make(limits: httpx.Limits, ssl_context: Any) -> httpx.AsyncClient:
+        k = len(sizes)
+        sizes.append(limits.max_connections or 0)
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            in_flight[k] += 1
+            await release.wait()
+            return httpx.Response(200, json={"client": k})
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handler), limits=limits, verify=ssl_context)
+
+    shards = ClientShards(make, max_connections=10, per_client=4)
+    calls = [asyncio.ensure_future(shards.request("POST", "http://server/generate", json={})) for _ in range(10)]
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert sizes == [4, 4, 2] and in_flight == {0: 4, 1: 4, 2: 2}
+    release.set()
+    answers = [(await c).json()["client"] for c in calls]
+    assert Counter(answers) == {0: 4, 1: 4, 2: 2}
+    await shards.aclose()
+    single = ClientShards(make, max_connections=10, per_client=4, single=True)
+    assert (await single.request("GET", "http://server/health")).status_code == 200
+    assert sizes[-1] == 10
+    await single.aclose()

@@ -1,8 +1,9 @@
 """The server pool: a set of HTTP inference servers used as one, whatever protocol they speak.
 
-One ``httpx.AsyncClient`` (opened in :meth:`ServerPool.open`, closed in :meth:`ServerPool.close`)
-reaches every server; a :class:`~agentflow.engines.remote.protocol.ServerProtocol` adapter says which
-routes and bodies each operation is. The pool does:
+One set of ``httpx`` clients (:class:`~agentflow.engines.remote._http.ClientShards`, opened in
+:meth:`ServerPool.open`, closed in :meth:`ServerPool.close`) reaches every server; a
+:class:`~agentflow.engines.remote.protocol.ServerProtocol` adapter says which routes and bodies
+each operation is. The pool does:
 
 - **Health**: ``open`` waits up to ``startup_timeout_s`` for the servers; those not healthy yet are
   marked down. A background probe (one task in the pool's own ``TaskGroup``, asleep while every
@@ -56,6 +57,7 @@ import httpx
 import tenacity
 
 from agentflow import GenerationConfig, WeightUpdateMeta
+from agentflow.engines.remote._http import ClientShards
 from agentflow.engines.remote.protocol import BroadcastSpec, Generated, GenerateJob, ServerProtocol, WeightGroup
 from agentflow.errors import ConfigError, EngineError, EngineTimeout, ServerError
 
@@ -236,7 +238,7 @@ class ServerPool:
         self.protocol, self.config = protocol, config
         self.servers = [Server(_normalise(a)) for a in addresses]
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._client: ClientShards | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
@@ -255,11 +257,14 @@ class ServerPool:
     async def open(self) -> None:
         """Connect and wait for the servers (at least one must become healthy); start the probe."""
         cfg = self.config
-        self._client = httpx.AsyncClient(
-            transport=self._transport, timeout=httpx.Timeout(None, connect=cfg.connect_timeout_s),
-            limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections),
-            headers={} if cfg.api_key is None else {"Authorization": f"Bearer {cfg.api_key}"},
-        )
+        timeout = httpx.Timeout(None, connect=cfg.connect_timeout_s)
+        headers = {} if cfg.api_key is None else {"Authorization": f"Bearer {cfg.api_key}"}
+
+        def make(limits: httpx.Limits, ssl_context: Any) -> httpx.AsyncClient:
+            return httpx.AsyncClient(transport=self._transport, timeout=timeout, limits=limits, headers=headers,
+                                     verify=ssl_context)
+
+        self._client = ClientShards(make, cfg.max_connections, single=self._transport is not None)
         try:
             await self._await_startup()
         except BaseException:
@@ -283,7 +288,7 @@ class ServerPool:
                 self._client = None
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> ClientShards:
         if self._client is None:
             raise EngineError("the remote engine is not started: use `async with engine:` first")
         return self._client
