@@ -41,7 +41,8 @@ class Conn(asyncio.Protocol):
         self.buf += data
         while b"\r\n\r\n" in self.buf:
             head, rest = self.buf.split(b"\r\n\r\n", 1)
-            n = next((int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:")), 0)
+            lengths = [x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:")]
+            n = int(lengths[0].split(b":")[1]) if lengths else 0
             if len(rest) < n:
                 return
             self.buf = rest[n:]
