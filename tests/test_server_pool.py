@@ -572,7 +572,7 @@ async def test_requests_spread_over_small_http_clients_within_the_connection_lim
     max_connections. A custom transport means one client."""
     from agentflow.engines.remote._http import ClientShards
 
-    release = asyncio.Event()
+    release, all_in = asyncio.Event(), asyncio.Event()
     in_flight: Counter[int] = Counter()
     sizes: list[int] = []
 
@@ -582,6 +582,8 @@ async def test_requests_spread_over_small_http_clients_within_the_connection_lim
 
         async def handler(request: httpx.Request) -> httpx.Response:
             in_flight[k] += 1
+            if in_flight.total() == 10:
+                all_in.set()
             await release.wait()
             return httpx.Response(200, json={"client": k})
 
@@ -589,8 +591,7 @@ async def test_requests_spread_over_small_http_clients_within_the_connection_lim
 
     shards = ClientShards(make, max_connections=10, per_client=4)
     calls = [asyncio.ensure_future(shards.request("POST", "http://server/generate", json={})) for _ in range(10)]
-    for _ in range(100):
-        await asyncio.sleep(0)
+    await asyncio.wait_for(all_in.wait(), 10)
     assert sizes == [4, 4, 2] and in_flight == {0: 4, 1: 4, 2: 2}
     release.set()
     answers = [(await c).json()["client"] for c in calls]

@@ -2,13 +2,12 @@
 
 An ``httpx.AsyncClient`` does its pool's bookkeeping on every request it starts and every response
 it closes, in passes over all of its connections (one of them quadratic in the idle ones). With
-one client and 64 requests in flight that costs about 7 ms of CPU per request on this project's
-2-core machine, on the event loop that also runs the episodes and, in ``agentflow train``, on
-the trainer's cores; spread over clients of 4 connections each it is under 1 ms
-(``benchmarks/bench_http_pool.py``). :class:`ClientShards` therefore holds clients of at most
-``per_client`` connections each, created on first use, and sends a request through the one with
-the fewest requests in flight for its size, so no client holds more connections than it must and the total
-stays within ``max_connections``.
+one client and 64 requests in flight that cost 9.5 ms of CPU per request on a 2-core machine, on
+the event loop that also runs the episodes and, in ``agentflow train``, on the trainer's cores;
+over clients of 4 connections each it is 0.6 ms (``benchmarks/bench_http_pool.py``).
+:class:`ClientShards` therefore holds clients of at most ``per_client`` connections each, created
+on first use, and sends a request through the one with the fewest requests in flight for its size,
+so no client holds more connections than it must and the total stays within ``max_connections``.
 
 Not here: routes, retries, health (:mod:`agentflow.engines.remote._pool`).
 """
