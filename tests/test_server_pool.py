@@ -601,3 +601,57 @@ async def test_requests_spread_over_small_http_clients_within_the_connection_lim
     assert (await single.request("GET", "http://server/health")).status_code == 200
     assert sizes[-1] == 10
     await single.aclose()
+
+
+async def _lazy_closing_server(idle_limit_s: float) -> tuple[asyncio.Server, str]:
+    """A keep-alive HTTP/1.1 server that closes a connection idle for longer than ``idle_limit_s``
+    only when the next request arrives on it: the race a uvicorn server's keep-alive timeout
+    leaves when a request crosses the server's close."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        last = asyncio.get_running_loop().time()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"content-length: *(\d+)", head, re.I)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                if asyncio.get_running_loop().time() - last > idle_limit_s:
+                    return  # closed without an answer
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}")
+                await writer.drain()
+                last = asyncio.get_running_loop().time()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_idle_connections_expire_before_the_server_closes_them() -> None:
+    """uvicorn-based servers (SGLang, vLLM, agentflow serve) close a connection idle for 5 s, httpx's
+    own default expiry: a request sent as the server closes fails and would mark the server down.
+    The pool's clients drop idle connections first, so a request after a pause opens a fresh one."""
+    from agentflow.engines.remote._http import KEEPALIVE_S, ClientShards
+
+    assert KEEPALIVE_S < 5  # below uvicorn's default keep-alive timeout
+    server, url = await _lazy_closing_server(idle_limit_s=0.3)
+
+    def make(limits: httpx.Limits, ssl_context: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(limits=limits, verify=ssl_context)
+
+    try:
+        for keepalive_s, survives in ((0.15, True), (5.0, False)):  # ours, then httpx's default
+            shards = ClientShards(make, max_connections=4, keepalive_s=keepalive_s)
+            assert (await shards.request("POST", f"{url}/generate", json={})).status_code == 200
+            await asyncio.sleep(0.5)  # idle past the server's limit
+            if survives:
+                assert (await shards.request("POST", f"{url}/generate", json={})).status_code == 200
+            else:
+                with pytest.raises(httpx.TransportError):
+                    await shards.request("POST", f"{url}/generate", json={})
+            await shards.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
