@@ -11,7 +11,10 @@ After :meth:`fail` a consumer that would wait raises the failure instead; buffer
 A consumer may pass a ``group_filter`` (e.g. dynamic sampling, ``agentflow.algo.group_filter``):
 a fresh-enough group it rejects leaves the buffer like a stale-dropped one (``on_discard(group,
 "filter")``: the executor gives its staleness slot back, so another item can start) and the
-consumer keeps waiting for ``n`` groups that pass.
+consumer keeps waiting for ``n`` groups that pass. Set as :attr:`ReplayBuffer.arrival_filter`, the
+same predicate also screens each group as it arrives (:meth:`ReplayBuffer.screen`, called by the
+executor before ``put``): a rejected group never enters the buffer and its slot comes back while the
+consumer is still busy, so its replacement generates during the training step instead of after it.
 
 Cost: groups sit in buckets keyed by their oldest token version (a dict of FIFO deques plus a
 min-heap of the versions present), so ``put`` and taking one group cost O(1), or O(log k) when a
@@ -141,6 +144,8 @@ class ReplayBuffer:
         self.max_requeues = cfg.max_requeues
         self.stats = BufferStats()
         self.on_discard: DiscardCallback | None = None
+        # A pure predicate applied to arriving groups (screen); consumers still pass theirs to get_groups.
+        self.arrival_filter: GroupFilter | None = None
         self._groups = _Buckets()
         self._version = 0
         self._lock = threading.Lock()
@@ -151,6 +156,25 @@ class ReplayBuffer:
         self._failure: BaseException | None = None  # set by fail(): raised instead of waiting
 
     # ------------------------------------------------------------------ producer (event loop)
+    def screen(self, group: Group) -> bool:
+        """Whether an arriving group should enter the buffer: ``arrival_filter`` rejects it or not.
+
+        A rejected group is counted in ``stats.filtered`` like one a consumer's filter drops; the
+        caller gives its staleness slot back. A filter that raises keeps the group: the consumer's
+        own filter meets it again at consume time and raises there, where the caller sees it.
+        """
+        if self.arrival_filter is None:
+            return True
+        try:
+            keep = bool(self.arrival_filter(group))
+        except Exception:
+            return True
+        if not keep:
+            with self._lock:
+                self.stats.filtered += 1
+                self.stats.filtered_episodes += len(group.trajectories)
+        return keep
+
     async def put(self, group: Group, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Add a group; waits while the buffer holds ``maxsize`` groups.
 

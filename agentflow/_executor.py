@@ -67,6 +67,7 @@ _QUOTED_REASONS = 3  # distinct rejection reasons quoted by the consecutive-reje
 _MAX_REASON_CHARS = 300
 CANCELLED = "cancelled"  # reason of an item whose episode (or rollout() call) was cancelled
 BUFFER_FULL = "timed out waiting for buffer space"  # reason of an item whose put hit its deadline
+FILTERED = "filter"  # an accepted group the buffer's arrival filter rejected (not a rejection)
 
 
 class RolloutBlocked(EngineError):
@@ -382,19 +383,22 @@ class WorkflowExecutor:
             self._finish(item, group, reason)
 
     async def _produce(self, item: _Item) -> tuple[Group | None, str]:
-        """Run the item's episodes; buffer the group (submitted items). Returns (group, "") or (None, reason)."""
+        """Run the item's episodes; buffer the group (submitted items). Returns (group, ""), (group,
+        FILTERED) when the buffer's arrival filter turned it away, or (None, reason)."""
         trajs, reasons = await self._run_samples(item)
         if not trajs:
             return None, reasons[0] if reasons else "empty"
         group = Group(item.group_id, trajs, item.data, item.workflow, item.requeues)
+        for r in reasons:  # partial groups: count the samples that failed
+            self.staleness.stats.rejected[f"sample:{r}"] += 1
         if not item.direct:
+            if not self.buffer.screen(group):
+                return group, FILTERED
             try:
                 await self.buffer.put(group, timeout=self.config.episode_timeout_s)
             except TimeoutError as e:
                 self._note_reason(f"{BUFFER_FULL}: {e}")
                 return None, BUFFER_FULL
-        for r in reasons:  # partial groups: count the samples that failed
-            self.staleness.stats.rejected[f"sample:{r}"] += 1
         return group, ""
 
     def _finish(self, item: _Item, group: Group | None, reason: str) -> None:
@@ -410,6 +414,8 @@ class WorkflowExecutor:
                 st.on_accept()
             self._consecutive_rejections = 0
             self._recent_reasons.clear()
+            if reason == FILTERED:  # accepted, then dropped on arrival: the slot is free again
+                self.staleness.on_give_back()
         else:
             st.on_reject(reason, direct=item.direct)
             if reason != CANCELLED:

@@ -158,10 +158,13 @@ class Trainer:
         run_dir: where metrics and checkpoints go.
         evaluation: optional held-out evaluation.
         progress: show a progress bar.
-        group_filter: ``group_filter(group) -> bool``, applied when groups are taken for a step
-            (``agentflow.algo.group_filter(algo)`` for DAPO's dynamic sampling); the step waits
-            until B groups pass. Logged as ``rollout/filtered_groups`` and ``rollout/filtered_frac``
-            (share of the groups taken this step that were dropped) and ``rollout/extra_episodes``
+        group_filter: ``group_filter(group) -> bool``, a pure predicate on a group
+            (``agentflow.algo.group_filter(algo)`` for DAPO's dynamic sampling): groups it rejects
+            are not trained on and the step waits until B groups pass. It screens each group as it
+            arrives (the buffer's ``arrival_filter``), so a rejected group's replacement generates
+            while the trainer trains, and again when groups are taken. Logged as
+            ``rollout/filtered_groups`` and ``rollout/filtered_frac`` (groups dropped since the last
+            step, and their share of those plus the B trained) and ``rollout/extra_episodes``
             (episodes sampled but not trained on; ``_total``: since the start of this process).
     """
 
@@ -196,6 +199,9 @@ class Trainer:
         self.progress = progress
         self.tokenizer = tokenizer
         self.group_filter = group_filter
+        if group_filter is not None:
+            self.rollout.buffer.arrival_filter = group_filter
+        self._filtered_seen = (0, 0)  # buffer.stats.filtered / filtered_episodes at the last step
         self.checkpointer = Checkpointer(self.run_dir, keep=config.keep_checkpoints)
         self.state = _RunState()
         self._resume_rollout: dict[str, Any] | None = None
@@ -331,11 +337,11 @@ class Trainer:
 
     def _take_groups(self) -> tuple[list[Group], dict[str, Any]]:
         """This step's B groups, and what the group filter dropped while taking them (metrics)."""
-        b = self.rollout.buffer.stats
-        groups0, episodes0 = b.filtered, b.filtered_episodes
         groups = self._valid_groups(self.cfg.batch_timeout_s)
         if self.group_filter is None:
             return groups, {}
+        b = self.rollout.buffer.stats
+        (groups0, episodes0), self._filtered_seen = self._filtered_seen, (b.filtered, b.filtered_episodes)
         dropped, extra = b.filtered - groups0, b.filtered_episodes - episodes0
         self.state.extra_episodes += extra
         return groups, {

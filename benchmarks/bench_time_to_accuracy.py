@@ -2,11 +2,13 @@
 
 Each setting is one ``agentflow train`` run of a shipped example (``examples/addition.yaml``,
 ``examples/calculator.yaml``) that differs only in its rollout settings: ``eta0`` is synchronous
-(``rollout.max_staleness=0``), ``eta1`` / ``eta2`` / ``eta4`` asynchronous, a ``-ramp`` suffix adds
-``rollout.staleness_ramp=true``. Held-out accuracy (``data.eval_size`` problems x
-``trainer.eval_samples`` samples at the example's temperature) is measured every ``--eval-every``
-versions. A version's time is when the step that made it finished (seconds since the training
-loop started, model loading excluded); evaluation runs beside rollout in every setting alike.
+(``rollout.max_staleness=0``), ``eta1`` / ``eta2`` / ``eta4`` asynchronous; a ``-ramp`` suffix adds
+``rollout.staleness_ramp=true``, a ``-ds`` suffix DAPO's dynamic sampling (``algo.dynamic_sampling=true``:
+groups whose samples all scored alike are dropped and replaced by fresh prompts). Held-out accuracy
+(``data.eval_size`` problems x ``trainer.eval_samples`` samples at the example's temperature) is
+measured every ``--eval-every`` versions. A version's time is when the step that made it finished
+(seconds since the training loop started, model loading excluded); evaluation runs beside rollout
+in every setting alike.
 
 Reported per run, as one JSON line each: held-out per version, time to each ``--targets`` accuracy
 (null = not reached), held-out at each ``--budgets`` wall-clock second (the last evaluated version
@@ -47,11 +49,13 @@ CONTEXT = {"addition": 256, "calculator": 320}  # the examples' inference.local.
 
 
 def setting_overrides(name: str) -> list[str]:
-    """``eta2`` -> ``rollout.max_staleness=2``; a ``-ramp`` suffix adds ``rollout.staleness_ramp=true``."""
-    base, _, flag = name.partition("-")
-    if not base.startswith("eta") or not base[3:].isdigit() or flag not in ("", "ramp"):
-        raise SystemExit(f"--settings: expected names like eta0, eta2 or eta2-ramp, got {name!r}")
-    return [f"rollout.max_staleness={int(base[3:])}", f"rollout.staleness_ramp={'true' if flag else 'false'}"]
+    """``eta2`` -> ``rollout.max_staleness=2``; suffixes: ``-ramp`` adds ``rollout.staleness_ramp=true``,
+    ``-ds`` adds ``algo.dynamic_sampling=true`` (e.g. ``eta1-ds``, ``eta2-ramp-ds``)."""
+    base, *flags = name.split("-")
+    if not base.startswith("eta") or not base[3:].isdigit() or not set(flags) <= {"ramp", "ds"}:
+        raise SystemExit(f"--settings: expected names like eta0, eta2, eta2-ramp or eta1-ds, got {name!r}")
+    out = [f"rollout.max_staleness={int(base[3:])}", f"rollout.staleness_ramp={'true' if 'ramp' in flags else 'false'}"]
+    return [*out, "algo.dynamic_sampling=true"] if "ds" in flags else out
 
 
 def _complete(run_dir: pathlib.Path, steps: int) -> bool:
@@ -200,7 +204,7 @@ def plot(rows: list[dict[str, Any]], out: pathlib.Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="addition,calculator", help="comma-separated: addition, calculator")
-    p.add_argument("--settings", default="eta0,eta1,eta2,eta4", help="comma-separated: etaN or etaN-ramp")
+    p.add_argument("--settings", default="eta0,eta1,eta2,eta4", help="comma-separated: etaN, etaN-ramp, etaN-ds")
     p.add_argument("--seeds", default="0", help="comma-separated sampling seeds (inference.local.seed)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=5)

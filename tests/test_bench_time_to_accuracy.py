@@ -20,8 +20,13 @@ _spec.loader.exec_module(bench)
 def test_settings_map_to_rollout_overrides():
     assert bench.setting_overrides("eta0") == ["rollout.max_staleness=0", "rollout.staleness_ramp=false"]
     assert bench.setting_overrides("eta2-ramp") == ["rollout.max_staleness=2", "rollout.staleness_ramp=true"]
-    with pytest.raises(SystemExit, match="eta2-fast"):
-        bench.setting_overrides("eta2-fast")
+    assert bench.setting_overrides("eta1-ds") == [
+        "rollout.max_staleness=1", "rollout.staleness_ramp=false", "algo.dynamic_sampling=true"
+    ]
+    assert bench.setting_overrides("eta2-ramp-ds")[1:] == ["rollout.staleness_ramp=true", "algo.dynamic_sampling=true"]
+    for bad in ("eta2-fast", "eta1-ds-fast", "ds", "etax"):
+        with pytest.raises(SystemExit, match=bad):
+            bench.setting_overrides(bad)
 
 
 def test_a_version_is_timed_when_the_step_that_made_it_finished():

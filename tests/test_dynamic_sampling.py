@@ -156,3 +156,49 @@ async def test_trainer_logs_filtered_groups_and_extra_episodes(tmp_path):
         n = r["rollout/filtered_groups"]
         assert r["rollout/filtered_frac"] == pytest.approx(n / (n + 2))
         assert r["train/n"] == 4.0
+
+
+@pytest.mark.parametrize("screen", [True, False])
+async def test_arrival_screening_refills_the_budget_before_the_trainer_takes(screen):
+    """With the filter screening arrivals, flat groups give their slot back as they finish, so the
+    (eta + 1) * B groups waiting for the trainer all carry signal; filtered only at consume time,
+    flat groups sit in the budget until the trainer takes them (the control arm)."""
+    eta, batch = 1, 2
+    cfg = RolloutConfig(max_staleness=eta, consumer_batch_size=batch, max_concurrent=4)
+    async with FakeEngine(rollout=cfg) as engine:
+        rollout = Rollout.of(engine)
+        if screen:
+            rollout.buffer.arrival_filter = KEEP
+        for i in range(1, 100):
+            rollout.submit(i, TwoSampleWorkflow())
+        for _ in range(200):  # until the staleness budget is full and nothing runs
+            await asyncio.sleep(0.005)
+            if rollout.staleness.capacity() == 0 and rollout.executor.n_running == 0:
+                break
+        buffered = list(rollout.buffer._groups)
+        stats, st = rollout.stats(), rollout.staleness.stats
+    assert len(buffered) == (eta + 1) * batch
+    with_signal = sum(KEEP(g) for g in buffered)
+    if screen:
+        assert with_signal == len(buffered)
+        assert stats["filtered"] > 0 and st.given_back == stats["filtered"]
+        assert st.accepted == len(buffered) + stats["filtered"]
+    else:
+        assert with_signal < len(buffered)  # items 1, 2, 4, 5 are flat and hold their slots
+        assert stats["filtered"] == 0
+
+
+def test_screen_counts_rejections_and_keeps_a_group_its_filter_fails_on():
+    buf = ReplayBuffer(RolloutConfig())
+    assert buf.screen(Group("flat", [_traj(1.0), _traj(1.0)]))  # no arrival filter: everything enters
+    buf.arrival_filter = KEEP
+    assert not buf.screen(Group("flat", [_traj(1.0), _traj(1.0)]))
+    assert buf.screen(Group("ok", [_traj(1.0), _traj(0.0)]))
+    assert (buf.stats.filtered, buf.stats.filtered_episodes) == (1, 2)
+
+    def boom(group):
+        raise ValueError("filter bug")
+
+    buf.arrival_filter = boom  # kept here; the consumer's own filter raises at consume time
+    assert buf.screen(Group("ok", [_traj(1.0), _traj(0.0)]))
+    assert buf.stats.filtered == 1
