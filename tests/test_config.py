@@ -174,6 +174,18 @@ def test_the_addition_example_is_the_earlier_default_run():
     assert cfg.inference.local.max_seq_len == 256
 
 
+def test_the_remote_example_is_the_addition_run_at_the_remote_layouts_measured_setting():
+    """examples/remote.yaml: the addition run on servers, at eta 1 with dynamic sampling (the
+    fastest to 60% and 90% held-out measured with generation on its own core, docs/training.md)."""
+    from agentflow.recipe import load_recipe_config
+
+    remote = load_recipe_config([ROOT / "examples" / "remote.yaml"])
+    addition = load_recipe_config([ROOT / "examples" / "addition.yaml"])
+    assert (remote.inference.backend, remote.trainer.weight_update) == ("remote", "disk")
+    assert (remote.rollout.max_staleness, remote.algo.dynamic_sampling) == (1, True)
+    assert (remote.data, remote.generation, remote.train.lr) == (addition.data, addition.generation, addition.train.lr)
+
+
 def test_a_config_naming_another_workflow_gets_none_of_the_defaults_options():
     from agentflow.recipe import load_recipe_config
     from agentflow.recipe.build import workflow
