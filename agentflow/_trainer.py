@@ -336,7 +336,7 @@ class Trainer:
         return record
 
     def _take_groups(self) -> tuple[list[Group], dict[str, Any]]:
-        """This step's B groups, and what the group filter dropped while taking them (metrics)."""
+        """This step's B groups, and what the group filter dropped since the last step (metrics)."""
         groups = self._valid_groups(self.cfg.batch_timeout_s)
         if self.group_filter is None:
             return groups, {}

@@ -127,8 +127,15 @@ async def test_samples_of_one_prompt_share_one_prefill(tiny):
     prompt = ids(tok, "the quick brown fox jumps over")
     g = GenerationConfig(max_new_tokens=12, temperature=1.3)
     async with LocalEngine(model, tok) as engine:
-        outs = await asyncio.gather(*[engine.agenerate(ModelRequest(prompt, g)) for _ in range(6)],
-                                    engine.agenerate(ModelRequest(ids(tok, "other"), g)))
+        # Queue all seven while paused: on a busy machine the worker could otherwise admit the
+        # first request before the others arrive and prefill it alone.
+        await engine.pause()
+        reqs = [*(ModelRequest(prompt, g) for _ in range(6)), ModelRequest(ids(tok, "other"), g)]
+        tasks = [asyncio.create_task(engine.agenerate(r)) for r in reqs]
+        await asyncio.sleep(0)  # each task submits before its first await
+        assert engine.stats()["prefill_calls"] == 0
+        await engine.resume()
+        outs = await asyncio.gather(*tasks)
         stats = engine.stats()
     assert stats["prefill_calls"] == 1 and stats["prefill_shared"] == 5
     assert len({tuple(o.output_tokens) for o in outs[:6]}) > 1  # independent draws
