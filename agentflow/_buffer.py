@@ -276,7 +276,7 @@ class ReplayBuffer:
         deadline = None if timeout is None else time.monotonic() + timeout
         taken: list[Group] = []
         discarded: list[tuple[Group, str]] = []
-        n_filtered = 0
+        filtered0 = self.stats.filtered  # drops while waiting: screened on arrival or taken here
         try:
             while True:
                 with self._cond:
@@ -289,12 +289,12 @@ class ReplayBuffer:
                             raise self._failure
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
-                            raise TimeoutError(self._timeout_message(n, timeout, len(taken), n_filtered))
+                            raise TimeoutError(self._timeout_message(n, timeout, len(taken),
+                                                                  self.stats.filtered - filtered0))
                         self._cond.wait(left)
                         continue
                 # Outside the lock (waking producers takes it): free the discarded groups' slots now,
                 # their replacements are what this call waits for.
-                n_filtered += sum(1 for _, why in discarded if why == "filter")
                 self._after_take(discarded)
                 discarded = []
         except BaseException:
@@ -307,8 +307,8 @@ class ReplayBuffer:
     @staticmethod
     def _timeout_message(n: int, timeout: float | None, ready: int, filtered: int) -> str:
         note = (f"; {filtered} group(s) were dropped by the group filter meanwhile (with dynamic sampling, "
-                "every recent group had equal rewards: the task may be too easy or too hard for the policy)"
-                if filtered else "")
+                "every recent group had equal rewards: the task may be too easy or too hard for the policy; "
+                "algo.dynamic_sampling_max_drop caps the drops per step)" if filtered else "")
         return (f"get_batch({n}) timed out after {timeout}s with {ready} group(s) ready{note}; they stay "
                 "in the buffer. Raise the timeout or check that rollouts are running.")
 

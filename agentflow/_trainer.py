@@ -166,6 +166,9 @@ class Trainer:
             ``rollout/filtered_groups`` and ``rollout/filtered_frac`` (groups dropped since the last
             step, and their share of those plus the B trained) and ``rollout/extra_episodes``
             (episodes sampled but not trained on; ``_total``: since the start of this process).
+        max_filtered_per_step: the most groups ``group_filter`` drops per step, counted from the
+            previous step (0 = no limit; ``algo.dynamic_sampling_max_drop``). Past it, groups pass
+            unscreened until the step has its B groups, and ``rollout/filter_capped`` is 1.
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class Trainer:
         progress: bool = True,
         tokenizer: Any = None,
         group_filter: GroupFilter | None = None,
+        max_filtered_per_step: int = 0,
     ) -> None:
         self.cfg = config
         self.engine = engine
@@ -198,10 +202,12 @@ class Trainer:
         self.evaluation = evaluation
         self.progress = progress
         self.tokenizer = tokenizer
-        self.group_filter = group_filter
-        if group_filter is not None:
-            self.rollout.buffer.arrival_filter = group_filter
         self._filtered_seen = (0, 0)  # buffer.stats.filtered / filtered_episodes at the last step
+        self.max_filtered_per_step = max_filtered_per_step
+        self.group_filter = group_filter if group_filter is None or not max_filtered_per_step else self._capped(
+            group_filter, max_filtered_per_step)
+        if self.group_filter is not None:
+            self.rollout.buffer.arrival_filter = self.group_filter
         self.checkpointer = Checkpointer(self.run_dir, keep=config.keep_checkpoints)
         self.state = _RunState()
         self._resume_rollout: dict[str, Any] | None = None
@@ -335,6 +341,17 @@ class Trainer:
         self.metrics.log(version, record)
         return record
 
+    def _capped(self, inner: GroupFilter, cap: int) -> GroupFilter:
+        """``inner`` until it has dropped ``cap`` groups since the last step, then a pass-through.
+        Runs on the event loop (arrival screening) and on the trainer thread (taking): both only
+        read the counters, which the buffer's lock-holding callers and ``_take_groups`` write."""
+        stats = self.rollout.buffer.stats
+
+        def keep(group: Group) -> bool:
+            return stats.filtered - self._filtered_seen[0] >= cap or inner(group)
+
+        return keep
+
     def _take_groups(self) -> tuple[list[Group], dict[str, Any]]:
         """This step's B groups, and what the group filter dropped since the last step (metrics)."""
         groups = self._valid_groups(self.cfg.batch_timeout_s)
@@ -344,7 +361,8 @@ class Trainer:
         (groups0, episodes0), self._filtered_seen = self._filtered_seen, (b.filtered, b.filtered_episodes)
         dropped, extra = b.filtered - groups0, b.filtered_episodes - episodes0
         self.state.extra_episodes += extra
-        return groups, {
+        capped = {"rollout/filter_capped": int(dropped >= self.max_filtered_per_step)} if self.max_filtered_per_step else {}
+        return groups, capped | {
             "rollout/filtered_groups": dropped,
             "rollout/filtered_frac": dropped / (dropped + len(groups)),
             "rollout/extra_episodes": extra,

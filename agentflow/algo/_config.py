@@ -195,6 +195,12 @@ class AlgoConfig:
             ``rollout.consumer_batch_size`` groups with signal. A dropped group gives its staleness
             slot back, so one more prompt starts in its place (see
             :func:`agentflow.algo.group_filter`). Off by default (today's behaviour).
+        dynamic_sampling_max_drop: the most groups dynamic sampling drops per train step, counted
+            from the previous step (0 = no limit). Past it, groups are taken as they come until the
+            step's batch is full (a flat group adds no gradient, only tokens), so a policy that gets
+            (nearly) every prompt right does not stall a step on resampling; DAPO's
+            ``max_num_gen_batches`` of ``k`` corresponds to ``(k - 1) * B``. Logged as
+            ``rollout/filter_capped``.
         overlong_mask: DAPO's overlong filtering: sequences cut at the token budget (finish reason
             ``length``, :attr:`Trajectory.truncated`) are left out of the loss (numerator and
             denominator); their rewards still count in their group's baseline.
@@ -217,6 +223,7 @@ class AlgoConfig:
     batch_norm: BatchNorm = "none"
     eps: float = 1e-6
     dynamic_sampling: bool = False
+    dynamic_sampling_max_drop: int = 0
     overlong_mask: bool = False
     overlong_penalty_window: int = 0
     overlong_penalty_max_tokens: int | None = None
@@ -244,6 +251,9 @@ class AlgoConfig:
             out.append("algo.dynamic_sampling drops groups whose rewards are all equal because their group "
                        "baseline makes every advantage 0; with group_norm='none' there is no baseline, so "
                        "pick a group_norm or turn dynamic_sampling off")
+        if not (_is_int(self.dynamic_sampling_max_drop) and self.dynamic_sampling_max_drop >= 0):
+            out.append("algo.dynamic_sampling_max_drop must be an integer >= 0 (groups dropped per train step; "
+                       f"0 = no limit), got {self.dynamic_sampling_max_drop!r}")
         if not (_finite(self.mismatch_threshold) and self.mismatch_threshold > 0):
             out.append(f"algo.mismatch_threshold must be > 0 (nats), got {self.mismatch_threshold!r}")
         return out + self._overlong_problems()
