@@ -204,8 +204,8 @@ class Trainer:
         self.tokenizer = tokenizer
         self._filtered_seen = (0, 0)  # buffer.stats.filtered / filtered_episodes at the last step
         self.max_filtered_per_step = max_filtered_per_step
-        self.group_filter = group_filter if group_filter is None or not max_filtered_per_step else self._capped(
-            group_filter, max_filtered_per_step)
+        capped = group_filter is not None and max_filtered_per_step > 0
+        self.group_filter = self._capped(group_filter, max_filtered_per_step) if capped else group_filter
         if self.group_filter is not None:
             self.rollout.buffer.arrival_filter = self.group_filter
         self.checkpointer = Checkpointer(self.run_dir, keep=config.keep_checkpoints)
@@ -361,7 +361,8 @@ class Trainer:
         (groups0, episodes0), self._filtered_seen = self._filtered_seen, (b.filtered, b.filtered_episodes)
         dropped, extra = b.filtered - groups0, b.filtered_episodes - episodes0
         self.state.extra_episodes += extra
-        capped = {"rollout/filter_capped": int(dropped >= self.max_filtered_per_step)} if self.max_filtered_per_step else {}
+        cap = self.max_filtered_per_step
+        capped = {"rollout/filter_capped": int(dropped >= cap)} if cap else {}
         return groups, capped | {
             "rollout/filtered_groups": dropped,
             "rollout/filtered_frac": dropped / (dropped + len(groups)),

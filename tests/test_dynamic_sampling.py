@@ -249,3 +249,5 @@ def test_the_drop_cap_is_a_count():
     for bad in (-1, 2.5, True):
         with pytest.raises(ConfigError, match="dynamic_sampling_max_drop must be an integer >= 0"):
             AlgoConfig(dynamic_sampling=True, dynamic_sampling_max_drop=bad)
+    with pytest.raises(ConfigError, match="dynamic_sampling is off"):
+        AlgoConfig(dynamic_sampling_max_drop=8)

@@ -254,6 +254,9 @@ class AlgoConfig:
         if not (_is_int(self.dynamic_sampling_max_drop) and self.dynamic_sampling_max_drop >= 0):
             out.append("algo.dynamic_sampling_max_drop must be an integer >= 0 (groups dropped per train step; "
                        f"0 = no limit), got {self.dynamic_sampling_max_drop!r}")
+        elif self.dynamic_sampling_max_drop and not self.dynamic_sampling:
+            out.append(f"algo.dynamic_sampling_max_drop={self.dynamic_sampling_max_drop} caps dynamic sampling's "
+                       "drops, but algo.dynamic_sampling is off: set algo.dynamic_sampling=true or leave the cap at 0")
         if not (_finite(self.mismatch_threshold) and self.mismatch_threshold > 0):
             out.append(f"algo.mismatch_threshold must be > 0 (nats), got {self.mismatch_threshold!r}")
         return out + self._overlong_problems()
