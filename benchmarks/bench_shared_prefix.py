@@ -20,6 +20,7 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -62,9 +63,13 @@ def step(engine: FSDPEngine, trajs: list[Trajectory], spec: MicroBatchSpec) -> t
     return time.perf_counter() - t0, stats, prox
 
 
-def batch_from_args(doc: str) -> tuple[argparse.Namespace, torch.nn.Module, object, list[Trajectory]]:
-    """The command line shared with ``bench_prox_forward.py``: the model and a step's batch."""
+def batch_from_args(doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
+                    ) -> tuple[argparse.Namespace, torch.nn.Module, object, list[Trajectory]]:
+    """The command line shared with ``bench_prox_forward.py`` and ``bench_overlap.py`` (which add
+    their own options through ``extra``): the model and a step's batch."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra is not None:
+        extra(p)
     p.add_argument("--model", default="tiny", help="tiny (random 4-layer, byte vocabulary) or smollm2-135m")
     p.add_argument("--groups", type=int, default=8, help="prompts per step")
     p.add_argument("--n-samples", type=int, default=8)

@@ -248,6 +248,7 @@ def test_a_busy_cluster_fails_at_the_placement_timeout_naming_what_is_free(clust
            "bundle(s) x 2 GPU = 2 GPU already) of 4" in out
 
 
+@pytest.mark.slow  # the default run stays under 10 minutes; CI runs -m slow after it
 @pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_two_servers_and_two_gloo_ranks_train_with_weights_broadcast(cluster, launch_cli, tmp_path):
@@ -266,6 +267,7 @@ def test_two_servers_and_two_gloo_ranks_train_with_weights_broadcast(cluster, la
     assert "2 trainer bundle(s) x 1 GPU (STRICT_SPREAD)" in out
 
 
+@pytest.mark.slow  # the default run stays under 10 minutes; CI runs -m slow after it
 @pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_killed_server_actors_are_restarted_rejoin_and_no_episode_is_lost(cluster, launch_cli, tmp_path):
@@ -315,6 +317,7 @@ def test_a_dead_trainer_rank_stops_the_job_naming_the_rank_and_how_to_resume(clu
         ray.get_actor("rank-0", namespace="agentflow")
 
 
+@pytest.mark.slow  # the default run stays under 10 minutes; CI runs -m slow after it
 @pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_ctrl_c_stops_every_actor_and_resume_continues_through_the_launcher(cluster, launch_cli, tmp_path):

@@ -35,6 +35,7 @@ def _steps(run_dir: pathlib.Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir) if "reward/mean" in r}
 
 
+@pytest.mark.slow  # the default run stays under 10 minutes; CI runs -m slow after it
 def test_lora_train_resume_eval_and_merge(tmp_path):
     run = tmp_path / "run"
     out = _agentflow("train", TINY, f"logging.run_dir={run}", "trainer.total_steps=2", *LORA, timeout=300)

@@ -145,7 +145,8 @@ def _wait_for(path: pathlib.Path, proc: subprocess.Popen, timeout: float) -> Non
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+# SIGTERM takes the same path as SIGINT, so it runs with -m slow (CI runs it after the default run)
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_a_signal_stops_a_run_waiting_for_rollouts_within_10s(tmp_path, sig):
     import signal
     import time

@@ -180,6 +180,7 @@ def test_train_starts_agentflow_serve_itself_and_stops_it(tmp_path):
     assert log.name.startswith("agentflow-serve-")
 
 
+@pytest.mark.slow  # the default run stays under 10 minutes; CI runs -m slow after it
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
 def test_train_with_lora_starts_a_vllm_server_itself_and_stops_it(tmp_path):

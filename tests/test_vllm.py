@@ -253,6 +253,7 @@ async def test_lora_load_in_place_update_and_generation_match_peft(
     assert base.output_tokens == _greedy(_hf(base_dir), PROMPT, 24)
 
 
+@pytest.mark.slow  # the default run stays under 10 minutes; CI runs -m slow after it
 @real
 async def test_a_restarted_server_rejoins_through_the_pool_with_the_current_weights(
         vllm_server: Any, base_dir: Path, noisy_dir: Path) -> None:
