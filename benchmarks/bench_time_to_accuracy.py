@@ -20,7 +20,8 @@ Layouts: in process (default: generation and training share the process and the 
 ``--remote`` generation in an ``agentflow serve`` process (``--server vllm``: a real vLLM, fp32,
 ``inference.protocol=vllm``) pinned to core 0 (one thread) and the trainer pinned to core 1 (one
 thread), weights through disk: the layout where inference has devices of its own. Runs go one
-after the other; ``--reuse`` keeps runs whose metrics are complete.
+after the other, every setting of a seed before the next seed (so a drift in the machine's speed
+hits all settings alike); ``--reuse`` keeps runs whose metrics are complete.
 
     python benchmarks/bench_time_to_accuracy.py --tasks addition --settings eta0,eta1,eta2 --seeds 0,1
     python benchmarks/bench_time_to_accuracy.py --tasks addition,calculator --remote
@@ -232,10 +233,12 @@ def main() -> None:
     targets = [float(x) for x in args.targets.split(",")]
     budgets = [float(x) for x in args.budgets.split(",")]
     rows: list[dict[str, Any]] = []
+    settings = args.settings.split(",")
     for task in args.tasks.split(","):
-        for setting in args.settings.split(","):
-            mine = []
-            for seed in (int(s) for s in args.seeds.split(",")):
+        mine: dict[str, list[dict[str, Any]]] = {setting: [] for setting in settings}
+        # settings alternate within each seed, so a drift in the machine's speed hits all of them
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for setting in settings:
                 run_dir = pathlib.Path(args.runs) / layout / task / setting / f"seed{seed}"
                 train(task, setting, seed, args, run_dir)
                 records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -249,9 +252,10 @@ def main() -> None:
                     "run_dir": str(run_dir),
                 }
                 print(json.dumps(row), flush=True)
-                mine.append(row)
-            rows += mine
-            print(json.dumps(aggregate(mine)), flush=True)
+                mine[setting].append(row)
+        for setting in settings:
+            rows += mine[setting]
+            print(json.dumps(aggregate(mine[setting])), flush=True)
     plot(rows, pathlib.Path(args.out))
 
 

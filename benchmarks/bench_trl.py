@@ -41,8 +41,9 @@ What cannot be matched (also printed as a ``mismatches`` line): see :data:`MISMA
     python benchmarks/bench_trl.py --steps 2 --eval-every 1   # a smoke run of both sides
     python benchmarks/bench_trl.py --settings trl agentflow agentflow_sync
     python benchmarks/bench_trl.py --trl-micro-batch 16       # TRL's step in 4 micro-batches (less memory)
+    python benchmarks/bench_trl.py --seed 1                   # another sampling seed on both sides
 
-Not here: GPUs (both sides run on CPU), vLLM generation in TRL, several seeds.
+Not here: GPUs (both sides run on CPU), vLLM generation in TRL, several seeds in one call.
 """
 
 from __future__ import annotations
@@ -113,14 +114,18 @@ def export_job(args: argparse.Namespace, path: pathlib.Path) -> dict[str, Any]:
         "max_new_tokens": cfg.generation.max_new_tokens, "temperature": cfg.generation.temperature,
         "lr": cfg.train.lr, "grad_clip": cfg.train.grad_clip, "kl_coef": cfg.algo.ppo.kl_coef,
         "eval_every": args.eval_every, "eval_samples": cfg.trainer.eval_samples,
-        "threads": args.threads, "seed": cfg.data.seed, "trl_micro_batch": args.trl_micro_batch,
+        "threads": args.threads, "trl_micro_batch": args.trl_micro_batch,
+        # TRL's seed draws its samples; agentflow's sampling seed is inference.local.seed (see _overrides)
+        "seed": cfg.data.seed if args.seed is None else args.seed,
     }
     path.write_text(json.dumps(job))
     return job
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    return [f"trainer.total_steps={args.steps}", f"trainer.eval_every={args.eval_every}", f"threads={args.threads}"]
+    seed = [] if args.seed is None else [f"inference.local.seed={args.seed}"]
+    return [f"trainer.total_steps={args.steps}", f"trainer.eval_every={args.eval_every}", f"threads={args.threads}",
+            *seed]
 
 
 def _weights_digest(model_dir: pathlib.Path) -> str:
@@ -255,6 +260,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=5, help="evaluate held-out at versions 0, k, 2k, ...")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed on both sides (TRL's seed, agentflow's inference.local.seed); the prompt "
+                        "order stays the data seed's (default: the data seed, and agentflow's default sampling seed)")
     p.add_argument("--settings", nargs="+", default=["agentflow", "trl"], choices=sorted(SETTINGS))
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "bench_trl"))
     p.add_argument("--trl-micro-batch", type=int, default=64,
