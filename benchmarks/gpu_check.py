@@ -323,6 +323,9 @@ def _world2_worker(rank: int, world: int, port: int, smoke: bool, out: str) -> N
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"stats": stats, "step_s": sec}, f)
+    # both ranks are done with every collective before either tears the group down (once, in CI,
+    # both ranks aborted at the end with "terminate called without an active exception")
+    torch.distributed.barrier()
     engine.destroy()
 
 
