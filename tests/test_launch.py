@@ -93,6 +93,22 @@ def test_the_server_command_fills_its_placeholders_and_runs_agentflow_with_this_
         server_argv("agentflow serve --model {modle} --port {port}", model="m", port=1, host="h", gpus=1, api_key="")
 
 
+def test_a_generated_server_key_never_reads_as_an_option(monkeypatch):
+    """token_urlsafe can start with '-': ``--api-key -x...`` made ``agentflow serve`` exit with "expected
+    one argument" (1 in 64 launches, seen in CI). The launcher's own key starts with a letter."""
+    import secrets
+
+    from agentflow.recipe._actors import server_argv
+    from agentflow.recipe.launch import _Job, load_launch_config
+    from engines.serve.server import _parse_args
+
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: "-leading-dash")
+    cfg = load_launch_config([TINY], ["launch.servers=1"])
+    key = _Job(None, cfg, "CPU").key
+    argv, _ = server_argv(cfg.launch.server_command, model="m", port=1, host="h", gpus=1, api_key=key)
+    assert _parse_args(argv[4:]).api_key == key == "af--leading-dash"
+
+
 def test_the_launch_config_uses_the_launched_servers_and_checks_its_section():
     from agentflow.recipe.launch import load_launch_config
 

@@ -150,7 +150,9 @@ class _Job:
                         for i in range(self.spec.servers)]
         self.ranks: list[Any] = []
         self.world = self.spec.nodes * self.spec.ranks_per_node
-        self.key = cfg.inference.api_key or secrets.token_urlsafe(24)
+        # a generated key starts with a letter: token_urlsafe can start with '-', which a server's
+        # argument parser reads as an option ("--api-key -x...": expected one argument)
+        self.key = cfg.inference.api_key or f"af-{secrets.token_urlsafe(24)}"
         self.restarts = 0
         self.waiting: dict[Any, tuple[str, int]] = {}  # the watcher's refs -> (what, index)
 
