@@ -8,9 +8,9 @@ at its neutral value and refused otherwise, with a message that names the server
 what is accepted and how to change the agent. The chat, Responses, Messages and tokens-only routes
 share this table (:func:`refusal`).
 
-``seed`` is refused: the local engine decodes a batch of requests with one random generator per
-engine, so a per-request seed would need one generator per request (not cheap) and a remote
-server's seed would not survive an interrupted, resumed generation either.
+``seed`` is refused: the local engine already gives every request a random stream of its own,
+derived from the engine's seed and the request's prompt, and a remote server's per-request seed
+would not survive an interrupted, resumed generation (the continuation is a new request).
 
 Not here: the parameters each API does accept (the client and the route modules).
 """
@@ -32,7 +32,8 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "min_tokens": ((None, 0), "the engines cannot forbid stopping before a minimum length"),
     "seed": (
         (None,),
-        "the engines sample a batch of requests from one random generator, so a per-request seed cannot be honoured",
+        "each request's random stream comes from the engine's seed (inference.local.seed, or agentflow serve "
+        "--random-seed) and its prompt, and a resumed generation could not keep a per-request one",
     ),
     "ignore_eos": ((None, False), "generation always ends at the end-of-sequence token"),
     "typical_p": ((None, 1, 1.0), "the engines have no typical-p filter"),

@@ -154,6 +154,51 @@ async def test_sampling_is_seeded(tiny):
     assert results[0] == results[1]
 
 
+async def test_a_request_draws_the_same_tokens_whatever_shares_its_batch(tiny):
+    """Each request samples from a stream of its own: alone, or decoded beside others that joined
+    before and after it, it draws the same tokens; its group's other samples draw other tokens, and
+    another engine seed draws others again."""
+    model, tok = tiny
+    g = GenerationConfig(max_new_tokens=24, temperature=1.0)
+    prompt = ids(tok, "reproducible")
+
+    async def run(seed: int, crowd: bool) -> list[list[int]]:
+        async with LocalEngine(model, tok, config=LocalEngineConfig(seed=seed, max_batch_size=8)) as engine:
+            if not crowd:
+                return [(await engine.agenerate(ModelRequest(prompt, g))).output_tokens for _ in range(2)]
+            others = [asyncio.create_task(engine.agenerate(ModelRequest(ids(tok, f"other {i}"), GenerationConfig(
+                max_new_tokens=3 + 5 * i, temperature=0.7)))) for i in range(5)]
+            await asyncio.sleep(0.01)  # the others are decoding when the two samples arrive
+            first = asyncio.create_task(engine.agenerate(ModelRequest(prompt, g)))
+            await asyncio.sleep(0)
+            late = [asyncio.create_task(engine.agenerate(ModelRequest(ids(tok, f"late {i}"), g))) for i in range(3)]
+            second = await engine.agenerate(ModelRequest(prompt, g))
+            await asyncio.gather(*others, *late)
+            return [(await first).output_tokens, second.output_tokens]
+
+    alone, crowded, other_seed = await run(7, False), await run(7, True), await run(8, False)
+    assert alone == crowded
+    assert alone[0] != alone[1]  # the group's second sample is not a copy of the first
+    assert other_seed != alone
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_never_a_truncated_token():
+    from agentflow.engines.local._sampling import RowParams, sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]]))
+    params = [RowParams(greedy=False, temperature=1.0, top_k=3, top_p=1.0)]
+    rng = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    for u in torch.rand(4000, generator=rng).tolist():
+        counts[sample(logits, params, [u])[0]] += 1
+    assert counts[3] == 0  # outside top-k
+    assert torch.allclose(counts[:3] / 4000, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+    for u in (0.0, 0.49999, 0.5, 0.99999994, 1.0):  # both ends, and a uniform that rounds up to 1 in fp32
+        token, logprob = sample(logits, params, [u])
+        assert token.item() in (0, 1, 2) and torch.isfinite(logprob).all()
+    assert sample(logits, params, [1.0])[0].item() == 2  # the last token of positive probability
+
+
 async def test_bfloat16_on_cpu(fresh):
     model, tok = fresh
     async with LocalEngine(model, tok, config=LocalEngineConfig(dtype="bfloat16")) as engine:

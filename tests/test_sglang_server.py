@@ -481,9 +481,21 @@ def test_serve_limits_reach_the_local_engine_and_the_sglang_command(tmp_path) ->
     model, tok = tiny_model_and_tokenizer(0)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    args = _parse_args(["--model", str(tmp_path), "--max-running-requests", "5", "--context-length", "96"])
-    engine, _, _, ctx = local_engine(args.model, args.max_running_requests, args.context_length)
-    assert (engine.config.max_batch_size, engine.config.max_seq_len, ctx) == (5, 96, 96)
-    cmd = sglang_command("m", "h", 1, "v", 5, 96)
+    args = _parse_args(["--model", str(tmp_path), "--max-running-requests", "5", "--context-length", "96",
+                        "--random-seed", "11"])
+    engine, _, _, ctx = local_engine(args.model, args.max_running_requests, args.context_length, args.random_seed)
+    assert (engine.config.max_batch_size, engine.config.max_seq_len, ctx, engine.config.seed) == (5, 96, 96, 11)
+    cmd = sglang_command("m", "h", 1, "v", 5, 96, 11)
     assert cmd[cmd.index("--max-running-requests") + 1] == "5" and cmd[cmd.index("--context-length") + 1] == "96"
+    assert cmd[cmd.index("--random-seed") + 1] == "11"
     assert "--context-length" not in sglang_command("m", "h", 1, "v")
+    assert "--random-seed" not in sglang_command("m", "h", 1, "v")
+
+
+def test_servers_started_without_a_seed_draw_with_different_seeds() -> None:
+    """Two servers sharing a group's samples with one seed would draw identical samples (each
+    request's stream comes from the seed and its prompt)."""
+    from agentflow.engines.serve.server import _parse_args, _sampling_seed
+
+    assert _sampling_seed(_parse_args(["--random-seed", "5"])) == 5
+    assert len({_sampling_seed(_parse_args([])) for _ in range(4)}) > 1

@@ -4,6 +4,10 @@ Each row has its own temperature, top-k, top-p and greedy flag. The order is SGL
 temperature, keep the top-k logits, then the smallest set of tokens whose probability (after
 top-k) reaches top-p, renormalise, draw.
 
+Each row draws with one uniform number of its own (inverse CDF: the first token whose cumulative
+probability exceeds it), taken from the request's own random stream (``_worker.py``). So which
+token a request draws does not depend on which other requests share its batch, or how many.
+
 Returned log-probs are of the distribution the token was drawn from:
 
 - sampled rows: ``log_softmax`` of the processed logits (after temperature, top-k and top-p). With
@@ -47,9 +51,10 @@ class RowParams:
 
 
 def sample(
-    logits: torch.Tensor, params: Sequence[RowParams], generator: torch.Generator | None
+    logits: torch.Tensor, params: Sequence[RowParams], draws: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row of ``logits`` ``[n, V]``; return ``(tokens [n], logprobs [n])`` (fp32)."""
+    """Draw one token per row of ``logits`` ``[n, V]`` with the row's uniform number in ``draws``
+    (``[0, 1)``, ignored by greedy rows); return ``(tokens [n], logprobs [n])`` (fp32)."""
     logits = logits.float()
     if all(p.greedy for p in params):
         tokens = logits.argmax(-1)
@@ -61,10 +66,23 @@ def sample(
     if any(p.truncates for p in params):
         scores = _truncate(scores, params)
     probs = torch.softmax(scores, -1)
-    drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    drawn = _inverse_cdf(probs, torch.tensor(draws, dtype=probs.dtype, device=device))
     tokens = torch.where(greedy, logits.argmax(-1), drawn)
     # Greedy rows report raw log-probs; their ``scores`` are the raw logits (temperature 1, no truncation).
     return tokens, _gather_logprob(scores, tokens)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds ``u * total``. A token of
+    probability 0 adds nothing to the sum, so it is never the first to exceed; rounding can put
+    ``u * total`` at the very end, where the row's last token of positive probability is taken."""
+    cdf = probs.cumsum(-1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    vocab = probs.shape[1]
+    if bool((drawn >= vocab).any()):
+        last_positive = vocab - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
+        drawn = torch.minimum(drawn, last_positive)
+    return drawn
 
 
 def _gather_logprob(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

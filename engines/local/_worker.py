@@ -17,6 +17,13 @@ LoRA: each sequence may name an adapter (``Seq.adapter``, None = the base model)
 loaded (``DecodeWorker.adapters``, see ``local/_lora.py``) every forward passes one adapter name per
 row, so a batch mixes adapters, and identical contexts share a prefill only under the same adapter.
 
+Randomness: every request draws from a random stream of its own (``Seq.rng``), seeded when it is
+submitted from the engine's seed, the weight version, the adapter, the prompt tokens and how many
+identical requests came before it under that version (the samples of a group are told apart by
+that count). Its tokens therefore do not depend on which requests share its batch or when it
+joined: a run whose requests are submitted in the same order draws the same tokens (up to the
+last bits of batched arithmetic). Servers that share a group's samples need distinct seeds.
+
 Stop strings are matched on the decoded text of the last few output tokens after every token; the
 token that completes a match is kept (``output_tokens`` ends with it) and the request stops with
 ``"stop"``. Callers that show text cut it at the match (SGLang does the same).
@@ -28,9 +35,12 @@ sampling (``_sampling.py``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import random
 import threading
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +61,7 @@ __all__ = ["DecodeWorker", "Seq", "WorkerLimits"]
 
 log = logging.getLogger("agentflow.engines.local")
 _STOP_WINDOW_TOKENS = 8  # extra tokens decoded beyond the longest stop string when matching
+_MAX_STREAM_KEYS = 1 << 16  # distinct contexts counted per version before the counts start over
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,7 @@ class Seq:
     aborted: bool = False  # set from the loop; read by the worker
     n_prefills: int = 0
     adapter: str | None = None  # LoRA adapter (None = the base model)
+    rng: random.Random | None = None  # this request's random stream, set by DecodeWorker.submit
 
     @property
     def context(self) -> list[int]:
@@ -131,7 +143,8 @@ class DecodeWorker:
             max_seq_len=limits.max_seq_len, block_tokens=limits.cache_block_tokens,
             device=self.device, dtype=next(model.parameters()).dtype,
         )
-        self.generator = torch.Generator(device=self.device).manual_seed(limits.seed)
+        self._streams: Counter[bytes] = Counter()  # context key -> requests seeded with it so far
+        self._streams_at = (-1, 0)  # (weight version, times the counts started over) they count under
         self._additive = None if model.config._attn_implementation == "sdpa" else next(model.parameters()).dtype
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []  # row i of the KV cache holds running[i]
@@ -150,6 +163,7 @@ class DecodeWorker:
     def submit(self, seq: Seq) -> None:
         with self.cv:
             self._check_alive()
+            seq.rng = self._stream(seq)
             self.shared.incoming.append(seq)
             self.cv.notify()
 
@@ -181,6 +195,25 @@ class DecodeWorker:
         with self.cv:
             self.shared.stopping = True
             self.cv.notify()
+
+    def _stream(self, seq: Seq) -> random.Random:
+        """The request's random stream (module docstring): one per (seed, version, adapter, prompt,
+        occurrence). The counts start over at a new version, and after ``_MAX_STREAM_KEYS``
+        distinct contexts under one version (then a generation number keeps the streams new)."""
+        version, generation = self._streams_at
+        if self._version() != version:
+            version, generation = self._version(), 0
+            self._streams.clear()
+        elif len(self._streams) >= _MAX_STREAM_KEYS:
+            generation += 1
+            self._streams.clear()
+        self._streams_at = (version, generation)
+        key = hashlib.blake2b(repr(seq.adapter).encode() + array("q", seq.req.input_ids).tobytes(),
+                              digest_size=16).digest()
+        nth = self._streams[key]
+        self._streams[key] = nth + 1
+        # str seeds go through SHA-512: the same stream in every process and Python version
+        return random.Random(f"{self.limits.seed}/{version}/{generation}/{nth}/{key.hex()}")
 
     def _check_alive(self) -> None:
         if self.shared.stopping or self.failure is not None:
@@ -350,7 +383,8 @@ class DecodeWorker:
 
     def _take_tokens(self, seqs: list[Seq], logits: torch.Tensor, version: int, first_row: int) -> None:
         """Sample one token per sequence, append it, retire finished rows."""
-        tokens, logprobs = sample(logits, [s.params for s in seqs], self.generator)
+        draws = [s.rng.random() for s in seqs]  # type: ignore[union-attr]  # set by submit
+        tokens, logprobs = sample(logits, [s.params for s in seqs], draws)
         now = time.perf_counter()
         done: list[tuple[int, StopReason]] = []
         for i, (seq, tok, lp) in enumerate(zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True)):

@@ -85,7 +85,9 @@ class LocalEngineConfig:
             is still prefilled, alone).
         recompute_kv_on_update: after a weight update, prefill running sequences again under the
             new weights (True) or keep their old-weight KV cache (False, SGLang's in-place mode).
-        seed: seed of the sampling generator.
+        seed: sampling seed. Each request draws from a stream of its own, derived from this seed,
+            the weight version and its prompt (the samples of a group apart by their order), so
+            what it draws does not depend on which requests share its batch.
         ignore_eos: do not stop on the eos ids (``stop_token_ids`` still stop); for benchmarks
             that need exact output lengths, like SGLang's ``ignore_eos``.
         attn_implementation: ``"sdpa"`` or ``"eager"`` (used when loading from a path).

@@ -21,26 +21,30 @@ __all__ = ["local_engine", "run_sglang", "sglang_command", "wait_healthy"]
 
 
 def local_engine(
-    model: str, max_running_requests: int | None = None, context_length: int | None = None
+    model: str, max_running_requests: int | None = None, context_length: int | None = None, seed: int = 0
 ) -> tuple[InferenceEngine, Any, str, int | None]:
     """(engine, tokenizer, model_path, context_length) for ``--backend local``; the two limits map
-    to the engine's ``max_batch_size`` and ``max_seq_len`` (None = the engine's default)."""
+    to the engine's ``max_batch_size`` and ``max_seq_len`` (None = the engine's default), ``seed``
+    to its sampling seed."""
     from agentflow.engines.local import LocalEngine, LocalEngineConfig
     from agentflow.engines.model_loading import load_model, resolve_model_dir
 
     path = str(resolve_model_dir(model))
     net, tokenizer = load_model(path)
     limits = {"max_batch_size": max_running_requests, "max_seq_len": context_length}
-    engine = LocalEngine(net, tokenizer, config=LocalEngineConfig(**{k: v for k, v in limits.items() if v is not None}))
+    engine = LocalEngine(net, tokenizer, config=LocalEngineConfig(
+        seed=seed, **{k: v for k, v in limits.items() if v is not None}))
     return engine, tokenizer, path, engine.config.max_seq_len
 
 
 def sglang_command(
     model_path: str, host: str, port: int, weight_version: str,
-    max_running_requests: int | None = None, context_length: int | None = None,
+    max_running_requests: int | None = None, context_length: int | None = None, random_seed: int | None = None,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", host,
            "--port", str(port), "--weight-version", weight_version]
+    if random_seed is not None:
+        cmd += ["--random-seed", str(random_seed)]
     if max_running_requests is not None:
         cmd += ["--max-running-requests", str(max_running_requests)]
     if context_length is not None:
@@ -60,7 +64,7 @@ def run_sglang(args: argparse.Namespace) -> int:
     from agentflow.engines.serve._lora import sglang_lora_flags
 
     cmd = sglang_command(str(resolve_model_dir(args.model)), args.host, args.port, args.weight_version,
-                         args.max_running_requests, args.context_length) + sglang_lora_flags(args)
+                         args.max_running_requests, args.context_length, args.random_seed) + sglang_lora_flags(args)
     proc = subprocess.Popen(cmd)
     try:
         wait_healthy(proc, f"http://{args.host}:{args.port}/health", args.startup_timeout)

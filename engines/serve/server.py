@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--context-length", type=int, default=None,
                    help="prompt + output tokens of one request (local backend default 2048)")
     p.add_argument("--weight-version", default="default")
+    p.add_argument("--random-seed", type=int, default=None,
+                   help="sampling seed (as SGLang's); default: a fresh one per server, logged, so that servers "
+                        "sharing a group's samples never draw alike")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds (sglang backend)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--api-key", default=None, help="required on every route but /health* (as SGLang's --api-key)")
@@ -104,7 +108,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     limits = ServeLimits(api_key=args.api_key, admin_api_key=args.admin_api_key, max_body_bytes=args.max_body_bytes,
                          max_n=args.max_n, max_sequences=args.max_sequences)
     check_bind(args.host, limits)  # before loading the model
-    engine, tokenizer, model_path, ctx = _local_engine(args.model, args.max_running_requests, args.context_length)
+    engine, tokenizer, model_path, ctx = _local_engine(args.model, args.max_running_requests, args.context_length,
+                                                       _sampling_seed(args))
     config = ServerConfig(chunk_tokens=args.chunk_tokens, weight_version=args.weight_version,
                           context_length=ctx, host=args.host, port=args.port,
                           enable_lora=apply_lora_flags(engine, args),
@@ -115,10 +120,17 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _sampling_seed(args: argparse.Namespace) -> int:
+    """``--random-seed``, or a fresh seed: two servers given one group's samples must not draw alike."""
+    seed = args.random_seed if args.random_seed is not None else secrets.randbits(31)
+    logging.getLogger("agentflow.serve").info("sampling seed %d (--random-seed)", seed)
+    return seed
+
+
 def _local_engine(
-    model: str, max_running_requests: int | None = None, context_length: int | None = None
+    model: str, max_running_requests: int | None = None, context_length: int | None = None, seed: int = 0
 ) -> tuple[InferenceEngine, Any, str, int | None]:
     from agentflow.engines.serve._launch import local_engine
 
-    return local_engine(model, max_running_requests, context_length)
+    return local_engine(model, max_running_requests, context_length, seed)
 
