@@ -38,7 +38,7 @@ def _on_core(cmd: ServerCommand, core: int, env: dict[str, str]) -> ServerComman
 
 @contextlib.contextmanager
 def server_on_core(kind: str, model: str, log_dir: pathlib.Path, *, core: int = 0, context: int = 256,
-                   rows: int = 64, python: str | None = None, extra: Sequence[str] = (),
+                   rows: int = 64, python: str | None = None, seed: int = 0, extra: Sequence[str] = (),
                    startup_timeout_s: float = 300.0) -> Iterator[str]:
     """``kind`` = ``"serve"`` (agentflow serve) or ``"vllm"`` (fp32) on ``core`` with one thread;
     yields its ``host:port``. ``rows``: the most requests decoded together; ``context``: the longest
@@ -49,13 +49,13 @@ def server_on_core(kind: str, model: str, log_dir: pathlib.Path, *, core: int = 
         if not pathlib.Path(python).exists():
             raise SystemExit(f"no vLLM interpreter at {python}; build one with `bash scripts/vllm_env.sh` "
                              "or pass --vllm-python")
-        cmd = _on_core(vllm_command(python, model, port=port, dtype="float32", max_model_len=context,
+        cmd = _on_core(vllm_command(python, model, port=port, dtype="float32", max_model_len=context, seed=seed,
                                     extra=["--max-num-seqs", str(rows), *extra]),
                        core, {"VLLM_CPU_OMP_THREADS_BIND": str(core)})
     elif kind == "serve":
         import sys
 
-        cmd = _on_core(serve_command(python or sys.executable, model, port=port,
+        cmd = _on_core(serve_command(python or sys.executable, model, port=port, seed=seed,
                                      extra=["--max-running-requests", str(rows), "--context-length", str(context),
                                             "--log-level", "warning", *extra]), core, {})
     else:

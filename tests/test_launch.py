@@ -384,3 +384,31 @@ def test_ctrl_c_while_the_servers_start_stops_the_launch_at_once(cluster, launch
     assert "interrupted by SIGINT: stopped every rank and server" in out
     with pytest.raises(ValueError):
         ray.get_actor("server-0", namespace="agentflow")
+
+
+@pytest.mark.parametrize("protocol", ["sglang", "vllm"])
+def test_servers_a_run_starts_sample_with_distinct_seeds(monkeypatch, tmp_path, protocol):
+    """Server i of ``inference.launch`` gets seed ``inference.local.seed + i``: servers sharing a
+    group with one seed would draw the same samples."""
+    import contextlib
+
+    import agentflow.engines.launch as launch_mod
+    from agentflow.recipe.build import launched_servers
+    from agentflow.recipe.config import load_recipe_config
+
+    seen: list = []
+
+    @contextlib.contextmanager
+    def fake_launched(commands, log_dir):
+        seen.extend(commands)
+        yield []
+
+    monkeypatch.setattr(launch_mod, "launched", fake_launched)
+    cfg = load_recipe_config([TINY], ["inference.backend=remote", f"inference.protocol={protocol}",
+                                      f"inference.launch={sys.executable}", "inference.local.seed=5",
+                                      "trainer.weight_update=disk", "model.path=smollm2-135m"])
+    monkeypatch.setattr("agentflow.recipe.build._served_model_dir", lambda *a: "model-dir")
+    with launched_servers(cfg, "smollm2-135m", None, None, tmp_path, ["127.0.0.1:1", "127.0.0.1:2"]):
+        pass
+    flag = "--random-seed" if protocol == "sglang" else "--seed"
+    assert [c.argv[c.argv.index(flag) + 1] for c in seen] == ["5", "6"]

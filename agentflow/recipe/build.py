@@ -158,14 +158,15 @@ def launched_servers(cfg: TrainRecipeConfig, path: str, model: Any, tokenizer: A
     rank = None if cfg.train.lora is None else cfg.train.lora.rank
     key = [] if spec.api_key is None else ["--api-key", spec.api_key]
     commands = []
-    for address in addresses:
+    for i, address in enumerate(addresses):
         host, _, port = address.rpartition(":")
+        seed = spec.local.seed + i  # servers sharing a group must not draw alike; flags in `launch` win
         if spec.protocol == "vllm":
             commands.append(vllm_command(python, model_dir, host=host, port=int(port), dtype="float32",
-                                         lora_rank=rank, extra=[*key, *extra]))
+                                         lora_rank=rank, seed=seed, extra=[*key, *extra]))
         else:
             commands.append(serve_command(python, model_dir, host=host, port=int(port), lora_rank=rank,
-                                          lora_dir=str(run_dir / "weights"), extra=[*key, *extra]))
+                                          lora_dir=str(run_dir / "weights"), seed=seed, extra=[*key, *extra]))
     with launched(commands, run_dir / "servers") as servers:
         log.info("started %s", describe(servers))
         yield

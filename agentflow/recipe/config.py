@@ -171,8 +171,9 @@ class InferenceSpec:
             for ``protocol=vllm``: vLLM's OpenAI server; ``.venv/bin/python`` for ``protocol=sglang``:
             ``agentflow serve``). One server per address in ``addresses`` (on this machine), or one
             on a free loopback port when there are none; each is healthy before the run starts and
-            stopped when it ends (also on Ctrl-C or an error). Logs: ``<run_dir>/servers/``. Null:
-            the servers at ``addresses`` are started by someone else.
+            stopped when it ends (also on Ctrl-C or an error). Logs: ``<run_dir>/servers/``. Server
+            ``i`` samples with seed ``local.seed + i``. Null: the servers at ``addresses`` are
+            started by someone else.
         local: the LocalEngine's settings (here 64 rows of at most 320 tokens; the KV cache grows
             in blocks of 32 tokens, so 100-token sequences hold 128 positions per row, not 320).
     """
