@@ -206,7 +206,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="addition,calculator", help="comma-separated: addition, calculator")
     p.add_argument("--settings", default="eta0,eta1,eta2,eta4", help="comma-separated: etaN, etaN-ramp, etaN-ds")
-    p.add_argument("--seeds", default="0", help="comma-separated sampling seeds (inference.local.seed; --remote: the server's)")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated sampling seeds (inference.local.seed; with --remote, the server's)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-size", type=int, default=64, help="held-out problems")
