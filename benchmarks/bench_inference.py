@@ -19,6 +19,10 @@ for (padding and tokens past a request's own limit do not count):
   free loopback port with ``--dtype`` and one OpenMP thread (vLLM's CPU binding), the requests
   sent concurrently to ``/inference/v1/generate`` (``ignore_eos``); generate, LocalEngine and vLLM
   alternate in one run.
+- ``sampling``: the ``equal`` workload at temperature 1 in LocalEngine, drawing each token with
+  the engine's per-request random streams (inverse CDF) against one ``torch.multinomial`` over the
+  batch from one generator (the engine's sampler before per-request streams), swapped in the
+  same engine; tokens/s and the ratio.
 - ``rss``: a fresh subprocess loads the model, serves ``batch`` concurrent requests with
   LocalEngine, and reports its peak RSS (``ru_maxrss``) before and after serving.
 
@@ -169,15 +173,53 @@ def _local(host: EngineHost, reqs: list[tuple[list[int], int]]) -> None:
     host.loop.run_until_complete(_serve(host.engine, reqs))
 
 
-async def _serve(engine: Any, reqs: list[tuple[list[int], int]]) -> None:
+async def _serve(engine: Any, reqs: list[tuple[list[int], int]], temperature: float | None = None) -> None:
     from agentflow import GenerationConfig, ModelRequest
 
-    outs = await asyncio.gather(*[
-        engine.agenerate(ModelRequest(p, GenerationConfig(max_new_tokens=m, greedy=True))) for p, m in reqs
-    ])
+    def gconfig(m: int) -> GenerationConfig:
+        if temperature is None:
+            return GenerationConfig(max_new_tokens=m, greedy=True)
+        return GenerationConfig(max_new_tokens=m, temperature=temperature)
+
+    outs = await asyncio.gather(*[engine.agenerate(ModelRequest(p, gconfig(m))) for p, m in reqs])
     for (_, m), o in zip(reqs, outs, strict=True):
         if o.output_len != m:
             raise RuntimeError(f"expected {m} tokens, got {o.output_len} ({o.stop_reason})")
+
+
+def bench_sampling(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace) -> None:
+    """Per-request streams (the engine's sampler) against one multinomial over the batch."""
+    import torch
+
+    from agentflow.engines.local import _worker
+
+    generator = torch.Generator().manual_seed(0)
+    streams = _worker.sample
+
+    def one_generator(logits: Any, params: Any, draws: Any) -> Any:
+        scores = logits.float() / torch.tensor([p.temperature for p in params])[:, None]
+        tokens = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
+        return tokens, scores.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scores, -1)
+
+    def run(sampler: Any) -> None:
+        _worker.sample = sampler
+        try:
+            host.loop.run_until_complete(_serve(host.engine, reqs, temperature=1.0))
+        finally:
+            _worker.sample = streams
+
+    reqs = [(p, args.max_new) for p in prompts(tok, args.batch)]
+    times: dict[str, list[float]] = {"streams": [], "one_generator": []}
+    for fn in (streams, one_generator):  # warm-up
+        run(fn)
+    for _ in range(args.reps):
+        for name, fn in (("streams", streams), ("one_generator", one_generator)):
+            times[name].append(timed(lambda fn=fn: run(fn)))
+    useful = sum(m for _, m in reqs)
+    tps = {k: useful / statistics.median(v) for k, v in times.items()}
+    emit(bench="sampling", useful_tokens=useful, tokens_per_s={k: round(v, 1) for k, v in tps.items()},
+         ratio_streams_vs_one_generator=round(tps["streams"] / tps["one_generator"], 3), reps=args.reps,
+         batch=args.batch, max_new=args.max_new, dtype=args.dtype, threads=args.threads)
 
 
 def random_adapter(model: Any, rank: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -337,7 +379,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads; use 1 on a shared machine (2 OpenMP threads on busy cores collapse)")
-    ap.add_argument("--only", choices=["equal", "mixed", "rss", "remote", "lora", "vllm"], action="append")
+    ap.add_argument("--only", choices=["equal", "mixed", "sampling", "rss", "remote", "lora", "vllm"],
+                    action="append")
     ap.add_argument("--vllm-python", default=None, help="interpreter of a vLLM 0.32 install (workload vllm)")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
@@ -350,8 +393,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    only = set(args.only or ["equal", "mixed", "rss", "remote", "lora"])
-    if only & {"equal", "mixed", "vllm"}:
+    only = set(args.only or ["equal", "mixed", "sampling", "rss", "remote", "lora"])
+    if only & {"equal", "mixed", "sampling", "vllm"}:
         model, tok = load(args.dtype)
         host = EngineHost(model, tok, args.batch, args.dtype)
         try:
@@ -359,6 +402,8 @@ def main() -> None:
                 bench_equal(model, tok, host, args)
             if "mixed" in only:
                 bench_mixed(model, tok, host, args)
+            if "sampling" in only:
+                bench_sampling(model, tok, host, args)
             if "vllm" in only:
                 bench_vllm(model, tok, host, args)
         finally:
