@@ -161,9 +161,9 @@ class DecodeWorker:
         self.thread.start()
 
     def submit(self, seq: Seq) -> None:
+        seq.rng = self._stream(seq)  # the loop's own state: no need to hold the worker's lock
         with self.cv:
             self._check_alive()
-            seq.rng = self._stream(seq)
             self.shared.incoming.append(seq)
             self.cv.notify()
 
@@ -199,15 +199,13 @@ class DecodeWorker:
     def _stream(self, seq: Seq) -> random.Random:
         """The request's random stream (module docstring): one per (seed, version, adapter, prompt,
         occurrence). The counts start over at a new version, and after ``_MAX_STREAM_KEYS``
-        distinct contexts under one version (then a generation number keeps the streams new)."""
-        version, generation = self._streams_at
-        if self._version() != version:
-            version, generation = self._version(), 0
+        distinct contexts under one version (then a generation number keeps the streams new).
+        Called on the event loop only (``submit``)."""
+        version, generation = self._version(), self._streams_at[1]
+        if version != self._streams_at[0] or len(self._streams) >= _MAX_STREAM_KEYS:
+            generation = 0 if version != self._streams_at[0] else generation + 1
             self._streams.clear()
-        elif len(self._streams) >= _MAX_STREAM_KEYS:
-            generation += 1
-            self._streams.clear()
-        self._streams_at = (version, generation)
+            self._streams_at = (version, generation)
         key = hashlib.blake2b(repr(seq.adapter).encode() + array("q", seq.req.input_ids).tobytes(),
                               digest_size=16).digest()
         nth = self._streams[key]
