@@ -15,7 +15,15 @@ from typing import Any
 
 from agentflow._engine_api import SaveLoadMeta, TrainEngine
 from agentflow._types import Trajectory
-from agentflow.algo import AlgoConfig, batch_stats, ppo_step, ppo_update, split_by_tokens, token_advantages
+from agentflow.algo import (
+    AlgoConfig,
+    advantage_stats,
+    batch_stats,
+    ppo_step,
+    ppo_update,
+    split_by_tokens,
+    token_advantages,
+)
 
 __all__ = ["LeadEngine", "Ranks", "StepPlan", "follow"]
 
@@ -57,9 +65,11 @@ class StepPlan:
 
     def lead(self, ranks: Ranks, train_engine: TrainEngine, trajs: list[Trajectory]) -> dict[str, float]:
         """Rank 0's step: shard the batch, send the shards, train on shard 0."""
-        shards = split_by_tokens(token_advantages(trajs, self.algo), ranks.world)
+        items = token_advantages(trajs, self.algo)
+        shards = split_by_tokens(items, ranks.world)
         ranks.send(("step", shards))  # one broadcast per step; rank r trains on shards[r]
-        return {**batch_stats(trajs, self.algo), **self.update(train_engine, shards[0])}
+        update = self.update(train_engine, shards[0])
+        return {**batch_stats(trajs, self.algo), **update, **advantage_stats(items, update, self.minibatches)}
 
 
 class LeadEngine:

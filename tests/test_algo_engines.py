@@ -118,3 +118,45 @@ def test_mismatch_is_zero_in_fp32_and_not_in_bf16(tiny, make_engine):
     stale = ppo_step(eng, algo, _generate(model, tok, "float32"), version=1)  # no token of version 1
     assert stale["mismatch/tokens"] == 0 and "mismatch/kl" not in stale
     assert stale["mismatch/all_tokens"] == 6 * 24 and stale["mismatch/all_max_abs_diff"] < 1e-4  # lr ~ 0
+
+
+def _flat_groups(trajs: list[Trajectory], groups: set[int]) -> list[Trajectory]:
+    """Give every sample of the listed groups (pairs) the same reward: their advantages are all 0."""
+    return [t.with_(reward=0.5) if i // 2 in groups else t for i, t in enumerate(trajs)]
+
+
+@pytest.mark.parametrize(("loss_agg", "minibatches"),
+                         [("token_mean", 1), ("seq_mean_token_mean", 2), ("seq_sum_norm", 1)])
+def test_zero_advantage_sequences_are_left_out_and_the_update_stays_the_same(make_engine, loss_agg, minibatches):
+    """Skipping sequences whose advantage is 0 everywhere trains fewer rows, with the same loss,
+    gradient norm and weights as training every row (the denominator keeps their tokens); a step
+    where no sequence has signal still steps the optimiser (momentum) like the full batch does."""
+    trajs = make_trajs(5, [9, 14, 21, 12, 30, 7, 11, 16], group_size=2, shared_prompt=True)
+    steps = [_flat_groups(trajs, {0, 2}), _flat_groups(trajs, {1}), _flat_groups(trajs, {0, 1, 2, 3})]
+    ppo = PPOConfig(loss_agg=loss_agg, loss_agg_norm=20.0)
+    engines = {skip: make_engine(weight_decay=0.1) for skip in (False, True)}
+    for n, batch in enumerate(steps):
+        got = {skip: ppo_step(eng, AlgoConfig(skip_zero_advantage=skip, ppo=ppo), batch, max_tokens_per_mb=48,
+                              minibatches=minibatches, version=n) for skip, eng in engines.items()}
+        n, k = len(batch), minibatches
+        parts = [batch[i * n // k: (i + 1) * n // k] for i in range(k)]
+        trained = sum(max(1, sum(t.reward != 0.5 for t in part)) for part in parts)
+        assert got[True]["zero_adv_frac"] == got[False]["zero_adv_frac"] == sum(t.reward == 0.5 for t in batch) / n
+        for skip in (False, True):  # n_seqs / n_tokens count the batch (a mean over minibatches)
+            assert got[skip]["n_seqs"] * k == n
+            assert got[skip]["n_tokens"] * k == sum(len(t) for t in batch)
+        assert got[False]["trained_seqs"] * k == n
+        assert got[True]["trained_seqs"] * k == trained < n
+        assert got[True]["loss"] == pytest.approx(got[False]["loss"], abs=1e-6)
+        assert got[True]["grad_norm"] == pytest.approx(got[False]["grad_norm"], rel=1e-4, abs=1e-9)
+        for a, b in zip(engines[False].model.parameters(), engines[True].model.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=5e-5)  # 5% of lr: AdamW amplifies last bits near eps
+
+
+@pytest.mark.parametrize("ppo", [PPOConfig(entropy_coef=0.01), PPOConfig(decoupled=False)])
+def test_zero_advantage_sequences_are_trained_when_a_term_does_not_vanish_with_the_advantage(make_engine, ppo):
+    trajs = _flat_groups(make_trajs(6, [9, 14, 21, 12], group_size=2, shared_prompt=True), {0})
+    stats = ppo_step(make_engine(), AlgoConfig(ppo=ppo), trajs, version=0)
+    assert stats["zero_adv_frac"] == 0.5
+    assert stats["n_seqs"] == 4
+    assert stats["trained_seqs"] == (4 if ppo.entropy_coef > 0 else 2)

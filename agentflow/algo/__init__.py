@@ -46,7 +46,15 @@ from agentflow.algo._loss import (
     token_count,
 )
 from agentflow.algo._mismatch import accumulate_sums, mismatch_stats, mismatch_sums
-from agentflow.algo._step import Shard, batch_stats, ppo_step, ppo_update, split_by_tokens, token_advantages
+from agentflow.algo._step import (
+    Shard,
+    advantage_stats,
+    batch_stats,
+    ppo_step,
+    ppo_update,
+    split_by_tokens,
+    token_advantages,
+)
 
 __all__ = [
     "AlgoConfig",
@@ -61,6 +69,7 @@ __all__ = [
     "RatioLevel",
     "Shard",
     "accumulate_sums",
+    "advantage_stats",
     "aggregation_weights",
     "batch_normalize",
     "batch_stats",

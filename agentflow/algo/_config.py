@@ -213,6 +213,14 @@ class AlgoConfig:
         overlong_penalty_factor: the penalty at ``L = L_max``.
         mismatch_threshold: the rollout-training mismatch metric counts the fraction of tokens
             whose ``|log pi_prox - log pi_behav|`` exceeds this (in nats).
+        skip_zero_advantage: leave sequences whose advantage is 0 at every loss token (every
+            sample of a group whose rewards are all equal, under a group baseline) out of the
+            proximal forward and the update. Their PPO loss and its gradient are exactly 0, so the
+            loss keeps their tokens in its denominator and the update is the same up to rounding,
+            at the cost of the sequences that carry signal only. Ignored (every sequence trained)
+            when ``ppo.kl_coef`` or ``ppo.entropy_coef`` is > 0, whose terms do not vanish with the
+            advantage. The loss's statistics (``entropy``, ``clip_frac``, ``mismatch/*``) then
+            cover the trained sequences; ``skipped_seqs_frac`` is the share left out.
         ppo: the loss.
     """
 
@@ -229,6 +237,7 @@ class AlgoConfig:
     overlong_penalty_max_tokens: int | None = None
     overlong_penalty_factor: float = 1.0
     mismatch_threshold: float = 0.1
+    skip_zero_advantage: bool = True
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:

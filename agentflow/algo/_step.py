@@ -39,7 +39,7 @@ from agentflow.algo._loss import PPOLoss, aggregation_weights, loss_weight
 from agentflow.algo._mismatch import accumulate_sums, mismatch_stats, mismatch_sums, reduce_sums
 from agentflow.errors import ConfigError
 
-__all__ = ["Shard", "batch_stats", "ppo_step", "ppo_update", "split_by_tokens", "token_advantages"]
+__all__ = ["Shard", "advantage_stats", "batch_stats", "ppo_step", "ppo_update", "split_by_tokens", "token_advantages"]
 
 Shard = list[tuple[Trajectory, list[float]]]  # trajectories with their per-token advantages
 
@@ -102,7 +102,60 @@ def batch_stats(trajs: list[Trajectory], algo: AlgoConfig) -> dict[str, float]:
     return out
 
 
+def advantage_stats(items: Shard, update: dict[str, float], minibatches: int = 1) -> dict[str, float]:
+    """``zero_adv_frac``: the share of the batch's sequences whose advantage is 0 at every loss
+    token (left out of the update under ``algo.skip_zero_advantage``). When the engine's ``update``
+    statistics count ``n_seqs`` / ``n_tokens`` (those it trained on, a mean over ``minibatches``),
+    they are kept as ``trained_seqs`` / ``trained_tokens`` and ``n_seqs`` / ``n_tokens`` count the
+    whole batch, as without skipping (``n_rows`` stays the tokens through the model)."""
+    if not items:
+        return {}
+    out = {"zero_adv_frac": sum(not any(adv) for _, adv in items) / len(items)}
+    for key, whole in (("seqs", len(items)), ("tokens", sum(len(t) for t, _ in items))):
+        if f"n_{key}" in update:
+            out[f"trained_{key}"], out[f"n_{key}"] = update[f"n_{key}"], whole / minibatches
+    return out
+
+
+def _rows_to_train(items: Shard, algo: AlgoConfig) -> list[int] | None:
+    """The rows of a minibatch the update needs, or ``None`` for all of them: with
+    ``algo.skip_zero_advantage`` (and no KL or entropy term) the rows with a non-zero advantage,
+    or the shortest row when none has one (its loss is 0, so the optimiser still steps as it would
+    have on the whole minibatch, momentum and weight decay included)."""
+    ppo = algo.ppo
+    if not algo.skip_zero_advantage or ppo.kl_coef > 0 or ppo.entropy_coef > 0:
+        return None
+    rows = [i for i, (_, adv) in enumerate(items) if any(adv)]
+    if len(rows) == len(items):
+        return None
+    if rows:
+        return rows
+    trainable = [i for i, (t, _) in enumerate(items) if any(t.loss_mask)] or [0]
+    return [min(trainable, key=lambda i: len(items[i][0]))]
+
+
 def _padded_batch(items: Shard, algo: AlgoConfig) -> dict[str, torch.Tensor]:
+    """The padded minibatch the update trains on: every row, or only the rows with a non-zero
+    advantage (:func:`_rows_to_train`), whose loss denominators are then scaled so that the loss
+    is still divided by the whole minibatch's denominator."""
+    rows = _rows_to_train(items, algo)
+    batch = _all_rows(items, algo)
+    if rows is None:
+        return batch
+    mask = batch["loss_mask"].to(torch.float32)
+    coef, denom = batch.pop("loss_coef", mask), batch.pop("loss_denom", mask)
+    whole = float((denom * mask).sum())
+    keep = torch.tensor(rows)
+    batch = {k: v[keep] for k, v in batch.items()}
+    width = int(batch["attention_mask"].sum(1).max())
+    batch = {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
+    coef, denom = coef[keep, :width], denom[keep, :width]
+    kept = float((denom * batch["loss_mask"]).sum())
+    batch["loss_coef"], batch["loss_denom"] = coef, denom * (whole / kept) if kept > 0 else denom
+    return batch
+
+
+def _all_rows(items: Shard, algo: AlgoConfig) -> dict[str, torch.Tensor]:
     batch = pad_trajectories([t for t, _ in items])
     adv = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
     for i, (_, a) in enumerate(items):
@@ -237,7 +290,7 @@ def ppo_step(
 ) -> dict[str, float]:
     """One train step on one process: :func:`token_advantages`, then :func:`ppo_update`; the
     statistics include :func:`batch_stats`."""
-    stats = batch_stats(trajs, algo)
-    stats.update(ppo_update(train_engine, algo, token_advantages(trajs, algo), max_tokens_per_mb=max_tokens_per_mb,
-                            minibatches=minibatches, ref_engine=ref_engine, version=version))
-    return stats
+    items = token_advantages(trajs, algo)
+    update = ppo_update(train_engine, algo, items, max_tokens_per_mb=max_tokens_per_mb, minibatches=minibatches,
+                        ref_engine=ref_engine, version=version)
+    return {**batch_stats(trajs, algo), **update, **advantage_stats(items, update, minibatches)}
