@@ -84,7 +84,9 @@ def test_ppo_step_with_every_option_on(make_engine):
     stats = ppo_step(eng, algo, trajs, max_tokens_per_mb=48, minibatches=2, version=0)
     assert torch.isfinite(torch.tensor(stats["loss"]))
     assert stats["truncated_frac"] == pytest.approx(1 / 6)
-    assert stats["mismatch/tokens"] == sum(t.n_policy_tokens for t in trajs)
+    # every sequence has signal; the truncated one has no loss weight, so the update leaves it out
+    assert stats["trained_seqs"] == 5 / 2
+    assert stats["mismatch/tokens"] == sum(t.n_policy_tokens for t in trajs) - trajs[1].n_policy_tokens
     assert stats["mismatch/current_version_only"] == 1.0
     assert stats["mismatch/kl"] > 0  # make_trajs' behaviour log-probs are made up
 
@@ -125,15 +127,18 @@ def _flat_groups(trajs: list[Trajectory], groups: set[int]) -> list[Trajectory]:
     return [t.with_(reward=0.5) if i // 2 in groups else t for i, t in enumerate(trajs)]
 
 
-@pytest.mark.parametrize(("loss_agg", "minibatches"),
-                         [("token_mean", 1), ("seq_mean_token_mean", 2), ("seq_sum_norm", 1)])
-def test_zero_advantage_sequences_are_left_out_and_the_update_stays_the_same(make_engine, loss_agg, minibatches):
+@pytest.mark.parametrize(("ppo", "minibatches"), [
+    (PPOConfig(), 1),
+    (PPOConfig(loss_agg="seq_mean_token_mean"), 2),
+    (PPOConfig(loss_agg="seq_sum_norm", loss_agg_norm=20.0), 1),
+    (PPOConfig(ratio_level="geo_mean", behav_imp_weight_level="sequence", loss_agg="seq_mean_token_mean"), 1),
+])
+def test_zero_advantage_sequences_are_left_out_and_the_update_stays_the_same(make_engine, ppo, minibatches):
     """Skipping sequences whose advantage is 0 everywhere trains fewer rows, with the same loss,
     gradient norm and weights as training every row (the denominator keeps their tokens); a step
     where no sequence has signal still steps the optimiser (momentum) like the full batch does."""
     trajs = make_trajs(5, [9, 14, 21, 12, 30, 7, 11, 16], group_size=2, shared_prompt=True)
     steps = [_flat_groups(trajs, {0, 2}), _flat_groups(trajs, {1}), _flat_groups(trajs, {0, 1, 2, 3})]
-    ppo = PPOConfig(loss_agg=loss_agg, loss_agg_norm=20.0)
     engines = {skip: make_engine(weight_decay=0.1) for skip in (False, True)}
     for n, batch in enumerate(steps):
         got = {skip: ppo_step(eng, AlgoConfig(skip_zero_advantage=skip, ppo=ppo), batch, max_tokens_per_mb=48,
@@ -160,3 +165,15 @@ def test_zero_advantage_sequences_are_trained_when_a_term_does_not_vanish_with_t
     assert stats["zero_adv_frac"] == 0.5
     assert stats["n_seqs"] == 4
     assert stats["trained_seqs"] == (4 if ppo.entropy_coef > 0 else 2)
+
+
+def test_a_minibatch_whose_only_signal_is_masked_still_trains_on_its_denominator(make_engine):
+    """Overlong masking gives truncated sequences no loss weight: when they are the only ones with
+    signal, skipping keeps a weighted sequence, so the step runs (and equals training every row)."""
+    trajs = _flat_groups(make_trajs(7, [9, 14, 21, 12], group_size=2, shared_prompt=True), {1})
+    trajs[:2] = [t.with_(info={"finish_reason": "length"}) for t in trajs[:2]]
+    got = {skip: ppo_step(make_engine(), AlgoConfig(overlong_mask=True, skip_zero_advantage=skip), trajs, version=0)
+           for skip in (False, True)}
+    assert got[True]["trained_seqs"] == 1
+    assert got[True]["loss"] == pytest.approx(got[False]["loss"], abs=1e-7)
+    assert got[True]["grad_norm"] == pytest.approx(got[False]["grad_norm"], abs=1e-9)

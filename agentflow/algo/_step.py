@@ -117,41 +117,40 @@ def advantage_stats(items: Shard, update: dict[str, float], minibatches: int = 1
     return out
 
 
-def _rows_to_train(items: Shard, algo: AlgoConfig) -> list[int] | None:
+def _rows_to_train(items: Shard, algo: AlgoConfig, weights: torch.Tensor) -> list[int] | None:
     """The rows of a minibatch the update needs, or ``None`` for all of them: with
-    ``algo.skip_zero_advantage`` (and no KL or entropy term) the rows with a non-zero advantage,
-    or the shortest row when none has one (its loss is 0, so the optimiser still steps as it would
-    have on the whole minibatch, momentum and weight decay included)."""
+    ``algo.skip_zero_advantage`` (and no KL or entropy term) the rows with a non-zero advantage
+    and loss weight (``weights``: each row's share of the loss denominator), else the shortest
+    row with weight: its loss is 0, so the optimiser still steps as it would have on the whole
+    minibatch, momentum and weight decay included."""
     ppo = algo.ppo
     if not algo.skip_zero_advantage or ppo.kl_coef > 0 or ppo.entropy_coef > 0:
         return None
-    rows = [i for i, (_, adv) in enumerate(items) if any(adv)]
-    if len(rows) == len(items):
+    weighted = [i for i in range(len(items)) if weights[i] > 0]
+    rows = [i for i in weighted if any(items[i][1])]
+    if len(rows) == len(items) or not weighted:
         return None
-    if rows:
-        return rows
-    trainable = [i for i, (t, _) in enumerate(items) if any(t.loss_mask)] or [0]
-    return [min(trainable, key=lambda i: len(items[i][0]))]
+    return rows or [min(weighted, key=lambda i: len(items[i][0]))]
 
 
 def _padded_batch(items: Shard, algo: AlgoConfig) -> dict[str, torch.Tensor]:
     """The padded minibatch the update trains on: every row, or only the rows with a non-zero
     advantage (:func:`_rows_to_train`), whose loss denominators are then scaled so that the loss
     is still divided by the whole minibatch's denominator."""
-    rows = _rows_to_train(items, algo)
     batch = _all_rows(items, algo)
+    mask = batch["loss_mask"].to(torch.float32)
+    coef, denom = batch.get("loss_coef", mask), batch.get("loss_denom", mask)
+    weights = (denom * mask).sum(1)
+    rows = _rows_to_train(items, algo, weights)
     if rows is None:
         return batch
-    mask = batch["loss_mask"].to(torch.float32)
-    coef, denom = batch.pop("loss_coef", mask), batch.pop("loss_denom", mask)
-    whole = float((denom * mask).sum())
     keep = torch.tensor(rows)
-    batch = {k: v[keep] for k, v in batch.items()}
-    width = int(batch["attention_mask"].sum(1).max())
-    batch = {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
-    coef, denom = coef[keep, :width], denom[keep, :width]
-    kept = float((denom * batch["loss_mask"]).sum())
-    batch["loss_coef"], batch["loss_denom"] = coef, denom * (whole / kept) if kept > 0 else denom
+    width = int(batch["attention_mask"][keep].sum(1).max())
+    batch = {k: v[keep, :width] if v.dim() == 2 else v[keep] for k, v in batch.items()}
+    if "seq_ids" in batch:
+        batch["seq_ids"] = torch.arange(len(rows))[:, None].expand(len(rows), width).contiguous()
+    batch["loss_coef"] = coef[keep, :width]
+    batch["loss_denom"] = denom[keep, :width] * float(weights.sum() / weights[keep].sum())
     return batch
 
 
