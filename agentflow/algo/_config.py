@@ -214,13 +214,14 @@ class AlgoConfig:
         mismatch_threshold: the rollout-training mismatch metric counts the fraction of tokens
             whose ``|log pi_prox - log pi_behav|`` exceeds this (in nats).
         skip_zero_advantage: leave sequences whose advantage is 0 at every loss token (every
-            sample of a group whose rewards are all equal, under a group baseline), or without
-            loss weight (``overlong_mask``), out of the proximal forward and the update. Their PPO loss and its gradient are exactly 0, so the
-            loss keeps their tokens in its denominator and the update is the same up to rounding,
-            at the cost of the sequences that carry signal only. Ignored (every sequence trained)
-            when ``ppo.kl_coef`` or ``ppo.entropy_coef`` is > 0, whose terms do not vanish with the
-            advantage. The loss's statistics (``entropy``, ``clip_frac``, ``mismatch/*``) then
-            cover the trained sequences; ``skipped_seqs_frac`` is the share left out.
+            sample of a group whose rewards are all equal, under a group baseline), or that have
+            no loss weight (``overlong_mask``), out of the proximal forward and the update. Their
+            PPO loss and its gradient are exactly 0, so the loss keeps their tokens in its
+            denominator and the update is the same up to rounding, at the cost of the sequences
+            that carry signal only. Ignored (every sequence trained) when ``ppo.kl_coef`` or
+            ``ppo.entropy_coef`` is > 0, whose terms do not vanish with the advantage. The loss's
+            statistics (``entropy``, ``clip_frac``, ``mismatch/*``) then cover the trained
+            sequences; ``zero_adv_frac`` and ``trained_seqs`` say how many were left out.
         ppo: the loss.
     """
 

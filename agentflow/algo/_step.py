@@ -288,7 +288,7 @@ def ppo_step(
     minibatches: int = 1, ref_engine: TrainEngine | None = None, version: int | None = None,
 ) -> dict[str, float]:
     """One train step on one process: :func:`token_advantages`, then :func:`ppo_update`; the
-    statistics include :func:`batch_stats`."""
+    statistics include :func:`batch_stats` and :func:`advantage_stats`."""
     items = token_advantages(trajs, algo)
     update = ppo_update(train_engine, algo, items, max_tokens_per_mb=max_tokens_per_mb, minibatches=minibatches,
                         ref_engine=ref_engine, version=version)
