@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,7 +104,14 @@ def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not args.remote:
         _run(cmd, run_dir, os.environ, None)
-        return
+    else:
+        _run_remote(cmd, model, seed, task, args, run_dir)
+    if not args.keep_checkpoints:  # the final checkpoint (1.6 GB for SmolLM2 with its optimiser) is not read
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def _run_remote(cmd: list[str], model: str | None, seed: int, task: str, args: argparse.Namespace,
+                run_dir: pathlib.Path) -> None:
     served = model or "smollm2-135m"
     if args.server == "vllm":
         from agentflow.engines.model_loading import resolve_model_dir
@@ -222,6 +230,8 @@ def main() -> None:
     p.add_argument("--override", action="append", default=[], help="extra key=value for every run (repeatable)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench_tta"), help="run directories go here")
     p.add_argument("--reuse", action="store_true", help="keep runs whose metrics are complete")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each run's final checkpoint (deleted once the run ends otherwise)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_tta" / "time_to_accuracy.png"))
     p.add_argument("--quick", action="store_true", help="plumbing check: tiny model, 2 steps, 8 held-out problems")
     args = p.parse_args()
