@@ -4,7 +4,8 @@ Each setting is one ``agentflow train`` run of a shipped example (``examples/add
 ``examples/calculator.yaml``) that differs only in its rollout settings: ``eta0`` is synchronous
 (``rollout.max_staleness=0``), ``eta1`` / ``eta2`` / ``eta4`` asynchronous; a ``-ramp`` suffix adds
 ``rollout.staleness_ramp=true``, a ``-ds`` suffix DAPO's dynamic sampling (``algo.dynamic_sampling=true``:
-groups whose samples all scored alike are dropped and replaced by fresh prompts). Held-out accuracy
+groups whose samples all scored alike are dropped and replaced by fresh prompts), a ``-bN`` suffix
+``rollout.consumer_batch_size=N`` (groups per train step). Held-out accuracy
 (``data.eval_size`` problems x ``trainer.eval_samples`` samples at the example's temperature) is
 measured every ``--eval-every`` versions. A version's time is when the step that made it finished
 (seconds since the training loop started, model loading excluded); evaluation runs beside rollout
@@ -52,12 +53,17 @@ CONTEXT = {"addition": 256, "calculator": 320}  # the examples' inference.local.
 
 def setting_overrides(name: str) -> list[str]:
     """``eta2`` -> ``rollout.max_staleness=2``; suffixes: ``-ramp`` adds ``rollout.staleness_ramp=true``,
-    ``-ds`` adds ``algo.dynamic_sampling=true`` (e.g. ``eta1-ds``, ``eta2-ramp-ds``)."""
+    ``-ds`` adds ``algo.dynamic_sampling=true``, ``-bN`` sets ``rollout.consumer_batch_size=N`` (groups
+    per train step; e.g. ``eta1-ds``, ``eta2-ramp-ds``, ``eta1-ds-b4``)."""
     base, *flags = name.split("-")
-    if not base.startswith("eta") or not base[3:].isdigit() or not set(flags) <= {"ramp", "ds"}:
-        raise SystemExit(f"--settings: expected names like eta0, eta2, eta2-ramp or eta1-ds, got {name!r}")
+    sizes = [f for f in flags if f[:1] == "b" and f[1:].isdigit() and int(f[1:]) > 0]
+    if (not base.startswith("eta") or not base[3:].isdigit() or len(sizes) > 1
+            or not set(flags) - set(sizes) <= {"ramp", "ds"}):
+        raise SystemExit(f"--settings: expected names like eta0, eta2, eta2-ramp, eta1-ds or eta1-ds-b4, got {name!r}")
     out = [f"rollout.max_staleness={int(base[3:])}", f"rollout.staleness_ramp={'true' if 'ramp' in flags else 'false'}"]
-    return [*out, "algo.dynamic_sampling=true"] if "ds" in flags else out
+    if "ds" in flags:
+        out.append("algo.dynamic_sampling=true")
+    return [*out, *(f"rollout.consumer_batch_size={int(f[1:])}" for f in sizes)]
 
 
 def _complete(run_dir: pathlib.Path, steps: int) -> bool:

@@ -24,7 +24,8 @@ def test_settings_map_to_rollout_overrides():
         "rollout.max_staleness=1", "rollout.staleness_ramp=false", "algo.dynamic_sampling=true"
     ]
     assert bench.setting_overrides("eta2-ramp-ds")[1:] == ["rollout.staleness_ramp=true", "algo.dynamic_sampling=true"]
-    for bad in ("eta2-fast", "eta1-ds-fast", "ds", "etax"):
+    assert bench.setting_overrides("eta1-ds-b4")[2:] == ["algo.dynamic_sampling=true", "rollout.consumer_batch_size=4"]
+    for bad in ("eta2-fast", "eta1-ds-fast", "ds", "etax", "eta1-b0", "eta1-b4-b2", "eta1-bx"):
         with pytest.raises(SystemExit, match=bad):
             bench.setting_overrides(bad)
 

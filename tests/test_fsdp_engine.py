@@ -109,6 +109,20 @@ def test_shared_prompts_give_the_same_logprobs_and_step(tiny, make_engine, spec)
     assert max_param_diff(eng.full_state_dict(), ref) < 5e-5
 
 
+def test_shared_prompts_under_bf16_mixed_precision_on_cpu(tiny, make_engine):
+    """FSDP2's mixed-precision input cast rebuilds dataclasses in a forward's keywords; the shared
+    prompt layout must reach the attention as itself (it marks it used), in bf16 on CPU too."""
+    trajs = make_trajs(5, [14, 21, 12, 11, 30, 16], n_prompt=10, group_size=3, shared_prompt=True)
+    eng = make_engine(mixed_precision=True)
+    with torch.no_grad():
+        ref = reference_logprobs(tiny[0], pad_trajectories(trajs))
+    torch.testing.assert_close(eng.forward(trajs, SPEC), ref, atol=5e-2, rtol=0)  # bf16 compute
+    losses = [eng.train_batch(trajs, SPEC, sft_loss, token_count) for _ in range(4)]
+    assert losses[0]["n_rows"] < losses[0]["n_tokens"]  # the prompts were shared
+    assert losses[-1]["loss"] < losses[0]["loss"], losses
+    assert all(p.dtype == torch.float32 for p in eng.model.parameters())  # fp32 master weights
+
+
 def test_entropy_bonus_raises_entropy(make_engine):
     """With zero advantages the only gradient is the entropy bonus's: one step raises the entropy."""
     trajs = make_trajs(6, LENS)

@@ -145,7 +145,6 @@ def balanced_partition(lengths: Sequence[int], k: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-@dataclass(slots=True, eq=False)
 class SharedLayout:
     """How the rows of a packed row with shared prefixes map to whole sequences.
 
@@ -156,12 +155,17 @@ class SharedLayout:
     the prompt's rows, ``plan`` caching that per micro-batch; on CUDA: gathered into the virtual
     layout and scattered back) and sets ``used`` (so the engine can tell a model that does not pass
     attention keywords through).
+
+    A plain class, not a dataclass: FSDP2's mixed-precision input cast rebuilds dataclasses it finds
+    in a forward's keywords, and the attention must see (and mark) this very object.
     """
 
-    gather: torch.Tensor
-    scatter: torch.Tensor
-    used: bool = False
-    plan: Any = None  # the attention's per-micro-batch plan (engines/fsdp/_attention.py), made on first use
+    __slots__ = ("gather", "plan", "scatter", "used")
+
+    def __init__(self, gather: torch.Tensor, scatter: torch.Tensor) -> None:
+        self.gather, self.scatter = gather, scatter
+        self.used = False
+        self.plan: Any = None  # the attention's per-micro-batch plan (engines/fsdp/_attention.py), made on first use
 
     def to(self, device: torch.device) -> SharedLayout:
         return SharedLayout(self.gather.to(device), self.scatter.to(device))
