@@ -73,6 +73,10 @@ def packed_attention(
             query, key, value = (x.index_select(2, gather) for x in (query, key, value))
         out = _varlen(query, key, value, cu_seq_lens_q, int(max_length_q or query.shape[2]), scaling, p)
         return (out if scatter is None else out.index_select(1, scatter)), None
+    if query.dtype in (torch.bfloat16, torch.float16):  # CPU SDPA is slower in half precision than in fp32
+        half = query.dtype
+        out = _per_segment(query.float(), key.float(), value.float(), cu_seq_lens_q, scaling, p, agentflow_shared)
+        return out.to(half), None
     return _per_segment(query, key, value, cu_seq_lens_q, scaling, p, agentflow_shared), None
 
 
