@@ -8,8 +8,11 @@ groups whose samples all scored alike are dropped and replaced by fresh prompts)
 ``rollout.consumer_batch_size=N`` (groups per train step). Held-out accuracy
 (``data.eval_size`` problems x ``trainer.eval_samples`` samples at the example's temperature) is
 measured every ``--eval-every`` versions. A version's time is when the step that made it finished
-(seconds since the training loop started, model loading excluded); evaluation runs beside rollout
-in every setting alike.
+(seconds since the training loop started, model loading excluded). By default evaluation runs
+beside rollout, in every setting alike, and its time is on the clock (the next version is published
+once it is done). With ``--offline-eval`` (``--remote`` only) the run keeps the weights it publishes
+and nothing else shares the clock: each evaluated version is scored after the run by
+``agentflow eval`` on the same problems, samples and sampling seed.
 
 Reported per run, as one JSON line each: held-out per version, time to each ``--targets`` accuracy
 (null = not reached), held-out at each ``--budgets`` wall-clock second (the last evaluated version
@@ -91,11 +94,13 @@ def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir:
     """One ``agentflow train`` run into ``run_dir`` (skipped with ``--reuse`` when already complete)."""
     if args.reuse and _complete(run_dir, args.steps):
         return
+    evaluation = (["trainer.eval_every=0", "trainer.keep_weight_versions=null"] if args.offline_eval
+                  else [f"trainer.eval_every={args.eval_every}"])
     overrides = [
         *setting_overrides(setting),
         f"inference.local.seed={seed}",
         f"trainer.total_steps={args.steps}",
-        f"trainer.eval_every={args.eval_every}",
+        *evaluation,
         f"trainer.eval_samples={args.eval_samples}",
         f"data.eval_size={args.eval_size}",
         "trainer.checkpoint_every=0",
@@ -114,6 +119,37 @@ def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir:
         _run_remote(cmd, model, seed, task, args, run_dir)
     if not args.keep_checkpoints:  # the final checkpoint (1.6 GB for SmolLM2 with its optimiser) is not read
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if args.offline_eval:
+        evaluate_offline(task, seed, model, args, run_dir)
+
+
+def evaluate_offline(task: str, seed: int, model: str | None, args: argparse.Namespace,
+                     run_dir: pathlib.Path) -> None:
+    """Score every ``--eval-every``-th published version (and the last) with ``agentflow eval`` into
+    ``metrics.jsonl``, as the run's own evaluation would have logged them; then delete the weights."""
+    weights = run_dir / "weights"
+    versions = sorted({*range(0, args.steps + 1, args.eval_every), args.steps})
+    records = []
+    for v in versions:
+        path = weights / f"v{v:06d}" if v else None  # version 0 is the model the run started from
+        if path is not None and not path.is_dir():
+            raise SystemExit(f"{run_dir}: no weights for version {v} at {path}; expected trainer.keep_weight_versions="
+                             "null and trainer.weight_update=disk (--offline-eval runs with --remote)")
+        cmd = [sys.executable, "-m", "agentflow", "eval", "--n", str(args.eval_size),
+               *(["--model", str(path or model)] if path is not None or model else []),
+               str(ROOT / "examples" / f"{task}.yaml"), f"generation.n_samples={args.eval_samples}",
+               f"inference.local.seed={seed}", "logging.progress=false", f"logging.run_dir={run_dir / 'eval'}",
+               *args.override]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        score = json.loads(out.stdout.strip().splitlines()[-1])
+        records.append({"eval/version": v, "eval/reward": score["mean_reward"], "eval/n": score["n"],
+                        "eval/offline": True})
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    if not args.keep_checkpoints:
+        shutil.rmtree(weights, ignore_errors=True)
 
 
 def _run_remote(cmd: list[str], model: str | None, seed: int, task: str, args: argparse.Namespace,
@@ -237,13 +273,17 @@ def main() -> None:
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench_tta"), help="run directories go here")
     p.add_argument("--reuse", action="store_true", help="keep runs whose metrics are complete")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each run's final checkpoint (deleted once the run ends otherwise)")
+                   help="keep each run's final checkpoint (and --offline-eval's weights; deleted otherwise)")
+    p.add_argument("--offline-eval", action="store_true",
+                   help="with --remote: score the published weights after each run, off the training clock")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_tta" / "time_to_accuracy.png"))
     p.add_argument("--quick", action="store_true", help="plumbing check: tiny model, 2 steps, 8 held-out problems")
     args = p.parse_args()
     if args.quick:
         args.model, args.steps, args.eval_every, args.eval_size = args.model or "tiny", 2, 1, 8
         args.override += ["data.shots=0", "generation.max_new_tokens=8"]
+    if args.offline_eval and not args.remote:
+        raise SystemExit("--offline-eval needs --remote (it scores the weight directories a remote run publishes)")
     if args.server == "vllm" and not args.remote:
         raise SystemExit("--server vllm needs --remote (vLLM runs in its own process)")
     layout = ("remote_vllm" if args.server == "vllm" else "remote") if args.remote else "in_process"

@@ -45,3 +45,33 @@ def test_a_version_is_timed_when_the_step_that_made_it_finished():
     assert out["time_to"] == {"0.5": 20.0, "0.7": 40.0, "0.9": None}
     assert out["heldout_at"] == {"15s": 0.06, "40s": 0.75}
     assert out["episodes_trained"] == 256 and out["median_step_s"] == 10.0 and out["steps"] == 4
+
+
+def test_offline_evaluation_scores_the_kept_weights_and_appends_them(tmp_path, monkeypatch):
+    import argparse
+    import json
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    for v in (1, 2, 3):
+        (run_dir / "weights" / f"v{v:06d}").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 3, "time": 9.0, "reward/mean": 0.5}) + "\n")
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        model = cmd[cmd.index("--model") + 1] if "--model" in cmd else "base"
+        score = {"base": 0.1, "v000002": 0.5, "v000003": 0.75}[pathlib.Path(model).name]
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"n": 8, "mean_reward": score}) + "\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = argparse.Namespace(steps=3, eval_every=2, eval_size=8, eval_samples=2, override=[], keep_checkpoints=False)
+    bench.evaluate_offline("addition", 0, None, args, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["eval/version"], r["eval/reward"]) for r in records[1:]] == [(0, 0.1), (2, 0.5), (3, 0.75)]
+    assert all("generation.n_samples=2" in c and "inference.local.seed=0" in c for c in calls)
+    assert not (run_dir / "weights").exists()
+
+    (run_dir / "weights").mkdir()
+    with pytest.raises(SystemExit, match="no weights for version 2"):
+        bench.evaluate_offline("addition", 0, None, args, run_dir)

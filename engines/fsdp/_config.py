@@ -30,7 +30,8 @@ class FSDPEngineConfig:
         model_factory: zero-argument callable returning an ``nn.Module`` (an HF causal LM).
         dtype: parameter (master) dtype: ``float32``, ``bfloat16`` or ``float16``.
         mixed_precision: compute in bf16 with fp32 master weights and fp32 gradient reduction
-            (FSDP2 ``MixedPrecisionPolicy``); meant for GPUs.
+            (FSDP2 ``MixedPrecisionPolicy``). On GPUs, and on CPUs with bf16 instructions
+            (AVX512-BF16, AMX), where the matrix products run about twice as fast as in fp32.
         lr, weight_decay, betas, eps: AdamW.
         lr_schedule: ``constant``, ``linear`` or ``cosine`` decay to ``min_lr_ratio * lr`` after
             ``warmup_steps`` of linear warm-up; decay length is ``total_steps`` or, if None,

@@ -136,6 +136,9 @@ class FSDPEngine(TrainEngine):
             raise EngineError("FSDPEngine.initialize called twice; expected one call per engine")
         cfg = self.config
         self.device = _dist.resolve_device(cfg.device)
+        if cfg.mixed_precision and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning("train.mixed_precision=true on a CPU without bf16 instructions (AVX512-BF16 or AMX): bf16 "
+                        "compute is emulated there and slower than fp32; set train.mixed_precision=false")
         self._own_pg = _dist.ensure_process_group(self.device, addr)
         torch.manual_seed(cfg.seed)
         model = self._build_model()
