@@ -1,16 +1,12 @@
 """Publishing a train step's weights to the inference engine, the loop side of the weight hand-off.
 
 After each train step the trainer thread asks :class:`WeightPublisher` to publish the new weights
-as the next version:
+as the next version and returns once rollout runs on them:
 
 - ``mem`` / ``disk``: the train engine uploads (fills ``state_dict`` or writes an HF checkpoint
   under ``<run_dir>/weights/v<version>``), then the engine's update runs on the event loop (the
-  caller's ``on_loop`` coroutine: pause rollout, load, bump the version, resume). ``mem`` returns
-  once rollout runs on the new weights (the engine may hold views of the trainer's tensors).
-  ``disk`` returns once the checkpoint is written: the servers load it while the trainer takes and
-  trains its next batch, which reads nothing they change (:meth:`WeightPublisher.settle` waits for
-  the load; the next publish, a checkpoint and the end of the run call it). Once every server has
-  loaded a disk version, all but the newest ``keep_disk_versions`` directories are deleted (a
+  caller's ``on_loop`` coroutine: pause rollout, load, bump the version, resume). Once every server
+  has loaded a disk version, all but the newest ``keep_disk_versions`` directories are deleted (a
   server that rejoins later is sent the newest; each directory is a whole model);
 - ``nccl``: both sides at once. The servers sit in their receive route while train rank 0 joins
   the weight-update group (once per run, under a fresh group name, since a server may still hold
@@ -33,7 +29,6 @@ import re
 import shutil
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
@@ -85,8 +80,6 @@ class WeightPublisher:
         self._port = nccl_port
         self._group = ""  # picked with the port at the first nccl update
         self._joined = False  # train rank 0 is in the weight-update group
-        # the disk update whose load is still running on the loop: (future, version, monotonic start)
-        self._loading: tuple[concurrent.futures.Future[None], int, float] | None = None
 
     def meta(self, version: int) -> WeightUpdateMeta:
         """What the train engine uploads for ``version``."""
@@ -105,15 +98,8 @@ class WeightPublisher:
 
     def publish(self, loop: asyncio.AbstractEventLoop, version: int, on_loop: OnLoop) -> WeightUpdateMeta:
         """(Trainer thread.) Publish the current weights as ``version``; ``on_loop(version, meta)``
-        runs the inference side on the loop. Returns the meta that was published: for ``disk`` once
-        it is written (the load runs on, see :meth:`settle`), otherwise once rollout runs on it."""
-        self.settle()
+        runs the inference side on the loop. Returns the meta that was published."""
         meta = self.meta(version)
-        if meta.type == "disk":
-            meta = self.train_engine.upload_weights(meta)
-            future = asyncio.run_coroutine_threadsafe(on_loop(version, meta), loop)
-            self._loading = (future, version, time.monotonic())
-            return meta
         if meta.type != "nccl":
             meta = self.train_engine.upload_weights(meta)
             call_on_loop(loop, on_loop(version, meta), self.timeout_s)
@@ -133,27 +119,6 @@ class WeightPublisher:
             raise EngineError(f"the nccl weight update to version {version} took longer than "
                               f"trainer.update_timeout_s={self.timeout_s}s; see the logs")
         return meta
-
-    def settle(self) -> None:
-        """(Trainer thread.) Wait until the servers run on the last published ``disk`` version;
-        raise its update's error. No-op when no load is running."""
-        if self._loading is None:
-            return
-        future, version, started = self._loading
-        self._loading = None
-        try:
-            future.result(max(self.timeout_s - (time.monotonic() - started), 0.0))
-        except TimeoutError as e:
-            future.cancel()
-            raise EngineError(f"the disk weight update to version {version} took longer than "
-                              f"trainer.update_timeout_s={self.timeout_s}s; see the logs") from e
-        self._prune(version)
-
-    def abandon(self) -> None:
-        """(Trainer thread, when the run fails.) Cancel a load still running; report nothing."""
-        if self._loading is not None:
-            self._loading[0].cancel()
-            self._loading = None
 
     async def restore(self, version: int) -> None:
         """(Event loop, on resume.) Load the train engine's weights into the engine as ``version``."""

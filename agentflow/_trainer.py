@@ -313,12 +313,8 @@ class Trainer:
                 if due or self.state.step == self.cfg.total_steps:
                     self._checkpoint(loop)
                 self._check_skipped(record)
-            self.publisher.settle()  # the last version is served (and evaluated) before the run ends
             if self.stopped_by and self.state.step > self.state.saved_step:
                 self._checkpoint(loop)  # the final checkpoint of an interrupted run
-        except BaseException:
-            self.publisher.abandon()
-            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -334,8 +330,6 @@ class Trainer:
         t_train = time.perf_counter() - t0 - t_wait
         version = self.state.step + 1
         meta = self.publisher.publish(loop, version, self._publish)
-        # the next batch is judged against these weights even while servers still load them (disk)
-        self.rollout.buffer.set_version(version)
         t_publish = time.perf_counter() - t0 - t_wait - t_train
         self.state.step = version
         n_tokens = sum(len(t) for t in trajs)
@@ -343,7 +337,7 @@ class Trainer:
         self.state.episodes_trained += len(trajs)
         record = self._step_record(groups, trajs, stats, t_wait, t_train, time.perf_counter() - t0)
         record.update(filtered)
-        record["time/publish_s"] = t_publish
+        record["time/publish_s"] = t_publish  # upload, then until rollout runs on the new weights
         if meta.nbytes is not None:  # what the weight update moved (the adapter only, with LoRA)
             record["weights/update_mib"] = meta.nbytes / 2**20
         self.metrics.log(version, record)
@@ -424,7 +418,6 @@ class Trainer:
         self.metrics.log(version, {"eval/version": version, "eval/reward": _mean(rewards), "eval/n": len(rewards)})
 
     def _checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.publisher.settle()  # the servers and the rollout state are at the saved version
         rollout_state = call_on_loop(loop, self._snapshot_rollout(), self.cfg.update_timeout_s)
         trainer_state = {
             "step": self.state.step,

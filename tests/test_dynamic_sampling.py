@@ -152,6 +152,7 @@ async def test_trainer_logs_filtered_groups_and_extra_episodes(tmp_path):
     total = sum(r["rollout/filtered_groups"] for r in steps)
     assert total >= 3  # two of every three prompts are flat
     assert steps[-1]["rollout/extra_episodes_total"] == 2 * total
+    assert all(r["time/publish_s"] >= 0 for r in steps)
     for r in steps:
         n = r["rollout/filtered_groups"]
         assert r["rollout/filtered_frac"] == pytest.approx(n / (n + 2))
