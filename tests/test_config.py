@@ -178,14 +178,15 @@ def test_the_addition_example_is_the_earlier_default_run():
 
 
 def test_the_remote_example_is_the_addition_run_at_the_remote_layouts_measured_setting():
-    """examples/remote.yaml: the addition run on servers, at eta 1 with dynamic sampling (the
-    fastest to 60% and 90% held-out measured with generation on its own core, docs/training.md)."""
+    """examples/remote.yaml: the addition run on servers, at eta 1 with dynamic sampling and bf16
+    training (measured with generation on its own core, docs/training.md)."""
     from agentflow.recipe import load_recipe_config
 
     remote = load_recipe_config([ROOT / "examples" / "remote.yaml"])
     addition = load_recipe_config([ROOT / "examples" / "addition.yaml"])
     assert (remote.inference.backend, remote.trainer.weight_update) == ("remote", "disk")
     assert (remote.rollout.max_staleness, remote.algo.dynamic_sampling) == (1, True)
+    assert remote.train.mixed_precision and not addition.train.mixed_precision
     assert (remote.data, remote.generation, remote.train.lr) == (addition.data, addition.generation, addition.train.lr)
 
 
