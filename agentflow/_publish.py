@@ -4,7 +4,7 @@ After each train step the trainer thread asks :class:`WeightPublisher` to publis
 as the next version and returns once rollout runs on them:
 
 - ``mem`` / ``disk``: the train engine uploads (fills ``state_dict`` or writes an HF checkpoint
-  under ``<run_dir>/weights/v<version>``), then the engine's update runs on the event loop (the
+  under ``<weights_dir>/v<version>``), then the engine's update runs on the event loop (the
   caller's ``on_loop`` coroutine: pause rollout, load, bump the version, resume). Once every server
   has loaded a disk version, all but the newest ``keep_disk_versions`` directories are deleted (a
   server that rejoins later is sent the newest; each directory is a whole model);
@@ -59,7 +59,8 @@ class WeightPublisher:
 
     Args:
         kind: ``trainer.weight_update``.
-        run_dir: ``disk`` checkpoints go under ``run_dir/weights``.
+        weights_dir: ``disk`` versions go under it (``trainer.weights_dir``, else ``<run_dir>/weights``);
+            the servers are sent absolute paths.
         nccl_address, nccl_port: where the servers reach train rank 0's rendezvous (port 0 = a free
             one, picked at the first ``nccl`` update).
         timeout_s: ``trainer.update_timeout_s``, the deadline of one whole update.
@@ -68,13 +69,13 @@ class WeightPublisher:
     """
 
     def __init__(self, kind: Literal["mem", "disk", "nccl"], *, engine: InferenceEngine, train_engine: TrainEngine,
-                 run_dir: pathlib.Path, nccl_address: str = "127.0.0.1", nccl_port: int = 0,
+                 weights_dir: pathlib.Path, nccl_address: str = "127.0.0.1", nccl_port: int = 0,
                  timeout_s: float = 600.0, keep_disk_versions: int | None = 1) -> None:
         self.kind = kind
         self.keep_disk_versions = keep_disk_versions
         self.engine = engine
         self.train_engine = train_engine
-        self.run_dir = run_dir
+        self.weights_dir = pathlib.Path(weights_dir).absolute()
         self.nccl_address = nccl_address
         self.timeout_s = timeout_s
         self._port = nccl_port
@@ -84,7 +85,7 @@ class WeightPublisher:
     def meta(self, version: int) -> WeightUpdateMeta:
         """What the train engine uploads for ``version``."""
         if self.kind != "nccl":
-            path = str(self.run_dir / "weights" / f"v{version:06d}") if self.kind == "disk" else None
+            path = str(self.weights_dir / f"v{version:06d}") if self.kind == "disk" else None
             return WeightUpdateMeta(type=self.kind, path=path, version=version)
         import torch
 
@@ -101,7 +102,7 @@ class WeightPublisher:
         runs the inference side on the loop. Returns the meta that was published."""
         meta = self.meta(version)
         if meta.type != "nccl":
-            meta = self.train_engine.upload_weights(meta)
+            meta = self._upload(meta)
             call_on_loop(loop, on_loop(version, meta), self.timeout_s)
             self._prune(version)
             return meta
@@ -143,7 +144,7 @@ class WeightPublisher:
         (counting ``version``, just loaded by every server); a failure is logged, not raised."""
         if self.kind != "disk" or self.keep_disk_versions is None:
             return
-        root = self.run_dir / "weights"
+        root = self.weights_dir
         older = sorted((int(m.group(1)), d) for d in root.glob("v*")
                        if (m := _VERSION_DIR.fullmatch(d.name)) and d.is_dir() and int(m.group(1)) <= version)
         for _, d in older[:-self.keep_disk_versions]:
@@ -151,6 +152,23 @@ class WeightPublisher:
                 shutil.rmtree(d)
             except OSError as e:
                 log.warning("could not delete the old weights directory %s (%s); it stays on disk", d, e)
+
+    def _upload(self, meta: WeightUpdateMeta) -> WeightUpdateMeta:
+        """The train engine's ``mem``/``disk`` upload; a disk version that cannot be written says why."""
+        try:
+            return self.train_engine.upload_weights(meta)
+        except OSError as e:
+            from agentflow._checkpoint import _why_write_failed
+
+            why = _why_write_failed(self.weights_dir, e)  # before the partial version frees its space
+            if meta.path is not None:
+                shutil.rmtree(meta.path, ignore_errors=True)
+            nbytes = sum(w.nbytes for w in self.train_engine.weight_specs())
+            raise EngineError(
+                f"could not write weights version {meta.version} to {meta.path}: {why}; the partial directory was"
+                f" removed. Each version is a whole model ({nbytes / 2**20:.0f} MiB) and the servers must be able to"
+                " read it: set trainer.weights_dir to a directory with room for trainer.keep_weight_versions + 1 of"
+                " them") from e
 
     def _start_broadcast(self, meta: WeightUpdateMeta, world: int) -> concurrent.futures.Future[None]:
         """:meth:`_broadcast` in a daemon thread of its own: a join or broadcast left blocked by a

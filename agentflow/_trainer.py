@@ -66,8 +66,12 @@ class TrainerConfig:
         nccl_port: TCP port of that group's rendezvous on train rank 0; 0 = a free port picked at start.
         checkpoint_every: steps between checkpoints (0 = only at the end of the run).
         keep_checkpoints: complete checkpoints kept on disk.
+        weights_dir: with ``weight_update=disk``, where each version is written (``v<version>``, a
+            whole HF model the servers load); null = ``<run_dir>/weights``. The servers must read
+            it: a shared filesystem for servers on other hosts; for servers on this host a tmpfs
+            (``/dev/shm/...``) saves the write to disk on every step.
         keep_weight_versions: with ``weight_update=disk``, the newest weight directories kept under
-            ``<run_dir>/weights`` once every server has loaded them (each is a whole model); null
+            the weights directory once every server has loaded them (each is a whole model); null
             keeps every version.
         eval_every: steps between evaluations (0 = never); with evaluation on, version 0 (the
             starting policy) is evaluated too.
@@ -91,6 +95,7 @@ class TrainerConfig:
     nccl_port: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
+    weights_dir: str | None = None
     keep_weight_versions: int | None = 1
     eval_every: int = 0
     eval_samples: int = 2
@@ -196,6 +201,7 @@ class Trainer:
         self.workflow = guard_workflow(workflow, block_warn_s=config.loop_block_warn_s)  # SystemExit, blocking
         self.prompts = prompts
         self.run_dir = pathlib.Path(run_dir)
+        self.weights_dir = pathlib.Path(config.weights_dir) if config.weights_dir else self.run_dir / "weights"
         self.metrics = metrics
         if evaluation is not None:
             evaluation = dataclasses.replace(evaluation, workflow=guard_workflow(evaluation.workflow))
@@ -214,7 +220,7 @@ class Trainer:
         self._eval_task: asyncio.Task[None] | None = None
         self._stop = threading.Event()
         self.publisher = WeightPublisher(config.weight_update, engine=engine, train_engine=train_engine,
-                                         run_dir=self.run_dir, nccl_address=config.nccl_address,
+                                         weights_dir=self.weights_dir, nccl_address=config.nccl_address,
                                          nccl_port=config.nccl_port, timeout_s=config.update_timeout_s,
                                          keep_disk_versions=config.keep_weight_versions)
         self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")

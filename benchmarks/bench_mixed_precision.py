@@ -23,7 +23,6 @@ import json
 import statistics
 import time
 
-import torch
 from bench_shared_prefix import batch_from_args
 from bench_zero_advantage import with_flat_groups
 

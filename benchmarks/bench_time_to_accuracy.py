@@ -23,7 +23,8 @@ wall-clock seconds, one curve per setting, one panel per task and layout) at ``-
 Layouts: in process (default: generation and training share the process and the cores), and with
 ``--remote`` generation in an ``agentflow serve`` process (``--server vllm``: a real vLLM, fp32,
 ``inference.protocol=vllm``) pinned to core 0 (one thread) and the trainer pinned to core 1 (one
-thread), weights through disk: the layout where inference has devices of its own. Runs go one
+thread), weights through a tmpfs (``trainer.weights_dir`` under ``/dev/shm`` when it exists, as in
+``examples/remote.yaml``; else the run directory): the layout where inference has devices of its own. Runs go one
 after the other, every setting of a seed before the next seed (so a drift in the machine's speed
 hits all settings alike); ``--reuse`` keeps runs whose metrics are complete.
 
@@ -111,12 +112,12 @@ def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir:
     model = _servable(args.model, pathlib.Path(args.runs)) if args.remote and args.model else args.model
     if model:
         overrides.append(f"model.path={model}")
-    cmd = [sys.executable, "-m", "agentflow", "train", str(ROOT / "examples" / f"{task}.yaml"), *overrides]
+    head = [sys.executable, "-m", "agentflow", "train", str(ROOT / "examples" / f"{task}.yaml")]
     run_dir.mkdir(parents=True, exist_ok=True)
     if not args.remote:
-        _run(cmd, run_dir, os.environ, None)
+        _run([*head, *overrides], run_dir, os.environ, None)
     else:
-        _run_remote(cmd, model, seed, task, args, run_dir)
+        _run_remote(head, overrides, model, seed, task, args, run_dir)
     if not args.keep_checkpoints:  # the final checkpoint (1.6 GB for SmolLM2 with its optimiser) is not read
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if args.offline_eval:
@@ -127,7 +128,7 @@ def evaluate_offline(task: str, seed: int, model: str | None, args: argparse.Nam
                      run_dir: pathlib.Path) -> None:
     """Score every ``--eval-every``-th published version (and the last) with ``agentflow eval`` into
     ``metrics.jsonl``, as the run's own evaluation would have logged them; then delete the weights."""
-    weights = run_dir / "weights"
+    weights = _weights_dir(run_dir)
     versions = sorted({*range(0, args.steps + 1, args.eval_every), args.steps})
     records = []
     for v in versions:
@@ -150,25 +151,51 @@ def evaluate_offline(task: str, seed: int, model: str | None, args: argparse.Nam
         f.writelines(json.dumps(r) + "\n" for r in records)
     if not args.keep_checkpoints:
         shutil.rmtree(weights, ignore_errors=True)
+    elif weights != run_dir / "weights":  # kept beside the run, not in memory
+        shutil.move(weights, run_dir / "weights")
 
 
-def _run_remote(cmd: list[str], model: str | None, seed: int, task: str, args: argparse.Namespace,
-                run_dir: pathlib.Path) -> None:
+def _weights_dir(run_dir: pathlib.Path) -> pathlib.Path:
+    """Where a run's disk versions went (its ``config.json``'s ``trainer.weights_dir``, else ``weights``)."""
+    config = run_dir / "config.json"
+    trainer = json.loads(config.read_text()).get("trainer", {}) if config.exists() else {}
+    return pathlib.Path(trainer.get("weights_dir") or run_dir / "weights")
+
+
+def _tmpfs_weights_dir(run_dir: pathlib.Path) -> pathlib.Path:
+    """The server shares this host: publish through ``/dev/shm`` (no disk write per step) where it exists."""
+    shm = pathlib.Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        return run_dir / "weights"
+    return shm / "agentflow-bench" / run_dir.resolve().relative_to(run_dir.resolve().anchor)
+
+
+def _run_remote(head: list[str], overrides: list[str], model: str | None, seed: int, task: str,
+                args: argparse.Namespace, run_dir: pathlib.Path) -> None:
     served = model or "smollm2-135m"
     if args.server == "vllm":
         from agentflow.engines.model_loading import resolve_model_dir
 
         served = str(resolve_model_dir(served))  # vLLM loads HF directories only
-    with server_on_core(args.server, served, run_dir / "servers", core=0, context=CONTEXT[task],
+    weights = _tmpfs_weights_dir(run_dir)
+    shutil.rmtree(weights, ignore_errors=True)  # versions of an earlier try at this run
+    with server_on_core(args.server, served, run_dir / "servers", core=0, context=1024 if args.quick else CONTEXT[task],
                         python=args.vllm_python, seed=seed) as address:
         remote = [
             "inference.backend=remote",
             f"inference.protocol={'vllm' if args.server == 'vllm' else 'sglang'}",
             f"inference.addresses=[{address}]",
             "trainer.weight_update=disk",
+            f"trainer.weights_dir={weights}",
             "threads=1",
         ]
-        _run([*cmd, *remote], run_dir, {**os.environ, "OMP_NUM_THREADS": "1"}, pinned({1}))
+        # the layout's settings first, so that --override (last in ``overrides``) can change them
+        try:
+            _run([*head, *remote, *overrides], run_dir, {**os.environ, "OMP_NUM_THREADS": "1"}, pinned({1}))
+        except BaseException:
+            if weights.is_relative_to("/dev/shm"):  # a failed run's versions would hold memory
+                shutil.rmtree(weights, ignore_errors=True)
+            raise
 
 
 def _run(cmd: list[str], run_dir: pathlib.Path, env: Any, preexec: Callable[[], None] | None) -> None:
@@ -281,7 +308,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.model, args.steps, args.eval_every, args.eval_size = args.model or "tiny", 2, 1, 8
-        args.override += ["data.shots=0", "generation.max_new_tokens=8"]
+        # the tiny model's byte tokenizer makes the calculator's prompt (399 tokens) longer than its context
+        args.override += ["data.shots=0", "generation.max_new_tokens=8", "inference.local.max_seq_len=1024"]
     if args.offline_eval and not args.remote:
         raise SystemExit("--offline-eval needs --remote (it scores the weight directories a remote run publishes)")
     if args.server == "vllm" and not args.remote:

@@ -75,3 +75,36 @@ def test_offline_evaluation_scores_the_kept_weights_and_appends_them(tmp_path, m
     (run_dir / "weights").mkdir()
     with pytest.raises(SystemExit, match="no weights for version 2"):
         bench.evaluate_offline("addition", 0, None, args, run_dir)
+
+
+def test_offline_evaluation_reads_the_weights_dir_the_run_used_and_keeps_them_beside_it(tmp_path, monkeypatch):
+    import argparse
+    import json
+    import subprocess
+
+    run_dir, shm = tmp_path / "run", tmp_path / "shm" / "run"
+    for v in (1, 2):
+        (shm / f"v{v:06d}").mkdir(parents=True)
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"trainer": {"weights_dir": str(shm)}}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "time": 9.0, "reward/mean": 0.5}) + "\n")
+    models = []
+
+    def fake_run(cmd, **kwargs):
+        models.append(cmd[cmd.index("--model") + 1] if "--model" in cmd else "base")
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"n": 8, "mean_reward": 0.5}) + "\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = argparse.Namespace(steps=2, eval_every=2, eval_size=8, eval_samples=2, override=[], keep_checkpoints=True)
+    bench.evaluate_offline("addition", 0, None, args, run_dir)
+    assert models == ["base", str(shm / "v000002")]
+    assert not shm.exists()  # moved out of memory, next to the run
+    assert sorted(d.name for d in (run_dir / "weights").iterdir()) == ["v000001", "v000002"]
+
+
+def test_the_remote_layout_publishes_through_dev_shm_under_the_run_path(tmp_path):
+    out = bench._tmpfs_weights_dir(tmp_path / "runs" / "remote" / "eta0")
+    if pathlib.Path("/dev/shm").is_dir():
+        assert out == pathlib.Path("/dev/shm/agentflow-bench") / str(tmp_path).lstrip("/") / "runs" / "remote" / "eta0"
+    else:
+        assert out == tmp_path / "runs" / "remote" / "eta0" / "weights"

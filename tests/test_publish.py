@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import pathlib
 import threading
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 
 from agentflow._publish import WeightPublisher
-from agentflow.errors import ServerError
+from agentflow.errors import EngineError, ServerError
 
 
 class DiskWriter:
@@ -39,9 +41,9 @@ def _names(run_dir: pathlib.Path) -> list[str]:
     return sorted(d.name for d in (run_dir / "weights").iterdir())
 
 
-def _publisher(run_dir: pathlib.Path, keep: int | None) -> WeightPublisher:
-    return WeightPublisher("disk", engine=None, train_engine=DiskWriter(), run_dir=run_dir,  # type: ignore[arg-type]
-                           keep_disk_versions=keep)
+def _publisher(run_dir: pathlib.Path, keep: int | None, writer: Any = None) -> WeightPublisher:
+    return WeightPublisher("disk", engine=None, train_engine=writer or DiskWriter(),  # type: ignore[arg-type]
+                           weights_dir=run_dir / "weights", keep_disk_versions=keep)
 
 
 def test_versions_past_the_newest_kept_are_deleted_once_loaded(tmp_path, loop):
@@ -81,3 +83,42 @@ def test_a_failed_update_deletes_nothing(tmp_path, loop):
     with pytest.raises(ServerError, match="refused"):
         pub.publish(loop, 2, load)
     assert _names(tmp_path) == ["v000001", "v000002"]
+
+
+def test_a_relative_weights_dir_reaches_the_servers_as_an_absolute_path(tmp_path, loop, monkeypatch):
+    """Servers run elsewhere (another working directory, another host on a shared filesystem)."""
+    paths: list[str] = []
+
+    async def load(version: int, meta: Any) -> None:
+        paths.append(meta.path)
+
+    monkeypatch.chdir(tmp_path)
+    pub = WeightPublisher("disk", engine=None, train_engine=DiskWriter(),  # type: ignore[arg-type]
+                          weights_dir=pathlib.Path("shm/run"))
+    pub.publish(loop, 1, load)
+    assert paths == [str(tmp_path / "shm" / "run" / "v000001")]
+    assert os.path.isabs(paths[0])
+
+
+class FullDisk(DiskWriter):
+    def upload_weights(self, meta: Any) -> Any:
+        pathlib.Path(meta.path).mkdir(parents=True)
+        (pathlib.Path(meta.path) / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device", meta.path)
+
+    def weight_specs(self) -> list[Any]:
+        from agentflow.engines._handoff import WeightSpec
+
+        return [WeightSpec("w", "float32", (1024, 1024))]
+
+
+def test_a_version_that_cannot_be_written_says_where_and_how_to_fix_it(tmp_path, loop):
+    async def load(version: int, meta: Any) -> None:
+        raise AssertionError("a version that was not written must not be loaded")
+
+    with pytest.raises(EngineError) as e:
+        _publisher(tmp_path, keep=1, writer=FullDisk()).publish(loop, 1, load)
+    msg = str(e.value)
+    assert "could not write weights version 1 to " + str(tmp_path / "weights" / "v000001") in msg
+    assert "the file system is full" in msg and "a whole model (4 MiB)" in msg and "trainer.weights_dir" in msg
+    assert "partial directory was removed" in msg and not (tmp_path / "weights" / "v000001").exists()

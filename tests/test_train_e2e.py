@@ -134,18 +134,20 @@ def test_train_against_agentflow_serve_over_http(tmp_path, weight_update):
                               stderr=subprocess.DEVNULL)
     try:
         wait_healthy(server, f"http://127.0.0.1:{port}/health", 120, "agentflow serve")
-        run = tmp_path / "run"
+        run, published = tmp_path / "run", tmp_path / "published"  # disk versions outside the run directory
         args = ["train", TINY, f"model.path={model_dir}", "inference.backend=remote",
                 f"inference.addresses=[127.0.0.1:{port}]", f"trainer.weight_update={weight_update}",
-                "trainer.eval_every=0", "trainer.total_steps=3", f"logging.run_dir={run}"]
+                f"trainer.weights_dir={published}", "trainer.eval_every=0", "trainer.total_steps=3",
+                f"logging.run_dir={run}"]
         out = _agentflow(*args, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert sorted(_steps(run)) == [1, 2, 3]
         info = httpx.get(f"http://127.0.0.1:{port}/get_model_info", timeout=5).json()
         assert info["weight_version"] == "3"  # the server holds the trainer's latest weights
-        assert (run / "weights").exists() == (weight_update == "disk")  # a broadcast writes nothing
+        assert not (run / "weights").exists()
+        assert published.exists() == (weight_update == "disk")  # a broadcast writes nothing
         if weight_update == "disk":  # older versions deleted once loaded (trainer.keep_weight_versions=1)
-            assert sorted(d.name for d in (run / "weights").iterdir()) == ["v000003"]
+            assert sorted(d.name for d in published.iterdir()) == ["v000003"]
         if weight_update == "nccl":  # a resumed run joins a new group and sends its weights before rolling out
             out = _agentflow(*args[:-2], "trainer.total_steps=4", args[-1], "--resume", timeout=300)
             assert out.returncode == 0, out.stderr[-3000:]

@@ -156,6 +156,7 @@ def launched_servers(cfg: TrainRecipeConfig, path: str, model: Any, tokenizer: A
     python, extra = split_launch(spec.launch)
     model_dir = _served_model_dir(path, model, tokenizer, run_dir / "servers" / "model")
     rank = None if cfg.train.lora is None else cfg.train.lora.rank
+    weights_dir = pathlib.Path(cfg.trainer.weights_dir or run_dir / "weights").absolute()  # adapters are published here
     key = [] if spec.api_key is None else ["--api-key", spec.api_key]
     commands = []
     for i, address in enumerate(addresses):
@@ -166,7 +167,7 @@ def launched_servers(cfg: TrainRecipeConfig, path: str, model: Any, tokenizer: A
                                          lora_rank=rank, seed=seed, extra=[*key, *extra]))
         else:
             commands.append(serve_command(python, model_dir, host=host, port=int(port), lora_rank=rank,
-                                          lora_dir=str(run_dir / "weights"), seed=seed, extra=[*key, *extra]))
+                                          lora_dir=str(weights_dir), seed=seed, extra=[*key, *extra]))
     with launched(commands, run_dir / "servers") as servers:
         log.info("started %s", describe(servers))
         yield
