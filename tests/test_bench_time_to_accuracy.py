@@ -108,3 +108,27 @@ def test_the_remote_layout_publishes_through_dev_shm_under_the_run_path(tmp_path
         assert out == pathlib.Path("/dev/shm/agentflow-bench") / str(tmp_path).lstrip("/") / "runs" / "remote" / "eta0"
     else:
         assert out == tmp_path / "runs" / "remote" / "eta0" / "weights"
+
+
+def test_the_keeper_copies_each_evaluated_version_out_of_memory_once_the_next_exists(tmp_path):
+    src, dest = tmp_path / "shm", tmp_path / "run" / "weights"
+    keeper = bench._Keeper(src, dest, [0, 2, 4])
+    for v in (1, 2):
+        (src / f"v{v:06d}").mkdir(parents=True)
+        (src / f"v{v:06d}" / "model.safetensors").write_text(f"weights {v}")
+    keeper._copy(final=False)
+    assert not dest.exists()  # v2 may still be being written until v3 exists
+    (src / "v000003").mkdir()
+    keeper._copy(final=False)
+    assert (dest / "v000002" / "model.safetensors").read_text() == "weights 2" and keeper.todo == [4]
+    (src / "v000004").mkdir()
+    keeper.finish()  # the last version is complete once the run has ended
+    assert sorted(d.name for d in dest.iterdir()) == ["v000002", "v000004"]
+
+
+def test_the_keeper_fails_when_a_version_was_deleted_before_its_copy(tmp_path):
+    src = tmp_path / "shm"
+    (src / "v000003").mkdir(parents=True)  # v2 was pruned already
+    keeper = bench._Keeper(src, tmp_path / "weights", [2])
+    with pytest.raises(SystemExit, match=r"versions \[2\] were gone"):
+        keeper.finish()
