@@ -124,6 +124,10 @@ class TrainerConfig:
             problems.append(f"trainer.max_skipped_steps must be >= 1 or null, got {self.max_skipped_steps}")
         ConfigError.check(problems)
 
+    def weights_path(self, run_dir: str | pathlib.Path) -> pathlib.Path:
+        """The absolute directory ``disk`` versions (and published adapters) go to."""
+        return pathlib.Path(self.weights_dir or pathlib.Path(run_dir) / "weights").absolute()
+
 
 @dataclass(slots=True)
 class EvalSpec:
@@ -201,7 +205,7 @@ class Trainer:
         self.workflow = guard_workflow(workflow, block_warn_s=config.loop_block_warn_s)  # SystemExit, blocking
         self.prompts = prompts
         self.run_dir = pathlib.Path(run_dir)
-        self.weights_dir = pathlib.Path(config.weights_dir) if config.weights_dir else self.run_dir / "weights"
+        self.weights_dir = config.weights_path(self.run_dir)
         self.metrics = metrics
         if evaluation is not None:
             evaluation = dataclasses.replace(evaluation, workflow=guard_workflow(evaluation.workflow))

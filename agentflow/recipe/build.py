@@ -156,7 +156,7 @@ def launched_servers(cfg: TrainRecipeConfig, path: str, model: Any, tokenizer: A
     python, extra = split_launch(spec.launch)
     model_dir = _served_model_dir(path, model, tokenizer, run_dir / "servers" / "model")
     rank = None if cfg.train.lora is None else cfg.train.lora.rank
-    weights_dir = pathlib.Path(cfg.trainer.weights_dir or run_dir / "weights").absolute()  # adapters are published here
+    weights_dir = cfg.trainer.weights_path(run_dir)  # adapters are published here
     key = [] if spec.api_key is None else ["--api-key", spec.api_key]
     commands = []
     for i, address in enumerate(addresses):
