@@ -6,7 +6,10 @@ Not here: running it (minutes per run; ``docs/benchmarks.md`` has the commands).
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
+import shutil
+import time
 
 import pytest
 
@@ -110,25 +113,51 @@ def test_the_remote_layout_publishes_through_dev_shm_under_the_run_path(tmp_path
         assert out == tmp_path / "runs" / "remote" / "eta0" / "weights"
 
 
-def test_the_keeper_copies_each_evaluated_version_out_of_memory_once_the_next_exists(tmp_path):
+def test_the_keeper_links_each_evaluated_version_once_the_next_exists_and_copies_it_out_of_memory(tmp_path):
     src, dest = tmp_path / "shm", tmp_path / "run" / "weights"
     keeper = bench._Keeper(src, dest, [0, 2, 4])
     for v in (1, 2):
         (src / f"v{v:06d}").mkdir(parents=True)
         (src / f"v{v:06d}" / "model.safetensors").write_text(f"weights {v}")
-    keeper._copy(final=False)
-    assert not dest.exists()  # v2 may still be being written until v3 exists
+    keeper._link(final=False)
+    assert not keeper.held.exists()  # v2 may still be being written until v3 exists
     (src / "v000003").mkdir()
-    keeper._copy(final=False)
-    assert (dest / "v000002" / "model.safetensors").read_text() == "weights 2" and keeper.todo == [4]
+    keeper._link(final=False)
+    held = keeper.held / "v000002" / "model.safetensors"
+    assert held.stat().st_ino == (src / "v000002" / "model.safetensors").stat().st_ino  # a link, no copy
+    assert keeper.todo == [4]
+    shutil.rmtree(src / "v000002")  # the trainer prunes it: the linked files stay
+    assert held.read_text() == "weights 2"
     (src / "v000004").mkdir()
+    (src / "v000004" / "model.safetensors").write_text("weights 4")
     keeper.finish()  # the last version is complete once the run has ended
     assert sorted(d.name for d in dest.iterdir()) == ["v000002", "v000004"]
+    assert (dest / "v000002" / "model.safetensors").read_text() == "weights 2"
+    assert not keeper.held.exists()  # nothing left in memory
+
+
+def test_the_keeper_copies_at_idle_priority_while_the_run_goes_on(tmp_path):
+    src, dest = tmp_path / "shm", tmp_path / "run" / "weights"
+    keeper = bench._Keeper(src, dest, [1])
+    for v in (1, 2):
+        (src / f"v{v:06d}").mkdir(parents=True)
+        (src / f"v{v:06d}" / "model.safetensors").write_text(f"weights {v}")
+    keeper.start()
+    try:
+        for _ in range(100):
+            if (dest / "v000001").is_dir():
+                break
+            time.sleep(0.05)
+        assert (dest / "v000001" / "model.safetensors").read_text() == "weights 1"
+        if hasattr(os, "SCHED_IDLE"):
+            assert os.sched_getscheduler(keeper._mover.native_id) == os.SCHED_IDLE
+    finally:
+        keeper.finish()
 
 
 def test_the_keeper_fails_when_a_version_was_deleted_before_its_copy(tmp_path):
     src = tmp_path / "shm"
     (src / "v000003").mkdir(parents=True)  # v2 was pruned already
     keeper = bench._Keeper(src, tmp_path / "weights", [2])
-    with pytest.raises(SystemExit, match=r"versions \[2\] were gone"):
+    with pytest.raises(SystemExit, match=r"versions \[2\] were gone before they were kept"):
         keeper.finish()
