@@ -38,8 +38,9 @@ from agentflow.engines.local import LocalEngine, LocalEngineConfig
 IDLE, BUSY, STOP = 0, 1, 2
 
 
-def _generator(model_name: str, prompts: list[list[int]], answer: int, core: int | None, state, rounds) -> None:
-    """The child: generate rounds while ``state`` is BUSY, tagging each round with its phase."""
+def _generator(model_name: str, prompts: list[list[int]], answer: int, core: int | None, state, go, rounds) -> None:
+    """The child: generate rounds while ``go`` is set and ``state`` is BUSY, tagging each round with
+    its phase; it waits on ``go`` in between and leaves once ``state`` is STOP."""
     import torch
 
     if core is not None:
@@ -53,10 +54,10 @@ def _generator(model_name: str, prompts: list[list[int]], answer: int, core: int
         async with LocalEngine(model, tok, config=cfg) as engine:
             await asyncio.gather(*[engine.agenerate(ModelRequest(p, gen)) for p in prompts])  # warm-up
             rounds.put(("ready", 0, 0.0))
-            while state[0] != STOP:
-                if state[0] != BUSY:
-                    await asyncio.sleep(0.01)
-                    continue
+            while True:
+                await asyncio.to_thread(go.wait)
+                if state[0] == STOP:
+                    return
                 phase, t = state[1], time.perf_counter()
                 await asyncio.gather(*[engine.agenerate(ModelRequest(p, gen)) for p in prompts])
                 if state[1] == phase:  # a round that straddles two phases counts for neither
@@ -65,7 +66,7 @@ def _generator(model_name: str, prompts: list[list[int]], answer: int, core: int
     asyncio.run(loop())
 
 
-def _phases(args, train_steps, state) -> tuple[dict[str, list[float]], dict[int, str]]:
+def _phases(args, train_steps, state, go) -> tuple[dict[str, list[float]], dict[int, str]]:
     """Run the three phases ``--reps`` times; returns the train step times (alone / beside
     generation) and which phase id was which (the child tags its rounds with the id)."""
     steps: dict[str, list[float]] = {"alone": [], "both": []}
@@ -76,6 +77,8 @@ def _phases(args, train_steps, state) -> tuple[dict[str, list[float]], dict[int,
             names[phase] = name
             state[1] = phase
             state[0] = IDLE if name == "train_alone" else BUSY
+            if name != "train_alone":
+                go.set()
             time.sleep(0.1 if name == "train_alone" else 0.5)  # let the child's first round start
             t0 = time.perf_counter()
             times: list[float] = []
@@ -85,6 +88,7 @@ def _phases(args, train_steps, state) -> tuple[dict[str, list[float]], dict[int,
                 times = train_steps()
                 steps["alone" if name == "train_alone" else "both"].extend(times)
             state[0] = IDLE
+            go.clear()
             print(json.dumps({"bench": "core_contention", "rep": rep, "phase": name, "model": args.model,
                               "mixed_precision": args.mixed_precision, "wall_s": round(time.perf_counter() - t0, 3),
                               "train_step_s": [round(x, 3) for x in times]}), flush=True)
@@ -114,8 +118,9 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     state = ctx.Array("i", [IDLE, -1])  # (what the child does, the phase id its rounds count for)
+    go = ctx.Event()
     rounds = ctx.Queue()
-    child = ctx.Process(target=_generator, args=(args.model, prompts, args.answer, gen_core, state, rounds),
+    child = ctx.Process(target=_generator, args=(args.model, prompts, args.answer, gen_core, state, go, rounds),
                         daemon=True)
     child.start()
     if rounds.get(timeout=600)[0] != "ready":
@@ -131,10 +136,11 @@ def main() -> None:
 
     train_steps()  # warm-up, generator idle
     try:
-        steps, names = _phases(args, train_steps, state)
-        time.sleep(1.0)
+        steps, names = _phases(args, train_steps, state, go)
+        time.sleep(1.0)  # the round in flight, if any, reports
     finally:
         state[0] = STOP
+        go.set()
     gens: dict[str, list[float]] = {"alone": [], "both": []}
     while not rounds.empty():
         kind, phase, sec = rounds.get()

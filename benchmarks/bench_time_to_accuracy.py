@@ -250,7 +250,6 @@ class _Keeper(threading.Thread):
         self.missed: list[int] = []
         self._linked: queue.Queue[str | None] = queue.Queue()
         self._mover = threading.Thread(target=self._move, args=(True,), name="bench-weights-mover", daemon=True)
-        self._moved: list[str] = []
         self._error: BaseException | None = None
 
     def start(self) -> None:
@@ -306,7 +305,6 @@ class _Keeper(threading.Thread):
                 shutil.copytree(self.held / name, tmp, dirs_exist_ok=True)
                 tmp.rename(self.dest / name)
                 shutil.rmtree(self.held / name)
-                self._moved.append(name)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._error = e
