@@ -16,6 +16,15 @@ same predicate also screens each group as it arrives (:meth:`ReplayBuffer.screen
 executor before ``put``): a rejected group never enters the buffer and its slot comes back while the
 consumer is still busy, so its replacement generates during the training step instead of after it.
 
+Stragglers: the executor tells the buffer which version each running item started at
+(:meth:`ReplayBuffer.track_start` / :meth:`ReplayBuffer.track_end`). A consumer at version v does
+not fill its last slots with groups fresh enough to wait a step while as many running items started
+at ``v - max_staleness``: taken at the next step those would be too stale and their generation lost
+(the previous batch's long generations, passed over for the next batch's first groups). It waits
+only while the buffer could not also fill the next step (where it could, generation is ahead and a
+lost straggler costs the trainer nothing), and at most ``rollout.expiring_grace_s`` per call; then
+the slots go to whatever is ready.
+
 Cost: groups sit in buckets keyed by their oldest token version (a dict of FIFO deques plus a
 min-heap of the versions present), so ``put`` and taking one group cost O(1), or O(log k) when a
 bucket appears or empties (k = distinct versions buffered, a handful in practice), whatever the
@@ -28,6 +37,7 @@ Not here: prioritised or multi-epoch replay (a group is consumed once), the stal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import threading
 import time
@@ -73,6 +83,24 @@ class BufferStats:
     filtered: int = 0
     filtered_episodes: int = 0
     staleness: Counter[int] = field(default_factory=Counter)
+    held: int = 0  # consumer calls that kept slots for running items about to expire
+    held_s: float = 0.0  # seconds those calls waited with fresher groups ready
+
+
+@dataclass(slots=True)
+class _Hold:
+    """One consumer call's wait for running items about to expire."""
+
+    since: float | None = None
+    until: float | None = None
+    spent: bool = False
+
+    def bound(self, left: float | None) -> float | None:
+        """The sleep: ``left`` (the caller's deadline, None = none), cut at the end of the grace."""
+        if self.until is None or self.spent:
+            return left
+        grace = max(0.0, self.until - time.monotonic())
+        return grace if left is None else min(left, grace)
 
 
 # Called (on the loop thread) with a group that left the buffer without being consumed and why:
@@ -116,6 +144,10 @@ class _Buckets:
         self._bucket(group.order_key).appendleft(group)
         self._n += 1
 
+    def oldest_key(self) -> int:
+        """The version key :meth:`pop_oldest` would take from (the caller checks ``len``)."""
+        return self._heap[0]
+
     def pop_oldest(self) -> Group:
         """Remove and return the first group of the oldest version (the caller checks ``len``)."""
         key = self._heap[0]
@@ -142,6 +174,7 @@ class ReplayBuffer:
         self.max_staleness = cfg.max_staleness
         self.policy = cfg.stale_policy
         self.max_requeues = cfg.max_requeues
+        self.expiring_grace_s = cfg.expiring_grace_s
         self.stats = BufferStats()
         self.on_discard: DiscardCallback | None = None
         # A pure predicate applied to arriving groups (screen); consumers still pass theirs to get_groups.
@@ -154,8 +187,24 @@ class ReplayBuffer:
         self._loop_waiters = Wakeup()  # loop-side consumers (aget_batch)
         self._space_waiters: deque[asyncio.Future[None]] = deque()  # producers waiting for room, FIFO
         self._failure: BaseException | None = None  # set by fail(): raised instead of waiting
+        self._running_at: Counter[int] = Counter()  # running items by the version they started at
 
     # ------------------------------------------------------------------ producer (event loop)
+    def track_start(self, version: int) -> None:
+        """An item that will put its group here started at ``version`` (the executor calls this)."""
+        with self._lock:
+            self._running_at[version] += 1
+
+    def track_end(self, version: int) -> None:
+        """That item ended (group put, filtered or rejected): a consumer keeping a slot for it re-checks."""
+        with self._cond:
+            self._running_at[version] -= 1
+            if self._running_at[version] <= 0:
+                del self._running_at[version]
+            self._cond.notify_all()
+        if self._loop_waiters:
+            self._call_on_loop(self._loop_waiters.wake_all)
+
     def screen(self, group: Group) -> bool:
         """Whether an arriving group should enter the buffer: ``arrival_filter`` rejects it or not.
 
@@ -277,10 +326,11 @@ class ReplayBuffer:
         taken: list[Group] = []
         discarded: list[tuple[Group, str]] = []
         filtered0 = self.stats.filtered  # drops while waiting: screened on arrival or taken here
+        hold = _Hold()
         try:
             while True:
                 with self._cond:
-                    while self._groups and len(taken) < n:
+                    while self._groups and len(taken) < n and not self._holds(len(taken), n, version, hold):
                         self._take_one(taken, discarded, version, group_filter)
                     if len(taken) >= n:
                         break
@@ -291,7 +341,7 @@ class ReplayBuffer:
                         if left is not None and left <= 0:
                             raise TimeoutError(self._timeout_message(n, timeout, len(taken),
                                                                   self.stats.filtered - filtered0))
-                        self._cond.wait(left)
+                        self._cond.wait(hold.bound(left))
                         continue
                 # Outside the lock (waking producers takes it): free the discarded groups' slots now,
                 # their replacements are what this call waits for.
@@ -302,6 +352,7 @@ class ReplayBuffer:
             raise
         finally:
             self._after_take(discarded)
+            self._end_hold(hold)
         return taken
 
     @staticmethod
@@ -326,11 +377,12 @@ class ReplayBuffer:
         """:meth:`aget_batch`, returning the groups."""
         self._loop = asyncio.get_running_loop()
         taken: list[Group] = []
+        hold = _Hold()
         try:
             while len(taken) < n:
                 discarded: list[tuple[Group, str]] = []
                 with self._lock:
-                    while self._groups and len(taken) < n:
+                    while self._groups and len(taken) < n and not self._holds(len(taken), n, version, hold):
                         self._take_one(taken, discarded, version)
                 self._after_take(discarded)
                 if len(taken) < n:
@@ -338,11 +390,40 @@ class ReplayBuffer:
                         raise self._failure
                     if check is not None:
                         check(n - len(taken))
-                    await self._loop_waiters.wait()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(hold.bound(None)):
+                            await self._loop_waiters.wait()
         except BaseException:
             self._give_back(taken)  # cancelled, timed out or stopped: nothing taken is lost
             raise
+        finally:
+            self._end_hold(hold)
         return taken
+
+    def _holds(self, n_taken: int, n: int, version: int | None, hold: _Hold) -> bool:
+        """Whether the consumer keeps its remaining slots for running items that started at the
+        oldest version still fresh enough (module docstring). Caller holds the lock."""
+        if self.policy == "keep" or self.expiring_grace_s <= 0 or hold.spent:
+            return False
+        edge = (self._version if version is None else version) - self.max_staleness
+        expiring, left = self._running_at.get(edge, 0), n - n_taken
+        if not expiring or left > expiring or self._groups.oldest_key() <= edge:
+            return False
+        if len(self._groups) >= left + n:  # this step and the next are both covered: nothing to save
+            return False
+        now = time.monotonic()
+        if hold.until is None:
+            hold.since, hold.until = now, now + self.expiring_grace_s
+            self.stats.held += 1
+        if now < hold.until:
+            return True
+        hold.spent = True  # waited long enough: the slots go to the groups that are ready
+        return False
+
+    def _end_hold(self, hold: _Hold) -> None:
+        if hold.since is not None:
+            with self._lock:
+                self.stats.held_s += time.monotonic() - hold.since
 
     def _give_back(self, taken: list[Group]) -> None:
         if not taken:

@@ -83,6 +83,7 @@ class _Item:
     requeues: int = 0
     done: asyncio.Future[Group | None] | None = None  # set by rollout(): the group, or None if rejected
     direct: bool = False  # a rollout() item: no staleness budget, no buffer
+    started_at: int | None = None  # the version it started at (submitted items; the buffer tracks them)
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
@@ -263,6 +264,7 @@ class WorkflowExecutor:
             "buffered": len(self.buffer), "consumed": b.consumed, "dropped_stale": b.dropped,
             "requeued_stale": b.requeued, "kept_stale": b.kept_stale, "staleness_hist": dict(b.staleness),
             "filtered": b.filtered, "filtered_episodes": b.filtered_episodes,
+            "held_for_expiring": b.held, "held_for_expiring_s": b.held_s,
         }
 
     def _state_line(self) -> str:
@@ -333,6 +335,9 @@ class WorkflowExecutor:
     def _start(self, item: _Item, freed_at: float | None) -> None:
         assert self._tg is not None
         self.staleness.on_start(direct=item.direct)
+        if not item.direct:
+            item.started_at = self.staleness.version
+            self.buffer.track_start(item.started_at)
         task = self._tg.create_task(self._run_item(item, freed_at))
         self._running[task] = item
 
@@ -407,6 +412,9 @@ class WorkflowExecutor:
         if task is not None:
             self._running.pop(task, None)
         st = self.staleness
+        if item.started_at is not None:
+            self.buffer.track_end(item.started_at)
+            item.started_at = None
         if group is not None:
             if item.direct:
                 st.on_return()

@@ -44,6 +44,11 @@ class RolloutConfig:
             the engine's ``max_seq_len``). ``None`` (YAML ``null``) = never stop.
         max_trajectories_per_episode: an ``arun_episode`` call that returns more trajectories is
             rejected (reason ``too_many_trajectories``) instead of flooding the buffer and the step.
+        expiring_grace_s: how long a consumer keeps a batch slot for a running episode that started
+            ``max_staleness`` versions ago, instead of filling it with a fresher group that could
+            wait a step. Taken later, that episode would be too stale and its generation lost (a
+            straggler of the previous batch passed over for the next batch's first groups). 0 = never
+            wait; the slot goes to whatever group is ready.
         max_trajectory_tokens: a trajectory longer than this many tokens is dropped at accept time
             (reason ``too_long``; the episode's other trajectories are kept) instead of failing the
             train step. ``None`` = no cap; ``agentflow train`` uses ``trainer.max_tokens_per_mb``
@@ -62,6 +67,7 @@ class RolloutConfig:
     max_consecutive_rejections: int | None = 64
     max_trajectories_per_episode: int = 1024
     max_trajectory_tokens: int | None = None
+    expiring_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         ConfigError.check(self.problems())
@@ -80,6 +86,9 @@ class RolloutConfig:
         t = self.episode_timeout_s
         if t is not None and not (isinstance(t, int | float) and t > 0 and math.isfinite(t)):
             out.append(f"rollout.episode_timeout_s must be a positive number of seconds or null, got {t!r}")
+        g = self.expiring_grace_s
+        if not (isinstance(g, int | float) and not isinstance(g, bool) and g >= 0 and math.isfinite(g)):
+            out.append(f"rollout.expiring_grace_s must be a number of seconds >= 0, got {g!r}")
         m = self.max_consecutive_rejections
         if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
             out.append(f"rollout.max_consecutive_rejections must be an integer >= 1 or null, got {m!r}")

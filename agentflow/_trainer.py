@@ -484,6 +484,7 @@ class Trainer:
             "rollout/rejected": ex["rejected"],
             "rollout/rejected_invalid": self.state.rejected_invalid,
             "rollout/dropped_stale": ex["dropped_stale"],
+            "rollout/held_for_expiring_s": ex["held_for_expiring_s"],
             "rollout/running": ex["running"],
             "time/wait_s": t_wait,
             "time/train_s": t_train,

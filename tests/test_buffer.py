@@ -266,3 +266,98 @@ async def test_a_thread_consumer_that_discards_wakes_the_loop_without_deadlock()
     await asyncio.wait_for(buf.put(_group("new", 1)), 2)
     got = await asyncio.wait_for(consumer, 5)
     assert [g.group_id for g in got] == ["new"] and discarded == ["drop"]
+
+
+# ------------------------------------------------------------------ running items about to expire
+async def test_a_slot_is_kept_for_a_running_item_that_would_be_too_stale_next_step():
+    """At version 2 with eta 1, an item that started at version 1 must be taken now or dropped at
+    the next step: the consumer waits for it rather than fill its last slot with a version-2 group."""
+    buf = ReplayBuffer(RolloutConfig(max_staleness=1))
+    buf.bind_loop(asyncio.get_running_loop())
+    buf.set_version(2)
+    await buf.put(_group("straggler-done", 1))
+    await buf.put(_group("fresh", 2))
+    buf.track_start(1)  # the straggler still running
+    buf.track_start(2)  # an item of the next batch (never waited for)
+    consumer = asyncio.create_task(asyncio.to_thread(buf.get_groups, 2, 5))
+    await asyncio.sleep(0.2)
+    assert not consumer.done() and len(buf) == 1  # "straggler-done" taken; "fresh" kept for the next step
+    await buf.put(_group("straggler", 1))
+    buf.track_end(1)
+    got = await asyncio.wait_for(consumer, 5)
+    assert [g.group_id for g in got] == ["straggler-done", "straggler"]
+    assert [g.group_id for g in await asyncio.to_thread(buf.get_groups, 1, 5)] == ["fresh"]
+    assert buf.stats.held == 1 and 0.15 < buf.stats.held_s < 5 and buf.stats.dropped == 0
+
+
+async def test_the_kept_slot_goes_to_a_fresher_group_when_the_item_ends_without_a_group():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=1))
+    buf.bind_loop(asyncio.get_running_loop())
+    buf.set_version(2)
+    await buf.put(_group("fresh", 2))
+    buf.track_start(1)
+    consumer = asyncio.create_task(asyncio.to_thread(buf.get_groups, 1, 5))
+    await asyncio.sleep(0.1)
+    assert not consumer.done()
+    buf.track_end(1)  # rejected or filtered: nothing to wait for any more
+    got = await asyncio.wait_for(consumer, 5)
+    assert [g.group_id for g in got] == ["fresh"]
+
+
+@pytest.mark.parametrize("loop_side", [False, True])
+async def test_the_wait_for_an_expiring_item_ends_at_the_grace(loop_side):
+    buf = ReplayBuffer(RolloutConfig(max_staleness=1, expiring_grace_s=0.3))
+    buf.bind_loop(asyncio.get_running_loop())
+    buf.set_version(2)
+    await buf.put(_group("fresh", 2))
+    buf.track_start(1)  # never ends
+    t0 = time.monotonic()
+    if loop_side:
+        got = await asyncio.wait_for(buf.aget_groups(1), 5)
+    else:
+        got = await asyncio.to_thread(buf.get_groups, 1, 5)
+    assert [g.group_id for g in got] == ["fresh"] and 0.25 < time.monotonic() - t0 < 3
+
+
+@pytest.mark.parametrize("cfg", [
+    {"max_staleness": 1, "expiring_grace_s": 0},  # turned off
+    {"max_staleness": 1, "stale_policy": "keep"},  # nothing expires
+    {"max_staleness": 0},  # synchronous: every buffered group is as old as the running ones
+])
+async def test_no_slot_is_kept_where_nothing_would_be_lost(cfg):
+    buf = ReplayBuffer(RolloutConfig(**cfg))
+    buf.bind_loop(asyncio.get_running_loop())
+    buf.set_version(2)
+    await buf.put(_group("ready", 2))
+    buf.track_start(1)
+    buf.track_start(2)
+    got = await asyncio.wait_for(asyncio.to_thread(buf.get_groups, 1, 5), 1)
+    assert [g.group_id for g in got] == ["ready"] and buf.stats.held == 0
+
+
+async def test_only_as_many_slots_as_expiring_items_are_kept():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=1))
+    buf.bind_loop(asyncio.get_running_loop())
+    buf.set_version(2)
+    for i in range(3):
+        await buf.put(_group(f"fresh{i}", 2))
+    buf.track_start(1)
+    consumer = asyncio.create_task(asyncio.to_thread(buf.get_groups, 3, 5))
+    await asyncio.sleep(0.1)
+    assert not consumer.done() and len(buf) == 1  # two fresh groups taken, one slot kept
+    await buf.put(_group("straggler", 1))
+    buf.track_end(1)
+    got = await asyncio.wait_for(consumer, 5)
+    assert sorted(g.group_id for g in got) == ["fresh0", "fresh1", "straggler"]
+
+
+async def test_no_slot_is_kept_when_the_buffer_already_covers_the_next_step_too():
+    """Generation is ahead: a straggler lost later costs the trainer no wait, so it is not waited for."""
+    buf = ReplayBuffer(RolloutConfig(max_staleness=1))
+    buf.bind_loop(asyncio.get_running_loop())
+    buf.set_version(2)
+    for i in range(3):  # one for this step, two for the next
+        await buf.put(_group(f"fresh{i}", 2))
+    buf.track_start(1)
+    got = await asyncio.wait_for(asyncio.to_thread(buf.get_groups, 1, 5), 1)
+    assert [g.group_id for g in got] == ["fresh0"] and buf.stats.held == 0

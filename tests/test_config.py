@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from agentflow import ConfigError
+from agentflow import ConfigError, RolloutConfig
 from agentflow.config import describe, load_config, merge_sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +105,21 @@ def test_remote_inference_settings_reach_the_engine_and_the_key_is_not_saved(tmp
     assert saved_form(load_recipe_config())["inference"]["api_key"] is None
 
 
+@pytest.mark.parametrize(("protocol", "mode"), [("sglang", "in_place"), ("vllm", "keep")])
+def test_inference_pause_mode_reaches_the_servers_adapter_in_its_own_words(protocol, mode):
+    from agentflow.recipe import load_recipe_config
+    from agentflow.recipe.build import inference_engine
+
+    base = ["inference.backend=remote", "inference.addresses=[127.0.0.1:30000]", "trainer.weight_update=disk",
+            f"inference.protocol={protocol}"]
+    engine = inference_engine(load_recipe_config(overrides=[*base, "inference.pause_mode=in_place"]), None, None)
+    assert engine.pool.protocol.pause_mode == mode
+    default = inference_engine(load_recipe_config(overrides=base), None, None)
+    assert default.pool.protocol.pause_mode == "abort"
+
+
 @pytest.mark.parametrize(("override", "expected"), [
+    ("inference.pause_mode=keep", "inference.pause_mode: expected one of 'abort', 'in_place', got 'keep'"),
     ("inference.server_wait_timeout_s=0", "inference.server_wait_timeout_s must be a positive finite number"),
     ("inference.server_wait_timeout_s=.inf", "inference.server_wait_timeout_s must be a positive finite number"),
     ("inference.api_key=' '", "inference.api_key must be the servers' --api-key"),
@@ -273,3 +287,9 @@ def test_a_max_seq_len_shorter_than_every_prompt_is_refused_at_start():
         check_prompts_fit(cfg, rows, byte_tokenizer())
     roomy = load_recipe_config(overrides=["data.task=addition", "inference.local.max_seq_len=4096"])
     check_prompts_fit(roomy, rows, byte_tokenizer())
+
+
+@pytest.mark.parametrize("bad", [-1, float("inf"), "5", True])
+def test_expiring_grace_must_be_a_finite_number_of_seconds(bad):
+    with pytest.raises(ConfigError, match=r"rollout.expiring_grace_s must be a number of seconds >= 0, got"):
+        RolloutConfig(expiring_grace_s=bad)

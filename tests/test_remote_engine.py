@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from agentflow import (
+    ConfigError,
     EngineError,
     GenerationConfig,
     ModelRequest,
@@ -169,6 +170,30 @@ async def test_pause_and_resume_fan_out_to_every_server() -> None:
         await eng.resume()
         assert all(b == {} for _, b in fs.paths("/continue_generation"))
         assert len(fs.paths("/continue_generation")) == 2
+
+
+@pytest.mark.parametrize(("mode", "flush"), [("abort", True), ("in_place", False), ("retract", False)])
+async def test_the_pause_mode_goes_out_and_decides_whether_an_update_flushes_the_cache(mode, flush) -> None:
+    """SGLang cannot flush its prefix cache while paused requests hold KV: only ``abort`` asks it to."""
+    from agentflow.engines.remote import RemoteEngine
+    from agentflow.engines.remote.sglang import SGLangProtocol
+
+    fs = FakeServers()
+    config = RemoteEngineConfig(**{f: getattr(FAST, f) for f in FAST.__dataclass_fields__})
+    async with RemoteEngine(["s0:30000"], protocol=SGLangProtocol(pause_mode=mode), config=config,
+                            transport=httpx.MockTransport(fs)) as eng:
+        await eng.pause()
+        await eng.aupdate_weights(WeightUpdateMeta(type="disk", path="/ckpt/1", version=1))
+        await eng.resume()
+    assert [b for _, b in fs.paths("/pause_generation")] == [{"mode": mode}]
+    assert [b["flush_cache"] for _, b in fs.paths("/update_weights_from_disk")] == [flush]
+
+
+def test_an_unknown_pause_mode_is_refused_naming_the_modes() -> None:
+    from agentflow.engines.remote.sglang import SGLangProtocol
+
+    with pytest.raises(ConfigError, match="pause_mode must be 'abort', 'in_place' or 'retract', got 'keep'"):
+        SGLangProtocol(pause_mode="keep")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------- routing

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -473,6 +474,43 @@ async def test_local_engine_pause_abort_then_text_prompt(local) -> None:
     assert r.status_code == 200 and r.json()["meta_info"]["prompt_tokens"] == 2
 
 
+def _until(cond: Any, limit: float = 10.0) -> None:
+    end = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < end, f"not true within {limit} s"
+        time.sleep(0.005)  # the engine's worker thread moves it on and announces nothing
+
+
+@pytest.mark.parametrize(("mode", "prefills"), [("in_place", 1), ("retract", 2)])
+async def test_local_engine_in_place_keeps_the_kv_through_an_update_and_retract_recomputes_it(
+        tiny, tmp_path, mode, prefills) -> None:
+    """As ``agentflow serve`` builds it (no recompute of its own on updates): a request paused
+    ``in_place`` goes on from its KV cache under the new weights; one paused ``retract`` is
+    prefilled again first. Either way its tokens carry the version that produced them."""
+    from agentflow.engines.local import LocalEngine, LocalEngineConfig
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    engine = LocalEngine(model, tok, config=LocalEngineConfig(max_batch_size=4, max_seq_len=256,
+                                                               recompute_kv_on_update=False))
+    async with engine:
+        app = build_app(engine, model_path="tiny", tokenizer=tok, config=ServerConfig(), manage_engine=False)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            before = engine.stats()["prefill_calls"]
+            running = asyncio.create_task(client.post("/generate", json={
+                "input_ids": TOK.encode("hello"), "sampling_params": {"max_new_tokens": 200, "temperature": 0}}))
+            await asyncio.to_thread(_until, lambda: engine.stats()["decode_steps"] >= 3)
+            assert (await client.post("/pause_generation", json={"mode": mode})).status_code == 200
+            upd = await client.post("/update_weights_from_disk", json={
+                "model_path": str(tmp_path), "weight_version": "1", "flush_cache": False})
+            assert upd.json()["success"] is True and upd.json()["num_paused_requests"] == 1
+            await client.post("/continue_generation", json={})
+            meta = (await running).json()["meta_info"]
+            assert engine.stats()["prefill_calls"] - before == prefills
+    assert meta["finish_reason"]["type"] == "length" and meta["completion_tokens"] == 200
+    assert [s["version"] for s in meta["weight_versions"]] == ["0", "1"]
+
+
 def test_serve_limits_reach_the_local_engine_and_the_sglang_command(tmp_path) -> None:
     from agentflow.engines.serve._launch import local_engine, sglang_command
     from agentflow.engines.serve.server import _parse_args
@@ -485,6 +523,7 @@ def test_serve_limits_reach_the_local_engine_and_the_sglang_command(tmp_path) ->
                         "--random-seed", "11"])
     engine, _, _, ctx = local_engine(args.model, args.max_running_requests, args.context_length, args.random_seed)
     assert (engine.config.max_batch_size, engine.config.max_seq_len, ctx, engine.config.seed) == (5, 96, 96, 11)
+    assert engine.config.recompute_kv_on_update is False  # the pause mode decides (in_place keeps the KV)
     cmd = sglang_command("m", "h", 1, "v", 5, 96, 11)
     assert cmd[cmd.index("--max-running-requests") + 1] == "5" and cmd[cmd.index("--context-length") + 1] == "96"
     assert cmd[cmd.index("--random-seed") + 1] == "11"

@@ -184,6 +184,22 @@ def _served_model_dir(path: str, model: Any, tokenizer: Any, out: pathlib.Path) 
     return str(out)
 
 
+def _protocol(spec: Any) -> Any:
+    """``inference.protocol`` by name, or its adapter set to ``inference.pause_mode``."""
+    if spec.pause_mode == "abort":
+        return spec.protocol
+    if spec.protocol == "sglang":
+        from agentflow.engines.remote.sglang import SGLangProtocol
+
+        return SGLangProtocol(pause_mode="in_place")
+    if spec.protocol == "vllm":
+        from agentflow.engines.remote.vllm import VLLMProtocol
+
+        return VLLMProtocol(pause_mode="keep")
+    raise ConfigError(f"inference.pause_mode={spec.pause_mode} is known for inference.protocol sglang and vllm, "
+                      f"not {spec.protocol!r}; set inference.pause_mode=abort")
+
+
 def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any,
                      addresses: list[str] | None = None) -> InferenceEngine:
     """The in-process :class:`LocalEngine`, or a client of the servers at ``addresses`` (default
@@ -197,7 +213,7 @@ def inference_engine(cfg: TrainRecipeConfig, model: Any, tokenizer: Any,
         backend = spec.dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
         remote = RemoteEngineConfig(server_wait_timeout_s=spec.server_wait_timeout_s, api_key=spec.api_key,
                                     dist_backend=backend)
-        return RemoteEngine(addresses or list(spec.addresses), tokenizer, protocol=spec.protocol, rollout=cfg.rollout,
+        return RemoteEngine(addresses or list(spec.addresses), tokenizer, protocol=_protocol(spec), rollout=cfg.rollout,
                             config=remote)
     from agentflow.engines.local import LocalEngine
 

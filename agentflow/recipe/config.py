@@ -157,6 +157,13 @@ class InferenceSpec:
         addresses: ``host:port`` of each server for the remote backend.
         protocol: the servers' HTTP protocol, a name in ``agentflow.engines.remote.protocol.PROTOCOLS``
             (``sglang``: SGLang servers and ``agentflow serve``; ``vllm``: vLLM 0.32 servers, docs/vllm.md).
+        pause_mode: remote backend: what a weight update does to the generations in flight.
+            ``abort``: they stop and the engine asks for the rest under the new weights (each
+            sample re-reads its prompt plus what it generated: a group's shared prompt is
+            prefilled once per sample). ``in_place``: they wait with their KV cache and go on
+            under the new weights (SGLang >= 0.5.23 ``in_place``, vLLM ``keep``, ``agentflow
+            serve``); tokens keep the version that produced them, and the prefix cache is not
+            flushed, so a cached prompt can keep the previous weights' KV.
         server_wait_timeout_s: remote backend: while every server is down, generation and weight
             updates wait this long for one to come back (a restarted server catches up on the last
             weight update first); then the run fails naming each server and its last error.
@@ -181,6 +188,7 @@ class InferenceSpec:
     backend: Literal["local", "remote"] = "local"
     addresses: tuple[str, ...] = ()
     protocol: str = "sglang"
+    pause_mode: Literal["abort", "in_place"] = "abort"
     server_wait_timeout_s: float = 120.0
     api_key: str | None = field(default=None, repr=False)
     dist_backend: Literal["nccl", "gloo"] | None = None
@@ -193,6 +201,8 @@ class InferenceSpec:
         t = self.server_wait_timeout_s
         if not (isinstance(t, int | float) and 0 < t < math.inf):
             problems.append(f"inference.server_wait_timeout_s must be a positive finite number of seconds, got {t!r}")
+        if self.pause_mode not in ("abort", "in_place"):
+            problems.append(f"inference.pause_mode must be 'abort' or 'in_place', got {self.pause_mode!r}")
         if self.launch is not None and self.backend != "remote":
             problems.append("inference.launch starts inference servers: set inference.backend=remote too (or drop "
                             "inference.launch for the in-process engine)")

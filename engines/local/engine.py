@@ -368,6 +368,13 @@ class LocalEngine(InferenceEngine):
         adapters = self._adapter_set()
         adapters.default = None if name is None else adapters.resolve({"lora": name})
 
+    async def recompute_running(self) -> None:
+        """Prefill every running sequence again under the current weights and adapters, between
+        two decode steps (what ``recompute_kv_on_update`` does after each update; SGLang's
+        ``retract`` pause)."""
+        worker = self._running_worker()
+        await self._in_worker(worker.requeue_running)
+
     async def _install_adapter(self, name: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                                version: int | None) -> None:
         worker, adapters = self._running_worker(), self._adapter_set()

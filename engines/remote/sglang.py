@@ -9,7 +9,8 @@ protocol (``docs/sglang.md``). Each engine operation is one route:
   triples, ``null`` for a non-finite log-prob), ``finish_reason.type`` (``stop``/``length``/
   ``abort``) and per-token ``weight_versions`` spans, else ``weight_version``;
 - pause/resume: ``POST /pause_generation {"mode": "abort"}`` (in-flight requests answer 200 with
-  their partial output) and ``POST /continue_generation {}``;
+  their partial output; ``"in_place"`` or ``"retract"`` with :class:`SGLangProtocol`'s
+  ``pause_mode``) and ``POST /continue_generation {}``;
 - weights: ``/update_weights_from_disk``, ``/init_weights_update_group`` and
   ``/update_weights_from_distributed``; versions travel as strings (``weight_version``);
 - ``GET /get_server_info`` (``tp_size``) and ``GET /get_model_info`` (``weight_version``);
@@ -25,10 +26,10 @@ protocol (``engines/serve/_protocol.py``, ``engines/serve/server.py``).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from agentflow.engines.remote.protocol import BroadcastSpec, Generated, GenerateJob, ServerLink, WeightGroup
-from agentflow.errors import ServerError
+from agentflow.errors import ConfigError, ServerError
 
 __all__ = ["SGLangProtocol"]
 
@@ -87,10 +88,26 @@ def parse_generated(body: Any) -> Generated:
 
 
 class SGLangProtocol:
-    """SGLang's native protocol (see the module docstring)."""
+    """SGLang's native protocol (see the module docstring).
+
+    Args:
+        pause_mode: what a pause does to requests in flight. ``"abort"`` (default): they return
+            their partial output and the engine asks for the rest after the update; each sample
+            of a group then has its own context, so the prompt a group shared is prefilled again
+            once per sample. ``"in_place"`` (SGLang >= 0.5.23, ``agentflow serve``): they freeze
+            with their KV cache and continue under the new weights; the tokens before the update
+            keep their old version. ``"retract"``: they freeze and their KV is recomputed on
+            resume. Both keep the prefix cache through weight updates (SGLang cannot flush it
+            while requests wait in place), so a cached prompt can keep the previous weights' KV.
+    """
 
     name = "SGLang"
     launch_hint = "`agentflow serve --port N` or `python -m sglang.launch_server`"
+
+    def __init__(self, pause_mode: Literal["abort", "in_place", "retract"] = "abort") -> None:
+        if pause_mode not in ("abort", "in_place", "retract"):
+            raise ConfigError(f"pause_mode must be 'abort', 'in_place' or 'retract', got {pause_mode!r}")
+        self.pause_mode = pause_mode
 
     def error_text(self, body: str) -> str:
         """Any of SGLang's error shapes: ``{"error": str | {"message"}}``, ``{"message"}``, or raw text."""
@@ -127,14 +144,15 @@ class SGLangProtocol:
         return parse_generated(await link.call("POST", "/generate", payload))
 
     async def pause(self, link: ServerLink) -> None:
-        await link.call("POST", "/pause_generation", {"mode": "abort"})
+        await link.call("POST", "/pause_generation", {"mode": self.pause_mode})
 
     async def resume(self, link: ServerLink) -> None:
         await link.call("POST", "/continue_generation", {})
 
     async def update_weights_from_disk(self, link: ServerLink, path: str, version: int | None) -> None:
         await link.call("POST", "/update_weights_from_disk", {
-            "model_path": path, "weight_version": _label(version), "abort_all_requests": False, "flush_cache": True})
+            "model_path": path, "weight_version": _label(version), "abort_all_requests": False,
+            "flush_cache": self.pause_mode == "abort"})
 
     async def init_weight_group(self, link: ServerLink, group: WeightGroup) -> None:
         await link.call("POST", "/init_weights_update_group", {
@@ -145,7 +163,7 @@ class SGLangProtocol:
     async def update_weights_from_distributed(self, link: ServerLink, spec: BroadcastSpec) -> None:
         await link.call("POST", "/update_weights_from_distributed", {
             "names": spec.names, "dtypes": spec.dtypes, "shapes": spec.shapes, "group_name": spec.group_name,
-            "weight_version": _label(spec.version), "flush_cache": True})
+            "weight_version": _label(spec.version), "flush_cache": self.pause_mode == "abort"})
 
     async def load_adapter(self, link: ServerLink, name: str, path: str) -> None:
         await link.call("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path, "pinned": False})

@@ -160,6 +160,7 @@ class SGLangServer:
         self.weight_version = config.weight_version
         self._names: dict[int, str] = {}
         self._engine_paused = False
+        self._pause_mode = "abort"
         self.groups: dict[str, Any] = {}
         self.shutting_down = False
         self.eos_ids = _eos_ids(tokenizer)
@@ -355,6 +356,7 @@ class SGLangServer:
         return len(hit)
 
     async def pause(self, mode: str) -> None:
+        self._pause_mode = mode
         await self.gate.set_paused(True)
         if mode == "abort":
             self.abort(abort_all=True)
@@ -383,9 +385,17 @@ class SGLangServer:
             return False
         return not self.shutting_down
 
+    async def after_weight_update(self) -> None:
+        """Requests paused with ``retract`` go on from a fresh prefill under the new weights; those
+        paused ``in_place`` keep their KV (an engine with ``recompute_running`` is told which)."""
+        recompute = getattr(self.engine, "recompute_running", None)
+        if self._engine_paused and self._pause_mode == "retract" and recompute is not None:
+            await recompute()
+
     async def update_weights(self, meta: WeightUpdateMeta, version: str | None) -> None:
         async with self.gate.writer():
             await self.engine.aupdate_weights(meta)
+            await self.after_weight_update()
             if version is not None:
                 self.set_weight_version(version)
 

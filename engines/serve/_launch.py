@@ -32,8 +32,10 @@ def local_engine(
     path = str(resolve_model_dir(model))
     net, tokenizer = load_model(path)
     limits = {"max_batch_size": max_running_requests, "max_seq_len": context_length}
+    # SGLang's pauses: requests paused "in_place" keep their KV through an update; the server
+    # recomputes it itself after a "retract" pause.
     engine = LocalEngine(net, tokenizer, config=LocalEngineConfig(
-        seed=seed, **{k: v for k, v in limits.items() if v is not None}))
+        seed=seed, recompute_kv_on_update=False, **{k: v for k, v in limits.items() if v is not None}))
     return engine, tokenizer, path, engine.config.max_seq_len
 
 

@@ -370,6 +370,7 @@ async def _update_from_distributed(server: SGLangServer, req: UpdateWeightsFromD
         received = await asyncio.to_thread(receive_tensors, group, specs, device, server.config.dist_timeout_s)
         meta = WeightUpdateMeta(type="mem", state_dict=received, version=_int_or_none(req.weight_version))
         await server.engine.aupdate_weights(meta)
+        await server.after_weight_update()
         if req.weight_version is not None:
             server.set_weight_version(req.weight_version)
 
