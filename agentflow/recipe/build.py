@@ -28,7 +28,7 @@ from agentflow._types import GenerationConfig
 from agentflow.engines.fsdp import FSDPEngine
 from agentflow.envs.tasks import TASKS, TaskData, build_task, register_task
 from agentflow.errors import ConfigError
-from agentflow.recipe.config import DataSpec, ModelSpec, TrainRecipeConfig, WorkflowSpec
+from agentflow.recipe.config import DataSpec, InferenceSpec, ModelSpec, TrainRecipeConfig, WorkflowSpec
 from agentflow.workflows.verifiers import verifiers_rows
 
 if "verifiers" not in TASKS:  # ``data.task=verifiers``: the rows of ``workflow.name=verifiers`` (task indices)
@@ -184,8 +184,9 @@ def _served_model_dir(path: str, model: Any, tokenizer: Any, out: pathlib.Path) 
     return str(out)
 
 
-def _protocol(spec: Any) -> Any:
-    """``inference.protocol`` by name, or its adapter set to ``inference.pause_mode``."""
+def _protocol(spec: InferenceSpec) -> Any:
+    """``inference.protocol`` by name, or its adapter set to ``inference.pause_mode`` (the config
+    loader has checked the mode against its ``Literal``)."""
     if spec.pause_mode == "abort":
         return spec.protocol
     if spec.protocol == "sglang":

@@ -201,8 +201,6 @@ class InferenceSpec:
         t = self.server_wait_timeout_s
         if not (isinstance(t, int | float) and 0 < t < math.inf):
             problems.append(f"inference.server_wait_timeout_s must be a positive finite number of seconds, got {t!r}")
-        if self.pause_mode not in ("abort", "in_place"):
-            problems.append(f"inference.pause_mode must be 'abort' or 'in_place', got {self.pause_mode!r}")
         if self.launch is not None and self.backend != "remote":
             problems.append("inference.launch starts inference servers: set inference.backend=remote too (or drop "
                             "inference.launch for the in-process engine)")

@@ -386,8 +386,8 @@ class SGLangServer:
         return not self.shutting_down
 
     async def after_weight_update(self) -> None:
-        """Requests paused with ``retract`` go on from a fresh prefill under the new weights; those
-        paused ``in_place`` keep their KV (an engine with ``recompute_running`` is told which)."""
+        """Requests paused with ``retract`` go on from a fresh prefill under the new weights (on an
+        engine with ``recompute_running``); those paused ``in_place`` keep their KV."""
         recompute = getattr(self.engine, "recompute_running", None)
         if self._engine_paused and self._pause_mode == "retract" and recompute is not None:
             await recompute()
