@@ -58,6 +58,7 @@ from agentflow.errors import AgentflowError, EngineError, WorkflowError
 
 if TYPE_CHECKING:
     from agentflow._engine_api import InferenceEngine, RolloutWorkflow
+    from agentflow._trace import Timeline
 
 __all__ = ["BUFFER_FULL", "CANCELLED", "RolloutBlocked", "WorkflowExecutor"]
 
@@ -119,6 +120,7 @@ class WorkflowExecutor:
         self._consecutive_rejections = 0
         self._recent_reasons: deque[str] = deque(maxlen=_QUOTED_REASONS)  # distinct, newest last
         self._failure: WorkflowError | None = None
+        self.timeline: Timeline | None = None  # set by the trainer when the run traces itself
 
     # ------------------------------------------------------------------ lifetime
     async def __aenter__(self) -> WorkflowExecutor:
@@ -139,6 +141,9 @@ class WorkflowExecutor:
         try:
             await tg.__aexit__(*exc)  # type: ignore[arg-type]  # TaskGroup accepts exc_info triples
         finally:
+            for task, item in list(self._running.items()):  # cancelled before their first step ran
+                del self._running[task]
+                self._finish(item, None, CANCELLED)
             self._drop_direct(list(self._direct), EngineError(
                 "the engine exited before these rollout() items could start; keep `async with engine:` "
                 "open until rollout() returns"))
@@ -338,6 +343,8 @@ class WorkflowExecutor:
         if not item.direct:
             item.started_at = self.staleness.version
             self.buffer.track_start(item.started_at)
+        if self.timeline is not None:
+            self.timeline.episode_start(item.group_id, self.staleness.version, direct=item.direct)
         task = self._tg.create_task(self._run_item(item, freed_at))
         self._running[task] = item
 
@@ -345,6 +352,8 @@ class WorkflowExecutor:
         """The buffer dropped (stale, or rejected by a consumer's group filter) or requeued an
         accepted group at consume time: its staleness slot is free again."""
         self.staleness.on_give_back()
+        if self.timeline is not None:
+            self.timeline.discard(group.group_id, why, group.min_version)
         if why == "requeue" and group.workflow is not None:
             item = _Item(group.data, group.workflow, group.group_id, requeues=group.requeues + 1)
             self._enqueue(item)
@@ -412,9 +421,13 @@ class WorkflowExecutor:
         if task is not None:
             self._running.pop(task, None)
         st = self.staleness
-        if item.started_at is not None:
-            self.buffer.track_end(item.started_at)
-            item.started_at = None
+        started_at, item.started_at = item.started_at, None
+        if started_at is not None:
+            self.buffer.track_end(started_at)
+        if self.timeline is not None:
+            outcome = reason or ("returned" if item.direct else "buffered")
+            self.timeline.episode_end(item.group_id, started_at, st.version, outcome, direct=item.direct,
+                                      samples=len(group.trajectories) if group is not None else 0)
         if group is not None:
             if item.direct:
                 st.on_return()

@@ -42,6 +42,7 @@ from agentflow._memory import peak_rss_gib, rss_gib, trim_heap
 from agentflow._metrics import MetricsLogger
 from agentflow._publish import WeightPublisher, call_on_loop
 from agentflow._rollout import Rollout
+from agentflow._trace import TRAINER_TID, Timeline
 from agentflow._types import Trajectory
 from agentflow.errors import ConfigError, EngineError, WorkflowError
 
@@ -178,6 +179,10 @@ class Trainer:
         max_filtered_per_step: the most groups ``group_filter`` drops per step, counted from the
             previous step (0 = no limit; ``algo.dynamic_sampling_max_drop``). Past it, groups pass
             unscreened until the step has its B groups, and ``rollout/filter_capped`` is 1.
+        trace: write the run's timeline to ``<run_dir>/trace.json`` (``trace-2.json``, ... when
+            resumed): every episode group from start to end, the trainer's wait / train / publish,
+            what each step took and what was discarded, on one clock (Trace Event Format: open it
+            in https://ui.perfetto.dev).
     """
 
     def __init__(
@@ -196,6 +201,7 @@ class Trainer:
         tokenizer: Any = None,
         group_filter: GroupFilter | None = None,
         max_filtered_per_step: int = 0,
+        trace: bool = False,
     ) -> None:
         self.cfg = config
         self.engine = engine
@@ -228,6 +234,8 @@ class Trainer:
                                          nccl_port=config.nccl_port, timeout_s=config.update_timeout_s,
                                          keep_disk_versions=config.keep_weight_versions)
         self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")
+        self.trace = trace
+        self.timeline: Timeline | None = None  # while run() runs with trace=True
         self._vocab_size = train_engine.vocab_size()
         if not callable(getattr(workflow, "arun_episode", None)):
             raise WorkflowError(f"expected a workflow with `async def arun_episode(engine, data)`, got "
@@ -266,6 +274,19 @@ class Trainer:
             raise err from None  # surface it as is (the CLI prints an AgentflowError's message)
 
     async def _run(self) -> None:
+        if self.trace:
+            self.timeline = Timeline.in_run_dir(self.run_dir)
+            self.rollout.executor.timeline = self.timeline
+            log.info("writing the run's timeline to %s (open it in https://ui.perfetto.dev)", self.timeline.path)
+        try:
+            await self._run_loop()
+        finally:
+            if self.timeline is not None:
+                self.rollout.executor.timeline = None
+                self.timeline.close()
+                self.timeline = None
+
+    async def _run_loop(self) -> None:
         async with self.engine, contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
             await _enter_workflows(stack, self.workflow, self.evaluation and self.evaluation.workflow)
             await self._restore_rollout()
@@ -330,17 +351,32 @@ class Trainer:
                 bar.close()
 
     def _one_step(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        tl = self.timeline
+        marks = [tl.now_us()] if tl is not None else []
+        held0 = self.rollout.buffer.stats.held_s
         t0 = time.perf_counter()
         groups, filtered = self._take_groups()
         t_wait = time.perf_counter() - t0
+        if tl is not None:
+            marks.append(tl.now_us())
+            tl.span("wait", marks[0], marks[1], step=self.state.step + 1,
+                    held_s=round(self.rollout.buffer.stats.held_s - held0, 4))
+            tl.instant("take", TRAINER_TID, step=self.state.step + 1, groups=[g.group_id for g in groups],
+                       lags=[self.state.step - g.min_version if g.min_version is not None else None for g in groups])
         trajs = [t for g in groups for t in g.trajectories]
         self.train_engine.set_version(self.state.step)  # the version its weights are (the mismatch metric)
         stats = self.train_step(trajs)
         trim_heap()
         t_train = time.perf_counter() - t0 - t_wait
         version = self.state.step + 1
+        if tl is not None:
+            marks.append(tl.now_us())
+            tl.span("train", marks[1], marks[2], step=version, samples=len(trajs))
         meta = self.publisher.publish(loop, version, self._publish)
         t_publish = time.perf_counter() - t0 - t_wait - t_train
+        if tl is not None:
+            tl.span("publish", marks[2], tl.now_us(), version=version)
+            tl.flush()
         self.state.step = version
         n_tokens = sum(len(t) for t in trajs)
         self.state.tokens_trained += n_tokens
@@ -419,6 +455,8 @@ class Trainer:
             await self._eval_task  # evaluation is pinned to the previous version
             self._eval_task = None
         await self.rollout.update_weights(meta, version)
+        if self.timeline is not None:
+            self.timeline.version(version)
         ev = self.evaluation
         if ev is not None and self.cfg.eval_every and version % self.cfg.eval_every == 0:
             self._eval_task = asyncio.get_running_loop().create_task(self._evaluate(version, ev))

@@ -262,6 +262,22 @@ async def test_shutdown_cancels_running_episodes_and_leaves_no_task():
     assert Rollout.of(engine).executor.stats()["rejected_by_reason"] == {"cancelled": 10}
 
 
+async def test_shutdown_books_episodes_that_never_got_to_run():
+    """Items started in the same loop turn as the exit: their tasks are cancelled before their first
+    step, so no episode code runs, yet they must leave the books like any cancelled episode (no
+    running count left behind, and no buffer slot kept for them by a later consumer)."""
+    cfg = RolloutConfig(max_staleness=100, episode_timeout_s=None)
+    async with FakeEngine(rollout=cfg) as engine:
+        for i in range(6):
+            engine.submit(i, EchoWorkflow())  # started at once, but no await follows: none has run
+        executor = Rollout.of(engine).executor
+        assert executor.n_running == 6
+    assert executor.n_running == 0
+    assert executor.stats()["rejected_by_reason"] == {"cancelled": 6}
+    assert not executor.buffer._running_at  # nothing left for the straggler wait to hold slots for
+    _check_books(engine)
+
+
 async def test_cancelling_the_owner_cancels_everything():
     cfg = RolloutConfig(max_staleness=100, episode_timeout_s=None)
 

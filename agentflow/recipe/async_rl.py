@@ -86,6 +86,7 @@ def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
         metrics=MetricsLogger(run_dir, enabled=False),  # the real one once the run is known to start
         evaluation=EvalSpec(task.eval, eval_workflow), progress=cfg.logging.progress, tokenizer=tokenizer,
         group_filter=group_filter(cfg.algo), max_filtered_per_step=cfg.algo.dynamic_sampling_max_drop,
+        trace=cfg.logging.trace,
     )
     if checkpoint is not None:
         _resume(trainer, checkpoint, cfg)

@@ -286,6 +286,10 @@ class LoggingSpec:
         wandb: also log to Weights & Biases (offline mode unless WANDB_MODE says otherwise).
         wandb_project: the wandb project.
         progress: show a progress bar.
+        trace: write the run's timeline to ``run_dir/trace.json``: each episode group from start
+            to end, the trainer's wait / train / publish, what each step took and what was
+            discarded (open it in https://ui.perfetto.dev; ``docs/training.md``, "Where a step's
+            time goes").
     """
 
     run_dir: str = "runs/agentflow"
@@ -293,6 +297,7 @@ class LoggingSpec:
     wandb: bool = False
     wandb_project: str = "agentflow"
     progress: bool = True
+    trace: bool = False
 
 
 def _default_generation() -> GenerationConfig:
