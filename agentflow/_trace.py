@@ -23,11 +23,16 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
+import statistics
 import threading
 import time
+from collections import Counter
 from typing import Any, TextIO
 
-__all__ = ["Timeline", "read_trace"]
+from agentflow.errors import ConfigError
+
+__all__ = ["Timeline", "format_summary", "read_trace", "summarize_trace"]
 
 _PID = 1
 TRAINER_TID = 1  # the trainer thread's row
@@ -116,14 +121,102 @@ class Timeline:
             f.close()
 
 
+def trace_file(path: str | pathlib.Path) -> pathlib.Path:
+    """``path`` itself if it is a file, else the newest ``trace*.json`` of the run directory ``path``."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"expected a run directory or a trace file, got {str(path)!r}, which does not exist")
+    found = [(int(m.group(1) or 1), f) for f in path.glob("trace*.json") if (m := _TRACE_NAME.fullmatch(f.name))]
+    if not found:
+        raise ConfigError(f"no trace.json in {str(path)!r}; run with logging.trace=true "
+                          "(Trainer(trace=True)) to write one")
+    return max(found)[1]
+
+
+_TRACE_NAME = re.compile(r"trace(?:-(\d+))?\.json")
+
+
 def read_trace(path: str | pathlib.Path) -> list[dict[str, Any]]:
     """The events of a trace file, also one an interrupted run left without its closing ``]``."""
-    text = pathlib.Path(path).read_text(encoding="utf-8").rstrip()
+    path = pathlib.Path(path)
+    text = path.read_text(encoding="utf-8").rstrip()
+    if not text.startswith("["):
+        raise ConfigError(f"{str(path)!r} is not a trace agentflow wrote: expected a JSON array of trace events, "
+                          f"got text starting {text[:40]!r}")
     if not text.endswith("]"):
         text = text.rstrip(",") + "]"
     try:
         events = json.loads(text)
     except json.JSONDecodeError:  # a crash mid-line: keep every complete event before it
         lines = text.splitlines()
-        events = json.loads("\n".join(lines[:-1]).rstrip(",") + "]") if len(lines) > 1 else []
+        try:
+            events = json.loads("\n".join(lines[:-1]).rstrip(",") + "]") if len(lines) > 1 else []
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{str(path)!r} is not a trace agentflow wrote (a JSON array of trace events): "
+                              f"{e}") from None
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ConfigError(f"{str(path)!r} is not a trace agentflow wrote: expected a JSON array of event objects")
     return events
+
+
+def summarize_trace(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per step: wait / held / train / publish seconds and the lags of the groups taken; per run:
+    the episode groups' outcomes and durations by start version, and the discards."""
+    steps: dict[int, dict[str, Any]] = {}
+    begins: dict[str, dict[str, Any]] = {}
+    durations: dict[str, list[float]] = {}
+    outcomes: Counter[str] = Counter()
+    discards: Counter[str] = Counter()
+    for e in events:
+        name, args = e.get("name"), e.get("args") or {}
+        if e.get("cat") == "trainer":
+            step = steps.setdefault(args.get("step", args.get("version")), {})
+            step[f"{name}_s"] = round(e.get("dur", 0) / 1e6, 3)
+            if name == "wait":
+                step["held_s"] = args.get("held_s", 0.0)
+        elif name == "take":
+            lags = Counter(args.get("lags") or [])
+            steps.setdefault(args.get("step"), {})["lags"] = {str(k): lags[k] for k in sorted(lags, key=str)}
+        elif name == "discard":
+            discards[args.get("why", "?")] += 1
+        elif e.get("cat") == "episode" and e.get("ph") == "b":
+            begins[e["id"]] = e
+        elif e.get("cat") == "episode" and e.get("ph") == "e":
+            outcomes[args.get("outcome", "?")] += 1
+            b = begins.pop(e["id"], None)
+            if b is not None:
+                durations.setdefault(b["name"], []).append((e["ts"] - b["ts"]) / 1e6)
+    every = [d for ds in durations.values() for d in ds]
+    return {
+        "steps": [{"step": k, **v} for k, v in sorted(steps.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))],
+        "episodes": dict(outcomes), "unfinished": len(begins), "discarded": dict(discards),
+        "episode_s": {"median": round(statistics.median(every), 3), "max": round(max(every), 3)} if every else {},
+        "by_start": {k: {"n": len(durations[k]), "median_s": round(statistics.median(durations[k]), 3)}
+                     for k in sorted(durations, key=_version_order)},
+    }
+
+
+def _version_order(name: str) -> tuple[int, int | str]:
+    return (0, int(name[1:])) if name[:1] == "v" and name[1:].isdigit() else (1, name)
+
+
+def format_summary(summary: dict[str, Any], source: str = "") -> str:
+    """``summarize_trace``'s result as a table for a terminal."""
+    eps = summary["episodes"]
+    lines = [f"{source}: {len(summary['steps'])} steps; {sum(eps.values())} episode groups ended ("
+             + (", ".join(f"{k} {v}" for k, v in sorted(eps.items())) or "none")
+             + (f"; {summary['unfinished']} still running when the trace ended" if summary["unfinished"] else "")
+             + "); discarded: " + (", ".join(f"{k} {v}" for k, v in sorted(summary["discarded"].items())) or "none"),
+             f"{'step':>5} {'wait_s':>7} {'held_s':>7} {'train_s':>8} {'publish_s':>10}  groups taken by lag"]
+    for s in summary["steps"]:
+        lags = ", ".join(f"{k}: {v}" for k, v in s.get("lags", {}).items())
+        cells = [f"{s.get(k, float('nan')):{w}.2f}" for k, w in (("wait_s", 7), ("held_s", 7), ("train_s", 8),
+                                                                   ("publish_s", 10))]
+        lines.append(f"{s['step']!s:>5} " + " ".join(cells) + f"  {lags}")
+    if summary["episode_s"]:
+        by = ", ".join(f"{k} {v['n']} ({v['median_s']:.1f} s)" for k, v in summary["by_start"].items())
+        lines.append(f"episode groups, admission to end: median {summary['episode_s']['median']:.2f} s, max "
+                     f"{summary['episode_s']['max']:.2f} s; by start version: {by}")
+    return "\n".join(lines)

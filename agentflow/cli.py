@@ -128,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("-v", "--verbose", action="store_true")
     plot.set_defaults(func=_cmd_plot)
 
+    trace = sub.add_parser("trace", help="summarise a run's timeline (logging.trace=true): each step's wait, "
+                                         "train, publish and the lag of the groups it took")
+    trace.add_argument("path", help="a run directory (its newest trace*.json) or a trace file")
+    trace.add_argument("--json", action="store_true", help="print the summary as JSON")
+    trace.add_argument("-v", "--verbose", action="store_true")
+    trace.set_defaults(func=_cmd_trace)
+
     merge = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model (an HF checkpoint)")
     merge.add_argument("adapter", help="a LoRA adapter directory or a LoRA run checkpoint (runs/X/checkpoints/step-N)")
     merge.add_argument("out", help="directory of the merged HF checkpoint")
@@ -188,6 +195,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from agentflow._plot import plot_run
 
     print(plot_run(args.run_dir, args.out))  # noqa: T201
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import json
+
+    from agentflow._trace import format_summary, read_trace, summarize_trace, trace_file
+
+    path = trace_file(args.path)
+    summary = summarize_trace(read_trace(path))
+    print(json.dumps({"trace": str(path), **summary}) if args.json else format_summary(summary, str(path)))  # noqa: T201
     return 0
 
 

@@ -166,3 +166,61 @@ def test_logging_trace_is_a_recipe_setting():
     assert load_recipe_config(overrides=["logging.trace=true"]).logging.trace is True
     with pytest.raises(ConfigError, match=r"logging\.trace"):
         load_recipe_config(overrides=["logging.trace=sometimes"])
+
+
+def _two_step_trace(tmp_path) -> Timeline:
+    tl = Timeline.in_run_dir(tmp_path)
+    for gid, version in (("a", 0), ("b", 0), ("c", 1), ("d", 1)):
+        tl.episode_start(gid, version)
+    for gid, version in (("a", 0), ("b", 0), ("c", 1)):
+        tl.episode_end(gid, version, 1, "buffered", samples=2)
+    t = tl.now_us()
+    tl.span("wait", t - 3_000_000, t - 2_000_000, step=1, held_s=0.25)
+    tl.instant("take", 1, step=1, groups=["a", "b"], lags=[0, 0])
+    tl.span("train", t - 2_000_000, t - 500_000, step=1, samples=4)
+    tl.span("publish", t - 500_000, t, version=1)
+    tl.span("wait", t, t, step=2, held_s=0.0)
+    tl.instant("take", 1, step=2, groups=["a", "c"], lags=[1, 0])
+    tl.discard("b", "drop", 0)
+    tl.flush()  # not closed: "d" is still running, as in a run that was killed
+    return tl
+
+
+def test_the_summary_gives_each_steps_phases_lags_and_the_discards(tmp_path):
+    from agentflow._trace import format_summary, summarize_trace
+
+    tl = _two_step_trace(tmp_path)
+    summary = summarize_trace(read_trace(tl.path))
+    assert summary["steps"] == [
+        {"step": 1, "wait_s": 1.0, "held_s": 0.25, "lags": {"0": 2}, "train_s": 1.5, "publish_s": 0.5},
+        {"step": 2, "wait_s": 0.0, "held_s": 0.0, "lags": {"0": 1, "1": 1}},
+    ]
+    assert summary["episodes"] == {"buffered": 3} and summary["unfinished"] == 1
+    assert summary["discarded"] == {"stale": 1}
+    assert [(k, v["n"]) for k, v in summary["by_start"].items()] == [("v0", 2), ("v1", 1)]
+    text = format_summary(summary, "run")
+    assert "2 steps; 3 episode groups ended (buffered 3; 1 still running" in text and "discarded: stale 1" in text
+    assert text.splitlines()[2].split() == ["1", "1.00", "0.25", "1.50", "0.50", "0:", "2"]
+    tl.close()
+
+
+def test_agentflow_trace_prints_the_newest_trace_of_a_run(tmp_path, capsys):
+    from agentflow.cli import main
+
+    Timeline.in_run_dir(tmp_path).close()  # an earlier run's, without steps
+    _two_step_trace(tmp_path).close()  # trace-2.json: the newest
+    assert main(["trace", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trace"].endswith("trace-2.json") and len(out["steps"]) == 2
+    assert main(["trace", str(tmp_path / "trace.json")]) == 0
+    assert "0 steps" in capsys.readouterr().out
+
+    assert main(["trace", str(tmp_path / "nope")]) == 2
+    assert "expected a run directory or a trace file" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["trace", str(empty)]) == 2
+    assert "logging.trace=true" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"not": "a trace"}')
+    assert main(["trace", str(tmp_path / "bad.json")]) == 2
+    assert "not a trace agentflow wrote" in capsys.readouterr().err
