@@ -63,8 +63,9 @@ class Timeline:
             path = run_dir / f"trace-{n}.json"
         return cls(path)
 
-    def now_us(self) -> int:
-        return int((time.perf_counter() - self._t0) * 1e6)
+    def now_us(self, at: float | None = None) -> int:
+        """Microseconds since the timeline began, now or at ``at`` (a ``time.perf_counter()`` value)."""
+        return int(((time.perf_counter() if at is None else at) - self._t0) * 1e6)
 
     def _write(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, separators=(",", ":"), default=str) + ",\n"
@@ -93,13 +94,15 @@ class Timeline:
         self.instant("discard", BUFFER_TID, group=group_id, why=why, min_version=min_version)
 
     # ------------------------------------------------------------------ trainer thread
-    def span(self, name: str, start_us: int, end_us: int, **args: Any) -> None:
-        """A finished phase of the trainer thread (``start_us`` / ``end_us`` from :meth:`now_us`)."""
+    def span(self, name: str, start: float, end: float, **args: Any) -> None:
+        """A finished phase of the trainer thread, from ``start`` to ``end`` (``time.perf_counter()``)."""
+        ts = self.now_us(start)
         self._write({"name": name, "cat": "trainer", "ph": "X", "pid": _PID, "tid": TRAINER_TID,
-                     "ts": start_us, "dur": max(end_us - start_us, 0), "args": args})
+                     "ts": ts, "dur": max(self.now_us(end) - ts, 0), "args": args})
 
-    def instant(self, name: str, tid: int, **args: Any) -> None:
-        self._write({"name": name, "ph": "i", "s": "t", "pid": _PID, "tid": tid, "ts": self.now_us(), "args": args})
+    def instant(self, name: str, tid: int, at: float | None = None, **args: Any) -> None:
+        """A point event on row ``tid``, now or at ``at`` (``time.perf_counter()``)."""
+        self._write({"name": name, "ph": "i", "s": "t", "pid": _PID, "tid": tid, "ts": self.now_us(at), "args": args})
 
     def version(self, version: int) -> None:
         self._write({"name": f"version {version}", "ph": "i", "s": "g", "pid": _PID, "tid": TRAINER_TID,

@@ -351,32 +351,20 @@ class Trainer:
                 bar.close()
 
     def _one_step(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
-        tl = self.timeline
-        marks = [tl.now_us()] if tl is not None else []
         held0 = self.rollout.buffer.stats.held_s
         t0 = time.perf_counter()
         groups, filtered = self._take_groups()
         t_wait = time.perf_counter() - t0
-        if tl is not None:
-            marks.append(tl.now_us())
-            tl.span("wait", marks[0], marks[1], step=self.state.step + 1,
-                    held_s=round(self.rollout.buffer.stats.held_s - held0, 4))
-            tl.instant("take", TRAINER_TID, step=self.state.step + 1, groups=[g.group_id for g in groups],
-                       lags=[self.state.step - g.min_version if g.min_version is not None else None for g in groups])
         trajs = [t for g in groups for t in g.trajectories]
         self.train_engine.set_version(self.state.step)  # the version its weights are (the mismatch metric)
         stats = self.train_step(trajs)
         trim_heap()
         t_train = time.perf_counter() - t0 - t_wait
         version = self.state.step + 1
-        if tl is not None:
-            marks.append(tl.now_us())
-            tl.span("train", marks[1], marks[2], step=version, samples=len(trajs))
         meta = self.publisher.publish(loop, version, self._publish)
         t_publish = time.perf_counter() - t0 - t_wait - t_train
-        if tl is not None:
-            tl.span("publish", marks[2], tl.now_us(), version=version)
-            tl.flush()
+        if self.timeline is not None:
+            self._trace_step(self.timeline, groups, len(trajs), (t0, t_wait, t_train, t_publish), held0)
         self.state.step = version
         n_tokens = sum(len(t) for t in trajs)
         self.state.tokens_trained += n_tokens
@@ -388,6 +376,17 @@ class Trainer:
             record["weights/update_mib"] = meta.nbytes / 2**20
         self.metrics.log(version, record)
         return record
+
+    def _trace_step(self, tl: Timeline, groups: list[Group], samples: int, times: tuple[float, float, float, float],
+                    held0: float) -> None:
+        """The step that just published ``self.state.step + 1``: its phases and what it took."""
+        step, (t0, wait, train, publish) = self.state.step + 1, times
+        tl.span("wait", t0, t0 + wait, step=step, held_s=round(self.rollout.buffer.stats.held_s - held0, 4))
+        tl.instant("take", TRAINER_TID, at=t0 + wait, step=step, groups=[g.group_id for g in groups],
+                   lags=[None if g.min_version is None else step - 1 - g.min_version for g in groups])
+        tl.span("train", t0 + wait, t0 + wait + train, step=step, samples=samples)
+        tl.span("publish", t0 + wait + train, t0 + wait + train + publish, version=step)
+        tl.flush()
 
     def _capped(self, inner: GroupFilter, cap: int) -> GroupFilter:
         """``inner`` until it has dropped ``cap`` groups since the last step, then a pass-through.

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import pathlib
+import time
 from collections import Counter
 
 import pytest
@@ -174,11 +175,11 @@ def _two_step_trace(tmp_path) -> Timeline:
         tl.episode_start(gid, version)
     for gid, version in (("a", 0), ("b", 0), ("c", 1)):
         tl.episode_end(gid, version, 1, "buffered", samples=2)
-    t = tl.now_us()
-    tl.span("wait", t - 3_000_000, t - 2_000_000, step=1, held_s=0.25)
+    t = time.perf_counter()
+    tl.span("wait", t - 3.0, t - 2.0, step=1, held_s=0.25)
     tl.instant("take", 1, step=1, groups=["a", "b"], lags=[0, 0])
-    tl.span("train", t - 2_000_000, t - 500_000, step=1, samples=4)
-    tl.span("publish", t - 500_000, t, version=1)
+    tl.span("train", t - 2.0, t - 0.5, step=1, samples=4)
+    tl.span("publish", t - 0.5, t, version=1)
     tl.span("wait", t, t, step=2, held_s=0.0)
     tl.instant("take", 1, step=2, groups=["a", "c"], lags=[1, 0])
     tl.discard("b", "drop", 0)
