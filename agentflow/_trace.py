@@ -6,7 +6,8 @@ One clock for everything that decides how stale a trained batch is and where a s
   own row, named after its start version (``v3``: one colour per version), with its outcome
   (``buffered``, ``filtered``, ``cancelled`` or the rejection's reason) and the version it ended at;
 - the trainer thread's phases: ``wait`` (for a batch; ``held_s``: of it, kept for episodes about to
-  expire), ``train`` and ``publish`` (upload, pause, load, resume), each a slice;
+  expire), ``train`` and ``publish`` (upload, pause, load, resume), each a slice; held-out
+  evaluations on a row of their own;
 - what the buffer gave the trainer (``take``: the groups, their lag in versions) and what it
   discarded and why (``stale``, ``filter``, ``requeue``), as instants;
 - every version bump, as a global instant.
@@ -37,6 +38,7 @@ __all__ = ["Timeline", "format_summary", "read_trace", "summarize_trace"]
 _PID = 1
 TRAINER_TID = 1  # the trainer thread's row
 BUFFER_TID = 2  # the buffer's take / discard instants
+EVAL_TID = 3  # held-out evaluations
 
 
 class Timeline:
@@ -52,6 +54,7 @@ class Timeline:
         self._meta("process_name", 0, "agentflow")
         self._meta("thread_name", TRAINER_TID, "trainer")
         self._meta("thread_name", BUFFER_TID, "buffer")
+        self._meta("thread_name", EVAL_TID, "evaluation")
 
     @classmethod
     def in_run_dir(cls, run_dir: str | pathlib.Path) -> Timeline:
@@ -99,6 +102,12 @@ class Timeline:
         ts = self.now_us(start)
         self._write({"name": name, "cat": "trainer", "ph": "X", "pid": _PID, "tid": TRAINER_TID,
                      "ts": ts, "dur": max(self.now_us(end) - ts, 0), "args": args})
+
+    def evaluation(self, version: int, start: float, end: float, **args: Any) -> None:
+        """A held-out evaluation of ``version`` (it runs on the event loop beside rollout)."""
+        ts = self.now_us(start)
+        self._write({"name": f"evaluate v{version}", "cat": "eval", "ph": "X", "pid": _PID, "tid": EVAL_TID,
+                     "ts": ts, "dur": max(self.now_us(end) - ts, 0), "args": {"version": version, **args}})
 
     def instant(self, name: str, tid: int, at: float | None = None, **args: Any) -> None:
         """A point event on row ``tid``, now or at ``at`` (``time.perf_counter()``)."""
@@ -172,9 +181,13 @@ def summarize_trace(events: list[dict[str, Any]]) -> dict[str, Any]:
     durations: dict[str, list[float]] = {}
     outcomes: Counter[str] = Counter()
     discards: Counter[str] = Counter()
+    evaluations: list[dict[str, Any]] = []
     for e in events:
         name, args = e.get("name"), e.get("args") or {}
-        if e.get("cat") == "trainer":
+        if e.get("cat") == "eval":
+            evaluations.append({"version": args.get("version"), "s": round(e.get("dur", 0) / 1e6, 3),
+                                "reward": args.get("reward")})
+        elif e.get("cat") == "trainer":
             step = steps.setdefault(args.get("step", args.get("version")), {})
             step[f"{name}_s"] = round(e.get("dur", 0) / 1e6, 3)
             if name == "wait":
@@ -198,6 +211,7 @@ def summarize_trace(events: list[dict[str, Any]]) -> dict[str, Any]:
         "episode_s": {"median": round(statistics.median(every), 3), "max": round(max(every), 3)} if every else {},
         "by_start": {k: {"n": len(durations[k]), "median_s": round(statistics.median(durations[k]), 3)}
                      for k in sorted(durations, key=_version_order)},
+        "evaluations": evaluations,
     }
 
 
@@ -222,4 +236,8 @@ def format_summary(summary: dict[str, Any], source: str = "") -> str:
         by = ", ".join(f"{k} {v['n']} ({v['median_s']:.1f} s)" for k, v in summary["by_start"].items())
         lines.append(f"episode groups, admission to end: median {summary['episode_s']['median']:.2f} s, max "
                      f"{summary['episode_s']['max']:.2f} s; by start version: {by}")
+    if summary["evaluations"]:
+        lines.append("evaluations: " + ", ".join(
+            f"v{e['version']} {e['s']:.1f} s" + ("" if e["reward"] is None else f" (reward {e['reward']:.3f})")
+            for e in summary["evaluations"]))
     return "\n".join(lines)

@@ -461,7 +461,11 @@ class Trainer:
             self._eval_task = asyncio.get_running_loop().create_task(self._evaluate(version, ev))
 
     async def _evaluate(self, version: int, ev: EvalSpec) -> None:
+        t0 = time.perf_counter()
         rewards = await evaluate(self.engine, ev.workflow, ev.data, concurrency=ev.concurrency)
+        if self.timeline is not None:
+            self.timeline.evaluation(version, t0, time.perf_counter(), n=len(rewards),
+                                     reward=_mean(rewards) if rewards else None)
         self.metrics.log(version, {"eval/version": version, "eval/reward": _mean(rewards), "eval/n": len(rewards)})
 
     def _checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:

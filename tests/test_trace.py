@@ -183,6 +183,7 @@ def _two_step_trace(tmp_path) -> Timeline:
     tl.span("wait", t, t, step=2, held_s=0.0)
     tl.instant("take", 1, step=2, groups=["a", "c"], lags=[1, 0])
     tl.discard("b", "drop", 0)
+    tl.evaluation(1, t - 0.5, t, n=8, reward=0.25)
     tl.flush()  # not closed: "d" is still running, as in a run that was killed
     return tl
 
@@ -199,7 +200,9 @@ def test_the_summary_gives_each_steps_phases_lags_and_the_discards(tmp_path):
     assert summary["episodes"] == {"buffered": 3} and summary["unfinished"] == 1
     assert summary["discarded"] == {"stale": 1}
     assert [(k, v["n"]) for k, v in summary["by_start"].items()] == [("v0", 2), ("v1", 1)]
+    assert summary["evaluations"] == [{"version": 1, "s": 0.5, "reward": 0.25}]
     text = format_summary(summary, "run")
+    assert text.splitlines()[-1] == "evaluations: v1 0.5 s (reward 0.250)"
     assert "2 steps; 3 episode groups ended (buffered 3; 1 still running" in text and "discarded: stale 1" in text
     assert text.splitlines()[2].split() == ["1", "1.00", "0.25", "1.50", "0.50", "0:", "2"]
     tl.close()

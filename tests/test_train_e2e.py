@@ -32,12 +32,22 @@ def _steps(run_dir: pathlib.Path) -> dict[int, dict]:
 
 def test_train_tiny_async_keeps_staleness_bounded(tmp_path):
     run = tmp_path / "run"
-    out = _agentflow("train", TINY, f"logging.run_dir={run}", "trainer.total_steps=6", timeout=300)
+    out = _agentflow("train", TINY, f"logging.run_dir={run}", "trainer.total_steps=6", "logging.trace=true",
+                     timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     steps = _steps(run)
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
     eta = 2
     assert all(r["staleness/max"] <= eta for r in steps.values()), [r["staleness/max"] for r in steps.values()]
+    # `agentflow trace` reads the run's timeline: the same steps, none trained on data staler than eta.
+    assert json.loads((run / "trace.json").read_text())[-1]["name"] == "end"
+    out = _agentflow("trace", str(run), "--json", timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trace = json.loads(out.stdout)
+    assert [s["step"] for s in trace["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert all(0 <= int(lag) <= eta for s in trace["steps"] for lag in s["lags"])
+    assert trace["episodes"]["buffered"] >= 6 * 4
+    assert [e["version"] for e in trace["evaluations"]] == [0, 3, 6]  # the held-out evaluations, timed
     evals = [r for r in read_metrics(run) if "eval/reward" in r]
     assert [e["eval/version"] for e in evals] == [0, 3, 6]
     assert (run / "checkpoints" / "latest").read_text() == "step-000006"
@@ -62,7 +72,7 @@ def _prompt_stream(n: int) -> list[str]:
 def test_sigkill_then_resume_skips_and_repeats_no_prompt(tmp_path):
     run = tmp_path / "run"
     args = ["train", TINY, f"logging.run_dir={run}", "trainer.total_steps=8", "trainer.checkpoint_every=2",
-            "trainer.eval_every=0"]
+            "trainer.eval_every=0", "logging.trace=true"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "agentflow", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -91,6 +101,12 @@ def test_sigkill_then_resume_skips_and_repeats_no_prompt(tmp_path):
     handed_out = _prompt_stream(trainer_state["data"]["pos"])
     # Every prompt handed out is trained on, buffered or in flight: none skipped, none twice.
     assert sorted(consumed + in_flight) == sorted(handed_out)
+    # The killed run's timeline stays readable (no closing bracket); the resumed run wrote its own.
+    from agentflow._trace import read_trace
+    killed = [e for e in read_trace(run / "trace.json") if e["name"] == "take"]
+    assert len(killed) >= 4 and not (run / "trace.json").read_text().rstrip().endswith("]")
+    resumed = [e["args"]["step"] for e in json.loads((run / "trace-2.json").read_text()) if e["name"] == "take"]
+    assert resumed == list(range(resumed[0], 9)) and resumed[0] - 1 in (4, 6)  # from the last checkpoint
 
 
 @pytest.mark.integration
