@@ -83,7 +83,9 @@ def _say(line: str) -> None:
 
 def _sigterm_as_interrupt() -> None:
     """SIGTERM before the training loop runs ends like Ctrl-C (one line, no traceback); the loop
-    installs its own handlers while it runs."""
+    installs its own handlers while it runs. SIGINT stops a command also when the shell that started
+    it ignored SIGINT (a job a script put in the background with ``&`` inherits SIG_IGN, and Python
+    then leaves Ctrl-C ignored): ``kill -INT`` is how such a job is stopped cleanly."""
     if threading.current_thread() is not threading.main_thread():
         return
 
@@ -91,6 +93,8 @@ def _sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt("SIGTERM")
 
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _parser() -> argparse.ArgumentParser:

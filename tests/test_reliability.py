@@ -618,3 +618,18 @@ def test_a_train_state_holding_objects_is_refused_not_executed(tmp_path, monkeyp
     with pytest.raises(CheckpointError, match="will not unpickle"):
         _load_plain(str(tmp_path / "agentflow_train_state.pt"))
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_command_a_script_backgrounded_still_stops_on_sigint():
+    """A job a non-interactive shell starts with ``&`` inherits SIGINT ignored, and Python then leaves
+    it ignored: ``kill -INT`` would not stop ``agentflow launch`` (its Ctrl-C is a KeyboardInterrupt).
+    The CLI restores SIGINT's default handler before it runs a command."""
+    import subprocess
+
+    probe = "import signal; {}print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    seen = []
+    for setup in ("", "from agentflow.cli import _sigterm_as_interrupt; _sigterm_as_interrupt(); "):
+        out = subprocess.run(["bash", "-c", '"$0" -c "$1" & wait', sys.executable, probe.format(setup)],
+                             capture_output=True, text=True, timeout=60)
+        seen.append(out.stdout.strip())
+    assert seen == ["False", "True"]  # ignored as inherited; restored by the CLI
