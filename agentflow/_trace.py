@@ -4,7 +4,7 @@ One clock for everything that decides how stale a trained batch is and where a s
 
 - each episode group, from the version it started at to where it ended: an async slice on its
   own row, named after its start version (``v3``: one colour per version), with its outcome
-  (``buffered``, ``filtered``, ``cancelled`` or the rejection's reason) and the version it ended at;
+  (``buffered``, ``filter``, ``cancelled`` or the rejection's reason) and the version it ended at;
 - the trainer thread's phases: ``wait`` (for a batch; ``held_s``: of it, kept for episodes about to
   expire), ``train`` and ``publish`` (upload, pause, load, resume), each a slice; held-out
   evaluations on a row of their own;
@@ -14,7 +14,8 @@ One clock for everything that decides how stale a trained batch is and where a s
 
 The file is a JSON array written as events happen and closed with ``]`` when the run ends; an
 interrupted run leaves it without the bracket, which both viewers accept (and :func:`read_trace`).
-Writes are buffered and flushed once per train step, so tracing costs a few microseconds an event.
+Events are queued in memory and written once per train step by the trainer thread, so the event
+loop does no file I/O for them and tracing costs a few microseconds an event.
 
 Not here: when events happen (the executor, the buffer and the trainer call in), metrics
 (``metrics.jsonl``), viewing (Perfetto reads the file as it is).
@@ -49,12 +50,14 @@ class Timeline:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f: TextIO | None = self.path.open("w", encoding="utf-8")
         self._lock = threading.Lock()
+        self._pending: list[str] = []  # events since the last flush
         self._t0 = time.perf_counter()
         self._f.write("[\n")
         self._meta("process_name", 0, "agentflow")
         self._meta("thread_name", TRAINER_TID, "trainer")
         self._meta("thread_name", BUFFER_TID, "buffer")
         self._meta("thread_name", EVAL_TID, "evaluation")
+        self.flush()
 
     @classmethod
     def in_run_dir(cls, run_dir: str | pathlib.Path) -> Timeline:
@@ -71,10 +74,12 @@ class Timeline:
         return int(((time.perf_counter() if at is None else at) - self._t0) * 1e6)
 
     def _write(self, event: dict[str, Any]) -> None:
+        """Queue one event; the file is written only by :meth:`flush` (the trainer thread, once a step)
+        and :meth:`close`, so the event loop never does file I/O for the timeline."""
         line = json.dumps(event, separators=(",", ":"), default=str) + ",\n"
         with self._lock:
             if self._f is not None:
-                self._f.write(line)
+                self._pending.append(line)
 
     def _meta(self, kind: str, tid: int, label: str) -> None:
         self._write({"name": kind, "ph": "M", "pid": _PID, "tid": tid, "args": {"name": label}})
@@ -119,17 +124,21 @@ class Timeline:
 
     # ------------------------------------------------------------------ lifetime
     def flush(self) -> None:
+        """Write the queued events (whole lines only, so a killed run leaves no torn event)."""
         with self._lock:
-            if self._f is not None:
-                self._f.flush()
+            lines, self._pending, f = self._pending, [], self._f
+        if f is not None and lines:
+            f.write("".join(lines))
+            f.flush()
 
     def close(self) -> None:
-        """End the array (the file is valid JSON from here on). Idempotent."""
+        """Write what is queued and end the array (the file is valid JSON from here on). Idempotent."""
+        self.flush()
         with self._lock:
-            f, self._f = self._f, None
+            f, self._f, rest = self._f, None, self._pending
         if f is not None:
             end = {"name": "end", "ph": "i", "s": "g", "pid": _PID, "tid": TRAINER_TID, "ts": self.now_us()}
-            f.write(json.dumps(end, separators=(",", ":")) + "\n]\n")
+            f.write("".join(rest) + json.dumps(end, separators=(",", ":")) + "\n]\n")
             f.close()
 
 
