@@ -313,15 +313,20 @@ class ReplayBuffer:
 
     def get_groups(
         self, n: int, timeout: float | None = None, *, version: int | None = None,
-        group_filter: GroupFilter | None = None,
+        group_filter: GroupFilter | None = None, at_least: int | None = None,
     ) -> list[Group]:
         """:meth:`get_batch`, returning the groups (with the data they were generated from).
 
-        ``group_filter`` drops the groups it rejects (module docstring). Groups discarded while
+        ``group_filter`` drops the groups it rejects (module docstring). ``at_least`` (1 to ``n``)
+        returns early: once that many groups are taken and no other is ready, with what was taken
+        (up to ``n``); ``None`` = wait for ``n``. Groups discarded while
         taking (stale or filtered) are handed to ``on_discard`` before the consumer waits, not only
         when it returns: their slots must free up for the replacements this very call is waiting
         for (with ``max_staleness=0`` nothing else could start).
         """
+        if at_least is not None and not 1 <= at_least <= n:
+            raise ValueError(f"at_least must be between 1 and n={n}, got {at_least}")
+        least = n if at_least is None else at_least
         deadline = None if timeout is None else time.monotonic() + timeout
         taken: list[Group] = []
         discarded: list[tuple[Group, str]] = []
@@ -332,7 +337,7 @@ class ReplayBuffer:
                 with self._cond:
                     while self._groups and len(taken) < n and not self._holds(len(taken), n, version, hold):
                         self._take_one(taken, discarded, version, group_filter)
-                    if len(taken) >= n:
+                    if len(taken) >= n or (len(taken) >= least and not self._groups):
                         break
                     if not discarded:  # nothing to hand back first: sleep until a put, a bump or fail()
                         if self._failure is not None:

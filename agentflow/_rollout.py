@@ -107,7 +107,7 @@ class Rollout:
 
     # ------------------------------------------------------------------ the trainer thread
     def get_groups(self, n: int, timeout: float | None = None, *,
-                   group_filter: GroupFilter | None = None) -> list[Group]:
+                   group_filter: GroupFilter | None = None, at_least: int | None = None) -> list[Group]:
         """Thread-safe: block until ``n`` groups are consumable, oldest first (staleness policy applied).
 
         ``group_filter(group) -> bool`` (e.g. dynamic sampling, ``agentflow.algo.group_filter``)
@@ -115,8 +115,9 @@ class Rollout:
         group gives its staleness slot back, like a stale-dropped one: the admission budget
         ``(eta + v + 1) * B`` keeps counting only groups that are trained on, so another item
         starts in its place at the current version and the staleness bound still holds.
+        ``at_least`` returns as soon as that many are taken and no other is ready (up to ``n``).
         """
-        return self.buffer.get_groups(n, timeout=timeout, group_filter=group_filter)
+        return self.buffer.get_groups(n, timeout=timeout, group_filter=group_filter, at_least=at_least)
 
     def get_batch(self, n: int, timeout: float | None = None, *, group_filter: GroupFilter | None = None
                   ) -> list[Trajectory]:

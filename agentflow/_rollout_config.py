@@ -29,6 +29,12 @@ class RolloutConfig:
             ``max_staleness`` on nothing changes. Costs one generation's wait at the second step.
         max_concurrent: episodes (submitted items) running at once.
         consumer_batch_size: B, items (prompts) the trainer consumes per step.
+        min_consumer_batch_size: a step that would wait for its B groups starts as soon as this
+            many are ready, with every ready group up to B (groups without signal dropped by
+            dynamic sampling do not count). ``None`` = B, the step always waits for a full batch.
+            Smaller batches when generation falls behind (the first steps of a run with dynamic
+            sampling, when most groups are flat) keep the trainer busy instead of waiting; the
+            version then moves on with fewer groups, so the rest of the ready groups age sooner.
         stale_policy: what the buffer does with an item found too stale at consume time:
             ``drop`` it, ``requeue`` its prompt (run it again), or ``keep`` it (trained with the
             decoupled-PPO importance weight).
@@ -59,6 +65,7 @@ class RolloutConfig:
     staleness_ramp: bool = False
     max_concurrent: int = 64
     consumer_batch_size: int = 8
+    min_consumer_batch_size: int | None = None
     stale_policy: StalePolicy = "drop"
     episode_timeout_s: float | None = 600.0
     episodes_per_item: int = 1
@@ -81,6 +88,10 @@ class RolloutConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 out.append(f"rollout.{name} must be an integer >= {lo}, got {v!r}")
+        m = self.min_consumer_batch_size
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= self.consumer_batch_size):
+            out.append(f"rollout.min_consumer_batch_size must be an integer from 1 to rollout.consumer_batch_size "
+                       f"({self.consumer_batch_size!r}) or null (= consumer_batch_size), got {m!r}")
         if self.stale_policy not in ("drop", "requeue", "keep"):
             out.append(f"rollout.stale_policy must be 'drop', 'requeue' or 'keep', got {self.stale_policy!r}")
         t = self.episode_timeout_s

@@ -421,13 +421,15 @@ class Trainer:
         """A batch of groups whose every token id is inside the policy's vocabulary. A trajectory
         outside it is rejected with a logged reason (it would end the run with an IndexError in
         the train engine); a group left empty is replaced by waiting for another."""
-        want = self.rollout.config.consumer_batch_size
+        cfg = self.rollout.config
+        want = cfg.consumer_batch_size
+        least = want if cfg.min_consumer_batch_size is None else cfg.min_consumer_batch_size
         deadline = time.monotonic() + timeout
         kept: list[Group] = []
-        while len(kept) < want:
+        while len(kept) < least:
             left = deadline - time.monotonic()
             for g in self.rollout.get_groups(want - len(kept), timeout=max(left, 0.001),
-                                             group_filter=self.group_filter):
+                                             group_filter=self.group_filter, at_least=least - len(kept)):
                 good = [t for t in g.trajectories if self._in_vocab(t, g.group_id)]
                 if good:
                     g.trajectories = good
@@ -520,6 +522,7 @@ class Trainer:
             "reward/max": max(rewards, default=math.nan),
             "staleness/max": max(lags, default=0),
             "staleness/mean": _mean(lags),
+            "rollout/groups": len(groups),
             "rollout/episodes": len(trajs),
             "rollout/gen_tokens_mean": gen_tokens / max(1, len(trajs)),
             "rollout/rejected": ex["rejected"],

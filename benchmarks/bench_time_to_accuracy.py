@@ -60,16 +60,20 @@ CONTEXT = {"addition": 256, "calculator": 320}  # the examples' inference.local.
 def setting_overrides(name: str) -> list[str]:
     """``eta2`` -> ``rollout.max_staleness=2``; suffixes: ``-ramp`` adds ``rollout.staleness_ramp=true``,
     ``-ds`` adds ``algo.dynamic_sampling=true``, ``-bN`` sets ``rollout.consumer_batch_size=N`` (groups
-    per train step; e.g. ``eta1-ds``, ``eta2-ramp-ds``, ``eta1-ds-b4``)."""
+    per train step), ``-minN`` sets ``rollout.min_consumer_batch_size=N`` (a step that would wait starts
+    with N ready groups); e.g. ``eta1-ds``, ``eta2-ramp-ds``, ``eta1-ds-b4``, ``eta1-ds-min4``."""
     base, *flags = name.split("-")
     sizes = [f for f in flags if f[:1] == "b" and f[1:].isdigit() and int(f[1:]) > 0]
-    if (not base.startswith("eta") or not base[3:].isdigit() or len(sizes) > 1
-            or not set(flags) - set(sizes) <= {"ramp", "ds"}):
-        raise SystemExit(f"--settings: expected names like eta0, eta2, eta2-ramp, eta1-ds or eta1-ds-b4, got {name!r}")
+    mins = [f for f in flags if f[:3] == "min" and f[3:].isdigit() and int(f[3:]) > 0]
+    if (not base.startswith("eta") or not base[3:].isdigit() or len(sizes) > 1 or len(mins) > 1
+            or not set(flags) - set(sizes) - set(mins) <= {"ramp", "ds"}):
+        raise SystemExit("--settings: expected names like eta0, eta2, eta2-ramp, eta1-ds, eta1-ds-b4 or eta1-ds-min4, "
+                         f"got {name!r}")
     out = [f"rollout.max_staleness={int(base[3:])}", f"rollout.staleness_ramp={'true' if 'ramp' in flags else 'false'}"]
     if "ds" in flags:
         out.append("algo.dynamic_sampling=true")
-    return [*out, *(f"rollout.consumer_batch_size={int(f[1:])}" for f in sizes)]
+    return [*out, *(f"rollout.consumer_batch_size={int(f[1:])}" for f in sizes),
+            *(f"rollout.min_consumer_batch_size={int(f[3:])}" for f in mins)]
 
 
 def _complete(run_dir: pathlib.Path, steps: int) -> bool:

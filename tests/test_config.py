@@ -293,3 +293,11 @@ def test_a_max_seq_len_shorter_than_every_prompt_is_refused_at_start():
 def test_expiring_grace_must_be_a_finite_number_of_seconds(bad):
     with pytest.raises(ConfigError, match=r"rollout.expiring_grace_s must be a number of seconds >= 0, got"):
         RolloutConfig(expiring_grace_s=bad)
+
+
+@pytest.mark.parametrize("bad", [0, 9, 2.0, True, "4"])
+def test_min_consumer_batch_size_is_between_one_and_the_batch(bad):
+    with pytest.raises(ConfigError, match=r"rollout.min_consumer_batch_size must be an integer from 1 to "
+                                          r"rollout.consumer_batch_size \(8\) or null \(= consumer_batch_size\), got"):
+        RolloutConfig(consumer_batch_size=8, min_consumer_batch_size=bad)
+    assert RolloutConfig(consumer_batch_size=8, min_consumer_batch_size=8).min_consumer_batch_size == 8

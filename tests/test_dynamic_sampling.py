@@ -252,3 +252,55 @@ def test_the_drop_cap_is_a_count():
             AlgoConfig(dynamic_sampling=True, dynamic_sampling_max_drop=bad)
     with pytest.raises(ConfigError, match="dynamic_sampling is off"):
         AlgoConfig(dynamic_sampling_max_drop=8)
+
+
+def test_at_least_returns_what_is_ready_and_flat_groups_do_not_count():
+    buf = ReplayBuffer(RolloutConfig(max_staleness=5))
+    for gid, rewards in (("ok", (1.0, 0.0)), ("flat", (1.0, 1.0))):
+        buf.put_nowait(Group(gid, [_traj(r) for r in rewards]))
+    with pytest.raises(TimeoutError):  # one group with signal is ready, two are wanted at least
+        buf.get_groups(4, timeout=0.05, group_filter=KEEP, at_least=2)
+    buf.put_nowait(Group("ok2", [_traj(0.0), _traj(0.5)]))
+    buf.put_nowait(Group("ok3", [_traj(0.0), _traj(0.5)]))
+    got = buf.get_groups(4, timeout=0.05, group_filter=KEEP, at_least=2)  # all three ready, not four
+    assert sorted(g.group_id for g in got) == ["ok", "ok2", "ok3"]
+    with pytest.raises(ValueError, match="at_least must be between 1 and n=2, got 3"):
+        buf.get_groups(2, timeout=0.05, at_least=3)
+
+
+@pytest.mark.parametrize("least", [None, 1])
+async def test_a_step_starts_with_the_groups_ready_when_a_minimum_is_set(tmp_path, least):
+    """Groups with signal finish one at a time, the train step is instant: with
+    ``min_consumer_batch_size=1`` the trainer trains on what is ready instead of waiting for B
+    (and logs how many groups each step took); without it every step has B."""
+    from agentflow._data import PromptSource
+    from agentflow._metrics import MetricsLogger
+    from agentflow._trainer import Trainer, TrainerConfig
+
+    class Trickle(TwoSampleWorkflow):
+        async def arun_episode(self, engine, data):
+            await asyncio.sleep(0.02 * (data["i"] % 7))
+            return await super().arun_episode(engine, data["i"])
+
+    batch = 3
+    cfg = RolloutConfig(max_staleness=1, consumer_batch_size=batch, max_concurrent=16, min_consumer_batch_size=least)
+    taken: list[int] = []
+    metrics = MetricsLogger(tmp_path)
+    trainer = Trainer(
+        TrainerConfig(total_steps=6, batch_timeout_s=10.0, checkpoint_every=0), engine=FakeEngine(rollout=cfg),
+        train_engine=_FakeTrainEngine(), train_step=lambda trajs: taken.append(len(trajs)) or {},
+        workflow=Trickle(), prompts=PromptSource([{"i": i} for i in range(300)], shuffle=False), run_dir=tmp_path,
+        metrics=metrics, progress=False, group_filter=KEEP,
+    )
+    try:
+        await asyncio.wait_for(trainer.run(), 30)
+    finally:
+        metrics.close()
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "rollout/groups" in r]
+    assert [r["rollout/groups"] * 2 for r in steps] == taken and len(taken) == 6
+    assert all(r["staleness/max"] <= 1 for r in steps)
+    if least is None:
+        assert taken == [2 * batch] * 6
+    else:
+        assert all(2 <= n <= 2 * batch for n in taken) and min(taken) < 2 * batch
