@@ -28,8 +28,11 @@ def test_settings_map_to_rollout_overrides():
     ]
     assert bench.setting_overrides("eta2-ramp-ds")[1:] == ["rollout.staleness_ramp=true", "algo.dynamic_sampling=true"]
     assert bench.setting_overrides("eta1-ds-b4")[2:] == ["algo.dynamic_sampling=true", "rollout.consumer_batch_size=4"]
-    assert bench.setting_overrides("eta1-ds-min4")[2:] == ["algo.dynamic_sampling=true", "rollout.min_consumer_batch_size=4"]
-    for bad in ("eta2-fast", "eta1-ds-fast", "ds", "etax", "eta1-b0", "eta1-b4-b2", "eta1-bx", "eta1-min0", "eta1-min2-min3"):
+    assert bench.setting_overrides("eta1-ds-min4")[2:] == [
+        "algo.dynamic_sampling=true", "rollout.min_consumer_batch_size=4"
+    ]
+    for bad in ("eta2-fast", "eta1-ds-fast", "ds", "etax", "eta1-b0", "eta1-b4-b2", "eta1-bx", "eta1-min0",
+                "eta1-min2-min3"):
         with pytest.raises(SystemExit, match=bad):
             bench.setting_overrides(bad)
 
