@@ -283,6 +283,10 @@ def test_bent_options_are_warned_at_start(caplog):
         warnings = warn_bent_options(cfg, n_train=10)
     assert len(warnings) == 2
     assert "larger than the 10 training prompts" in caplog.text and "outputs are cut at max_seq_len" in caplog.text
+    sync = load_recipe_config([TINY], ["rollout.max_staleness=0", "rollout.min_consumer_batch_size=2"])
+    assert any("min_consumer_batch_size=2 with rollout.max_staleness=0" in w for w in warn_bent_options(sync, 100))
+    lagged = load_recipe_config([TINY], ["rollout.max_staleness=1", "rollout.min_consumer_batch_size=2"])
+    assert warn_bent_options(lagged, 100) == []
 
 
 # ------------------------------------------------------------------------------------ the run directory (9)

@@ -156,6 +156,12 @@ def warn_bent_options(cfg: TrainRecipeConfig, n_train: int) -> list[str]:
     if b > n_train:
         warnings.append(f"rollout.consumer_batch_size={b} is larger than the {n_train} training prompts: every step "
                         "repeats prompts (the same prompt twice in one batch). Lower it or add data.")
+    least = cfg.rollout.min_consumer_batch_size
+    if least is not None and least < b and cfg.rollout.max_staleness == 0 and cfg.rollout.stale_policy != "keep":
+        warnings.append(f"rollout.min_consumer_batch_size={least} with rollout.max_staleness=0: a step that starts "
+                        f"with fewer than {b} groups leaves the rest of its version's episodes to go stale at the "
+                        "next version, where they are dropped (generated for nothing). Leave it unset for "
+                        "synchronous training or allow a version of lag.")
     if cfg.inference.backend == "local":
         cap, new = cfg.inference.local.max_seq_len, cfg.generation.max_new_tokens
         if new >= cap:
