@@ -531,6 +531,47 @@ def test_serve_limits_reach_the_local_engine_and_the_sglang_command(tmp_path) ->
     assert "--random-seed" not in sglang_command("m", "h", 1, "v")
 
 
+def test_serve_dtype_reaches_the_local_engine_and_the_sglang_command(tmp_path) -> None:
+    from agentflow.engines.serve._launch import local_engine, sglang_command
+    from agentflow.engines.serve.server import _parse_args
+    from agentflow.testing import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert _parse_args([]).dtype == "auto"
+    for flag, want in (("auto", "float32"), ("bfloat16", "bfloat16"), ("float32", "float32")):
+        args = _parse_args(["--model", str(tmp_path), "--dtype", flag])
+        engine, *_ = local_engine(args.model, dtype=args.dtype)
+        assert engine.config.dtype == want
+    cmd = sglang_command("m", "h", 1, "v", dtype="bfloat16")
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16" and "--dtype" not in sglang_command("m", "h", 1, "v")
+    with pytest.raises(SystemExit):
+        _parse_args(["--dtype", "fp8"])
+
+
+async def test_a_bfloat16_server_generates_and_loads_float32_weights(tmp_path) -> None:
+    """The trainer publishes float32 safetensors; a server running in bfloat16 casts them on load
+    and its log-probs stay log-probs (finite, <= 0)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from agentflow import GenerationConfig
+    from agentflow.engines.local import LocalEngine, LocalEngineConfig
+    from agentflow.testing import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(0)
+    async with LocalEngine(model, tok, config=LocalEngineConfig(dtype="bfloat16", seed=0)) as engine:
+        assert next(engine.model.parameters()).dtype == torch.bfloat16
+        out = await engine.agenerate(ModelRequest([1, 2, 3], GenerationConfig(max_new_tokens=5)))
+        assert len(out.output_tokens) == 5 and all(-1e4 < lp <= 0 for lp in out.output_logprobs)
+        fresh, _ = tiny_model_and_tokenizer(1)
+        save_file({k: v.float().contiguous() for k, v in fresh.state_dict().items()}, str(tmp_path / "model.safetensors"))
+        await engine.aupdate_weights(WeightUpdateMeta(type="disk", path=str(tmp_path), version=1))
+        name = "model.embed_tokens.weight"
+        assert torch.equal(engine.model.state_dict()[name], fresh.state_dict()[name].to(torch.bfloat16))
+
+
 def test_servers_started_without_a_seed_draw_with_different_seeds() -> None:
     """Two servers sharing a group's samples with one seed would draw identical samples (each
     request's stream comes from the seed and its prompt)."""

@@ -21,11 +21,12 @@ __all__ = ["local_engine", "run_sglang", "sglang_command", "wait_healthy"]
 
 
 def local_engine(
-    model: str, max_running_requests: int | None = None, context_length: int | None = None, seed: int = 0
+    model: str, max_running_requests: int | None = None, context_length: int | None = None, seed: int = 0,
+    dtype: str = "auto",
 ) -> tuple[InferenceEngine, Any, str, int | None]:
     """(engine, tokenizer, model_path, context_length) for ``--backend local``; the two limits map
     to the engine's ``max_batch_size`` and ``max_seq_len`` (None = the engine's default), ``seed``
-    to its sampling seed."""
+    to its sampling seed, ``dtype`` (``auto`` = ``float32``) to the dtype it runs in."""
     from agentflow.engines.local import LocalEngine, LocalEngineConfig
     from agentflow.engines.model_loading import load_model, resolve_model_dir
 
@@ -35,16 +36,20 @@ def local_engine(
     # SGLang's pauses: requests paused "in_place" keep their KV through an update; the server
     # recomputes it itself after a "retract" pause.
     engine = LocalEngine(net, tokenizer, config=LocalEngineConfig(
-        seed=seed, recompute_kv_on_update=False, **{k: v for k, v in limits.items() if v is not None}))
+        seed=seed, recompute_kv_on_update=False, dtype="float32" if dtype == "auto" else dtype,  # type: ignore[arg-type]
+        **{k: v for k, v in limits.items() if v is not None}))
     return engine, tokenizer, path, engine.config.max_seq_len
 
 
 def sglang_command(
     model_path: str, host: str, port: int, weight_version: str,
     max_running_requests: int | None = None, context_length: int | None = None, random_seed: int | None = None,
+    dtype: str = "auto",
 ) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", host,
            "--port", str(port), "--weight-version", weight_version]
+    if dtype != "auto":
+        cmd += ["--dtype", dtype]
     if random_seed is not None:
         cmd += ["--random-seed", str(random_seed)]
     if max_running_requests is not None:
@@ -66,7 +71,8 @@ def run_sglang(args: argparse.Namespace) -> int:
     from agentflow.engines.serve._lora import sglang_lora_flags
 
     cmd = sglang_command(str(resolve_model_dir(args.model)), args.host, args.port, args.weight_version,
-                         args.max_running_requests, args.context_length, args.random_seed) + sglang_lora_flags(args)
+                         args.max_running_requests, args.context_length, args.random_seed,
+                         args.dtype) + sglang_lora_flags(args)
     proc = subprocess.Popen(cmd)
     try:
         wait_healthy(proc, f"http://{args.host}:{args.port}/health", args.startup_timeout)

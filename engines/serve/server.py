@@ -77,6 +77,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="sequences decoding at once (local backend: KV cache rows, default 16)")
     p.add_argument("--context-length", type=int, default=None,
                    help="prompt + output tokens of one request (local backend default 2048)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights and compute (as SGLang's --dtype); local backend: auto = float32. bfloat16 "
+                        "generates faster on GPUs and on CPUs with AVX512-BF16 or AMX, slower where it is emulated")
     p.add_argument("--weight-version", default="default")
     p.add_argument("--random-seed", type=int, default=None,
                    help="sampling seed (as SGLang's); default: a fresh one per server, logged, so that servers "
@@ -109,7 +112,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
                          max_n=args.max_n, max_sequences=args.max_sequences)
     check_bind(args.host, limits)  # before loading the model
     engine, tokenizer, model_path, ctx = _local_engine(args.model, args.max_running_requests, args.context_length,
-                                                       _sampling_seed(args))
+                                                       _sampling_seed(args), args.dtype)
     config = ServerConfig(chunk_tokens=args.chunk_tokens, weight_version=args.weight_version,
                           context_length=ctx, host=args.host, port=args.port,
                           enable_lora=apply_lora_flags(engine, args),
@@ -128,9 +131,10 @@ def _sampling_seed(args: argparse.Namespace) -> int:
 
 
 def _local_engine(
-    model: str, max_running_requests: int | None = None, context_length: int | None = None, seed: int = 0
+    model: str, max_running_requests: int | None = None, context_length: int | None = None, seed: int = 0,
+    dtype: str = "auto",
 ) -> tuple[InferenceEngine, Any, str, int | None]:
     from agentflow.engines.serve._launch import local_engine
 
-    return local_engine(model, max_running_requests, context_length, seed)
+    return local_engine(model, max_running_requests, context_length, seed, dtype)
 
