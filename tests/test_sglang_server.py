@@ -566,7 +566,8 @@ async def test_a_bfloat16_server_generates_and_loads_float32_weights(tmp_path) -
         out = await engine.agenerate(ModelRequest([1, 2, 3], GenerationConfig(max_new_tokens=5)))
         assert len(out.output_tokens) == 5 and all(-1e4 < lp <= 0 for lp in out.output_logprobs)
         fresh, _ = tiny_model_and_tokenizer(1)
-        save_file({k: v.float().contiguous() for k, v in fresh.state_dict().items()}, str(tmp_path / "model.safetensors"))
+        state = {k: v.float().contiguous() for k, v in fresh.state_dict().items()}
+        save_file(state, str(tmp_path / "model.safetensors"))
         await engine.aupdate_weights(WeightUpdateMeta(type="disk", path=str(tmp_path), version=1))
         name = "model.embed_tokens.weight"
         assert torch.equal(engine.model.state_dict()[name], fresh.state_dict()[name].to(torch.bfloat16))
