@@ -39,9 +39,9 @@ def _on_core(cmd: ServerCommand, core: int, env: dict[str, str]) -> ServerComman
 @contextlib.contextmanager
 def server_on_core(kind: str, model: str, log_dir: pathlib.Path, *, core: int = 0, context: int = 256,
                    rows: int = 64, python: str | None = None, seed: int = 0, extra: Sequence[str] = (),
-                   startup_timeout_s: float = 300.0) -> Iterator[str]:
-    """``kind`` = ``"serve"`` (agentflow serve) or ``"vllm"`` (fp32) on ``core`` with one thread;
-    yields its ``host:port``. ``rows``: the most requests decoded together; ``context``: the longest
+                   startup_timeout_s: float = 300.0, dtype: str = "float32") -> Iterator[str]:
+    """``kind`` = ``"serve"`` (agentflow serve) or ``"vllm"`` on ``core`` with one thread, generating
+    in ``dtype``; yields its ``host:port``. ``rows``: the most requests decoded together; ``context``: the longest
     sequence. A server that dies or stays unhealthy ends the benchmark with its log's tail."""
     port = free_port()
     if kind == "vllm":
@@ -49,7 +49,7 @@ def server_on_core(kind: str, model: str, log_dir: pathlib.Path, *, core: int = 
         if not pathlib.Path(python).exists():
             raise SystemExit(f"no vLLM interpreter at {python}; build one with `bash scripts/vllm_env.sh` "
                              "or pass --vllm-python")
-        cmd = _on_core(vllm_command(python, model, port=port, dtype="float32", max_model_len=context, seed=seed,
+        cmd = _on_core(vllm_command(python, model, port=port, dtype=dtype, max_model_len=context, seed=seed,
                                     extra=["--max-num-seqs", str(rows), *extra]),
                        core, {"VLLM_CPU_OMP_THREADS_BIND": str(core)})
     elif kind == "serve":
@@ -57,7 +57,7 @@ def server_on_core(kind: str, model: str, log_dir: pathlib.Path, *, core: int = 
 
         cmd = _on_core(serve_command(python or sys.executable, model, port=port, seed=seed,
                                      extra=["--max-running-requests", str(rows), "--context-length", str(context),
-                                            "--log-level", "warning", *extra]), core, {})
+                                            "--log-level", "warning", "--dtype", dtype, *extra]), core, {})
     else:
         raise SystemExit(f"expected server 'serve' or 'vllm', got {kind!r}")
     try:

@@ -23,6 +23,9 @@ for (padding and tokens past a request's own limit do not count):
   the engine's per-request random streams (inverse CDF) against one ``torch.multinomial`` over the
   batch from one generator (the engine's sampler before per-request streams), swapped in the
   same engine; tokens/s and the ratio.
+- ``dtype``: the ``equal`` workload in LocalEngine running in float32 and in bfloat16 (two engines,
+  each with its own copy of the model, alternating; what ``agentflow serve --dtype`` picks);
+  tokens/s and the ratio bfloat16 / float32. ``--dtype`` does not apply.
 - ``rss``: a fresh subprocess loads the model, serves ``batch`` concurrent requests with
   LocalEngine, and reports its peak RSS (``ru_maxrss``) before and after serving.
 
@@ -167,6 +170,26 @@ def bench_mixed(model: Any, tok: Any, host: EngineHost, args: argparse.Namespace
     }, after=lambda: {"local_decode_steps_by_batch_size": _diff(host.engine.stats()["batch_sizes"], before)},
        batch=args.batch, requests=n, max_new_range=[lo, args.max_new], generate_padded_tokens=padded,
        dtype=args.dtype, threads=args.threads)
+
+
+def bench_dtype(args: argparse.Namespace) -> None:
+    hosts = {d: EngineHost(*load(d), args.batch, d) for d in ("float32", "bfloat16")}
+    try:
+        reqs = [(p, args.max_new) for p in prompts(hosts["float32"].engine.tokenizer, args.batch)]
+        useful = sum(m for _, m in reqs)
+        times: dict[str, list[float]] = {d: [] for d in hosts}
+        for h in hosts.values():  # warm-up
+            _local(h, reqs)
+        for _ in range(args.reps):
+            for d, h in hosts.items():
+                times[d].append(timed(lambda h=h: _local(h, reqs)))
+        tps = {d: useful / statistics.median(v) for d, v in times.items()}
+        emit(bench="dtype", useful_tokens=useful, tokens_per_s={d: round(v, 1) for d, v in tps.items()},
+             ratio_bfloat16_vs_float32=round(tps["bfloat16"] / tps["float32"], 3), batch=args.batch,
+             max_new=args.max_new, threads=args.threads, reps=args.reps)
+    finally:
+        for h in hosts.values():
+            h.close()
 
 
 def _local(host: EngineHost, reqs: list[tuple[list[int], int]]) -> None:
@@ -379,7 +402,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads; use 1 on a shared machine (2 OpenMP threads on busy cores collapse)")
-    ap.add_argument("--only", choices=["equal", "mixed", "sampling", "rss", "remote", "lora", "vllm"],
+    ap.add_argument("--only", choices=["equal", "mixed", "sampling", "rss", "remote", "lora", "vllm", "dtype"],
                     action="append")
     ap.add_argument("--vllm-python", default=None, help="interpreter of a vLLM 0.32 install (workload vllm)")
     ap.add_argument("--lora-rank", type=int, default=16)
@@ -410,6 +433,8 @@ def main() -> None:
             host.close()
     if "lora" in only:
         bench_lora(*load(args.dtype), args)
+    if "dtype" in only:
+        bench_dtype(args)
     if "rss" in only:
         bench_rss(args)
     if "remote" in only:

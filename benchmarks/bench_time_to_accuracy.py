@@ -192,7 +192,7 @@ def _run_remote(head: list[str], overrides: list[str], model: str | None, seed: 
     weights = _tmpfs_weights_dir(run_dir)
     shutil.rmtree(weights, ignore_errors=True)  # versions of an earlier try at this run
     with server_on_core(args.server, served, run_dir / "servers", core=0, context=1024 if args.quick else CONTEXT[task],
-                        python=args.vllm_python, seed=seed) as address:
+                        python=args.vllm_python, seed=seed, dtype=args.server_dtype) as address:
         remote = [
             "inference.backend=remote",
             f"inference.protocol={'vllm' if args.server == 'vllm' else 'sglang'}",
@@ -410,8 +410,10 @@ def main() -> None:
     p.add_argument("--budgets", default="120,240,480", help="wall-clock seconds to read held-out at")
     p.add_argument("--remote", action="store_true", help="generation in a server on core 0, training on core 1")
     p.add_argument("--server", choices=("serve", "vllm"), default="serve",
-                   help="with --remote: agentflow serve or a real vLLM (fp32) generates")
+                   help="with --remote: agentflow serve or a real vLLM generates")
     p.add_argument("--vllm-python", default=None, help="interpreter of a vLLM 0.32 install (--server vllm)")
+    p.add_argument("--server-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="with --remote: the dtype the server generates in (its --dtype)")
     p.add_argument("--model", default=None, help="model.path override (e.g. tiny for a plumbing check)")
     p.add_argument("--override", action="append", default=[], help="extra key=value for every run (repeatable)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench_tta"), help="run directories go here")
@@ -450,6 +452,7 @@ def main() -> None:
                     "layout": layout,
                     "setting": setting,
                     "seed": seed,
+                    **({"server_dtype": args.server_dtype} if args.remote else {}),
                     **summarize(records, targets, budgets),
                     "run_dir": str(run_dir),
                 }
