@@ -130,15 +130,20 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t
 
 
-def compare(name: str, reps: int, useful: int, runs: dict[str, Callable[[], None]],
-            after: Callable[[], dict[str, Any]] = dict, **extra: Any) -> None:
+def median_times(runs: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    """Each run once to warm up, then all of them in turn ``reps`` times: the median seconds of each."""
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for f in runs.values():  # warm-up
+    for f in runs.values():
         f()
     for _ in range(reps):
         for k, f in runs.items():
             times[k].append(timed(f))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def compare(name: str, reps: int, useful: int, runs: dict[str, Callable[[], None]],
+            after: Callable[[], dict[str, Any]] = dict, **extra: Any) -> None:
+    med = median_times(runs, reps)
     tps = {k: useful / v for k, v in med.items()}
     if "vllm" in tps:
         extra["ratio_vllm_vs_local"] = round(tps["vllm"] / tps["local"], 3)
@@ -177,13 +182,8 @@ def bench_dtype(args: argparse.Namespace) -> None:
     try:
         reqs = [(p, args.max_new) for p in prompts(hosts["float32"].engine.tokenizer, args.batch)]
         useful = sum(m for _, m in reqs)
-        times: dict[str, list[float]] = {d: [] for d in hosts}
-        for h in hosts.values():  # warm-up
-            _local(h, reqs)
-        for _ in range(args.reps):
-            for d, h in hosts.items():
-                times[d].append(timed(lambda h=h: _local(h, reqs)))
-        tps = {d: useful / statistics.median(v) for d, v in times.items()}
+        med = median_times({d: lambda h=h: _local(h, reqs) for d, h in hosts.items()}, args.reps)
+        tps = {d: useful / v for d, v in med.items()}
         emit(bench="dtype", useful_tokens=useful, tokens_per_s={d: round(v, 1) for d, v in tps.items()},
              ratio_bfloat16_vs_float32=round(tps["bfloat16"] / tps["float32"], 3), batch=args.batch,
              max_new=args.max_new, threads=args.threads, reps=args.reps)
@@ -276,14 +276,9 @@ def bench_lora(model: Any, tok: Any, args: argparse.Namespace) -> None:
         ps = prompts(tok, args.batch)
         runs = {f"{k}_adapters": [(p, args.max_new, f"a{j % k}") for j, p in enumerate(ps)] for k in (1, 2, 4)}
         runs["base"] = [(p, args.max_new, None) for p in ps]
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for reqs in runs.values():  # warm-up
-            _local_lora(host, reqs)
-        for _ in range(args.reps):
-            for k, reqs in runs.items():
-                times[k].append(timed(lambda reqs=reqs: _local_lora(host, reqs)))
+        med = median_times({k: lambda reqs=reqs: _local_lora(host, reqs) for k, reqs in runs.items()}, args.reps)
         useful = args.batch * args.max_new
-        tps = {k: useful / statistics.median(v) for k, v in times.items()}
+        tps = {k: useful / v for k, v in med.items()}
         emit(bench="lora", useful_tokens=useful, tokens_per_s={k: round(v, 1) for k, v in tps.items()},
              ratio_vs_1_adapter={k: round(v / tps["1_adapters"], 3) for k, v in tps.items()},
              lora_rank=args.lora_rank, batch=args.batch, max_new=args.max_new, reps=args.reps, dtype=args.dtype,
