@@ -124,29 +124,37 @@ class _FakeTrainEngine:
         pathlib.Path(meta.path).mkdir(parents=True, exist_ok=True)
 
 
-async def test_trainer_logs_filtered_groups_and_extra_episodes(tmp_path):
+async def _train_with_filter(tmp_path, cfg: RolloutConfig, workflow, train_step, *, steps: int, prompts: int,
+                             deadline_s: float, train_engine=None) -> list[dict]:
+    """A Trainer on FakeEngine with dynamic sampling over prompts ``{"i": 0..prompts-1}``: its
+    metrics records."""
     from agentflow._data import PromptSource
     from agentflow._metrics import MetricsLogger
     from agentflow._trainer import Trainer, TrainerConfig
 
+    metrics = MetricsLogger(tmp_path)
+    trainer = Trainer(
+        TrainerConfig(total_steps=steps, batch_timeout_s=10.0, checkpoint_every=0), engine=FakeEngine(rollout=cfg),
+        train_engine=train_engine or _FakeTrainEngine(), train_step=train_step, workflow=workflow,
+        prompts=PromptSource([{"i": i} for i in range(prompts)], shuffle=False), run_dir=tmp_path, metrics=metrics,
+        progress=False, group_filter=KEEP,
+    )
+    try:
+        await asyncio.wait_for(trainer.run(), deadline_s)
+    finally:
+        metrics.close()
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+async def test_trainer_logs_filtered_groups_and_extra_episodes(tmp_path):
     class Workflow(TwoSampleWorkflow):
         async def arun_episode(self, engine, data):
             return await super().arun_episode(engine, data["i"])
 
     cfg = RolloutConfig(max_staleness=1, consumer_batch_size=2, max_concurrent=4)
     train_engine = _FakeTrainEngine()
-    metrics = MetricsLogger(tmp_path)
-    trainer = Trainer(
-        TrainerConfig(total_steps=3, batch_timeout_s=10.0, checkpoint_every=0), engine=FakeEngine(rollout=cfg),
-        train_engine=train_engine, train_step=lambda trajs: {"n": float(len(trajs))}, workflow=Workflow(),
-        prompts=PromptSource([{"i": i} for i in range(60)], shuffle=False), run_dir=tmp_path, metrics=metrics,
-        progress=False, group_filter=KEEP,
-    )
-    try:
-        await asyncio.wait_for(trainer.run(), 20)
-    finally:
-        metrics.close()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = await _train_with_filter(tmp_path, cfg, Workflow(), lambda trajs: {"n": float(len(trajs))}, steps=3,
+                                       prompts=60, deadline_s=20, train_engine=train_engine)
     steps = [r for r in records if "rollout/filtered_groups" in r]
     assert len(steps) == 3 and train_engine.versions == [0, 1, 2]
     total = sum(r["rollout/filtered_groups"] for r in steps)
@@ -273,9 +281,6 @@ async def test_a_step_starts_with_the_groups_ready_when_a_minimum_is_set(tmp_pat
     """Groups with signal finish one at a time, the train step is instant: with
     ``min_consumer_batch_size=1`` the trainer trains on what is ready instead of waiting for B
     (and logs how many groups each step took); without it every step has B."""
-    from agentflow._data import PromptSource
-    from agentflow._metrics import MetricsLogger
-    from agentflow._trainer import Trainer, TrainerConfig
 
     class Trickle(TwoSampleWorkflow):
         async def arun_episode(self, engine, data):
@@ -285,19 +290,9 @@ async def test_a_step_starts_with_the_groups_ready_when_a_minimum_is_set(tmp_pat
     batch = 3
     cfg = RolloutConfig(max_staleness=1, consumer_batch_size=batch, max_concurrent=16, min_consumer_batch_size=least)
     taken: list[int] = []
-    metrics = MetricsLogger(tmp_path)
-    trainer = Trainer(
-        TrainerConfig(total_steps=6, batch_timeout_s=10.0, checkpoint_every=0), engine=FakeEngine(rollout=cfg),
-        train_engine=_FakeTrainEngine(), train_step=lambda trajs: taken.append(len(trajs)) or {},
-        workflow=Trickle(), prompts=PromptSource([{"i": i} for i in range(300)], shuffle=False), run_dir=tmp_path,
-        metrics=metrics, progress=False, group_filter=KEEP,
-    )
-    try:
-        await asyncio.wait_for(trainer.run(), 30)
-    finally:
-        metrics.close()
-    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "rollout/groups" in r]
+    records = await _train_with_filter(tmp_path, cfg, Trickle(), lambda trajs: taken.append(len(trajs)) or {},
+                                       steps=6, prompts=300, deadline_s=30)
+    steps = [r for r in records if "rollout/groups" in r]
     assert [r["rollout/groups"] * 2 for r in steps] == taken and len(taken) == 6
     assert all(r["staleness/max"] <= 1 for r in steps)
     if least is None:
