@@ -13,6 +13,7 @@ means the cores are independent; asynchrony can then hide the shorter of the two
 
     python benchmarks/bench_core_contention.py                                   # tiny model
     python benchmarks/bench_core_contention.py --model smollm2-135m --mixed-precision --reps 3
+    python benchmarks/bench_core_contention.py --model smollm2-135m --mixed-precision --reps 1 --profile 10
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def main() -> None:
     def extra(p) -> None:
         p.add_argument("--reps", type=int, default=3, help="repetitions of the three phases")
         p.add_argument("--mixed-precision", action="store_true", help="train in bf16 over fp32 master weights")
+        p.add_argument("--profile", type=int, default=0, metavar="N",
+                       help="first profile one train step alone (torch.profiler) and print its N costliest ops")
 
     args, model, tok, trajs = batch_from_args(__doc__ or "", extra)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -114,12 +117,12 @@ def main() -> None:
     train = FSDPEngine(FSDPEngineConfig(lr=1e-6, device="cpu", mixed_precision=args.mixed_precision),
                        model=copy.deepcopy(model), tokenizer=tok)
     train.initialize()
-    prompts = [t.input_ids[: args.prompt] for t in trajs]
 
     ctx = mp.get_context("spawn")
     state = ctx.Array("i", [IDLE, -1])  # (what the child does, the phase id its rounds count for)
     go = ctx.Event()
     rounds = ctx.Queue()
+    prompts = [t.input_ids[: args.prompt] for t in trajs]
     child = ctx.Process(target=_generator, args=(args.model, prompts, args.answer, gen_core, state, go, rounds),
                         daemon=True)
     child.start()
@@ -135,17 +138,15 @@ def main() -> None:
         return out
 
     train_steps()  # warm-up, generator idle
+    if args.profile:
+        _profile_step(train, algo, items, args.profile)
     try:
         steps, names = _phases(args, train_steps, state, go)
         time.sleep(1.0)  # the round in flight, if any, reports
     finally:
         state[0] = STOP
         go.set()
-    gens: dict[str, list[float]] = {"alone": [], "both": []}
-    while not rounds.empty():
-        kind, phase, sec = rounds.get()
-        if kind == "round" and names.get(phase) in ("both", "gen_alone"):
-            gens["both" if names[phase] == "both" else "alone"].append(sec)
+    gens = _generation_rounds(rounds, names)
     child.join(timeout=30)
     train.destroy()
     if not gens["alone"] or not gens["both"]:
@@ -160,6 +161,32 @@ def main() -> None:
         "gen_rounds": {k: len(v) for k, v in gens.items()}, **{k: round(v, 3) for k, v in med.items()},
         "train_slowdown": round(med["train_step_both"] / med["train_step_alone"], 3),
         "gen_slowdown": round(med["gen_round_both"] / med["gen_round_alone"], 3)}))
+
+
+def _generation_rounds(rounds, names: dict[int, str]) -> dict[str, list[float]]:
+    """The generator's round times, by where they ran: ``alone`` or ``both`` (beside training)."""
+    gens: dict[str, list[float]] = {"alone": [], "both": []}
+    while not rounds.empty():
+        kind, phase, sec = rounds.get()
+        if kind == "round" and names.get(phase) in ("both", "gen_alone"):
+            gens["both" if names[phase] == "both" else "alone"].append(sec)
+    return gens
+
+
+def _profile_step(train, algo, items, top: int) -> None:
+    """One JSON line: the step's wall time and its ``top`` ops by own CPU time (the generator idles);
+    nothing when ``top`` is 0."""
+    if top <= 0:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ppo_update(train, algo, items, max_tokens_per_mb=8192, version=0)
+    wall = time.perf_counter() - t
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    print(json.dumps({"bench": "core_contention_profile", "step_s": round(wall, 3), "ops": [
+        {"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count} for e in ops]}))
 
 
 if __name__ == "__main__":

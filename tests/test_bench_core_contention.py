@@ -1,4 +1,5 @@
-"""benchmarks/bench_core_contention.py runs its three phases on a tiny model and reports both slow-downs."""
+"""benchmarks/bench_core_contention.py runs its three phases on a tiny model and reports both slow-downs
+(and, with ``--profile``, the costliest ops of one train step)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
                     reason="pins the trainer and the generator to two different cores")
 def test_it_times_training_and_generation_alone_and_side_by_side():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_core_contention.py"), "--steps", "2",
-                          "--reps", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--reps", "1", "--profile", "3"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    profile, *lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert profile["bench"] == "core_contention_profile" and len(profile["ops"]) == 3
+    own = [op["self_s"] for op in profile["ops"]]
+    assert own == sorted(own, reverse=True) and 0 < sum(own) <= profile["step_s"] * 1.05
+    assert all(op["op"] and op["calls"] >= 1 for op in profile["ops"])
     assert [x["phase"] for x in lines[:-1]] == ["train_alone", "both", "gen_alone"]
     assert [len(x["train_step_s"]) for x in lines[:-1]] == [2, 2, 0]
     summary = lines[-1]

@@ -31,7 +31,9 @@ def test_settings_map_to_rollout_overrides():
     assert bench.setting_overrides("eta1-ds-min4")[2:] == [
         "algo.dynamic_sampling=true", "rollout.min_consumer_batch_size=4"
     ]
-    assert bench.setting_overrides("eta1-ds-cap2")[2:] == ["algo.dynamic_sampling=true", "algo.ppo.behav_imp_weight_cap=2"]
+    assert bench.setting_overrides("eta1-ds-cap2")[2:] == [
+        "algo.dynamic_sampling=true", "algo.ppo.behav_imp_weight_cap=2"
+    ]
     assert bench.setting_overrides("eta1-beta50")[2:] == ["train.betas=[0.50,0.999]"]
     for bad in ("eta2-fast", "eta1-ds-fast", "ds", "etax", "eta1-b0", "eta1-b4-b2", "eta1-bx", "eta1-min0",
                 "eta1-min2-min3", "eta1-cap1", "eta1-cap2-cap3", "eta1-beta5", "eta1-beta500"):
