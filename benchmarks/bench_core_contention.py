@@ -18,6 +18,7 @@ means the cores are independent; asynchrony can then hide the shorter of the two
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import json
@@ -100,7 +101,7 @@ def main() -> None:
     def extra(p) -> None:
         p.add_argument("--reps", type=int, default=3, help="repetitions of the three phases")
         p.add_argument("--mixed-precision", action="store_true", help="train in bf16 over fp32 master weights")
-        p.add_argument("--profile", type=int, default=0, metavar="N",
+        p.add_argument("--profile", type=_count, default=0, metavar="N",
                        help="first profile one train step alone (torch.profiler) and print its N costliest ops")
 
     args, model, tok, trajs = batch_from_args(__doc__ or "", extra)
@@ -117,12 +118,12 @@ def main() -> None:
     train = FSDPEngine(FSDPEngineConfig(lr=1e-6, device="cpu", mixed_precision=args.mixed_precision),
                        model=copy.deepcopy(model), tokenizer=tok)
     train.initialize()
+    prompts = [t.input_ids[: args.prompt] for t in trajs]
 
     ctx = mp.get_context("spawn")
     state = ctx.Array("i", [IDLE, -1])  # (what the child does, the phase id its rounds count for)
     go = ctx.Event()
     rounds = ctx.Queue()
-    prompts = [t.input_ids[: args.prompt] for t in trajs]
     child = ctx.Process(target=_generator, args=(args.model, prompts, args.answer, gen_core, state, go, rounds),
                         daemon=True)
     child.start()
@@ -163,6 +164,13 @@ def main() -> None:
         "gen_slowdown": round(med["gen_round_both"] / med["gen_round_alone"], 3)}))
 
 
+def _count(text: str) -> int:
+    """``--profile N``: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 (ops to list; 0 = no profile), got {text!r}")
+    return int(text)
+
+
 def _generation_rounds(rounds, names: dict[int, str]) -> dict[str, list[float]]:
     """The generator's round times, by where they ran: ``alone`` or ``both`` (beside training)."""
     gens: dict[str, list[float]] = {"alone": [], "both": []}
@@ -174,10 +182,7 @@ def _generation_rounds(rounds, names: dict[int, str]) -> dict[str, list[float]]:
 
 
 def _profile_step(train, algo, items, top: int) -> None:
-    """One JSON line: the step's wall time and its ``top`` ops by own CPU time (the generator idles);
-    nothing when ``top`` is 0."""
-    if top <= 0:
-        return
+    """One JSON line: the step's wall time and its ``top`` ops by own CPU time (the generator idles)."""
     from torch.profiler import ProfilerActivity, profile
 
     t = time.perf_counter()

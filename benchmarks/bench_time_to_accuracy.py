@@ -71,8 +71,8 @@ def setting_overrides(name: str) -> list[str]:
     betas = [f for f in flags if f[:4] == "beta" and f[4:].isdigit() and len(f) == 6]
     if (not base.startswith("eta") or not base[3:].isdigit() or len(sizes) > 1 or len(mins) > 1 or len(caps) > 1
             or len(betas) > 1 or not set(flags) - set(sizes) - set(mins) - set(caps) - set(betas) <= {"ramp", "ds"}):
-        raise SystemExit("--settings: expected names like eta0, eta2, eta2-ramp, eta1-ds, eta1-ds-b4, eta1-ds-min4 or "
-                         f"eta1-ds-cap2, got {name!r}")
+        raise SystemExit("--settings: expected names like eta0, eta2, eta2-ramp, eta1-ds, eta1-ds-b4, eta1-ds-min4, "
+                         f"eta1-ds-cap2 or eta1-ds-beta50, got {name!r}")
     out = [f"rollout.max_staleness={int(base[3:])}", f"rollout.staleness_ramp={'true' if 'ramp' in flags else 'false'}"]
     if "ds" in flags:
         out.append("algo.dynamic_sampling=true")
