@@ -9,31 +9,42 @@ between the two engines so machine noise hits both alike. Prints one JSON line p
 summary with the speed-up (median step time, off / on) and the largest log-prob difference between
 the two engines' first forward (exactness; fp32).
 
+With ``--common C`` every prompt starts with the same C tokens (a system prompt, worked examples:
+the addition run's prompts have 79 of their 96 tokens in common), which ``share_prefix`` also lays
+out once per micro-batch; a third engine, sharing only within each prompt's samples (``groups``),
+shows what that adds. The summary then also reports ``speedup_vs_groups``.
+
     python benchmarks/bench_shared_prefix.py                          # tiny model, seconds
     python benchmarks/bench_shared_prefix.py --model smollm2-135m     # the addition run's shape
+    python benchmarks/bench_shared_prefix.py --model smollm2-135m --common 79 --mixed-precision
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from agentflow import MicroBatchSpec, Trajectory
 from agentflow.algo import AlgoConfig, PPOConfig, PPOLoss, compute_advantages, pad_trajectories, token_count
 from agentflow.engines.fsdp import FSDPEngine, FSDPEngineConfig
+from agentflow.engines.fsdp import engine as fsdp_engine
 
 
-def make_batch(groups: int, n: int, prompt: int, answer: int, vocab: int, seed: int) -> list[Trajectory]:
+def make_batch(groups: int, n: int, prompt: int, answer: int, vocab: int, seed: int,
+               common: int = 0) -> list[Trajectory]:
+    """``groups`` prompts x ``n`` samples; every prompt starts with the same ``common`` tokens."""
     g = torch.Generator().manual_seed(seed)
+    head = torch.randint(0, vocab, (common,), generator=g).tolist()
     out = []
     for k in range(groups):
-        p = torch.randint(0, vocab, (prompt,), generator=g).tolist()
+        p = head + torch.randint(0, vocab, (prompt - common,), generator=g).tolist()
         for i in range(n):
             a = torch.randint(0, vocab, (answer,), generator=g).tolist()
             out.append(Trajectory(
@@ -75,45 +86,75 @@ def batch_from_args(doc: str, extra: Callable[[argparse.ArgumentParser], None] |
     p.add_argument("--n-samples", type=int, default=8)
     p.add_argument("--prompt", type=int, default=96, help="prompt tokens")
     p.add_argument("--answer", type=int, default=4, help="answer tokens")
+    p.add_argument("--common", type=_tokens, default=0, help="leading prompt tokens every prompt has in common")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.common > args.prompt:
+        p.error(f"--common must be at most --prompt ({args.prompt}), got {args.common}")
     torch.set_num_threads(args.threads)
     model, tok = load(args.model)
     vocab = model.get_input_embeddings().num_embeddings
-    return args, model, tok, make_batch(args.groups, args.n_samples, args.prompt, args.answer, vocab, seed=0)
+    return args, model, tok, make_batch(args.groups, args.n_samples, args.prompt, args.answer, vocab, seed=0,
+                                        common=args.common)
+
+
+def _tokens(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens >= 0, got {text}")
+    return n
+
+
+@contextlib.contextmanager
+def _within_groups_only(on: bool) -> Iterator[None]:
+    """Share each prompt among its samples but not a beginning common to several prompts."""
+    saved = fsdp_engine._COMMON_PREFIX_MIN
+    fsdp_engine._COMMON_PREFIX_MIN = 0 if on else saved
+    try:
+        yield
+    finally:
+        fsdp_engine._COMMON_PREFIX_MIN = saved
 
 
 def main() -> None:
-    args, model, tok, trajs = batch_from_args(__doc__)
+    args, model, tok, trajs = batch_from_args(__doc__, lambda q: q.add_argument(
+        "--mixed-precision", action="store_true", help="bf16 compute with fp32 master weights (train.mixed_precision)"))
     spec = MicroBatchSpec(max_tokens_per_mb=8192)
+    settings = ["off", "groups", "on"] if args.common else ["off", "on"]
     engines = {}
-    for share in (False, True):
-        eng = FSDPEngine(FSDPEngineConfig(lr=1e-6, device="cpu", share_prefix=share), model=copy.deepcopy(model),
-                         tokenizer=tok)
+    for name in settings:
+        cfg = FSDPEngineConfig(lr=1e-6, device="cpu", share_prefix=name != "off", mixed_precision=args.mixed_precision)
+        eng = FSDPEngine(cfg, model=copy.deepcopy(model), tokenizer=tok)
         eng.initialize()
-        engines[share] = eng
-    times: dict[bool, list[float]] = {False: [], True: []}
-    rows: dict[bool, float] = {}
-    first: dict[bool, torch.Tensor] = {}
+        engines[name] = eng
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    rows: dict[str, float] = {}
+    first: dict[str, torch.Tensor] = {}
     for i in range(args.steps + 1):  # step 0 warms up
-        for share, eng in engines.items():
-            dt, stats, prox = step(eng, trajs, spec)
-            first.setdefault(share, prox)
-            rows[share] = stats["n_rows"]
+        for name, eng in engines.items():
+            with _within_groups_only(name == "groups"):
+                dt, stats, prox = step(eng, trajs, spec)
+            first.setdefault(name, prox)
+            rows[name] = stats["n_rows"]
             if i:
-                times[share].append(dt)
+                times[name].append(dt)
     tokens = sum(len(t) for t in trajs)
-    for share in (False, True):
-        med = statistics.median(times[share])
-        print(json.dumps({"bench": "shared_prefix", "model": args.model, "share_prefix": share, "tokens": tokens,
-                          "rows": rows[share], "median_step_s": round(med, 3),
-                          "rows_per_s": round(rows[share] / med, 1), "tokens_per_s": round(tokens / med, 1)}))
-    diff = (first[True] - first[False]).abs().max().item()
-    print(json.dumps({"bench": "shared_prefix_speedup", "model": args.model, "groups": args.groups,
-                      "n_samples": args.n_samples, "prompt": args.prompt, "answer": args.answer,
-                      "speedup": round(statistics.median(times[False]) / statistics.median(times[True]), 3),
-                      "row_reduction": round(rows[False] / rows[True], 3), "max_logprob_diff": diff}))
+    med = {name: statistics.median(times[name]) for name in settings}
+    for name in settings:
+        print(json.dumps({"bench": "shared_prefix", "model": args.model, "share_prefix": name != "off",
+                          "setting": name, "tokens": tokens, "rows": rows[name], "median_step_s": round(med[name], 3),
+                          "rows_per_s": round(rows[name] / med[name], 1),
+                          "tokens_per_s": round(tokens / med[name], 1)}))
+    summary = {"bench": "shared_prefix_speedup", "model": args.model, "groups": args.groups,
+               "n_samples": args.n_samples, "prompt": args.prompt, "answer": args.answer, "common": args.common,
+               "mixed_precision": args.mixed_precision, "speedup": round(med["off"] / med["on"], 3),
+               "row_reduction": round(rows["off"] / rows["on"], 3),
+               "max_logprob_diff": (first["on"] - first["off"]).abs().max().item()}
+    if args.common:
+        summary.update(speedup_vs_groups=round(med["groups"] / med["on"], 3),
+                       row_reduction_vs_groups=round(rows["groups"] / rows["on"], 3))
+    print(json.dumps(summary))
     for eng in reversed(engines.values()):
         eng.destroy()
 

@@ -26,18 +26,22 @@ LR = 1e-3
 
 
 def make_trajs(
-    seed: int, lens: list[int], n_prompt: int = 3, group_size: int = 2, shared_prompt: bool = False
+    seed: int, lens: list[int], n_prompt: int = 3, group_size: int = 2, shared_prompt: bool = False,
+    system: int = 0,
 ) -> list[Trajectory]:
     """Random trajectories (byte tokens) with fake behaviour log-probs and rewards, in groups (whose
-    members start with the same ``n_prompt`` tokens if ``shared_prompt``)."""
+    members start with the same ``n_prompt`` tokens if ``shared_prompt``; every prompt starts with
+    the same ``system`` tokens, as under one system prompt)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     prompt: list[int] = []
+    head = torch.randint(0, 256, (system,), generator=g).tolist()
     for i, n in enumerate(lens):
         ids = torch.randint(0, 256, (n,), generator=g).tolist()
         if shared_prompt:
             prompt = ids[:n_prompt] if i % group_size == 0 else prompt
             ids[:n_prompt] = prompt
+        ids[:system] = head
         k = n - n_prompt
         out.append(Trajectory(
             input_ids=ids, loss_mask=[0] * n_prompt + [1] * k,

@@ -109,6 +109,33 @@ def test_shared_prompts_give_the_same_logprobs_and_step(tiny, make_engine, spec)
     assert max_param_diff(eng.full_state_dict(), ref) < 5e-5
 
 
+@pytest.mark.parametrize("spec", [MicroBatchSpec(), SPEC])
+def test_prompts_with_a_common_beginning_share_it_exactly(tiny, make_engine, spec):
+    """Prompts that begin alike (one 10-token system prompt before each group's own 4 tokens) lay
+    the common beginning out once per micro-batch, the rest of each prompt after it: the same
+    log-probs, loss and updated weights as a plain step on the unshared sequences."""
+    lens = [18, 25, 16, 15, 34, 20, 19, 17, 22]
+    trajs = make_trajs(8, lens, n_prompt=14, group_size=3, shared_prompt=True, system=10)
+    eng = make_engine()
+    prox = eng.forward(trajs, spec)
+    with torch.no_grad():
+        torch.testing.assert_close(prox, reference_logprobs(tiny[0], pad_trajectories(trajs)), atol=2e-6, rtol=0)
+    batch = ppo_batch(trajs, prox)
+    loss_fn = PPOLoss(PPOConfig(eps_clip=0.2, behav_imp_weight_cap=5.0))
+    stats = eng.train_batch(batch, spec, loss_fn, token_count)
+    within_groups = sum(lens) - 3 * 2 * 14  # each group's prompt once
+    if spec is SPEC:  # groups cut to fit 40 tokens: fewer rows than all tokens, more than one micro-batch
+        assert stats["n_mbs"] >= 2 and stats["n_rows"] < sum(lens)
+    else:  # one micro-batch: the system prompt once for the three groups
+        assert stats["n_rows"] == within_groups - 2 * 10
+    ref = copy.deepcopy(tiny[0])
+    ref_loss = reference_step(ref, batch, loss_fn, torch.optim.AdamW(ref.parameters(), lr=LR))
+    assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    assert max_param_diff(eng.full_state_dict(), ref) < 5e-5
+    off = make_engine(share_prefix=False)
+    assert off.train_batch(batch, spec, loss_fn, token_count)["n_rows"] == sum(lens)
+
+
 def test_shared_prompts_under_bf16_mixed_precision_on_cpu(tiny, make_engine):
     """FSDP2's mixed-precision input cast rebuilds dataclasses in a forward's keywords; the shared
     prompt layout must reach the attention as itself (it marks it used), in bf16 on CPU too."""

@@ -13,6 +13,7 @@ from agentflow import ConfigError, TrajectoryError
 from agentflow.engines.fsdp._attention import register_packed_attention
 from agentflow.engines.fsdp._packing import (
     balanced_partition,
+    common_prefixes,
     dummy_micro_batch,
     normalize_batch,
     pack,
@@ -163,9 +164,11 @@ def test_length_bucketed_attention_equals_one_call_per_sequence():
 
 
 @pytest.mark.parametrize("kv_heads", [6, 2])
-def test_shared_prompt_attention_equals_each_sequence_in_full(kv_heads):
+@pytest.mark.parametrize("common", [False, True])
+def test_shared_prompt_attention_equals_each_sequence_in_full(kv_heads, common):
     """Prompts held once (continuations attend to the prompt's rows under a mask, in chunks) give
-    the attention, and its gradients, of every sequence laid out in full."""
+    the attention, and its gradients, of every sequence laid out in full; so do prompts that
+    also hold a beginning common to several of them once (``common``)."""
     import torch.nn.functional as F
 
     from agentflow.engines.fsdp._attention import _per_segment
@@ -174,9 +177,15 @@ def test_shared_prompt_attention_equals_each_sequence_in_full(kv_heads):
     # (prompt length, continuation lengths): short and long continuations, a 12-sample group cut
     # into chunks, a one-token prompt, a sequence sharing nothing
     specs = [(10, [3, 5, 1, 7]), (5, [40, 2]), (1, [12]), (30, [4] * 12), (3, [1]), (2, [3, 3]), (70, [9] * 9)]
+    head = torch.randint(1, 50, (6,))  # with ``common``: every prompt of 6 or more tokens starts with it,
+    nested = torch.randint(1, 50, (20,))  # and those of 30 or more continue with 20 more tokens in common
     ids, lm = [], []
     for p, conts in specs:
         prompt = torch.randint(1, 50, (p,))
+        if common and p >= 6:
+            prompt[:6] = head
+        if common and p >= 30:
+            prompt[6:26] = nested
         for c in conts:
             ids.append(torch.cat([prompt, torch.randint(1, 50, (c,))]))
             lm.append(torch.cat([torch.zeros(p, dtype=torch.long), torch.ones(c, dtype=torch.long)]))
@@ -186,8 +195,10 @@ def test_shared_prompt_attention_equals_each_sequence_in_full(kv_heads):
                                             for x in ids]),
              "loss_mask": torch.stack([F.pad(x, (0, width - len(x))) for x in lm])}
     seqs = split_sequences(normalize_batch(batch))
-    mb = pack(seqs, share_prefixes(seqs))
-    assert mb.shared is not None and mb.n_tokens < int(mb.cu_seqlens[-1])
+    units = share_prefixes(seqs)
+    mb = pack(seqs, units, common_prefix_min=4 if common else 0)
+    within = sum(unit_rows(seqs, u) for u in units)
+    assert mb.shared is not None and mb.n_tokens == (within - 6 - 26 if common else within)
     rows = mb.n_tokens
     q = torch.randn(1, 6, rows, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, kv_heads, rows, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -206,3 +217,35 @@ def test_shared_prompt_attention_equals_each_sequence_in_full(kv_heads):
     assert plan is not None
     assert torch.equal(_per_segment(q, k, v, mb.cu_seqlens, None, 0.0, mb.shared), got)
     assert mb.shared.plan is plan
+    whole = [s["input_ids"].tolist() for s in seqs]
+    assert [t.tolist() for t in unpack(mb.data["input_ids"], mb)] == [whole[i] for i in mb.seq_index]
+
+
+def test_common_prefixes_finds_the_longest_earlier_beginning():
+    t = torch.tensor
+    prompts = [t([1, 2, 3, 4, 5]), t([1, 2, 3, 9]), t([7, 7]), t([1, 2, 3, 4, 6, 6]), t([], dtype=torch.long),
+               t([1, 2, 3, 9, 9]), t([1, 2, 3, 4, 5])]
+    assert common_prefixes(prompts, 1) == [(-1, 0), (0, 3), (-1, 0), (0, 4), (-1, 0), (1, 4), (0, 5)]
+    assert common_prefixes(prompts, 4) == [(-1, 0), (-1, 0), (-1, 0), (0, 4), (-1, 0), (1, 4), (0, 5)]
+
+
+def test_pack_lays_a_common_beginning_out_once():
+    """Two groups under one 3-token system prompt: the second group's prompt holds only its own
+    token, after the first group's system rows; positions, predecessors and gathers follow."""
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 1, 2, 0], [5, 6, 7, 1, 3, 3], [5, 6, 7, 8, 4, 0], [5, 6, 7, 8, 9, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1] * 6, [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]),
+        "loss_mask": torch.tensor([[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 0]]),
+    }
+    seqs = split_sequences(normalize_batch(batch))
+    units = share_prefixes(seqs)
+    assert units == [(0, 1), (2, 3)]
+    assert pack(seqs, units).n_tokens == 5 + 2 + 5 + 1  # within each group only
+    mb = pack(seqs, units, common_prefix_min=3)
+    assert mb.data["input_ids"].tolist() == [5, 6, 7, 1, 2, 3, 3, 8, 4, 9]
+    assert mb.position_ids.tolist() == [0, 1, 2, 3, 4, 4, 5, 3, 4, 4]
+    assert mb.prev_index.tolist() == [-1, 0, 1, 2, 3, 3, 5, 2, 7, 7]  # row 7 (token 8) follows the system rows
+    assert mb.shared.gather.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 5, 6, 0, 1, 2, 7, 8, 0, 1, 2, 7, 9]
+    assert [t.tolist() for t in unpack(mb.data["input_ids"], mb)] == [[5, 6, 7, 1, 2], [5, 6, 7, 1, 3, 3],
+                                                                       [5, 6, 7, 8, 4], [5, 6, 7, 8, 9]]
+    assert pack(seqs, units, common_prefix_min=4).n_tokens == 13  # 3 tokens in common: below the minimum

@@ -183,23 +183,26 @@ def _shared_plan(shared: Any, cu: torch.Tensor, device: torch.device) -> _Plan:
 _Rows = tuple[int, int]  # (first row, number of rows): a contiguous range of the packed row
 
 
-def _owners(shared: Any, cu: torch.Tensor) -> tuple[list[_Rows], dict[_Rows, list[_Rows]]]:
-    """The sequences that own all their rows, and per shared prompt the continuations of the others."""
+def _owners(shared: Any, cu: torch.Tensor) -> tuple[list[_Rows], list[tuple[torch.Tensor, list[_Rows]]]]:
+    """The sequences that own all their rows, and per shared prefix (its rows, which need not be
+    contiguous: a common system prompt, then one prompt's own rest) the continuations after it."""
     gather, scatter = shared.gather.cpu(), shared.scatter.cpu()
     owned = torch.full((int(gather.numel()),), -1, dtype=torch.long)
     owned[scatter] = torch.arange(int(scatter.numel()))
     full: list[_Rows] = []
-    tails: dict[_Rows, list[_Rows]] = {}
+    tails: dict[bytes, tuple[torch.Tensor, list[_Rows]]] = {}
     for s, e in itertools.pairwise(cu.cpu().tolist()):
         own, rows = owned[s:e], gather[s:e]
         n_shared = int((own < 0).sum())
         if n_shared == 0:
             full.append((int(rows[0]), e - s))
         elif bool((own[:n_shared] < 0).all()):
-            tails.setdefault((int(rows[0]), n_shared), []).append((int(rows[n_shared]), e - s - n_shared))
+            prefix = rows[:n_shared]
+            members = tails.setdefault(prefix.numpy().tobytes(), (prefix, []))[1]
+            members.append((int(rows[n_shared]), e - s - n_shared))
         else:
             raise ValueError("a shared layout whose shared rows do not lead a sequence")
-    return full, tails
+    return full, list(tails.values())
 
 
 def _causal_calls(full: list[_Rows]) -> list[_Call]:
@@ -216,13 +219,13 @@ def _causal_calls(full: list[_Rows]) -> list[_Call]:
     return calls
 
 
-_Chunk = tuple[_Rows, list[_Rows]]  # (prompt rows, continuations attended in one job)
+_Chunk = tuple[torch.Tensor, list[_Rows]]  # (prompt rows, continuations attended in one job)
 
 
-def _tail_chunks(tails: dict[_Rows, list[_Rows]]) -> list[_Chunk]:
+def _tail_chunks(tails: list[tuple[torch.Tensor, list[_Rows]]]) -> list[_Chunk]:
     chunks: list[_Chunk] = []
-    for prompt, members in tails.items():
-        budget, cur, load = max(prompt[1], 64), [], 0
+    for prompt, members in tails:
+        budget, cur, load = max(int(prompt.numel()), 64), [], 0
         for m in members:
             if cur and load + m[1] > budget:
                 chunks.append((prompt, cur))
@@ -238,20 +241,21 @@ def _tail_calls(chunks: list[_Chunk]) -> list[_Call]:
     seeing the prompt and its own continuation up to itself."""
     by_size: dict[int, list[_Chunk]] = {}
     for c in chunks:
-        by_size.setdefault(_bucket(c[0][1] + sum(n for _, n in c[1])), []).append(c)
+        by_size.setdefault(_bucket(int(c[0].numel()) + sum(n for _, n in c[1])), []).append(c)
     calls = []
     for group in by_size.values():
         lq = max(sum(n for _, n in c[1]) for c in group)
-        lk = max(c[0][1] + sum(n for _, n in c[1]) for c in group)
+        lk = max(int(c[0].numel()) + sum(n for _, n in c[1]) for c in group)
         q_rows = torch.zeros(len(group), lq, dtype=torch.long)
         out_rows = torch.full((len(group), lq), -1, dtype=torch.long)
         kv_rows = torch.zeros(len(group), lk, dtype=torch.long)
         allowed = torch.zeros(len(group), lq, lk, dtype=torch.bool)
         allowed[:, :, 0] = True  # padded queries see one real key (no empty softmax row)
-        for g, ((p_row, p_len), members) in enumerate(group):
-            kv_rows[g] = p_row  # padding keys: any real row, masked out
-            kv_rows[g, :p_len] = torch.arange(p_row, p_row + p_len)
-            q_rows[g] = p_row
+        for g, (prompt, members) in enumerate(group):
+            p_len = int(prompt.numel())
+            kv_rows[g] = prompt[0]  # padding keys: any real row, masked out
+            kv_rows[g, :p_len] = prompt
+            q_rows[g] = prompt[0]
             qi = 0
             for start, n in members:
                 rows = torch.arange(start, start + n)

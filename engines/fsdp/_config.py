@@ -43,7 +43,9 @@ class FSDPEngineConfig:
             do not dispatch through transformers' ``AttentionInterface``).
         share_prefix: pack the samples of one prompt (sequences with the same tokens before their
             first loss token) so the prompt is computed once per micro-batch (``packed`` attention
-            only; exact; ~n_samples times fewer prompt tokens through the linear layers).
+            only; exact; ~n_samples times fewer prompt tokens through the linear layers), and the
+            beginning that prompts have in common (8 tokens or more: a system prompt, tool
+            descriptions, worked examples) once per micro-batch too.
         logprob_chunk_size: positions per chunk of the chunked log-prob computation.
         temperature: sampling temperature of the behaviour policy; logits are divided by it.
         device: ``auto`` (GPU of ``LOCAL_RANK`` if CUDA is available), ``cpu`` or ``cuda``.

@@ -12,6 +12,9 @@ one packed row each (no padding), with per-sequence position ids and ``cu_seq_le
   sequence in full through a gather (:class:`SharedLayout`), while the linear layers, which are
   most of the compute, see every prompt token once. Exact: the prompt's hidden states are the same
   for every sample and their gradients add up.
+- Across prompts, :func:`pack` (``common_prefix_min``) also lays out once the beginning that
+  prompts of one micro-batch have in common (a system prompt, tool descriptions, worked
+  examples: :func:`common_prefixes`); a prompt then holds only its own rest after those rows.
 - :func:`pack` builds one :class:`MicroBatch`; :func:`unpack` cuts a packed per-token tensor back.
 - :class:`PackedBatch` keeps one packing of a batch for several passes over it (the proximal
   forward and the update of a PPO step) and adds per-token fields to it without re-packing.
@@ -22,6 +25,7 @@ It does not touch devices or models; the engine moves micro-batches to its devic
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,9 +35,9 @@ import torch
 
 from agentflow import ConfigError, Trajectory, TrajectoryError
 
-__all__ = ["MicroBatch", "PackedBatch", "SharedLayout", "Unit", "balanced_partition", "dummy_micro_batch",
-           "normalize_batch", "pack", "packing_efficiency", "plan_micro_batches", "prompt_length", "share_prefixes",
-           "split_sequences", "unit_rows", "unpack"]
+__all__ = ["MicroBatch", "PackedBatch", "SharedLayout", "Unit", "balanced_partition", "common_prefixes",
+           "dummy_micro_batch", "normalize_batch", "pack", "packing_efficiency", "plan_micro_batches",
+           "prompt_length", "share_prefixes", "split_sequences", "unit_rows", "unpack"]
 
 
 def normalize_batch(input_: Sequence[Trajectory] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -276,17 +280,26 @@ def unit_rows(seqs: Sequence[Mapping[str, torch.Tensor]], unit: Unit) -> int:
     return lens[0] + sum(n - p for n in lens[1:])
 
 
-def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit]) -> MicroBatch:
+def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit], *,
+         common_prefix_min: int = 0) -> MicroBatch:
     """Concatenate ``seqs[i] for i in index`` into one :class:`MicroBatch`.
 
     An entry of ``index`` may be a :data:`Unit` (from :func:`share_prefixes`): its first sequence
     is laid out in full and the others contribute only the tokens after the shared prompt (the
     prompt's per-token fields are the first sequence's; they are the same tokens, outside the loss).
+
+    With ``common_prefix_min > 0`` the units share across one another too: a unit whose prompt
+    begins with at least that many of an earlier unit's prompt tokens (a system prompt, tool
+    descriptions, worked examples) lays out only the rest, after the earlier unit's rows of those
+    tokens (:func:`common_prefixes` picks the earlier unit).
     """
     units = [(u,) if isinstance(u, int) else tuple(u) for u in index]
     order = [i for u in units for i in u]
     chosen = {i: seqs[i] for i in order}
     fields = seqs[order[0]]
+    prompts = [prompt_length(chosen[u[0]]) for u in units]
+    borrow = (common_prefixes([chosen[u[0]]["input_ids"][:p] for u, p in zip(units, prompts, strict=True)],
+                              common_prefix_min) if common_prefix_min > 0 else [(-1, 0)] * len(units))
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k, v in fields.items() if v.dim() == 1}
     positions: list[torch.Tensor] = []
     prev: list[torch.Tensor] = []
@@ -294,25 +307,29 @@ def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit]
     scatter: list[torch.Tensor] = []
     owner: list[torch.Tensor] = []
     lens: list[int] = []
+    firsts: list[torch.Tensor] = []  # each unit's first sequence, as rows of the packed row
     row = 0
     virtual = 0
-    for unit in units:
-        p = prompt_length(chosen[unit[0]]) if len(unit) > 1 else 0
-        first_row = row
+    for unit, prompt, (src, common) in zip(units, prompts, borrow, strict=True):
+        p = prompt if len(unit) > 1 else 0
         for j, i in enumerate(unit):
             s = chosen[i]
             n = int(s["input_ids"].numel())
-            start = 0 if j == 0 else p
+            start = common if j == 0 else p
+            borrowed = (firsts[src][:common] if j == 0 and common else firsts[-1][:p] if j else
+                        torch.zeros(0, dtype=torch.long))
             for k in pieces:
                 pieces[k].append(s[k][start:])
             rows = torch.arange(row, row + n - start)
             positions.append(torch.arange(start, n))
             owner.append(torch.full((n - start,), i, dtype=torch.long))
-            before = torch.cat([torch.arange(first_row, first_row + p), rows]) if start else rows
+            before = torch.cat([borrowed, rows])
             prev.append(torch.cat([torch.tensor([-1]), before[:-1]])[start:])
             gather.append(before)
             scatter.append(torch.arange(virtual + start, virtual + n))
             lens.append(n)
+            if j == 0:
+                firsts.append(before)
             row += n - start
             virtual += n
     data = {k: torch.cat(v) for k, v in pieces.items()}
@@ -324,6 +341,34 @@ def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit]
         shared = SharedLayout(torch.cat(gather), torch.cat(scatter))
     return MicroBatch(data, torch.cat(positions), torch.cat(prev), cu, max(lens), tuple(order), shared,
                       torch.cat(owner))
+
+
+def common_prefixes(prompts: Sequence[torch.Tensor], min_len: int) -> list[tuple[int, int]]:
+    """For each prompt, ``(j, n)``: the earlier prompt ``j`` with which it shares the longest
+    beginning, and that length ``n`` (``(-1, 0)`` when no earlier prompt shares ``min_len`` tokens).
+
+    The longest common beginning with any earlier prompt is found among the prompt's neighbours in
+    the sorted order of the prompts so far, so this is ``O(k log k)`` comparisons for ``k`` prompts.
+    """
+    seen: list[tuple[tuple[int, ...], int]] = []
+    out: list[tuple[int, int]] = []
+    for i, tokens in enumerate(prompts):
+        key = tuple(tokens.tolist())
+        best = (-1, 0)
+        if key:
+            at = bisect.bisect_left(seen, (key, -1))
+            for other, j in seen[max(0, at - 1): at + 1]:
+                n = _common_length(other, key)
+                if n > best[1]:
+                    best = (j, n)
+            bisect.insort(seen, (key, i))
+        out.append(best if best[1] >= min_len else (-1, 0))
+    return out
+
+
+def _common_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def dummy_micro_batch(like: MicroBatch | Mapping[str, torch.Tensor]) -> MicroBatch:

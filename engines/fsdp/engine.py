@@ -4,10 +4,10 @@ weight hand-off (memory, disk, broadcast) to inference engines.
 One process per device (``torchrun``), or one process alone (world size 1, created here). The
 model is an HF causal LM; every decoder layer and the root are wrapped with ``fully_shard``. Each
 ``train_batch`` packs its sequences into micro-batches (one row each, per-sequence position ids and
-``cu_seq_lens``, the samples of one prompt sharing its rows when ``share_prefix`` is on; see
-:mod:`agentflow.engines.fsdp._packing`), runs forward/backward per micro-batch with
-loss weights normalised over the whole batch on every rank, clips the gradient norm and steps AdamW
-(skipping, and reporting, a step whose norm is not finite).
+``cu_seq_lens``; with ``share_prefix`` the samples of one prompt share its rows and prompts share
+the beginning they have in common, see :mod:`agentflow.engines.fsdp._packing`), runs
+forward/backward per micro-batch with loss weights normalised over the whole batch on every rank,
+clips the gradient norm and steps AdamW (skipping, and reporting, a step whose norm is not finite).
 
 The loss-function contract is documented in :mod:`agentflow.algo._loss`: ``loss_fn(logprobs, mb)``
 returns the mean loss over the micro-batch's loss tokens (optionally with a stats dict);
@@ -100,6 +100,7 @@ LossFn = Callable[..., Any]
 WeightFn = Callable[[Mapping[str, Any]], float]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TRAIN_STATE = "agentflow_train_state.pt"
+_COMMON_PREFIX_MIN = 8  # prompts that begin with this many equal tokens share their rows across groups
 
 
 class FSDPEngine(TrainEngine):
@@ -268,12 +269,11 @@ class FSDPEngine(TrainEngine):
             return input_.micro_batches, input_.batch
         batch = normalize_batch(input_)
         seqs = split_sequences(batch)
-        if self._packed and self.config.share_prefix:
-            units = share_prefixes(seqs, mb_spec.max_tokens_per_mb)
-        else:
-            units = [(i,) for i in range(len(seqs))]
+        share = self._packed and self.config.share_prefix
+        units = share_prefixes(seqs, mb_spec.max_tokens_per_mb) if share else [(i,) for i in range(len(seqs))]
         plan = plan_micro_batches([unit_rows(seqs, u) for u in units], mb_spec.max_tokens_per_mb, mb_spec.n_mbs)
-        mbs = [pack(seqs, [units[u] for u in idx]) for idx in plan]
+        common = _COMMON_PREFIX_MIN if share else 0
+        mbs = [pack(seqs, [units[u] for u in idx], common_prefix_min=common) for idx in plan]
         # every rank must run the same number of forward/backward passes (FSDP collectives)
         n = _dist.all_reduce_max_int(len(mbs))
         mbs += [dummy_micro_batch(mbs[0]) for _ in range(n - len(mbs))]
