@@ -26,6 +26,11 @@ for (padding and tokens past a request's own limit do not count):
 - ``dtype``: the ``equal`` workload in LocalEngine running in float32 and in bfloat16 (two engines,
   each with its own copy of the model, alternating; what ``agentflow serve --dtype`` picks);
   tokens/s and the ratio bfloat16 / float32. ``--dtype`` does not apply.
+- ``common``: the addition run's generation step (8 addition prompts from the task code: a system
+  message and two worked examples before each question, 79 of 96 tokens in common; 8 samples each,
+  temperature 1, 4 tokens) in LocalEngine with the common beginning prefilled once (the default)
+  and with each distinct prompt prefilled in full (``_COMMON_PREFILL_MIN`` raised past the prompt
+  length), alternating; seconds per step and the ratio.
 - ``rss``: a fresh subprocess loads the model, serves ``batch`` concurrent requests with
   LocalEngine, and reports its peak RSS (``ru_maxrss``) before and after serving.
 
@@ -190,6 +195,41 @@ def bench_dtype(args: argparse.Namespace) -> None:
     finally:
         for h in hosts.values():
             h.close()
+
+
+def bench_common(model: Any, tok: Any, args: argparse.Namespace) -> None:
+    """The addition run's step with and without its prompts' common beginning prefilled once."""
+    from types import SimpleNamespace
+
+    from agentflow.engines.local import _worker
+    from agentflow.envs.tasks import Task, build_task
+
+    spec = SimpleNamespace(task="addition", path=None, size=64, eval_size=64, seed=0, system=None, shots=2,
+                           train_reward="exact", options={})
+    rows = build_task(spec).train[:8]
+    ps = [list(tok(tok.apply_chat_template(Task.from_data(r).messages(), add_generation_prompt=True,
+                                           tokenize=False))["input_ids"]) for r in rows]
+    common = next(i for i in range(min(map(len, ps))) if len({p[i] for p in ps}) > 1)
+    reqs = [(p, 4) for p in ps for _ in range(8)]
+    host = EngineHost(model, tok, len(reqs), args.dtype)
+    default = _worker._COMMON_PREFILL_MIN
+
+    def run(minimum: int) -> None:
+        _worker._COMMON_PREFILL_MIN = minimum
+        try:
+            host.loop.run_until_complete(_serve(host.engine, reqs, temperature=1.0))
+        finally:
+            _worker._COMMON_PREFILL_MIN = default
+
+    try:
+        med = median_times({"common_once": lambda: run(default), "each_prompt": lambda: run(1 << 30)}, args.reps)
+        saved = host.engine.stats()["prefill_common_tokens"]
+    finally:
+        host.close()
+    emit(bench="common_prefill", prompts=len(ps), samples=8, prompt_tokens=len(ps[0]), common_tokens=common,
+         new_tokens=4, seconds={k: round(v, 3) for k, v in med.items()},
+         speedup=round(med["each_prompt"] / med["common_once"], 3), prefill_common_tokens=saved, reps=args.reps,
+         dtype=args.dtype, threads=args.threads)
 
 
 def _local(host: EngineHost, reqs: list[tuple[list[int], int]]) -> None:
@@ -397,7 +437,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads; use 1 on a shared machine (2 OpenMP threads on busy cores collapse)")
-    ap.add_argument("--only", choices=["equal", "mixed", "sampling", "rss", "remote", "lora", "vllm", "dtype"],
+    ap.add_argument("--only", choices=["equal", "mixed", "sampling", "rss", "remote", "lora", "vllm", "dtype",
+                                       "common"],
                     action="append")
     ap.add_argument("--vllm-python", default=None, help="interpreter of a vLLM 0.32 install (workload vllm)")
     ap.add_argument("--lora-rank", type=int, default=16)
@@ -411,7 +452,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    only = set(args.only or ["equal", "mixed", "sampling", "rss", "remote", "lora"])
+    only = set(args.only or ["equal", "mixed", "sampling", "rss", "remote", "lora", "common"])
     if only & {"equal", "mixed", "sampling", "vllm"}:
         model, tok = load(args.dtype)
         host = EngineHost(model, tok, args.batch, args.dtype)
@@ -428,6 +469,8 @@ def main() -> None:
             host.close()
     if "lora" in only:
         bench_lora(*load(args.dtype), args)
+    if "common" in only:
+        bench_common(*load(args.dtype), args)
     if "dtype" in only:
         bench_dtype(args)
     if "rss" in only:

@@ -144,6 +144,34 @@ async def test_samples_of_one_prompt_share_one_prefill(tiny):
         assert (torch.tensor(o.output_logprobs) - ref).abs().max().item() < LOGPROB_TOL
 
 
+async def test_contexts_that_begin_alike_prefill_their_common_beginning_once(tiny):
+    """Distinct prompts under one long system text: the common beginning is prefilled once and
+    copied; greedy tokens are model.generate's and log-probs a full forward's, for every prompt,
+    including one that is the common beginning plus a single token."""
+    model, tok = tiny
+    head = "system: you are a careful assistant who answers in one word. "
+    texts = [head + q for q in ("what is red?", "name a fruit", "x", "count to three please")]
+    prompts = [ids(tok, t) for t in texts]
+    common = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)
+    assert common >= 16 and common == min(len(p) for p in prompts) - 1
+    sampled = GenerationConfig(max_new_tokens=12, temperature=1.3)
+    async with LocalEngine(model, tok) as engine:
+        await engine.pause()  # queue them all, so one prefill admits them together
+        tasks = [asyncio.create_task(engine.agenerate(ModelRequest(p, g))) for g in (GREEDY, sampled)
+                 for p in prompts]
+        await asyncio.sleep(0)
+        await engine.resume()
+        outs = await asyncio.gather(*tasks)
+        stats = engine.stats()
+    assert stats["prefill_calls"] == 1 and stats["prefill_shared"] == len(prompts)
+    assert stats["prefill_common_tokens"] == common * (len(prompts) - 1)
+    for p, o in zip(prompts, outs[: len(prompts)], strict=True):
+        assert o.output_tokens == reference_greedy(model, p, GREEDY.max_new_tokens, tok.eos_token_id)
+    for o, temp in zip(outs, [1.0] * len(prompts) + [1.3] * len(prompts), strict=True):
+        ref = recompute_logprobs(model, o.input_tokens, o.output_tokens, temp)
+        assert (torch.tensor(o.output_logprobs) - ref).abs().max().item() < LOGPROB_TOL
+
+
 async def test_sampling_is_seeded(tiny):
     model, tok = tiny
     g = GenerationConfig(max_new_tokens=16, temperature=1.0)

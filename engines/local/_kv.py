@@ -13,7 +13,10 @@ sees only the prompt's own keys) and *decode* (one token per row written at that
 position; attention sees ``[:kv_len]`` of every row, with a mask hiding each row's tail).
 Running rows stay packed at ``0 .. n-1``: when a row finishes, the last row moves into its slot.
 
-Not here: scheduling and sampling (``_worker.py``), paging or prefix sharing.
+A prefill may start after positions already in its rows (``set_prefill(..., offset)``: a
+beginning common to several prompts, prefilled once and copied into each row with ``move_row``).
+
+Not here: scheduling and sampling (``_worker.py``), paging or a prefix cache across requests.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class _Mode:
     prefill: bool
     start: int  # first row written
     count: int  # rows written
+    offset: int = 0  # prefill: position of the first token written (keys before it are already cached)
     positions: torch.Tensor | None = None  # decode: [count] write position per row
     kv_len: int = 0  # decode: keys returned per row
 
@@ -78,8 +82,11 @@ class SlotKVCache:
         return sum(b.numel() * b.element_size() for b in (*self._keys, *self._values) if b is not None)
 
     # ------------------------------------------------------------------ modes
-    def set_prefill(self, start: int, count: int) -> None:
-        self._mode = _Mode(prefill=True, start=start, count=count)
+    def set_prefill(self, start: int, count: int, offset: int = 0) -> None:
+        """Prefill rows ``start .. start + count - 1`` with tokens from position ``offset`` on; with
+        ``offset > 0`` the rows already hold positions ``0 .. offset - 1`` (a common beginning
+        copied in) and attention sees them too."""
+        self._mode = _Mode(prefill=True, start=start, count=count, offset=offset)
 
     def set_decode(self, positions: torch.Tensor, kv_len: int) -> None:
         n = positions.shape[0]
@@ -101,9 +108,11 @@ class SlotKVCache:
             raise EngineError("SlotKVCache.update called outside a prefill/decode step")
         k_buf, v_buf = self._buffers(layer_idx, key_states)
         if mode.prefill:
-            length = key_states.shape[2]
-            k_buf[mode.start : mode.start + mode.count, :, :length] = key_states
-            v_buf[mode.start : mode.start + mode.count, :, :length] = value_states
+            rows, end = slice(mode.start, mode.start + mode.count), mode.offset + key_states.shape[2]
+            k_buf[rows, :, mode.offset : end] = key_states
+            v_buf[rows, :, mode.offset : end] = value_states
+            if mode.offset:
+                return k_buf[rows, :, :end], v_buf[rows, :, :end]
             return key_states, value_states
         rows = self._rows(mode.count)
         k_buf[rows, :, mode.positions] = key_states[:, :, 0]
@@ -131,13 +140,15 @@ class SlotKVCache:
         return self._rows_cache[:n]
 
 
-def causal_prefill_mask(length: int, device: torch.device, *, additive_dtype: torch.dtype | None) -> torch.Tensor:
-    """``[1, 1, L, L]`` causal mask: bool (sdpa) or additive 0/-inf-like (eager, ``additive_dtype``).
+def causal_prefill_mask(length: int, device: torch.device, *, additive_dtype: torch.dtype | None,
+                        past: int = 0) -> torch.Tensor:
+    """``[1, 1, L, past + L]`` causal mask over ``past`` cached keys (all visible) and ``L`` new
+    ones: bool (sdpa) or additive 0/-inf-like (eager, ``additive_dtype``).
 
     Prompts are right-padded, so a real token never sees a pad (pads come after it) and the pad
     rows' outputs are ignored: a plain causal mask is exact.
     """
-    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    mask = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(past)[None, None]
     return _as_additive(mask, additive_dtype)
 
 

@@ -62,6 +62,7 @@ __all__ = ["DecodeWorker", "Seq", "WorkerLimits"]
 log = logging.getLogger("agentflow.engines.local")
 _STOP_WINDOW_TOKENS = 8  # extra tokens decoded beyond the longest stop string when matching
 _MAX_STREAM_KEYS = 1 << 16  # distinct contexts counted per version before the counts start over
+_COMMON_PREFILL_MIN = 16  # a shorter beginning common to a prefill's contexts is not worth a forward of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,7 @@ class DecodeWorker:
         self.n_joined_running = 0  # sequences admitted while others were decoding
         self.n_prefill_calls = 0
         self.n_prefill_shared = 0  # sequences whose prefill was a copy of an identical context's
+        self.n_prefill_common = 0  # prompt tokens not recomputed: a beginning common to a prefill's contexts
         self.n_tokens = 0
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._main, name="agentflow-local-engine", daemon=True)
@@ -296,7 +298,9 @@ class DecodeWorker:
 
         Sequences with the same context and adapter (the samples of one prompt, submitted together)
         are prefilled once; the others get a copy of its KV rows and its last logits, so they cost
-        neither prefill compute nor prefill budget.
+        neither prefill compute nor prefill budget. A beginning that all the distinct contexts share
+        (a system prompt, worked examples; at least ``_COMMON_PREFILL_MIN`` tokens, one adapter) is
+        prefilled once too and its KV rows copied; each context then prefills only its own rest.
         """
         batch: list[Seq] = []
         contexts: set[tuple[Any, ...]] = set()
@@ -329,16 +333,27 @@ class DecodeWorker:
                 copies.append((seq, k))
         ordered = uniques + [seq for seq, _ in copies]
         self.running.extend(ordered)  # before the forward, so a failure there still fails them
-        ids = torch.zeros(len(uniques), longest, dtype=torch.long)
-        for i, seq in enumerate(uniques):
-            ctx = seq.context
-            ids[i, : len(ctx)] = torch.tensor(ctx)
-        last = torch.tensor([[len(s.context) - 1] for s in uniques], device=self.device)
-        ids = ids.to(self.device)
         self.cache.reserve(longest)
-        self.cache.set_prefill(start, len(uniques))
-        mask = causal_prefill_mask(longest, self.device, additive_dtype=self._additive)
-        positions = torch.arange(longest, device=self.device)[None].expand(len(uniques), -1)
+        common = _common_beginning(uniques)
+        if common:  # computed once, in the first context's row, and copied to the others'
+            self.cache.set_prefill(start, 1)
+            self._forward(uniques[:1], input_ids=torch.tensor([uniques[0].context[:common]], device=self.device),
+                          position_ids=torch.arange(common, device=self.device)[None], cache=self.cache,
+                          attention_mask=causal_prefill_mask(common, self.device, additive_dtype=self._additive),
+                          use_cache=True, logits_to_keep=1)
+            for i in range(1, len(uniques)):
+                self.cache.move_row(start, start + i, common)
+            self.n_prefill_common += common * (len(uniques) - 1)
+        width = longest - common
+        ids = torch.zeros(len(uniques), width, dtype=torch.long)
+        for i, seq in enumerate(uniques):
+            rest = seq.context[common:]
+            ids[i, : len(rest)] = torch.tensor(rest)
+        last = torch.tensor([[len(s.context) - 1 - common] for s in uniques], device=self.device)
+        ids = ids.to(self.device)
+        self.cache.set_prefill(start, len(uniques), offset=common)
+        mask = causal_prefill_mask(width, self.device, additive_dtype=self._additive, past=common)
+        positions = torch.arange(common, longest, device=self.device)[None].expand(len(uniques), -1)
         out = self._forward(uniques, input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
                             use_cache=True, logits_to_keep=last)
         logits = out.logits[:, -1]
@@ -482,6 +497,22 @@ class DecodeWorker:
             _post(self.loop, cmd.done, None, EngineError(f"LocalEngine command dropped: {why}"))
         for ack in acks:
             _post(self.loop, ack)
+
+
+def _common_beginning(uniques: list[Seq]) -> int:
+    """Leading tokens every context of a prefill has in common (a system prompt, worked examples),
+    prefilled once when there are at least ``_COMMON_PREFILL_MIN`` of them; every context keeps one
+    token of its own (its last logits). 0 when the contexts differ in adapter or there is only one."""
+    if len(uniques) < 2 or len({s.adapter for s in uniques}) > 1:
+        return 0
+    first = uniques[0].context
+    n = min(len(s.context) for s in uniques) - 1
+    for seq in uniques[1:]:
+        ctx = seq.context
+        n = next((i for i in range(n) if ctx[i] != first[i]), n)
+        if n < _COMMON_PREFILL_MIN:
+            return 0
+    return n
 
 
 def _prefill_key(seq: Seq) -> tuple[Any, ...]:

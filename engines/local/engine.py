@@ -419,8 +419,9 @@ class LocalEngine(InferenceEngine):
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, Any]:
-        """Counters of the worker: decode steps per batch size, joins while running, prefill calls and
-        sequences whose prefill was shared with an identical context, tokens."""
+        """Counters of the worker: decode steps per batch size, joins while running, prefill calls,
+        sequences whose prefill was shared with an identical context, prompt tokens not recomputed
+        because the contexts of a prefill began alike (``prefill_common_tokens``), tokens."""
         w = self._worker
         if w is None:
             return {}
@@ -430,6 +431,7 @@ class LocalEngine(InferenceEngine):
             "joined_running_batch": w.n_joined_running,
             "prefill_calls": w.n_prefill_calls,
             "prefill_shared": w.n_prefill_shared,
+            "prefill_common_tokens": w.n_prefill_common,
             "tokens": w.n_tokens,
             "kv_cache_bytes": w.cache.nbytes(),
             "lora_adapters": sorted(self.adapters),
