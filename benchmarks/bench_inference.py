@@ -467,16 +467,12 @@ def main() -> None:
                 bench_vllm(model, tok, host, args)
         finally:
             host.close()
-    if "lora" in only:
-        bench_lora(*load(args.dtype), args)
-    if "common" in only:
-        bench_common(*load(args.dtype), args)
-    if "dtype" in only:
-        bench_dtype(args)
-    if "rss" in only:
-        bench_rss(args)
-    if "remote" in only:
-        bench_remote(args)
+    for name, fn in (("lora", bench_lora), ("common", bench_common)):  # each with a model of its own
+        if name in only:
+            fn(*load(args.dtype), args)
+    for name, bench in (("dtype", bench_dtype), ("rss", bench_rss), ("remote", bench_remote)):
+        if name in only:
+            bench(args)
 
 
 if __name__ == "__main__":
