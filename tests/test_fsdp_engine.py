@@ -93,20 +93,26 @@ def test_shared_prompts_give_the_same_logprobs_and_step(tiny, make_engine, spec)
     log-probs, loss and updated weights as a plain step on the unshared sequences. A 30-token
     budget cuts a group of three into several units."""
     trajs = make_trajs(5, [14, 21, 12, 11, 30, 16], n_prompt=10, group_size=3, shared_prompt=True)
-    eng = make_engine()
+    stats = _step_matches_unshared_reference(tiny, make_engine(), trajs, spec)
+    assert stats["n_tokens"] == sum(len(t) for t in trajs)
+    rows = 14 + 21 + 12 - 20 + 11 + 30 + 16 - 20
+    assert stats["n_rows"] == rows if spec is SPEC else rows < stats["n_rows"] < stats["n_tokens"]
+
+
+def _step_matches_unshared_reference(tiny, eng, trajs, spec) -> dict[str, float]:
+    """``eng``'s proximal forward and PPO step on ``trajs`` give the log-probs, loss and updated
+    weights of a plain padded step on the model alone; returns the step's statistics."""
     prox = eng.forward(trajs, spec)
     with torch.no_grad():
         torch.testing.assert_close(prox, reference_logprobs(tiny[0], pad_trajectories(trajs)), atol=2e-6, rtol=0)
     batch = ppo_batch(trajs, prox)
     loss_fn = PPOLoss(PPOConfig(eps_clip=0.2, behav_imp_weight_cap=5.0))
     stats = eng.train_batch(batch, spec, loss_fn, token_count)
-    assert stats["n_tokens"] == sum(len(t) for t in trajs)
-    rows = 14 + 21 + 12 - 20 + 11 + 30 + 16 - 20
-    assert stats["n_rows"] == rows if spec is SPEC else rows < stats["n_rows"] < stats["n_tokens"]
     ref = copy.deepcopy(tiny[0])
     ref_loss = reference_step(ref, batch, loss_fn, torch.optim.AdamW(ref.parameters(), lr=LR))
     assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
     assert max_param_diff(eng.full_state_dict(), ref) < 5e-5
+    return stats
 
 
 @pytest.mark.parametrize("spec", [MicroBatchSpec(), SPEC])
@@ -116,24 +122,13 @@ def test_prompts_with_a_common_beginning_share_it_exactly(tiny, make_engine, spe
     log-probs, loss and updated weights as a plain step on the unshared sequences."""
     lens = [18, 25, 16, 15, 34, 20, 19, 17, 22]
     trajs = make_trajs(8, lens, n_prompt=14, group_size=3, shared_prompt=True, system=10)
-    eng = make_engine()
-    prox = eng.forward(trajs, spec)
-    with torch.no_grad():
-        torch.testing.assert_close(prox, reference_logprobs(tiny[0], pad_trajectories(trajs)), atol=2e-6, rtol=0)
-    batch = ppo_batch(trajs, prox)
-    loss_fn = PPOLoss(PPOConfig(eps_clip=0.2, behav_imp_weight_cap=5.0))
-    stats = eng.train_batch(batch, spec, loss_fn, token_count)
+    stats = _step_matches_unshared_reference(tiny, make_engine(), trajs, spec)
     within_groups = sum(lens) - 3 * 2 * 14  # each group's prompt once
     if spec is SPEC:  # groups cut to fit 40 tokens: fewer rows than all tokens, more than one micro-batch
         assert stats["n_mbs"] >= 2 and stats["n_rows"] < sum(lens)
     else:  # one micro-batch: the system prompt once for the three groups
         assert stats["n_rows"] == within_groups - 2 * 10
-    ref = copy.deepcopy(tiny[0])
-    ref_loss = reference_step(ref, batch, loss_fn, torch.optim.AdamW(ref.parameters(), lr=LR))
-    assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
-    assert max_param_diff(eng.full_state_dict(), ref) < 5e-5
-    off = make_engine(share_prefix=False)
-    assert off.train_batch(batch, spec, loss_fn, token_count)["n_rows"] == sum(lens)
+    assert make_engine(share_prefix=False).train_batch(trajs, spec, sft_loss, token_count)["n_rows"] == sum(lens)
 
 
 def test_shared_prompts_under_bf16_mixed_precision_on_cpu(tiny, make_engine):
