@@ -192,15 +192,15 @@ def test_the_addition_example_is_the_earlier_default_run():
 
 
 def test_the_remote_example_is_the_addition_run_at_the_remote_layouts_measured_setting():
-    """examples/remote.yaml: the addition run on servers, at eta 1 with dynamic sampling and bf16
-    training (measured with generation on its own core, docs/training.md)."""
+    """examples/remote.yaml: the addition run on servers, at eta 1 without dynamic sampling and with
+    bf16 training (measured with generation on its own core, docs/training.md)."""
     from agentflow.recipe import load_recipe_config
 
     remote = load_recipe_config([ROOT / "examples" / "remote.yaml"])
     addition = load_recipe_config([ROOT / "examples" / "addition.yaml"])
     assert (remote.inference.backend, remote.trainer.weight_update) == ("remote", "disk")
     assert remote.trainer.weights_dir == "/dev/shm/agentflow/remote" and addition.trainer.weights_dir is None
-    assert (remote.rollout.max_staleness, remote.algo.dynamic_sampling) == (1, True)
+    assert (remote.rollout.max_staleness, remote.algo.dynamic_sampling) == (1, False)
     assert remote.train.mixed_precision and not addition.train.mixed_precision
     assert (remote.data, remote.generation, remote.train.lr) == (addition.data, addition.generation, addition.train.lr)
 
