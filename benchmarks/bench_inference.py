@@ -212,16 +212,12 @@ def bench_common(model: Any, tok: Any, args: argparse.Namespace) -> None:
     common = next(i for i in range(min(map(len, ps))) if len({p[i] for p in ps}) > 1)
     reqs = [(p, 4) for p in ps for _ in range(8)]
     host = EngineHost(model, tok, len(reqs), args.dtype)
-    default = _worker._COMMON_PREFILL_MIN
 
     def run(minimum: int) -> None:
-        _worker._COMMON_PREFILL_MIN = minimum
-        try:
-            host.loop.run_until_complete(_serve(host.engine, reqs, temperature=1.0))
-        finally:
-            _worker._COMMON_PREFILL_MIN = default
+        _sampled_with(host, reqs, _worker, "_COMMON_PREFILL_MIN", minimum)
 
     try:
+        default = _worker._COMMON_PREFILL_MIN
         med = median_times({"common_once": lambda: run(default), "each_prompt": lambda: run(1 << 30)}, args.reps)
         saved = host.engine.stats()["prefill_common_tokens"]
     finally:
@@ -230,6 +226,16 @@ def bench_common(model: Any, tok: Any, args: argparse.Namespace) -> None:
          new_tokens=4, seconds={k: round(v, 3) for k, v in med.items()},
          speedup=round(med["each_prompt"] / med["common_once"], 3), prefill_common_tokens=saved, reps=args.reps,
          dtype=args.dtype, threads=args.threads)
+
+
+def _sampled_with(host: EngineHost, reqs: list[tuple[list[int], int]], module: Any, name: str, value: Any) -> None:
+    """Serve ``reqs`` at temperature 1 with ``module.name`` set to ``value``, then restore it."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        host.loop.run_until_complete(_serve(host.engine, reqs, temperature=1.0))
+    finally:
+        setattr(module, name, saved)
 
 
 def _local(host: EngineHost, reqs: list[tuple[list[int], int]]) -> None:
@@ -265,11 +271,7 @@ def bench_sampling(model: Any, tok: Any, host: EngineHost, args: argparse.Namesp
         return tokens, scores.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scores, -1)
 
     def run(sampler: Any) -> None:
-        _worker.sample = sampler
-        try:
-            host.loop.run_until_complete(_serve(host.engine, reqs, temperature=1.0))
-        finally:
-            _worker.sample = streams
+        _sampled_with(host, reqs, _worker, "sample", sampler)
 
     reqs = [(p, args.max_new) for p in prompts(tok, args.batch)]
     times: dict[str, list[float]] = {"streams": [], "one_generator": []}
