@@ -315,9 +315,10 @@ def pack(seqs: Sequence[Mapping[str, torch.Tensor]], index: Sequence[int | Unit]
         for j, i in enumerate(unit):
             s = chosen[i]
             n = int(s["input_ids"].numel())
-            start = common if j == 0 else p
-            borrowed = (firsts[src][:common] if j == 0 and common else firsts[-1][:p] if j else
-                        torch.zeros(0, dtype=torch.long))
+            if j == 0:  # rows of an earlier unit's common beginning, if any
+                start, borrowed = common, firsts[src][:common] if common else torch.zeros(0, dtype=torch.long)
+            else:  # the unit's prompt, laid out by its first sequence
+                start, borrowed = p, firsts[-1][:p]
             for k in pieces:
                 pieces[k].append(s[k][start:])
             rows = torch.arange(row, row + n - start)
