@@ -7,7 +7,10 @@ as the next version and returns once rollout runs on them:
   under ``<weights_dir>/v<version>``), then the engine's update runs on the event loop (the
   caller's ``on_loop`` coroutine: pause rollout, load, bump the version, resume). Once every server
   has loaded a disk version, all but the newest ``keep_disk_versions`` directories are deleted (a
-  server that rejoins later is sent the newest; each directory is a whole model);
+  server that rejoins later is sent the newest; each directory is a whole model). A disk version
+  is a snapshot, so ``publish(..., wait=False)`` returns once it is written: the trainer trains
+  its next step while the servers load it, and the next publish (or :meth:`WeightPublisher.settle`)
+  first waits for that load and raises its error;
 - ``nccl``: both sides at once. The servers sit in their receive route while train rank 0 joins
   the weight-update group (once per run, under a fresh group name, since a server may still hold
   the group of a killed run) and broadcasts every tensor from a daemon thread of its own, so that a
@@ -29,6 +32,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
@@ -81,6 +85,7 @@ class WeightPublisher:
         self._port = nccl_port
         self._group = ""  # picked with the port at the first nccl update
         self._joined = False  # train rank 0 is in the weight-update group
+        self._loading: tuple[concurrent.futures.Future[None], int, float] | None = None  # (load, version, deadline)
 
     def meta(self, version: int) -> WeightUpdateMeta:
         """What the train engine uploads for ``version``."""
@@ -97,14 +102,24 @@ class WeightPublisher:
         return WeightUpdateMeta(type="nccl", state_dict=specs, version=version, master_address=self.nccl_address,
                                 master_port=self._port, group_name=self._group, timeout_s=self.timeout_s)
 
-    def publish(self, loop: asyncio.AbstractEventLoop, version: int, on_loop: OnLoop) -> WeightUpdateMeta:
+    def publish(self, loop: asyncio.AbstractEventLoop, version: int, on_loop: OnLoop, *,
+                wait: bool = True) -> WeightUpdateMeta:
         """(Trainer thread.) Publish the current weights as ``version``; ``on_loop(version, meta)``
-        runs the inference side on the loop. Returns the meta that was published."""
+        runs the inference side on the loop. Returns the meta that was published.
+
+        ``wait=False`` (``disk`` only; ``mem`` and ``nccl`` hand over the live weights, so they
+        always wait) returns once the version is written and leaves its load running on the loop;
+        call :meth:`settle` before anything that needs it loaded. Versions load in order: a
+        publish first settles the previous one.
+        """
+        self.settle()
         meta = self.meta(version)
         if meta.type != "nccl":
             meta = self._upload(meta)
-            call_on_loop(loop, on_loop(version, meta), self.timeout_s)
-            self._prune(version)
+            loading = asyncio.run_coroutine_threadsafe(on_loop(version, meta), loop)
+            self._loading = (loading, version, time.monotonic() + self.timeout_s)
+            if wait or meta.type != "disk":
+                self.settle()
             return meta
         world = call_on_loop(loop, self._world_size(), self.timeout_s)
         publishing = asyncio.run_coroutine_threadsafe(on_loop(version, meta), loop)
@@ -120,6 +135,28 @@ class WeightPublisher:
             raise EngineError(f"the nccl weight update to version {version} took longer than "
                               f"trainer.update_timeout_s={self.timeout_s}s; see the logs")
         return meta
+
+    def settle(self) -> None:
+        """(Trainer thread.) Return once the version a ``wait=False`` publish left loading is
+        loaded (at once when none is), then delete the versions it supersedes. Raises the load's
+        error, or :class:`EngineError` past ``timeout_s`` from its publish."""
+        if self._loading is None:
+            return
+        loading, version, deadline = self._loading
+        self._loading = None
+        try:
+            loading.result(max(deadline - time.monotonic(), 0.0))
+        except TimeoutError as e:
+            loading.cancel()
+            raise EngineError(f"the weight update to version {version} took longer than "
+                              f"trainer.update_timeout_s={self.timeout_s}s; see the logs") from e
+        self._prune(version)
+
+    def abandon(self) -> None:
+        """Cancel a load still running (the run is failing); its version stays on disk."""
+        if self._loading is not None:
+            self._loading[0].cancel()
+            self._loading = None
 
     async def restore(self, version: int) -> None:
         """(Event loop, on resume.) Load the train engine's weights into the engine as ``version``."""

@@ -106,8 +106,8 @@ class Rollout:
         await self.executor.wait_for_room(max_queued)
 
     # ------------------------------------------------------------------ the trainer thread
-    def get_groups(self, n: int, timeout: float | None = None, *,
-                   group_filter: GroupFilter | None = None, at_least: int | None = None) -> list[Group]:
+    def get_groups(self, n: int, timeout: float | None = None, *, group_filter: GroupFilter | None = None,
+                   at_least: int | None = None, version: int | None = None) -> list[Group]:
         """Thread-safe: block until ``n`` groups are consumable, oldest first (staleness policy applied).
 
         ``group_filter(group) -> bool`` (e.g. dynamic sampling, ``agentflow.algo.group_filter``)
@@ -116,8 +116,12 @@ class Rollout:
         ``(eta + v + 1) * B`` keeps counting only groups that are trained on, so another item
         starts in its place at the current version and the staleness bound still holds.
         ``at_least`` returns as soon as that many are taken and no other is ready (up to ``n``).
+        ``version`` is the policy version that will train on the groups, which staleness is counted
+        against (default: the engine's; a trainer that publishes without waiting for the load is
+        one ahead of it).
         """
-        return self.buffer.get_groups(n, timeout=timeout, group_filter=group_filter, at_least=at_least)
+        return self.buffer.get_groups(n, timeout=timeout, group_filter=group_filter, at_least=at_least,
+                                      version=version)
 
     def get_batch(self, n: int, timeout: float | None = None, *, group_filter: GroupFilter | None = None
                   ) -> list[Trajectory]:

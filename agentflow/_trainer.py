@@ -6,7 +6,8 @@ take B groups from the replay buffer (passing the optional ``group_filter``, e.g
 which drops groups and waits for more; a dropped group gives its staleness slot back, see
 :meth:`Rollout.get_groups`), recompute proximal (and reference) log-probs, compute
 advantages, run the PPO minibatch updates, step the LR schedule, then publish the weights
-(pause -> upload -> version bump -> resume, on the loop) and log. Evaluation runs on the loop
+(upload, then pause -> load -> version bump -> resume on the loop; a ``disk`` version loads while
+the next step trains, ``trainer.overlap_weight_load``) and log. Evaluation runs on the loop
 beside rollout, pinned to one weight version: the next weight update waits for it.
 
 The trainer thread reaches the loop only through ``asyncio.run_coroutine_threadsafe``; the loop
@@ -74,6 +75,10 @@ class TrainerConfig:
         keep_weight_versions: with ``weight_update=disk``, the newest weight directories kept under
             the weights directory once every server has loaded them (each is a whole model); null
             keeps every version.
+        overlap_weight_load: with ``weight_update=disk``, start the next step as soon as a version
+            is written and let the servers load it meanwhile (the next publish and every checkpoint
+            wait for that load, and a failed load fails the run there). Staleness is counted against
+            the trainer's version either way, so the bound holds; false waits for every load.
         eval_every: steps between evaluations (0 = never); with evaluation on, version 0 (the
             starting policy) is evaluated too.
         eval_samples: samples per held-out prompt in an evaluation.
@@ -98,6 +103,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     weights_dir: str | None = None
     keep_weight_versions: int | None = 1
+    overlap_weight_load: bool = True
     eval_every: int = 0
     eval_samples: int = 2
     batch_timeout_s: float = 1800.0
@@ -346,7 +352,9 @@ class Trainer:
                 self._check_skipped(record)
             if self.stopped_by and self.state.step > self.state.saved_step:
                 self._checkpoint(loop)  # the final checkpoint of an interrupted run
+            self.publisher.settle()  # the last version's load
         finally:
+            self.publisher.abandon()  # a load left running by a failed step
             if bar is not None:
                 bar.close()
 
@@ -361,7 +369,7 @@ class Trainer:
         trim_heap()
         t_train = time.perf_counter() - t0 - t_wait
         version = self.state.step + 1
-        meta = self.publisher.publish(loop, version, self._publish)
+        meta = self.publisher.publish(loop, version, self._publish, wait=not self.cfg.overlap_weight_load)
         t_publish = time.perf_counter() - t0 - t_wait - t_train
         if self.timeline is not None:
             self._trace_step(self.timeline, groups, len(trajs), (t0, t_wait, t_train, t_publish), held0)
@@ -371,7 +379,7 @@ class Trainer:
         self.state.episodes_trained += len(trajs)
         record = self._step_record(groups, trajs, stats, t_wait, t_train, time.perf_counter() - t0)
         record.update(filtered)
-        record["time/publish_s"] = t_publish  # upload, then until rollout runs on the new weights
+        record["time/publish_s"] = t_publish  # the previous load, the upload, then (waiting) this load
         if meta.nbytes is not None:  # what the weight update moved (the adapter only, with LoRA)
             record["weights/update_mib"] = meta.nbytes / 2**20
         self.metrics.log(version, record)
@@ -428,8 +436,8 @@ class Trainer:
         kept: list[Group] = []
         while len(kept) < least:
             left = deadline - time.monotonic()
-            for g in self.rollout.get_groups(want - len(kept), timeout=max(left, 0.001),
-                                             group_filter=self.group_filter, at_least=least - len(kept)):
+            for g in self.rollout.get_groups(want - len(kept), timeout=max(left, 0.001), group_filter=self.group_filter,
+                                             at_least=least - len(kept), version=self.state.step):
                 good = [t for t in g.trajectories if self._in_vocab(t, g.group_id)]
                 if good:
                     g.trajectories = good
@@ -471,6 +479,7 @@ class Trainer:
         self.metrics.log(version, {"eval/version": version, "eval/reward": _mean(rewards), "eval/n": len(rewards)})
 
     def _checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.publisher.settle()  # the rollout state saved is at the trainer's version
         rollout_state = call_on_loop(loop, self._snapshot_rollout(), self.cfg.update_timeout_s)
         trainer_state = {
             "step": self.state.step,

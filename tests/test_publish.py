@@ -122,3 +122,79 @@ def test_a_version_that_cannot_be_written_says_where_and_how_to_fix_it(tmp_path,
     assert "could not write weights version 1 to " + str(tmp_path / "weights" / "v000001") in msg
     assert "the file system is full" in msg and "a whole model (4 MiB)" in msg and "trainer.weights_dir" in msg
     assert "partial directory was removed" in msg and not (tmp_path / "weights" / "v000001").exists()
+
+
+def test_a_disk_version_loads_while_the_trainer_goes_on_and_in_order(tmp_path, loop):
+    """``wait=False``: publish returns once the version is written; the next publish first waits
+    for the previous load, so versions load one after the other and only loaded ones are pruned."""
+    release = threading.Event()
+    events: list[str] = []
+
+    async def load(version: int, meta: Any) -> None:
+        events.append(f"start {version}")
+        if version == 1:
+            await asyncio.to_thread(release.wait, 10)
+        events.append(f"loaded {version}")
+
+    pub = _publisher(tmp_path, keep=1)
+    pub.publish(loop, 1, load, wait=False)
+    assert "loaded 1" not in events  # returned while version 1 still loads
+    assert _names(tmp_path) == ["v000001"]
+    threading.Timer(0.2, release.set).start()
+    pub.publish(loop, 2, load, wait=False)  # waits for 1's load, prunes nothing newer than loaded
+    assert events[:2] == ["start 1", "loaded 1"]
+    pub.settle()
+    assert events == ["start 1", "loaded 1", "start 2", "loaded 2"]
+    assert _names(tmp_path) == ["v000002"]
+    pub.settle()  # nothing left loading: returns at once
+
+
+def test_a_failed_load_left_running_fails_the_next_publish(tmp_path, loop):
+    async def load(version: int, meta: Any) -> None:
+        if version == 2:
+            raise ServerError("refused")
+
+    pub = _publisher(tmp_path, keep=1)
+    pub.publish(loop, 1, load, wait=False)
+    pub.publish(loop, 2, load, wait=False)  # version 2 is written; its load fails on the loop
+    with pytest.raises(ServerError, match="refused"):
+        pub.publish(loop, 3, load, wait=False)
+    assert _names(tmp_path) == ["v000001", "v000002"]  # the servers may still be on version 1
+
+
+def test_a_load_past_the_deadline_is_cancelled_and_says_which_version(tmp_path, loop):
+    cancelled = threading.Event()
+
+    async def load(version: int, meta: Any) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    pub = WeightPublisher("disk", engine=None, train_engine=DiskWriter(),  # type: ignore[arg-type]
+                          weights_dir=tmp_path / "weights", timeout_s=0.2)
+    pub.publish(loop, 1, load, wait=False)
+    with pytest.raises(EngineError, match=r"weight update to version 1 took longer than trainer.update_timeout_s=0.2s"):
+        pub.settle()
+    assert cancelled.wait(5)
+
+
+class MemWriter:
+    def upload_weights(self, meta: Any) -> Any:
+        return meta
+
+
+def test_mem_weights_always_wait_for_the_load(tmp_path, loop):
+    """A ``mem`` state dict may share storage with the live parameters: the load must finish
+    before the trainer's next optimiser step changes them."""
+    loaded: list[int] = []
+
+    async def load(version: int, meta: Any) -> None:
+        await asyncio.sleep(0.05)
+        loaded.append(version)
+
+    pub = WeightPublisher("mem", engine=None, train_engine=MemWriter(),  # type: ignore[arg-type]
+                          weights_dir=tmp_path / "weights")
+    pub.publish(loop, 1, load, wait=False)
+    assert loaded == [1]

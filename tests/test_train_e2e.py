@@ -125,6 +125,24 @@ def test_torchrun_two_ranks_train_together(tmp_path):
     assert (run / "checkpoints" / "step-000002" / "COMPLETE").exists()
 
 
+@pytest.mark.parametrize("eta", [0, 1])
+def test_disk_versions_load_while_the_next_step_trains_and_staleness_stays_bounded(tmp_path, eta):
+    """``trainer.overlap_weight_load`` (default): the trainer goes on once a version is written;
+    staleness is still counted against the trainer's version, every version is loaded in order
+    and the run ends with the last one loaded and the older ones deleted."""
+    run, published = tmp_path / "run", tmp_path / "published"
+    out = _agentflow("train", TINY, f"logging.run_dir={run}", "trainer.total_steps=4", "trainer.eval_every=0",
+                     "trainer.weight_update=disk", f"trainer.weights_dir={published}", f"rollout.max_staleness={eta}",
+                     "logging.trace=true", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = _steps(run)
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert all(r["staleness/max"] <= eta for r in steps.values()), [r["staleness/max"] for r in steps.values()]
+    trace = json.loads(_agentflow("trace", str(run), "--json", timeout=60).stdout)
+    assert all(0 <= int(lag) <= eta for s in trace["steps"] for lag in s["lags"]), trace["steps"]
+    assert sorted(d.name for d in published.iterdir()) == ["v000004"]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("weight_update", ["disk", "nccl"])
 def test_train_against_agentflow_serve_over_http(tmp_path, weight_update):
