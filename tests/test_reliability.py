@@ -407,7 +407,7 @@ def test_token_ids_outside_the_vocabulary_reject_the_trajectory_not_the_run(capl
     bad = Trajectory([1, 99], [0, 1], [0.0, -0.5], [-1, 0])
     batches = [[Group("a", [bad]), Group("b", [good, bad])], [Group("c", [good])]]
     t.rollout = SimpleNamespace(config=SimpleNamespace(consumer_batch_size=2, min_consumer_batch_size=None),
-                                get_groups=lambda n, timeout, group_filter=None, at_least=None, version=None: batches.pop(0)[:n])
+                                get_groups=lambda n, timeout, **_: batches.pop(0)[:n])
     with caplog.at_level("WARNING", logger="agentflow.trainer"):
         groups = trainer._valid_groups(t, 10.0)
     assert [g.group_id for g in groups] == ["b", "c"] and groups[0].trajectories == [good]
