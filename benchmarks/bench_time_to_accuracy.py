@@ -136,11 +136,11 @@ def train(task: str, setting: str, seed: int, args: argparse.Namespace, run_dir:
     if not args.keep_checkpoints:  # the final checkpoint (1.6 GB for SmolLM2 with its optimiser) is not read
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if args.offline_eval:
-        evaluate_offline(task, seed, model, args, run_dir)
+        evaluate_offline(task, seed, model, args, run_dir, setting)
 
 
 def evaluate_offline(task: str, seed: int, model: str | None, args: argparse.Namespace,
-                     run_dir: pathlib.Path) -> None:
+                     run_dir: pathlib.Path, setting: str = "eta0") -> None:
     """Score every ``--eval-every``-th published version (and the last) with ``agentflow eval`` into
     ``metrics.jsonl``, as the run's own evaluation would have logged them; then delete the weights."""
     weights = _weights_dir(run_dir)
@@ -155,7 +155,7 @@ def evaluate_offline(task: str, seed: int, model: str | None, args: argparse.Nam
                *(["--model", str(path or model)] if path is not None or model else []),
                str(ROOT / "examples" / f"{task}.yaml"), f"generation.n_samples={args.eval_samples}",
                f"inference.local.seed={seed}", "logging.progress=false", f"logging.run_dir={run_dir / 'eval'}",
-               *args.override]
+               *setting_overrides(setting), *args.override]  # the run's own config (an override may need a setting's)
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")

@@ -127,13 +127,13 @@ def test_torchrun_two_ranks_train_together(tmp_path):
 
 @pytest.mark.parametrize("eta", [0, 1])
 def test_disk_versions_load_while_the_next_step_trains_and_staleness_stays_bounded(tmp_path, eta):
-    """``trainer.overlap_weight_load`` (default): the trainer goes on once a version is written;
+    """``trainer.overlap_weight_load=true``: the trainer goes on once a version is written;
     staleness is still counted against the trainer's version, every version is loaded in order
     and the run ends with the last one loaded and the older ones deleted."""
     run, published = tmp_path / "run", tmp_path / "published"
     out = _agentflow("train", TINY, f"logging.run_dir={run}", "trainer.total_steps=4", "trainer.eval_every=0",
                      "trainer.weight_update=disk", f"trainer.weights_dir={published}", f"rollout.max_staleness={eta}",
-                     "logging.trace=true", timeout=300)
+                     "trainer.overlap_weight_load=true", "logging.trace=true", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     steps = _steps(run)
     assert sorted(steps) == [1, 2, 3, 4]
