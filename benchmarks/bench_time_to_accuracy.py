@@ -62,20 +62,25 @@ def setting_overrides(name: str) -> list[str]:
     ``-ds`` adds ``algo.dynamic_sampling=true``, ``-bN`` sets ``rollout.consumer_batch_size=N`` (groups
     per train step), ``-minN`` sets ``rollout.min_consumer_batch_size=N`` (a step that would wait starts
     with N ready groups), ``-capN`` sets ``algo.ppo.behav_imp_weight_cap=N`` (the behaviour-weight
-    threshold, N >= 2), ``-betaNN`` sets AdamW's first beta to 0.NN (``train.betas=[0.NN, 0.999]``); e.g.
-    ``eta1-ds``, ``eta2-ramp-ds``, ``eta1-ds-b4``, ``eta1-ds-min4``, ``eta1-ds-cap2``, ``eta1-ds-beta50``."""
+    threshold, N >= 2), ``-betaNN`` sets AdamW's first beta to 0.NN (``train.betas=[0.NN, 0.999]``),
+    ``-waitload`` makes the trainer wait for every weight load (``trainer.overlap_weight_load=false``); e.g.
+    ``eta1-ds``, ``eta2-ramp-ds``, ``eta1-ds-b4``, ``eta1-ds-min4``, ``eta1-ds-cap2``, ``eta1-ds-beta50``,
+    ``eta1-waitload``."""
     base, *flags = name.split("-")
     sizes = [f for f in flags if f[:1] == "b" and f[1:].isdigit() and int(f[1:]) > 0]
     mins = [f for f in flags if f[:3] == "min" and f[3:].isdigit() and int(f[3:]) > 0]
     caps = [f for f in flags if f[:3] == "cap" and f[3:].isdigit() and int(f[3:]) >= 2]
     betas = [f for f in flags if f[:4] == "beta" and f[4:].isdigit() and len(f) == 6]
     if (not base.startswith("eta") or not base[3:].isdigit() or len(sizes) > 1 or len(mins) > 1 or len(caps) > 1
-            or len(betas) > 1 or not set(flags) - set(sizes) - set(mins) - set(caps) - set(betas) <= {"ramp", "ds"}):
+            or len(betas) > 1
+            or not set(flags) - set(sizes) - set(mins) - set(caps) - set(betas) <= {"ramp", "ds", "waitload"}):
         raise SystemExit("--settings: expected names like eta0, eta2, eta2-ramp, eta1-ds, eta1-ds-b4, eta1-ds-min4, "
-                         f"eta1-ds-cap2 or eta1-ds-beta50, got {name!r}")
+                         f"eta1-ds-cap2, eta1-ds-beta50 or eta1-waitload, got {name!r}")
     out = [f"rollout.max_staleness={int(base[3:])}", f"rollout.staleness_ramp={'true' if 'ramp' in flags else 'false'}"]
     if "ds" in flags:
         out.append("algo.dynamic_sampling=true")
+    if "waitload" in flags:
+        out.append("trainer.overlap_weight_load=false")
     return [*out, *(f"rollout.consumer_batch_size={int(f[1:])}" for f in sizes),
             *(f"rollout.min_consumer_batch_size={int(f[3:])}" for f in mins),
             *(f"algo.ppo.behav_imp_weight_cap={int(f[3:])}" for f in caps),

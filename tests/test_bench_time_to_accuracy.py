@@ -35,6 +35,7 @@ def test_settings_map_to_rollout_overrides():
         "algo.dynamic_sampling=true", "algo.ppo.behav_imp_weight_cap=2"
     ]
     assert bench.setting_overrides("eta1-beta50")[2:] == ["train.betas=[0.50,0.999]"]
+    assert bench.setting_overrides("eta1-waitload")[2:] == ["trainer.overlap_weight_load=false"]
     for bad in ("eta2-fast", "eta1-ds-fast", "ds", "etax", "eta1-b0", "eta1-b4-b2", "eta1-bx", "eta1-min0",
                 "eta1-min2-min3", "eta1-cap1", "eta1-cap2-cap3", "eta1-beta5", "eta1-beta500"):
         with pytest.raises(SystemExit, match=bad):
@@ -82,6 +83,12 @@ def test_offline_evaluation_scores_the_kept_weights_and_appends_them(tmp_path, m
     assert [(r["eval/version"], r["eval/reward"]) for r in records[1:]] == [(0, 0.1), (2, 0.5), (3, 0.75)]
     assert all("generation.n_samples=2" in c and "inference.local.seed=0" in c for c in calls)
     assert not (run_dir / "weights").exists()
+    calls.clear()  # the evaluation sees the run's setting: an override may only be valid with it
+    args.override = ["algo.dynamic_sampling_max_drop=4"]
+    for v in (2, 3):
+        (run_dir / "weights" / f"v{v:06d}").mkdir(parents=True)
+    bench.evaluate_offline("addition", 0, None, args, run_dir, "eta1-ds")
+    assert all("algo.dynamic_sampling=true" in c and "algo.dynamic_sampling_max_drop=4" in c for c in calls)
 
     (run_dir / "weights").mkdir()
     with pytest.raises(SystemExit, match="no weights for version 2"):
