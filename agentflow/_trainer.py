@@ -6,8 +6,8 @@ take B groups from the replay buffer (passing the optional ``group_filter``, e.g
 which drops groups and waits for more; a dropped group gives its staleness slot back, see
 :meth:`Rollout.get_groups`), recompute proximal (and reference) log-probs, compute
 advantages, run the PPO minibatch updates, step the LR schedule, then publish the weights
-(upload, then pause -> load -> version bump -> resume on the loop; asynchronously, a ``disk``
-version loads while the next step trains, ``trainer.overlap_weight_load``) and log. Evaluation runs on the loop
+(upload, then pause -> load -> version bump -> resume on the loop; with
+``trainer.overlap_weight_load`` a ``disk`` version loads while the next step trains) and log. Evaluation runs on the loop
 beside rollout, pinned to one weight version: the next weight update waits for it.
 
 The trainer thread reaches the loop only through ``asyncio.run_coroutine_threadsafe``; the loop
@@ -78,9 +78,10 @@ class TrainerConfig:
         overlap_weight_load: with ``weight_update=disk``, start the next step as soon as a version
             is written and let the servers load it meanwhile (the next publish and every checkpoint
             wait for that load, and a failed load fails the run there). Staleness is counted against
-            the trainer's version either way, so the bound holds; false waits for every load. null
-            (default) = on when ``rollout.max_staleness >= 1``: synchronous training needs the new
-            version loaded before its next batch can even start generating.
+            the trainer's version either way, so the bound holds. Off by default: on a 2-core CPU
+            host, with the server's load and the rollout's resumption beside the step instead of in
+            the trainer's wait, an asynchronous step took longer (docs/training.md); synchronously it
+            cannot help, as the next batch needs the new version before it can start generating.
         eval_every: steps between evaluations (0 = never); with evaluation on, version 0 (the
             starting policy) is evaluated too.
         eval_samples: samples per held-out prompt in an evaluation.
@@ -105,7 +106,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     weights_dir: str | None = None
     keep_weight_versions: int | None = 1
-    overlap_weight_load: bool | None = None
+    overlap_weight_load: bool = False
     eval_every: int = 0
     eval_samples: int = 2
     batch_timeout_s: float = 1800.0
@@ -241,8 +242,6 @@ class Trainer:
                                          weights_dir=self.weights_dir, nccl_address=config.nccl_address,
                                          nccl_port=config.nccl_port, timeout_s=config.update_timeout_s,
                                          keep_disk_versions=config.keep_weight_versions)
-        overlap = config.overlap_weight_load
-        self._overlap_load = self.rollout.config.max_staleness >= 1 if overlap is None else overlap
         self.stopped_by: str | None = None  # why request_stop was called (e.g. "SIGINT")
         self.trace = trace
         self.timeline: Timeline | None = None  # while run() runs with trace=True
@@ -373,7 +372,7 @@ class Trainer:
         trim_heap()
         t_train = time.perf_counter() - t0 - t_wait
         version = self.state.step + 1
-        meta = self.publisher.publish(loop, version, self._publish, wait=not self._overlap_load)
+        meta = self.publisher.publish(loop, version, self._publish, wait=not self.cfg.overlap_weight_load)
         t_publish = time.perf_counter() - t0 - t_wait - t_train
         if self.timeline is not None:
             self._trace_step(self.timeline, groups, len(trajs), (t0, t_wait, t_train, t_publish), held0)

@@ -471,24 +471,3 @@ async def test_trainer_raises_the_rejection_error_instead_of_waiting_for_a_batch
         metrics.close()
     assert time.perf_counter() - t0 < 2.0
     assert "RuntimeError: boom {'i': " in str(info.value)
-
-
-@pytest.mark.parametrize(("eta", "setting", "overlap"), [(0, None, False), (1, None, True), (2, None, True),
-                                                         (0, True, True), (1, False, False)])
-def test_disk_loads_overlap_the_next_step_only_when_it_can_help(tmp_path, eta, setting, overlap):
-    """Synchronously the next batch needs the new version loaded before it can generate, so by
-    default only an asynchronous run goes on while the servers load (``trainer.overlap_weight_load``)."""
-    from agentflow._data import PromptSource
-    from agentflow._metrics import MetricsLogger
-    from agentflow._trainer import Trainer, TrainerConfig
-
-    metrics = MetricsLogger(tmp_path)
-    try:
-        trainer = Trainer(
-            TrainerConfig(weight_update="disk", overlap_weight_load=setting),
-            engine=FakeEngine(rollout=RolloutConfig(consumer_batch_size=2, max_staleness=eta)),
-            train_engine=_NoTrainEngine(), train_step=lambda trajs: {}, workflow=BoomWorkflow(),
-            prompts=PromptSource([{"i": 0}]), run_dir=tmp_path, metrics=metrics, progress=False)
-        assert trainer._overlap_load is overlap
-    finally:
-        metrics.close()
