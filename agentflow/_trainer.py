@@ -7,8 +7,9 @@ which drops groups and waits for more; a dropped group gives its staleness slot 
 :meth:`Rollout.get_groups`), recompute proximal (and reference) log-probs, compute
 advantages, run the PPO minibatch updates, step the LR schedule, then publish the weights
 (upload, then pause -> load -> version bump -> resume on the loop; with
-``trainer.overlap_weight_load`` a ``disk`` version loads while the next step trains) and log. Evaluation runs on the loop
-beside rollout, pinned to one weight version: the next weight update waits for it.
+``trainer.overlap_weight_load`` a ``disk`` version loads while the next step trains) and log.
+Evaluation runs on the loop beside rollout, pinned to one weight version: the next weight update
+waits for it.
 
 The trainer thread reaches the loop only through ``asyncio.run_coroutine_threadsafe``; the loop
 never blocks on the trainer. Under ``torchrun`` only rank 0 runs the loop; the other ranks run
