@@ -185,6 +185,16 @@ def _weights_dir(run_dir: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(trainer.get("weights_dir") or run_dir / "weights")
 
 
+def _cores(text: str) -> set[int]:
+    try:
+        cores = {int(c) for c in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated core numbers such as 1 or 0,1, got {text!r}") from None
+    if not cores or min(cores) < 0:
+        raise argparse.ArgumentTypeError(f"expected core numbers >= 0, got {text!r}")
+    return cores
+
+
 def _tmpfs_weights_dir(run_dir: pathlib.Path) -> pathlib.Path:
     """The server shares this host: publish through ``/dev/shm`` (no disk write per step) where it exists."""
     shm = pathlib.Path("/dev/shm")
@@ -218,7 +228,8 @@ def _run_remote(head: list[str], overrides: list[str], model: str | None, seed: 
             keeper.start()
         # the layout's settings first, so that --override (last in ``overrides``) can change them
         try:
-            _run([*head, *remote, *overrides], run_dir, {**os.environ, "OMP_NUM_THREADS": "1"}, pinned({1}))
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            _run([*head, *remote, *overrides], run_dir, env, pinned(args.trainer_cores))
             if keeper is not None:
                 keeper.finish()
         finally:
@@ -425,6 +436,10 @@ def main() -> None:
     p.add_argument("--vllm-python", default=None, help="interpreter of a vLLM 0.32 install (--server vllm)")
     p.add_argument("--server-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="with --remote: the dtype the server generates in (its --dtype)")
+    p.add_argument("--trainer-cores", type=_cores, default={1},
+                   help="with --remote: the trainer process's cores (the server has core 0); e.g. 0,1 with "
+                        "--override trainer.train_cpus=[1] keeps training on core 1 and lets the event loop use "
+                        "the server's spare time")
     p.add_argument("--model", default=None, help="model.path override (e.g. tiny for a plumbing check)")
     p.add_argument("--override", action="append", default=[], help="extra key=value for every run (repeatable)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench_tta"), help="run directories go here")
