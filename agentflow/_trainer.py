@@ -88,9 +88,9 @@ class TrainerConfig:
             (rollouts, rewards, HTTP to the servers) and weight uploads keep the process's CPUs, so
             with the process given the servers' CPUs too (``taskset -c 0,1 agentflow train ...
             trainer.train_cpus=[1]`` beside ``taskset -c 0 agentflow serve``) the loop's work goes to
-            the servers' spare time instead of taking the training core: an asynchronous step on
-            a 2-core host trained 5% faster per row (docs/training.md). One process per host: with
-            several ranks, pin each rank's process instead.
+            the servers' spare time instead of taking the training core (an asynchronous step on a
+            2-core host: about 3% shorter, docs/training.md). With several ranks, pin each rank's
+            process instead.
         eval_every: steps between evaluations (0 = never); with evaluation on, version 0 (the
             starting policy) is evaluated too.
         eval_samples: samples per held-out prompt in an evaluation.

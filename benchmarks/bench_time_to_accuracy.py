@@ -189,7 +189,7 @@ def _cores(text: str) -> set[int]:
     try:
         cores = {int(c) for c in text.split(",")}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated core numbers such as 1 or 0,1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated core numbers (1 or 0,1), got {text!r}") from None
     if not cores or min(cores) < 0:
         raise argparse.ArgumentTypeError(f"expected core numbers >= 0, got {text!r}")
     return cores

@@ -176,3 +176,12 @@ def test_the_keeper_fails_when_a_version_was_deleted_before_its_copy(tmp_path):
     keeper = bench._Keeper(src, tmp_path / "weights", [2])
     with pytest.raises(SystemExit, match=r"versions \[2\] were gone before they were kept"):
         keeper.finish()
+
+
+def test_trainer_cores_parse_and_bad_ones_say_what_was_expected():
+    import argparse
+
+    assert bench._cores("1") == {1} and bench._cores("0,1") == {0, 1}
+    for bad in ("x", "", "1,,2", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+            bench._cores(bad)

@@ -22,6 +22,7 @@ from agentflow.testing import FakeEngine
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
 
 G = GenerationConfig(max_new_tokens=4)
+REMOTE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "remote.yaml"
 
 
 class _Workflow:
@@ -91,14 +92,14 @@ def test_cpus_the_process_may_not_use_fail_before_the_run(tmp_path):
 @pytest.mark.parametrize("bad", ["[]", "[1,1]", "[-1]", "[true]", "1"])
 def test_a_bad_cpu_list_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="train_cpus"):
-        load_recipe_config(["examples/remote.yaml"], [f"trainer.train_cpus={bad}"])
+        load_recipe_config([REMOTE], [f"trainer.train_cpus={bad}"])
 
 
 def test_several_ranks_refuse_one_cpu_list(tmp_path, monkeypatch):
     from agentflow.recipe.async_rl import train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = load_recipe_config(["examples/remote.yaml"], [f"logging.run_dir={tmp_path / 'run'}",
+    cfg = load_recipe_config([REMOTE], [f"logging.run_dir={tmp_path / 'run'}",
                                                         "trainer.train_cpus=[0]"])
     with pytest.raises(ConfigError, match="WORLD_SIZE=2 ranks; pin each rank's process"):
         train(cfg)
