@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import pathlib
 import time
 from collections import Counter
 
 import pytest
+from _trainer_helpers import NullTrainEngine
 
 from agentflow import GenerationConfig, ModelRequest, Rollout, RolloutConfig, Trajectory
 from agentflow._trace import Timeline, read_trace
@@ -28,20 +28,6 @@ class _Workflow:
         i = data["i"] if isinstance(data, dict) else data
         outs = await asyncio.gather(*[engine.agenerate(ModelRequest([1, 2, i % 200 + 3], G)) for _ in range(2)])
         return [Trajectory.from_response(o, reward=float(i % 3 == 0 and k == 0)) for k, o in enumerate(outs)]
-
-
-class _FakeTrainEngine:
-    def set_version(self, version: int) -> None:
-        pass
-
-    def vocab_size(self) -> None:
-        return None
-
-    def upload_weights(self, meta):
-        return meta
-
-    def save(self, meta) -> None:  # the final checkpoint
-        pathlib.Path(meta.path).mkdir(parents=True, exist_ok=True)
 
 
 def test_a_closed_timeline_is_json_and_a_cut_off_one_still_reads(tmp_path):
@@ -86,7 +72,7 @@ async def test_the_trainer_traces_every_group_phase_and_version(tmp_path):
     trainer = Trainer(
         TrainerConfig(total_steps=steps, batch_timeout_s=10.0, checkpoint_every=0, weight_update="mem"),
         engine=FakeEngine(latency=random_latency(0.003, seed=0), rollout=cfg),
-        train_engine=_FakeTrainEngine(), train_step=lambda trajs: {"n": float(len(trajs))}, workflow=_Workflow(),
+        train_engine=NullTrainEngine(), train_step=lambda trajs: {"n": float(len(trajs))}, workflow=_Workflow(),
         prompts=PromptSource([{"i": i} for i in range(200)], shuffle=False), run_dir=tmp_path, metrics=metrics,
         progress=False, group_filter=group_filter(AlgoConfig(dynamic_sampling=True)), trace=True,
     )

@@ -10,6 +10,7 @@ import pathlib
 import threading
 
 import pytest
+from _trainer_helpers import NullTrainEngine
 
 from agentflow import GenerationConfig, ModelRequest, RolloutConfig, Trajectory
 from agentflow._data import PromptSource
@@ -31,20 +32,6 @@ class _Workflow:
         return [Trajectory.from_response(o, reward=float(k)) for k, o in enumerate(outs)]
 
 
-class _TrainEngine:
-    def set_version(self, version: int) -> None:
-        pass
-
-    def vocab_size(self) -> None:
-        return None
-
-    def upload_weights(self, meta):
-        return meta
-
-    def save(self, meta) -> None:
-        pathlib.Path(meta.path).mkdir(parents=True, exist_ok=True)
-
-
 def _trainer(tmp_path, cpus, seen, metrics) -> Trainer:
     def step(trajs):
         seen.append((threading.get_ident(), os.sched_getaffinity(0)))
@@ -53,7 +40,7 @@ def _trainer(tmp_path, cpus, seen, metrics) -> Trainer:
     return Trainer(
         TrainerConfig(total_steps=3, batch_timeout_s=10.0, checkpoint_every=0, weight_update="mem", train_cpus=cpus),
         engine=FakeEngine(rollout=RolloutConfig(max_staleness=1, consumer_batch_size=2, max_concurrent=4)),
-        train_engine=_TrainEngine(), train_step=step, workflow=_Workflow(),
+        train_engine=NullTrainEngine(), train_step=step, workflow=_Workflow(),
         prompts=PromptSource([{"i": i} for i in range(100)], shuffle=False), run_dir=tmp_path, metrics=metrics,
         progress=False,
     )
