@@ -32,8 +32,10 @@ def test_it_times_training_and_generation_alone_and_side_by_side():
     assert summary["bench"] == "core_contention_summary"
     assert summary["cores"]["generation"] != summary["cores"]["train"]
     assert summary["gen_rounds"]["alone"] > 0 and summary["gen_rounds"]["both"] > 0
-    assert summary["train_slowdown"] == pytest.approx(summary["train_step_both"] / summary["train_step_alone"],
-                                                      abs=2e-3)
+    # the step times are printed rounded to the millisecond, the ratio from the unrounded ones
+    alone, both = summary["train_step_alone"], summary["train_step_both"]
+    slack = 5e-4 + 5e-4 * (1 + both / alone) / alone
+    assert summary["train_slowdown"] == pytest.approx(both / alone, abs=slack)
     assert summary["gen_slowdown"] > 0
 
 
