@@ -153,6 +153,10 @@ class TrainerConfig:
         """Raise :class:`ConfigError` unless this process may pin a thread to ``train_cpus``."""
         if self.train_cpus is None:
             return
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"trainer.train_cpus pins one process's training thread, but this run has "
+                              f"WORLD_SIZE={os.environ['WORLD_SIZE']} ranks; pin each rank's process instead "
+                              f"(e.g. taskset or numactl per rank) and remove trainer.train_cpus")
         if not hasattr(os, "sched_setaffinity"):
             raise ConfigError("trainer.train_cpus pins the training thread with os.sched_setaffinity, which this "
                               "platform lacks (Linux only); remove trainer.train_cpus")

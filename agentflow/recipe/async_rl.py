@@ -28,7 +28,7 @@ from agentflow._ranks import LeadEngine, Ranks, StepPlan, follow
 from agentflow._stop import GracefulStop
 from agentflow._trainer import EvalSpec, Trainer, evaluate
 from agentflow.algo import group_filter
-from agentflow.errors import CheckpointError, ConfigError, Interrupted
+from agentflow.errors import CheckpointError, Interrupted
 from agentflow.recipe import build
 from agentflow.recipe._startup import (
     check_prompts_fit,
@@ -48,11 +48,7 @@ __all__ = ["evaluate_model", "train"]
 def train(cfg: TrainRecipeConfig, *, resume: bool = False) -> str:
     """Run ``agentflow train``; returns a one-line summary."""
     checkpoint = check_run_dir(cfg, resume)  # nothing is written before the run is known to start
-    if cfg.trainer.train_cpus is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"trainer.train_cpus pins one process's training thread, but this run has "
-                          f"WORLD_SIZE={os.environ['WORLD_SIZE']} ranks; pin each rank's process instead "
-                          f"(e.g. taskset or numactl per rank) and remove trainer.train_cpus")
-    cfg.trainer.check_train_cpus()
+    cfg.trainer.check_train_cpus()  # before the model loads (the Trainer checks again for library use)
     cfg = with_trajectory_cap(cfg)
     run_dir = pathlib.Path(cfg.logging.run_dir)
     mmap_large_allocations()  # freed activations go back to the OS at once (agentflow/_memory.py)
