@@ -86,7 +86,6 @@ def test_several_ranks_refuse_one_cpu_list(tmp_path, monkeypatch):
     from agentflow.recipe.async_rl import train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = load_recipe_config([REMOTE], [f"logging.run_dir={tmp_path / 'run'}",
-                                                        "trainer.train_cpus=[0]"])
+    cfg = load_recipe_config([REMOTE], [f"logging.run_dir={tmp_path / 'run'}", "trainer.train_cpus=[0]"])
     with pytest.raises(ConfigError, match="WORLD_SIZE=2 ranks; pin each rank's process"):
         train(cfg)
