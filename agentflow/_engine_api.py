@@ -355,6 +355,15 @@ class TrainEngine(abc.ABC):
         """Publish the current weights as ``meta`` asks; return the meta the inference engine's
         ``update_weights`` takes (for ``"mem"``, with ``state_dict`` filled in)."""
 
+    def snapshot_weights(self, meta: WeightUpdateMeta) -> tuple[WeightUpdateMeta, Callable[[], None]]:
+        """A ``"disk"`` upload in two halves: copy the weights now (collective, like
+        :meth:`upload_weights`) and return ``(meta, write)``, where ``write()`` puts the copy at
+        ``meta.path`` from any thread, with no collective call, while this engine trains on. The
+        trainer uses it to write a version behind the next step (``trainer.overlap_weight_load``).
+        The default uploads at once and returns a ``write`` with nothing left to do."""
+        done = self.upload_weights(meta)
+        return done, lambda: None
+
     @abc.abstractmethod
     def step_lr_scheduler(self) -> None: ...
 

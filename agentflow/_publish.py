@@ -8,9 +8,10 @@ as the next version and returns once rollout runs on them:
   caller's ``on_loop`` coroutine: pause rollout, load, bump the version, resume). Once every server
   has loaded a disk version, all but the newest ``keep_disk_versions`` directories are deleted (a
   server that rejoins later is sent the newest; each directory is a whole model). A disk version
-  is a snapshot, so ``publish(..., wait=False)`` returns once it is written: the trainer trains
-  its next step while the servers load it, and the next publish (or :meth:`WeightPublisher.settle`)
-  first waits for that load and raises its error;
+  is a snapshot, so ``publish(..., wait=False)`` returns once the weights are copied
+  (``TrainEngine.snapshot_weights``): the trainer trains its next step while a thread of the loop's
+  executor writes the copy and the servers load it, and the next publish (or
+  :meth:`WeightPublisher.settle`) first waits for that write and load and raises their error;
 - ``nccl``: both sides at once. The servers sit in their receive route while train rank 0 joins
   the weight-update group (once per run, under a fresh group name, since a server may still hold
   the group of a killed run) and broadcasts every tensor from a daemon thread of its own, so that a
@@ -35,10 +36,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
-from agentflow.errors import EngineError
+from agentflow.errors import ConfigError, EngineError
 
 __all__ = ["WeightPublisher", "call_on_loop"]
 
@@ -46,6 +47,7 @@ log = logging.getLogger("agentflow.trainer")
 _VERSION_DIR = re.compile(r"v(\d{6,})")
 
 OnLoop = Callable[[int, WeightUpdateMeta], Coroutine[Any, Any, None]]
+Write = Callable[[], None]
 
 
 def call_on_loop(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float) -> Any:
@@ -108,15 +110,20 @@ class WeightPublisher:
         runs the inference side on the loop. Returns the meta that was published.
 
         ``wait=False`` (``disk`` only; ``mem`` and ``nccl`` hand over the live weights, so they
-        always wait) returns once the version is written and leaves its load running on the loop;
-        call :meth:`settle` before anything that needs it loaded. Versions load in order: a
-        publish first settles the previous one.
+        always wait) returns once the weights are copied and leaves their write and load running
+        beside the caller; call :meth:`settle` before anything that needs the version loaded.
+        Versions load in order: a publish first settles the previous one.
         """
         self.settle()
         meta = self.meta(version)
         if meta.type != "nccl":
-            meta = self._upload(meta)
-            loading = asyncio.run_coroutine_threadsafe(on_loop(version, meta), loop)
+            if meta.type == "disk" and not wait:
+                meta, write = self._upload(meta, snapshot=True)
+                coro = self._write_then_load(write, version, meta, on_loop)
+            else:
+                meta = self._upload(meta)
+                coro = on_loop(version, meta)
+            loading = asyncio.run_coroutine_threadsafe(coro, loop)
             self._loading = (loading, version, time.monotonic() + self.timeout_s)
             if wait or meta.type != "disk":
                 self.settle()
@@ -190,22 +197,50 @@ class WeightPublisher:
             except OSError as e:
                 log.warning("could not delete the old weights directory %s (%s); it stays on disk", d, e)
 
-    def _upload(self, meta: WeightUpdateMeta) -> WeightUpdateMeta:
-        """The train engine's ``mem``/``disk`` upload; a disk version that cannot be written says why."""
-        try:
-            return self.train_engine.upload_weights(meta)
-        except OSError as e:
-            from agentflow._checkpoint import _why_write_failed
+    @overload
+    def _upload(self, meta: WeightUpdateMeta) -> WeightUpdateMeta: ...
+    @overload
+    def _upload(self, meta: WeightUpdateMeta, *, snapshot: Literal[True]) -> tuple[WeightUpdateMeta, Write]: ...
 
-            why = _why_write_failed(self.weights_dir, e)  # before the partial version frees its space
-            if meta.path is not None:
-                shutil.rmtree(meta.path, ignore_errors=True)
-            nbytes = sum(w.nbytes for w in self.train_engine.weight_specs())
-            raise EngineError(
-                f"could not write weights version {meta.version} to {meta.path}: {why}; the partial directory was"
-                f" removed. Each version is a whole model ({nbytes / 2**20:.0f} MiB) and the servers must be able to"
-                " read it: set trainer.weights_dir to a directory with room for trainer.keep_weight_versions + 1 of"
-                " them") from e
+    def _upload(self, meta: WeightUpdateMeta, *, snapshot: bool = False) -> Any:
+        """The train engine's ``mem``/``disk`` upload (``snapshot``: its copy, written later); a
+        disk version that cannot be written says why."""
+        try:
+            if not snapshot:
+                return self.train_engine.upload_weights(meta)
+            if not hasattr(self.train_engine, "snapshot_weights"):  # not a TrainEngine: upload now
+                return self.train_engine.upload_weights(meta), lambda: None
+            return self.train_engine.snapshot_weights(meta)
+        except OSError as e:
+            raise self._write_failed(meta, e) from e
+
+    async def _write_then_load(self, write: Write, version: int, meta: WeightUpdateMeta, on_loop: OnLoop) -> None:
+        """(Event loop.) Write a snapshot in the loop's executor, then run the load (``on_loop``)."""
+
+        def written() -> None:
+            try:
+                write()
+            except OSError as e:
+                raise self._write_failed(meta, e) from e
+
+        await asyncio.to_thread(written)
+        await on_loop(version, meta)
+
+    def _write_failed(self, meta: WeightUpdateMeta, e: OSError) -> EngineError:
+        from agentflow._checkpoint import _why_write_failed
+
+        why = _why_write_failed(self.weights_dir, e)  # before the partial version frees its space
+        if meta.path is not None:
+            shutil.rmtree(meta.path, ignore_errors=True)
+        try:
+            what = f"a whole model ({sum(w.nbytes for w in self.train_engine.weight_specs()) / 2**20:.0f} MiB)"
+        except ConfigError:  # LoRA: no full-model specs
+            what = "an adapter"
+        return EngineError(
+            f"could not write weights version {meta.version} to {meta.path}: {why}; the partial directory was"
+            f" removed. Each version is {what} and the servers must be able to"
+            " read it: set trainer.weights_dir to a directory with room for trainer.keep_weight_versions + 1 of"
+            " them")
 
     def _start_broadcast(self, meta: WeightUpdateMeta, world: int) -> concurrent.futures.Future[None]:
         """:meth:`_broadcast` in a daemon thread of its own: a join or broadcast left blocked by a

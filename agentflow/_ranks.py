@@ -24,6 +24,7 @@ from agentflow.algo import (
     split_by_tokens,
     token_advantages,
 )
+from agentflow.errors import EngineError
 
 __all__ = ["LeadEngine", "Ranks", "StepPlan", "follow"]
 
@@ -82,6 +83,10 @@ class LeadEngine:
         self._ranks.send(("upload", meta))
         return self._inner.upload_weights(meta)
 
+    def snapshot_weights(self, meta: Any) -> Any:
+        self._ranks.send(("snapshot", meta))
+        return self._inner.snapshot_weights(meta)
+
     def save(self, meta: Any) -> None:
         self._ranks.send(("save", meta.path))
         self._inner.save(meta)
@@ -91,7 +96,7 @@ class LeadEngine:
 
 
 def follow(ranks: Ranks, plan: StepPlan, train_engine: TrainEngine) -> None:
-    """Ranks > 0: mirror rank 0's collective calls (train, upload, save) until it says stop."""
+    """Ranks > 0: mirror rank 0's collective calls (train, upload or snapshot, save) until it says stop."""
     while True:
         kind, payload = ranks.recv()
         if kind == "stop":
@@ -100,7 +105,12 @@ def follow(ranks: Ranks, plan: StepPlan, train_engine: TrainEngine) -> None:
             plan.update(train_engine, payload[ranks.rank])
         elif kind == "upload":
             train_engine.upload_weights(payload)
-            if payload.version is not None:  # as rank 0's Trainer does
-                train_engine.set_version(payload.version)
+        elif kind == "snapshot":  # rank 0 writes the copy: the others only join the gather
+            train_engine.snapshot_weights(payload)
         elif kind == "save":
             train_engine.save(SaveLoadMeta(path=payload, with_optim=True))
+        else:
+            raise EngineError(f"rank {ranks.rank} got the command {kind!r} from rank 0, expected 'step', 'upload', "
+                              "'snapshot', 'save' or 'stop': every rank must run the same agentflow version")
+        if kind in ("upload", "snapshot") and payload.version is not None:  # as rank 0's Trainer does
+            train_engine.set_version(payload.version)

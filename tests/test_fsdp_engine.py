@@ -249,6 +249,34 @@ def test_mem_upload_returns_hf_state_dict(tiny, make_engine):
     fresh.load_state_dict(meta.state_dict)  # strict: every HF name present
 
 
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_a_disk_snapshot_writes_the_weights_of_its_moment_not_later_ones(tmp_path, tiny, make_engine, dtype):
+    """The copy is taken at the call: the steps trained before ``write()`` runs (the trainer goes
+    on while a thread writes) must not reach the files, also where the gathered tensors would
+    otherwise be the parameters themselves (one rank, no dtype cast)."""
+    from agentflow.engines._handoff import read_hf_state_dict
+
+    eng = make_engine(weight_update_dtype=dtype)
+    eng.train_batch(make_trajs(3, [10, 12]), SPEC, sft_loss, token_count)
+    want = {k: v.clone() for k, v in eng.full_state_dict(torch.bfloat16 if dtype else None).items()}
+    meta, write = eng.snapshot_weights(WeightUpdateMeta(type="disk", path=str(tmp_path / "w"), version=1))
+    assert not (tmp_path / "w").exists()  # nothing written yet
+    assert meta.version == 1 and meta.nbytes == sum(s.nbytes for s in eng.weight_specs())
+    eng.train_batch(make_trajs(4, [10, 12]), SPEC, sft_loss, token_count)  # moves every parameter
+    assert any(not torch.equal(v, want[k].to(v.dtype)) for k, v in eng.full_state_dict().items())
+    write()
+    got = read_hf_state_dict(tmp_path / "w")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "w" / "config.json").exists() and (tmp_path / "w" / "tokenizer.json").exists()
+
+
+def test_a_snapshot_of_anything_but_full_disk_weights_uploads_at_once(tmp_path, make_engine):
+    eng = make_engine()
+    meta, write = eng.snapshot_weights(WeightUpdateMeta(type="mem", version=2))
+    assert meta.state_dict is not None  # the default: upload_weights, then nothing left to write
+    write()
+
+
 def _start_receiver(tmp_path: Path, port: int, specs, mode: str = "all") -> subprocess.Popen:
     (tmp_path / "specs.json").write_text(json.dumps([{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
                                                      for s in specs]))

@@ -198,3 +198,70 @@ def test_mem_weights_always_wait_for_the_load(tmp_path, loop):
                           weights_dir=tmp_path / "weights")
     pub.publish(loop, 1, load, wait=False)
     assert loaded == [1]
+
+
+class BehindWriter(DiskWriter):
+    """A train engine that copies now and writes later (``snapshot_weights``): each write waits
+    for ``release`` and records the thread it ran on."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.release = threading.Event()
+        self.release.set()
+        self.fail_at = fail_at
+        self.threads: list[int] = []
+
+    def snapshot_weights(self, meta: Any) -> tuple[Any, Any]:
+        def write() -> None:
+            self.threads.append(threading.get_ident())
+            assert self.release.wait(10)
+            pathlib.Path(meta.path).mkdir(parents=True)
+            (pathlib.Path(meta.path) / "model.safetensors").write_bytes(b"half a model")
+            if meta.version == self.fail_at:
+                raise OSError(errno.ENOSPC, "No space left on device", meta.path)
+
+        return meta, write
+
+    def weight_specs(self) -> list[Any]:
+        from agentflow.engines._handoff import WeightSpec
+
+        return [WeightSpec("w", "float32", (1024, 1024))]
+
+
+def test_an_overlapped_disk_version_is_written_behind_the_caller_then_loaded(tmp_path, loop):
+    """``wait=False`` returns once the weights are copied: the write runs on a thread other than
+    the trainer's (and the loop's), the load starts only once the version is on disk, and the next
+    publish waits for both."""
+    loaded: list[int] = []
+
+    async def load(version: int, meta: Any) -> None:
+        assert (pathlib.Path(meta.path) / "model.safetensors").exists()
+        loaded.append(version)
+
+    writer = BehindWriter()
+    writer.release.clear()
+    pub = _publisher(tmp_path, keep=1, writer=writer)
+    pub.publish(loop, 1, load, wait=False)
+    assert not (tmp_path / "weights" / "v000001").exists() and loaded == []  # returned before the write
+    threading.Timer(0.2, writer.release.set).start()
+    pub.publish(loop, 2, load, wait=False)  # waits for version 1's write and load
+    assert loaded == [1]
+    pub.settle()
+    assert loaded == [1, 2] and _names(tmp_path) == ["v000002"]
+    assert threading.get_ident() not in writer.threads and len(writer.threads) == 2
+
+
+def test_a_write_behind_that_fails_fails_the_next_publish_and_is_never_loaded(tmp_path, loop):
+    loaded: list[int] = []
+
+    async def load(version: int, meta: Any) -> None:
+        loaded.append(version)
+
+    pub = _publisher(tmp_path, keep=1, writer=BehindWriter(fail_at=2))
+    pub.publish(loop, 1, load, wait=False)
+    pub.publish(loop, 2, load, wait=False)
+    with pytest.raises(EngineError) as e:
+        pub.publish(loop, 3, load, wait=False)
+    msg = str(e.value)
+    assert "could not write weights version 2 to " + str(tmp_path / "weights" / "v000002") in msg
+    assert "the file system is full" in msg and "a whole model (4 MiB)" in msg and "trainer.weights_dir" in msg
+    assert loaded == [1] and _names(tmp_path) == ["v000001"]  # the partial version removed, version 1 kept

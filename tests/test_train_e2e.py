@@ -110,12 +110,16 @@ def test_sigkill_then_resume_skips_and_repeats_no_prompt(tmp_path):
 
 
 @pytest.mark.integration
-def test_torchrun_two_ranks_train_together(tmp_path):
-    """Rollout on rank 0, each step's batch split over 2 gloo ranks by token count."""
-    run = tmp_path / "run"
+@pytest.mark.parametrize("written_behind", [False, True])
+def test_torchrun_two_ranks_train_together(tmp_path, written_behind):
+    """Rollout on rank 0, each step's batch split over 2 gloo ranks by token count. Written behind:
+    every rank joins each version's gather, then rank 0 writes it while both train on."""
+    run, published = tmp_path / "run", tmp_path / "published"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    behind = ["trainer.weight_update=disk", f"trainer.weights_dir={published}", "trainer.overlap_weight_load=true"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "agentflow", "train",
-           TINY, f"logging.run_dir={run}", "trainer.total_steps=3", "trainer.eval_every=0"]
+           TINY, f"logging.run_dir={run}", "trainer.total_steps=3", "trainer.eval_every=0",
+           *(behind if written_behind else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     steps = _steps(run)
@@ -123,6 +127,9 @@ def test_torchrun_two_ranks_train_together(tmp_path):
     # 4 prompts x 2 samples per step, counted over both ranks.
     assert all(r["train/n_seqs"] == 8 for r in steps.values())
     assert (run / "checkpoints" / "step-000002" / "COMPLETE").exists()
+    if written_behind:
+        assert sorted(d.name for d in published.iterdir()) == ["v000003"]
+        assert (published / "v000003" / "model.safetensors").stat().st_size > 0
 
 
 @pytest.mark.parametrize("eta", [0, 1])

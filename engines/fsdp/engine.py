@@ -612,6 +612,32 @@ class FSDPEngine(TrainEngine):
             return dataclasses.replace(meta, nbytes=sum(s.nbytes for s in self.weight_specs()))
         raise ConfigError(f"WeightUpdateMeta.type must be 'mem', 'disk' or 'nccl', got {meta.type!r}")
 
+    def snapshot_weights(self, meta: WeightUpdateMeta) -> tuple[WeightUpdateMeta, Callable[[], None]]:
+        """A ``disk`` upload split in two: the full state dict is gathered and copied now (collective),
+        and the returned ``write`` (rank 0; a no-op elsewhere) writes that copy as an HF checkpoint
+        while training goes on. An adapter (LoRA) is small and is written at once."""
+        if meta.type != "disk" or self.config.lora is not None:
+            return super().snapshot_weights(meta)
+        assert meta.path is not None
+        dtype = _DTYPES[self.config.weight_update_dtype] if self.config.weight_update_dtype else None
+        sd = self.full_state_dict(dtype)
+        done = dataclasses.replace(meta, nbytes=sum(s.nbytes for s in self.weight_specs()))
+        if self.rank != 0:
+            return done, lambda: None
+        model = self._model()
+        live = {t.untyped_storage().data_ptr() for t in _local_tensors(model)}
+        # On one rank the gathered tensors can be the parameters themselves: copy those, as the
+        # next optimizer step changes them in place before the write has read them.
+        sd = {k: v.clone() if v.untyped_storage().data_ptr() in live else v
+              for k, v in sd.items() if k not in self._tied}
+        path, config, tokenizer = meta.path, model.config, self.tokenizer
+        generation_config = getattr(model, "generation_config", None)
+
+        def write() -> None:
+            write_hf_checkpoint(path, sd, config, generation_config=generation_config, tokenizer=tokenizer)
+
+        return done, write
+
     def weight_specs(self) -> list[WeightSpec]:
         """Names, dtypes and full shapes of the tensors an ``nccl`` upload broadcasts, in order
         (the ``names``/``dtypes``/``shapes`` of ``/update_weights_from_distributed``)."""
@@ -676,6 +702,12 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             "or a `model.layers` ModuleList"
         )
     return layers
+
+
+def _local_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """This rank's storage of every parameter and buffer (a DTensor's local shard)."""
+    for t in (*model.parameters(), *model.buffers()):
+        yield t.to_local() if hasattr(t, "to_local") else t
 
 
 def _tied_names(model: torch.nn.Module) -> dict[str, str]:
