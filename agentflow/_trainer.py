@@ -7,7 +7,8 @@ which drops groups and waits for more; a dropped group gives its staleness slot 
 :meth:`Rollout.get_groups`), recompute proximal (and reference) log-probs, compute
 advantages, run the PPO minibatch updates, step the LR schedule, then publish the weights
 (upload, then pause -> load -> version bump -> resume on the loop; with
-``trainer.overlap_weight_load`` a ``disk`` version loads while the next step trains) and log.
+``trainer.overlap_weight_load`` a ``disk`` version is written and loaded while the next step
+trains) and log.
 Evaluation runs on the loop beside rollout, pinned to one weight version: the next weight update
 waits for it.
 
@@ -77,13 +78,15 @@ class TrainerConfig:
         keep_weight_versions: with ``weight_update=disk``, the newest weight directories kept under
             the weights directory once every server has loaded them (each is a whole model); null
             keeps every version.
-        overlap_weight_load: with ``weight_update=disk``, start the next step as soon as a version
-            is written and let the servers load it meanwhile (the next publish and every checkpoint
-            wait for that load, and a failed load fails the run there). Staleness is counted against
+        overlap_weight_load: with ``weight_update=disk``, start the next step as soon as the
+            weights are copied (``TrainEngine.snapshot_weights``): a thread writes the version and
+            the servers load it while the step trains (the next publish and every checkpoint wait
+            for both, and a failed write or load fails the run there). Staleness is counted against
             the trainer's version either way, so the bound holds. Off by default: on a 2-core CPU
-            host, with the server's load and the rollout's resumption beside the step instead of in
-            the trainer's wait, an asynchronous step took longer (docs/training.md); synchronously it
-            cannot help, as the next batch needs the new version before it can start generating.
+            host the write and the load beside the step cost its training and rollouts more than
+            they saved (docs/training.md); synchronously it cannot help, as the next batch needs
+            the new version before it can start generating. Where training runs on GPUs and the
+            host's CPUs are free it takes the write off the step.
         train_cpus: CPUs the training thread runs on (Linux; null = the process's). The event loop
             (rollouts, rewards, HTTP to the servers) and weight uploads keep the process's CPUs, so
             with the process given the servers' CPUs too (``taskset -c 0,1 agentflow train ...
