@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
 from agentflow._engine_api import InferenceEngine, TrainEngine, WeightUpdateMeta
 from agentflow.errors import ConfigError, EngineError
@@ -118,7 +118,7 @@ class WeightPublisher:
         meta = self.meta(version)
         if meta.type != "nccl":
             if meta.type == "disk" and not wait:
-                meta, write = self._upload(meta, snapshot=True)
+                meta, write = self._snapshot(meta)
                 coro = self._write_then_load(write, version, meta, on_loop)
             else:
                 meta = self._upload(meta)
@@ -197,19 +197,19 @@ class WeightPublisher:
             except OSError as e:
                 log.warning("could not delete the old weights directory %s (%s); it stays on disk", d, e)
 
-    @overload
-    def _upload(self, meta: WeightUpdateMeta) -> WeightUpdateMeta: ...
-    @overload
-    def _upload(self, meta: WeightUpdateMeta, *, snapshot: Literal[True]) -> tuple[WeightUpdateMeta, Write]: ...
-
-    def _upload(self, meta: WeightUpdateMeta, *, snapshot: bool = False) -> Any:
-        """The train engine's ``mem``/``disk`` upload (``snapshot``: its copy, written later); a
-        disk version that cannot be written says why."""
+    def _upload(self, meta: WeightUpdateMeta) -> WeightUpdateMeta:
+        """The train engine's ``mem``/``disk`` upload; a disk version that cannot be written says why."""
         try:
-            if not snapshot:
-                return self.train_engine.upload_weights(meta)
-            if not hasattr(self.train_engine, "snapshot_weights"):  # not a TrainEngine: upload now
-                return self.train_engine.upload_weights(meta), lambda: None
+            return self.train_engine.upload_weights(meta)
+        except OSError as e:
+            raise self._write_failed(meta, e) from e
+
+    def _snapshot(self, meta: WeightUpdateMeta) -> tuple[WeightUpdateMeta, Write]:
+        """The train engine's copy of a ``disk`` version and what writes it later (an engine that
+        is not a :class:`TrainEngine` and lacks ``snapshot_weights`` uploads at once)."""
+        if not hasattr(self.train_engine, "snapshot_weights"):
+            return self._upload(meta), lambda: None
+        try:
             return self.train_engine.snapshot_weights(meta)
         except OSError as e:
             raise self._write_failed(meta, e) from e

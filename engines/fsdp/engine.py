@@ -464,12 +464,22 @@ class FSDPEngine(TrainEngine):
         return sd
 
     def _save_weights(self, path: str, tokenizer: Any, dtype: torch.dtype | None) -> None:
+        self._weights_writer(path, tokenizer, dtype, own_copy=False)()
+
+    def _weights_writer(self, path: str, tokenizer: Any, dtype: torch.dtype | None, *,
+                        own_copy: bool) -> Callable[[], None]:
+        """Gather the full state dict now (collective) and return what writes it to ``path`` as an
+        HF checkpoint (rank 0; a no-op elsewhere). ``own_copy``: copy any tensor that is still a
+        parameter's own storage (one rank, no cast), so the write may run after later steps."""
         sd = self.full_state_dict(dtype)
-        if self.rank == 0:
-            sd = {k: v for k, v in sd.items() if k not in self._tied}
-            model = self._model()
-            write_hf_checkpoint(path, sd, model.config, generation_config=getattr(model, "generation_config", None),
-                                tokenizer=tokenizer)
+        if self.rank != 0:
+            return lambda: None
+        model = self._model()
+        live = {t.untyped_storage().data_ptr() for t in _local_tensors(model)} if own_copy else set()
+        sd = {k: v.clone() if v.untyped_storage().data_ptr() in live else v
+              for k, v in sd.items() if k not in self._tied}
+        config, generation_config = model.config, getattr(model, "generation_config", None)
+        return lambda: write_hf_checkpoint(path, sd, config, generation_config=generation_config, tokenizer=tokenizer)
 
     def save(self, meta: SaveLoadMeta) -> None:
         """HF weights (+ config, tokenizer) to ``meta.path``; with ``meta.with_optim`` also the full
@@ -620,23 +630,8 @@ class FSDPEngine(TrainEngine):
             return super().snapshot_weights(meta)
         assert meta.path is not None
         dtype = _DTYPES[self.config.weight_update_dtype] if self.config.weight_update_dtype else None
-        sd = self.full_state_dict(dtype)
-        done = dataclasses.replace(meta, nbytes=sum(s.nbytes for s in self.weight_specs()))
-        if self.rank != 0:
-            return done, lambda: None
-        model = self._model()
-        live = {t.untyped_storage().data_ptr() for t in _local_tensors(model)}
-        # On one rank the gathered tensors can be the parameters themselves: copy those, as the
-        # next optimizer step changes them in place before the write has read them.
-        sd = {k: v.clone() if v.untyped_storage().data_ptr() in live else v
-              for k, v in sd.items() if k not in self._tied}
-        path, config, tokenizer = meta.path, model.config, self.tokenizer
-        generation_config = getattr(model, "generation_config", None)
-
-        def write() -> None:
-            write_hf_checkpoint(path, sd, config, generation_config=generation_config, tokenizer=tokenizer)
-
-        return done, write
+        write = self._weights_writer(meta.path, self.tokenizer, dtype, own_copy=True)
+        return dataclasses.replace(meta, nbytes=sum(s.nbytes for s in self.weight_specs())), write
 
     def weight_specs(self) -> list[WeightSpec]:
         """Names, dtypes and full shapes of the tensors an ``nccl`` upload broadcasts, in order
